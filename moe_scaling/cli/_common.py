@@ -1,0 +1,70 @@
+"""What every console script shares: exit codes and one-line errors.
+
+Exit codes (DESIGN.md section 6): 0 success, 2 bad input (one line naming the field), 1 internal
+failure (one line; set ``MOE_SCALING_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+from moe_scaling.config import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class InputError(ValueError):
+    """Bad user input that is not a config field (a missing file, a malformed table, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message and exits 2
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def make_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """An argparse parser whose --help ends with examples and whose errors exit 2 on one line."""
+    return _Parser(prog=prog, description=description, epilog="examples:\n" + examples,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def run_cli(prog: str, body: Callable[[Sequence[str] | None], int | None],
+            argv: Sequence[str] | None = None) -> int:
+    """Run ``body(argv)`` and map errors to exit codes with one line on stderr."""
+    try:
+        code = body(argv)
+        return EXIT_OK if code is None else int(code)
+    except (ConfigError, InputError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place internal failures become exit 1
+        if os.environ.get("MOE_SCALING_DEBUG"):
+            traceback.print_exc()
+        msg = str(err).splitlines()[0] if str(err) else ""
+        print(f"{prog}: internal error: {type(err).__name__}: {msg}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def print_json(obj: Any) -> None:
+    """Print one JSON object (numpy scalars converted) on stdout."""
+    print(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
