@@ -1,0 +1,98 @@
+"""``moe-cost``: parameters, FLOPs, bytes and roofline latency of one model config."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from moe_scaling.config import ConfigError, load_model_config
+from moe_scaling.costs import cost_summary, list_devices, published_models
+from moe_scaling.cli._common import make_parser, print_json, run_cli
+
+EXAMPLES = """\
+  moe-cost mobilemoe-l
+  moe-cost mobilemoe-l --weights int4 --kv int8 --context 4096 --device snapdragon-8-gen-3
+  moe-cost my_model.yaml
+  moe-cost path/to/hf/config.json --weights bf16 --json
+  moe-cost --list-devices
+"""
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_table(s: dict[str, Any]) -> str:
+    """A readable two-column table of a :func:`cost_summary`."""
+    rows = [
+        ("params total", f"{_fmt_count(s['params_total'])}  ({s['params_total']:,})"),
+        ("params active / token", f"{_fmt_count(s['params_active'])}  ({s['params_active']:,})"),
+        ("params embedding", f"{_fmt_count(s['params_embedding'])}  ({s['params_embedding']:,})"),
+        ("experts (routed, top-k)", f"{s['n_experts']}, top-{s['top_k']}"),
+        ("granularity / expansion", f"{s['granularity']:g} / {s['expansion']:g}"),
+        ("sparsity / activation ratio", f"{s['sparsity']:.3f} / {s['activation_ratio']:.3f}"),
+        (f"FLOPs/token forward @ {s['context']}", _fmt_count(s["flops_per_token_forward"])),
+        (f"FLOPs/token training @ {s['context']}", _fmt_count(s["flops_per_token_training"])),
+        (f"weights ({s['weights']})", _fmt_bytes(s["weight_bytes"])),
+        (f"KV cache ({s['kv']}, {s['context']} tokens)", _fmt_bytes(s["kv_cache_bytes"])),
+        ("total on device", _fmt_bytes(s["total_bytes"])),
+    ]
+    if "device" in s:
+        rows += [
+            (f"decode on {s['device']}", f"{s['decode_ms_per_token']:.2f} ms/token ({s['decode_bound']}-bound)"),
+            (f"prefill {s['prompt_tokens']} tokens", f"{s['prefill_ms']:.1f} ms ({s['prefill_bound']}-bound)"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _body(argv: Sequence[str] | None) -> int:
+    parser = make_parser("moe-cost", "Parameters, FLOPs per token, bytes on device and roofline "
+                         "latency of a model config (our YAML/JSON or a Hugging Face config.json).",
+                         EXAMPLES)
+    parser.add_argument("config", nargs="?", help="ModelConfig YAML/JSON, an HF config.json, or a "
+                        "published model name (mobilemoe-l, olmoe-1b-7b, mixtral-8x7b, qwen1.5-moe-a2.7b)")
+    parser.add_argument("--weights", default="int4", help="weight precision (bf16, int8, int4, int4-g64, ...); default int4")
+    parser.add_argument("--embeddings", default=None, help="embedding precision (default: as --weights)")
+    parser.add_argument("--kv", default="int8", help="KV-cache precision; default int8")
+    parser.add_argument("--context", type=int, default=4096, help="context length in tokens; default 4096")
+    parser.add_argument("--prompt", type=int, default=None, help="prefill prompt length (default: --context)")
+    parser.add_argument("--device", default=None, help="device profile name or YAML file for latency")
+    parser.add_argument("--list-devices", action="store_true", help="list the shipped device profiles")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.list_devices:
+        devices = list_devices()
+        if args.json:
+            print_json({n: vars(d) for n, d in devices.items()})
+        else:
+            for n, d in devices.items():
+                print(f"{n:<20} {d.memory_bandwidth / 1e9:6.1f} GB/s  {d.peak_ops / 1e12:5.1f} TOPS  {d.description}")
+        return 0
+    if args.config is None:
+        raise ConfigError("config: missing; give a ModelConfig YAML/JSON or an HF config.json")
+    if args.context < 1:
+        raise ConfigError(f"--context = {args.context}: must be >= 1; e.g. --context 4096")
+    published = {n: m for n, m in published_models().items() if m.config is not None}
+    cfg = published[args.config].config if args.config in published else load_model_config(args.config)
+    summary = cost_summary(cfg, weights=args.weights, kv=args.kv, context=args.context,
+                           device=args.device, embeddings=args.embeddings, prompt=args.prompt)
+    print_json(summary) if args.json else print(format_table(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("moe-cost", _body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
