@@ -1,0 +1,231 @@
+"""Corpora, the byte tokenizer, train/validation split and deterministic batches.
+
+A corpus (``DataConfig.corpus``) is one of:
+
+* ``stdlib``: the Python standard library's own ``.py`` source files, read from the running
+  interpreter (``sysconfig``'s ``stdlib`` path; ``site-packages``, test suites and
+  ``__pycache__`` excluded), in sorted relative-path order. Real text on every machine, no
+  download; its hash depends on the Python version and is recorded with every result.
+* a ``.txt`` file (one document), a ``.jsonl`` file (one document per line, its ``text`` field),
+  or a ``.npy`` file of pre-tokenized integer ids (1-D);
+* a directory (every ``.txt``/``.jsonl`` below it, or every ``.npy``, in sorted order) or a glob
+  pattern (``**`` allowed) of such files.
+
+The ``byte`` tokenizer maps UTF-8 bytes to ids 0..255; documents are joined with byte 0
+(``EOS``, which plain text never contains). Token arrays are cached as ``.npy`` under
+``$MOE_SCALING_CACHE`` (default ``~/.cache/moe_scaling``), keyed by the corpus content hash and
+the tokenizer: a changed file changes the hash and so the cache entry.
+
+Split: the last ``valid_fraction`` of the tokens is the validation set (after ``max_tokens``
+keeps the first tokens). Training batches are random windows drawn from a generator seeded by
+``(seed, step)`` (so a resumed run sees exactly the batches it would have seen); the evaluation
+set is a fixed list of evenly spaced validation windows, the same for every run on a corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from moe_scaling.config import ConfigError, DataConfig
+
+__all__ = ["EOS", "BYTE_VOCAB", "load_tokens", "corpus_files", "tokenizer_vocab_size", "encode",
+           "decode", "train_batch", "eval_windows", "cache_dir"]
+
+EOS = 0
+BYTE_VOCAB = 256
+TEXT_SUFFIXES = (".txt", ".jsonl")
+_STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+def tokenizer_vocab_size(tokenizer: str) -> int:
+    """Vocabulary size of a tokenizer (``byte``: 256)."""
+    if tokenizer != "byte":
+        raise ConfigError(f"data.tokenizer = {tokenizer!r}: unknown tokenizer; use byte")
+    return BYTE_VOCAB
+
+
+def encode(text: str) -> np.ndarray:
+    """Byte-tokenize ``text`` (UTF-8) -> ``uint8`` ids."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+
+def decode(ids) -> str:
+    """Inverse of :func:`encode` (EOS bytes become newlines, invalid UTF-8 is replaced)."""
+    data = bytes(int(i) for i in np.asarray(ids).reshape(-1))
+    return data.replace(bytes([EOS]), b"\n").decode("utf-8", errors="replace")
+
+
+def cache_dir() -> Path:
+    """Where token arrays are cached: ``$MOE_SCALING_CACHE`` or ``~/.cache/moe_scaling``."""
+    return Path(os.environ.get("MOE_SCALING_CACHE") or Path.home() / ".cache" / "moe_scaling")
+
+
+def _bad(corpus: str, problem: str) -> ConfigError:
+    return ConfigError(f"data.corpus = {corpus!r}: {problem}; give 'stdlib', a .txt/.jsonl/.npy "
+                       "file, a directory or a glob of them")
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    """The files of a corpus in their deterministic order (see the module docstring)."""
+    if corpus == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = [p for p in root.rglob("*.py")
+                 if not (_STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))]
+        files.sort(key=lambda p: p.relative_to(root).as_posix())
+        if not files:
+            raise _bad(corpus, f"no .py files under the interpreter's stdlib {root}")
+        return files
+    path = Path(corpus).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        below = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in below if p.suffix in TEXT_SUFFIXES] or [p for p in below if p.suffix == ".npy"]
+    elif any(ch in corpus for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(corpus), recursive=True)
+                       if Path(p).is_file())
+    else:
+        raise _bad(corpus, "no such file or directory")
+    if not files:
+        raise _bad(corpus, "matches no .txt, .jsonl or .npy file")
+    suffixes = {p.suffix for p in files}
+    if not suffixes <= {*TEXT_SUFFIXES, ".npy"} and corpus != "stdlib":
+        odd = sorted(suffixes - {*TEXT_SUFFIXES, ".npy"})
+        raise _bad(corpus, f"unsupported file type {', '.join(odd)}")
+    if ".npy" in suffixes and len(suffixes) > 1:
+        raise _bad(corpus, "mixes .npy token files with text files")
+    return files
+
+
+def _documents(path: Path, raw: bytes, corpus: str) -> list[bytes]:
+    """The UTF-8 documents of a text file's raw bytes (a .jsonl file: one per line)."""
+    if path.suffix != ".jsonl":
+        return [raw]
+    docs = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise _bad(corpus, f"{path}:{lineno} is not a JSON object with a 'text' field") from None
+        docs.append(str(text).encode("utf-8"))
+    return docs
+
+
+def _npy_tokens(path: Path, raw: bytes, corpus: str) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise _bad(corpus, f"{path} is not a readable .npy array ({err})") from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or (arr.size and arr.min() < 0):
+        raise _bad(corpus, f"{path} must hold a 1-D array of non-negative integer token ids")
+    return arr.astype(np.int64)
+
+
+def _read_corpus(corpus: str) -> tuple[str, list[Path], list[bytes]]:
+    """Read the raw bytes of every file of a corpus; return (content hash, files, raw bytes).
+
+    The hash covers each file's type and bytes in order (not its path), so the same text read
+    from another folder has the same hash."""
+    files = corpus_files(corpus)
+    h = hashlib.sha256()
+    raws = []
+    for path in files:
+        raw = path.read_bytes()
+        h.update(path.suffix.encode()), h.update(len(raw).to_bytes(8, "little")), h.update(raw)
+        raws.append(raw)
+    return h.hexdigest()[:16], files, raws
+
+
+def _tokenize(files: list[Path], raws: list[bytes], corpus: str, tokenizer: str) -> np.ndarray:
+    if files[0].suffix == ".npy":
+        ids = np.concatenate([_npy_tokens(p, r, corpus) for p, r in zip(files, raws)])
+        top = int(ids.max(initial=0))
+        return ids.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+    tokenizer_vocab_size(tokenizer)
+    docs = [doc for p, r in zip(files, raws) for doc in _documents(p, r, corpus)]
+    return np.frombuffer(bytes([EOS]).join(docs), dtype=np.uint8).copy()
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_tokens(data_cfg: DataConfig, *, cache: str | os.PathLike | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Tokenize the corpus of ``data_cfg`` and split it.
+
+    Returns ``(train_tokens, valid_tokens, corpus_hash)``: 1-D ``uint8``/``uint16`` arrays and
+    the 16-hex-digit SHA-256 prefix of the corpus files' content (before ``max_tokens``). Token arrays are cached under ``cache`` (default :func:`cache_dir`) as
+    ``tokens-<hash>-<tokenizer>.npy``. Raises :class:`ConfigError` (one line) for a missing or
+    unreadable corpus or one too small to hold a training and a validation window.
+    """
+    corpus_hash, files, raws = _read_corpus(data_cfg.corpus)
+    path = Path(cache or cache_dir()) / f"tokens-{corpus_hash}-{data_cfg.tokenizer}.npy"
+    tokens = None
+    if path.is_file():
+        try:
+            tokens = np.load(path, allow_pickle=False)
+        except (ValueError, OSError):
+            tokens = None  # a damaged cache entry is rebuilt
+    if tokens is None:
+        tokens = _tokenize(files, raws, data_cfg.corpus, data_cfg.tokenizer)
+        try:
+            _save_npy_atomic(path, tokens)
+        except OSError:
+            pass  # a read-only cache is not an error: the tokens are already in memory
+    if data_cfg.max_tokens is not None:
+        tokens = tokens[: data_cfg.max_tokens]
+    n_valid = int(round(len(tokens) * data_cfg.valid_fraction))
+    train, valid = tokens[: len(tokens) - n_valid], tokens[len(tokens) - n_valid:]
+    need = data_cfg.seq_len + 1
+    if len(train) < need or len(valid) < need:
+        raise ConfigError(f"data.corpus = {data_cfg.corpus!r}: {len(tokens)} tokens leave "
+                          f"{len(train)} train / {len(valid)} validation tokens, fewer than one "
+                          f"window of seq_len + 1 = {need}; use a larger corpus, max_tokens or "
+                          "valid_fraction, or a shorter seq_len")
+    return train, valid, corpus_hash
+
+
+def train_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+                step: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training batch of ``step``: ``batch_size`` random windows of ``seq_len + 1`` tokens.
+
+    Deterministic in ``(seed, step)`` alone, so resuming at ``step`` replays the same data.
+    Returns ``(inputs, targets)``, each ``[batch_size, seq_len]`` int32.
+    """
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    windows = tokens[starts[:, None] + np.arange(seq_len + 1)[None, :]].astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
+                 n_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The fixed evaluation set: ``n_batches * batch_size`` windows at evenly spaced starts over
+    the validation tokens (overlapping only when there are too few tokens), as batches of
+    ``(inputs, targets)``."""
+    n = n_batches * batch_size
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n).round().astype(np.int64)
+    windows = tokens[starts[:, None] + np.arange(seq_len + 1)[None, :]].astype(np.int32)
+    windows = windows.reshape(n_batches, batch_size, seq_len + 1)
+    return [(w[:, :-1], w[:, 1:]) for w in windows]

@@ -1,0 +1,332 @@
+"""Routing and dispatch for the mixture-of-experts block (DESIGN.md sections 2 and 4).
+
+A router turns each token's logits over ``E`` experts into ``k`` expert ids and combine weights
+(:func:`route`). A dispatch algorithm then runs every token through its ``k`` experts and sums
+the weighted outputs (:func:`moe_experts`). All algorithms compute the same function whenever no
+token is dropped; they differ in speed per backend:
+
+``reference``
+    every expert on every token, masked by the dense ``[T, E]`` combine matrix. Exact, slow:
+    ``E / k`` times the useful work. For tests.
+``capacity``
+    index gather/scatter into ``[E, C, d]`` with capacity ``C = ceil(capacity_factor * T * k / E)``
+    (rounded up to a multiple of 8, at most ``T``), one batched matmul over the experts, gather
+    back. Assignments beyond an expert's capacity are dropped (their weight is lost; the residual
+    stream carries the token on). Static shapes, no one-hot ``[T, E, C]`` tensor. Fastest on CPU.
+``dropless``
+    the same sorted layout, but each expert's group is padded to a multiple of a block of ``B``
+    rows and every block is multiplied by its expert's weights: nothing is ever dropped.
+    For evaluation and exactness.
+``ragged``
+    :func:`jax.lax.ragged_dot` over the expert-sorted assignments (no padding, no drops). On CPU
+    it lowers to a masked product over every expert (DESIGN.md section 4); use it on GPU/TPU.
+
+Every non-reference algorithm moves rows with gathers only, forward and backward: the
+dispatch ``x -> rows`` and the combine ``rows -> y`` are a permutation (plus padding and drops),
+so their transposes are gathers by the inverse index (custom VJPs below), never scatter-adds.
+The integer bookkeeping (sort, ranks) carries no gradient, so the backward pass never re-sorts.
+
+Expert weights are fused: ``w_gate_up[e]`` is ``[d, 2 f]`` with the gate in the first ``f``
+columns and the up projection in the last ``f``; ``w_down[e]`` is ``[f, d]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "METHODS",
+    "RouterOutput",
+    "Layout",
+    "route",
+    "load_balance_loss",
+    "router_z_loss",
+    "expert_load",
+    "resolve_dispatch",
+    "capacity",
+    "moe_experts",
+    "swiglu",
+]
+
+METHODS = ("reference", "capacity", "dropless", "ragged")
+
+
+class RouterOutput(NamedTuple):
+    """What the router decides for ``T`` tokens over ``E`` experts, top ``k``."""
+
+    weights: jax.Array  # [T, k] combine weights (float32)
+    experts: jax.Array  # [T, k] int32 expert ids, distinct per token
+    probs: jax.Array    # [T, E] scores normalised to sum to 1 per token (for the balance loss)
+    logits: jax.Array   # [T, E] raw router logits (float32, for the z-loss)
+
+
+def route(logits: jax.Array, top_k: int, *, kind: str = "softmax", norm_topk: bool = True,
+          bias: jax.Array | None = None) -> RouterOutput:
+    """Top-``k`` routing from ``logits [T, E]`` (computed in float32).
+
+    ``kind="softmax"``: scores = softmax(logits); ``"sigmoid"``: scores = sigmoid(logits).
+    ``bias`` (sigmoid routers, glm4_moe/dots1 style) is added to the scores for the *selection*
+    only; the combine weights are the unbiased scores of the selected experts. ``norm_topk``
+    renormalises the ``k`` weights of a token to sum to 1.
+    """
+    logits = logits.astype(jnp.float32)
+    if kind == "softmax":
+        scores = jax.nn.softmax(logits, axis=-1)
+        probs = scores
+    elif kind == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    else:
+        raise ValueError(f"router kind {kind!r}: use softmax or sigmoid")
+    select = scores if bias is None else scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
+    _, experts = jax.lax.top_k(select, top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if norm_topk:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return RouterOutput(weights, experts.astype(jnp.int32), probs, logits)
+
+
+def expert_load(experts: jax.Array, n_experts: int) -> jax.Array:
+    """Fraction of the ``T * k`` assignments that go to each expert: ``[E]``, sums to 1."""
+    counts = jnp.bincount(experts.reshape(-1), length=n_experts)
+    return counts.astype(jnp.float32) / experts.size
+
+
+def load_balance_loss(r: RouterOutput) -> jax.Array:
+    """Switch-Transformer balance loss ``E * sum_e f_e * P_e``.
+
+    ``f_e``: fraction of assignments routed to expert ``e`` (no gradient); ``P_e``: mean router
+    probability of ``e``. Equals 1 when routing is perfectly uniform, ``E`` when collapsed.
+    """
+    n_experts = r.probs.shape[-1]
+    f = jax.lax.stop_gradient(expert_load(r.experts, n_experts))
+    p = jnp.mean(r.probs, axis=0)
+    return n_experts * jnp.sum(f * p)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def resolve_dispatch(method: str, backend: str | None = None) -> str:
+    """Map ``auto`` to the fast algorithm of a backend: ``capacity`` on CPU, ``ragged`` else."""
+    if method == "auto":
+        backend = backend or jax.default_backend()
+        return "capacity" if backend == "cpu" else "ragged"
+    if method not in METHODS:
+        raise ValueError(f"dispatch {method!r}: use auto or one of {', '.join(METHODS)}")
+    return method
+
+
+def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """Rows per expert of the ``capacity`` algorithm: ``ceil(cf * T * k / E)`` rounded up to a
+    multiple of 8 (aligned matmuls), between 1 and ``T`` (no token visits an expert twice)."""
+    c = math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    c = 8 * math.ceil(c / 8)
+    return max(1, min(c, n_tokens))
+
+
+def swiglu(h: jax.Array) -> jax.Array:
+    """SwiGLU activation of a fused ``[..., 2 f]`` gate/up projection -> ``[..., f]``."""
+    gate, up = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+# --------------------------------------------------------------------------------------
+# Layouts: where each (token, choice) assignment lives in a buffer of rows
+# --------------------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """Integer bookkeeping of a dispatch (no gradients flow through it).
+
+    A buffer of ``P`` rows holds the assignments grouped by expert. ``slot[t, j]`` is the row of
+    token ``t``'s ``j``-th choice (``P`` when dropped); ``src[p]`` is the assignment index
+    ``t * k + j`` held by row ``p`` (``T * k`` when the row is padding).
+    """
+
+    slot: jax.Array    # [T, k] int32 in [0, P]
+    src: jax.Array     # [P] int32 in [0, T*k]
+    counts: jax.Array  # [E] int32 assignments per expert (before any drop)
+
+
+def _sorted_ranks(experts: jax.Array, n_experts: int):
+    """Sort assignments by expert (stable): order, per-expert counts and starts, and each
+    assignment's rank within its expert."""
+    flat = experts.reshape(-1)
+    a = flat.shape[0]
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    counts = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(a, dtype=jnp.int32) - starts[flat[order]]
+    rank = jnp.zeros((a,), jnp.int32).at[order].set(rank_sorted)
+    return flat, order, counts, starts, rank
+
+
+def _capacity_layout(experts: jax.Array, n_experts: int, cap: int) -> Layout:
+    t, k = experts.shape
+    a = t * k
+    flat, order, counts, starts, rank = _sorted_ranks(experts, n_experts)
+    n_rows = n_experts * cap
+    slot = jnp.where(rank < cap, flat * cap + rank, n_rows)
+    c = jnp.arange(cap, dtype=jnp.int32)
+    pos = starts[:, None] + c[None, :]
+    src = jnp.where(c[None, :] < counts[:, None], order[jnp.clip(pos, 0, a - 1)], a)
+    return Layout(slot.reshape(t, k), src.reshape(-1), counts)
+
+
+def _block_layout(experts: jax.Array, n_experts: int, block: int) -> tuple[Layout, jax.Array]:
+    """Each expert's group padded to a multiple of ``block`` rows; also returns the expert of
+    every block. Static size: ``ceil(T*k / block) + E`` blocks is always enough."""
+    t, k = experts.shape
+    a = t * k
+    flat, order, counts, _, rank = _sorted_ranks(experts, n_experts)
+    n_blocks = -(-a // block) + n_experts
+    padded = (-(-counts // block)) * block
+    pend = jnp.cumsum(padded)
+    pstart = pend - padded
+    slot = pstart[flat] + rank
+    src = jnp.full((n_blocks * block,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32))
+    block_expert = jnp.searchsorted(pend, jnp.arange(n_blocks, dtype=jnp.int32) * block, side="right")
+    block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
+    return Layout(slot.reshape(t, k), src, counts), block_expert
+
+
+def _ragged_layout(experts: jax.Array, n_experts: int) -> Layout:
+    t, k = experts.shape
+    flat, order, counts, starts, rank = _sorted_ranks(experts, n_experts)
+    slot = starts[flat] + rank
+    return Layout(slot.reshape(t, k), order, counts)
+
+
+# --------------------------------------------------------------------------------------
+# Gather-only dispatch and combine
+# --------------------------------------------------------------------------------------
+
+
+def _pad_row(x: jax.Array) -> jax.Array:
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch(x: jax.Array, slot: jax.Array, src: jax.Array, k: int) -> jax.Array:
+    """rows[p] = x[src[p] // k] (zero for padding)."""
+    return _pad_row(x)[src // k]
+
+
+def _dispatch_fwd(x, slot, src, k):
+    return _dispatch(x, slot, src, k), (slot, src)
+
+
+def _dispatch_bwd(k, res, g):
+    slot, src = res
+    # dx[t] = sum_j g[slot[t, j]]: every row came from exactly one (t, j).
+    dx = jnp.sum(_pad_row(g)[slot], axis=1)
+    return dx, None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def _combine(rows: jax.Array, weights: jax.Array, slot: jax.Array, src: jax.Array) -> jax.Array:
+    """y[t] = sum_j weights[t, j] * rows[slot[t, j]] (dropped choices contribute zero)."""
+    picked = _pad_row(rows)[slot]                       # [T, k, d]
+    return jnp.einsum("tk,tkd->td", weights.astype(rows.dtype), picked)
+
+
+def _combine_fwd(rows, weights, slot, src):
+    return _combine(rows, weights, slot, src), (rows, weights, slot, src)
+
+
+def _combine_bwd(res, dy):
+    rows, weights, slot, src = res
+    t, k = weights.shape
+    # d rows[p] = w[src[p]] * dy[src[p] // k]  (zero for padding rows)
+    w_row = _pad_row(weights.reshape(-1).astype(dy.dtype)[:, None])[src]
+    drows = w_row * _pad_row(dy)[jnp.minimum(src // k, t)]
+    # d weights[t, j] = <dy[t], rows[slot[t, j]]>
+    dw = jnp.einsum("td,tkd->tk", dy, _pad_row(rows)[slot]).astype(weights.dtype)
+    return drows, dw, None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# The expert computation behind one interface
+# --------------------------------------------------------------------------------------
+
+
+def _dot(a: jax.Array, b: jax.Array, spec: str, dtype) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=dtype)
+
+
+def moe_experts(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax.Array, *,
+                method: str, capacity_factor: float = 1.25, block: int | None = None,
+                dtype=None) -> tuple[jax.Array, jax.Array]:
+    """Weighted sum of each token's top-``k`` SwiGLU experts.
+
+    Args:
+      x: ``[T, d]`` tokens (flat).
+      r: the router's decision for these tokens.
+      w_gate_up: ``[E, d, 2 f]`` fused gate/up weights; w_down: ``[E, f, d]``.
+      method: one of :data:`METHODS` (``auto`` must be resolved first, :func:`resolve_dispatch`).
+      capacity_factor: for ``capacity``.
+      block: rows per block for ``dropless`` (default: a power of two near ``T * k / E``,
+        between 8 and 128).
+      dtype: compute dtype of the matmuls (default ``x.dtype``).
+
+    Returns:
+      ``(y [T, d], dropped_fraction)``: the fraction of the ``T * k`` assignments dropped
+      (always 0 except for ``capacity``).
+    """
+    dtype = dtype or x.dtype
+    t, d = x.shape
+    n_experts = w_gate_up.shape[0]
+    k = r.experts.shape[1]
+    zero = jnp.zeros((), jnp.float32)
+
+    if method == "reference":
+        h = _dot(x, w_gate_up, "td,edf->etf", dtype)
+        out = _dot(swiglu(h), w_down, "etf,efd->etd", dtype)
+        combine = jnp.zeros((t, n_experts), jnp.float32).at[
+            jnp.arange(t)[:, None], r.experts].add(r.weights)
+        return jnp.einsum("te,etd->td", combine.astype(out.dtype), out), zero
+
+    if method == "capacity":
+        cap = capacity(t, k, n_experts, capacity_factor)
+        lay = _capacity_layout(r.experts, n_experts, cap)
+        rows = _dispatch(x, lay.slot, lay.src, k).reshape(n_experts, cap, d)
+        h = _dot(rows, w_gate_up, "ecd,edf->ecf", dtype)
+        out = _dot(swiglu(h), w_down, "ecf,efd->ecd", dtype).reshape(n_experts * cap, d)
+        dropped = jnp.sum(jnp.maximum(lay.counts - cap, 0)).astype(jnp.float32) / (t * k)
+        return _combine(out, r.weights, lay.slot, lay.src), dropped
+
+    if method == "dropless":
+        if block is None:
+            block = int(min(128, max(8, 2 ** round(math.log2(max(1, t * k / n_experts))))))
+        lay, block_expert = _block_layout(r.experts, n_experts, block)
+        rows = _dispatch(x, lay.slot, lay.src, k)
+        nb = block_expert.shape[0]
+        rows = rows.reshape(nb, block, d)
+        h = _dot(rows, w_gate_up[block_expert], "nbd,ndf->nbf", dtype)
+        out = _dot(swiglu(h), w_down[block_expert], "nbf,nfd->nbd", dtype).reshape(nb * block, d)
+        return _combine(out, r.weights, lay.slot, lay.src), zero
+
+    if method == "ragged":
+        lay = _ragged_layout(r.experts, n_experts)
+        rows = _dispatch(x, lay.slot, lay.src, k).astype(dtype)
+        h = jax.lax.ragged_dot(rows, w_gate_up.astype(dtype), lay.counts,
+                               preferred_element_type=dtype)
+        out = jax.lax.ragged_dot(swiglu(h), w_down.astype(dtype), lay.counts,
+                                 preferred_element_type=dtype)
+        return _combine(out, r.weights, lay.slot, lay.src), zero
+
+    raise ValueError(f"dispatch {method!r}: use one of {', '.join(METHODS)} (resolve auto first)")
