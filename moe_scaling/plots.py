@@ -1,0 +1,540 @@
+"""Figures a scaling-law paper prints, from the objects the pipeline writes.
+
+Every figure function takes a runs table (``runs.parquet`` of a sweep), a curves table, a fit or an
+optimiser result and returns a :class:`matplotlib.figure.Figure`. Figures are built without
+``pyplot`` (no global figure registry, no backend switch; PNG/SVG are written with Agg), so they
+are safe in scripts, tests and notebooks alike (in a notebook, a returned figure displays itself).
+:func:`save_figure` writes ``stem.png`` and ``stem.svg`` atomically.
+
+The visual encoding of runs, shared by the cost-axis figures:
+
+* colour: expansion ``E`` (total routed expert width over ``d_ff``), one colour per value;
+* marker: granularity ``G`` (``d_ff / d_expert``);
+* filled markers: no shared expert; hollow markers: one or more shared experts;
+* dense runs (``n_experts <= 1``): black crosses joined by a dashed reference line;
+* the Pareto frontier (lowest loss at no more cost) as a step line.
+
+Memory on device is weight bytes at the chosen precision (default INT4: 4.5 bits per weight with
+group-32 fp16 scales, DESIGN.md section 3), computed with :func:`moe_scaling.costs.weight_bytes`
+from each row's ModelConfig fields.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib import colormaps, rc_context
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from moe_scaling.config import ModelConfig
+from moe_scaling.costs import flops_per_token, param_counts, published_models, weight_bytes
+
+__all__ = [
+    "save_figure", "model_config_from_row", "with_costs", "pareto_mask", "run_label",
+    "loss_vs_memory", "loss_vs_flops", "published_models_figure", "training_curves",
+    "expert_load_figure",
+]
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "*", "<", ">")
+BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
+FLOP_UNITS = (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3), ("FLOP", 1.0))
+LOSS_LABEL = "eval loss (nats/token)"
+WIDE = (8.0, 4.8)      # a figure with a legend on its right
+SQUARE = (5.6, 4.8)
+
+
+# --------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------
+
+
+def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = ("png", "svg"),
+                dpi: int = 150) -> list[Path]:
+    """Write ``fig`` to ``stem.png`` and ``stem.svg`` (atomically: temp file, then rename).
+
+    The SVG carries no date and fixed element ids, so the same figure gives the same bytes.
+    Returns the written paths.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        buf = io.BytesIO()
+        with rc_context({"svg.hashsalt": "moe-scaling"}):
+            fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(buf.getvalue())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        out.append(path)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Runs tables: configs, costs, frontier
+# --------------------------------------------------------------------------------------
+
+_MODEL_FIELDS = {f.name: str(f.type) for f in fields(ModelConfig)}
+
+
+def _plain(value: Any, annotation: str) -> Any:
+    """A table cell as the Python value a ModelConfig field wants (numpy -> int/float/bool/None)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if annotation.startswith("int") and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def model_config_from_row(row: Mapping[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` of one runs-table row (plain ``d_model`` or ``model.d_model`` columns)."""
+    data = {}
+    for name, annotation in _MODEL_FIELDS.items():
+        for key in (name, f"model.{name}"):
+            if key in row:
+                value = _plain(row[key], annotation)
+                if value is not None:
+                    data[name] = value
+                break
+    return ModelConfig(**data)
+
+
+def with_costs(runs: pd.DataFrame, weights: str = "int4") -> pd.DataFrame:
+    """A copy of ``runs`` with ``memory_bytes`` (weights at ``weights``), ``flops_per_token_forward``
+    (kept when present, else computed at each row's ``max_seq_len``) and ``is_dense`` columns."""
+    out = runs.copy()
+    configs = [model_config_from_row(row) for row in out.to_dict("records")]
+    out["memory_bytes"] = [weight_bytes(c, weights) for c in configs]
+    if "flops_per_token_forward" not in out:
+        out["flops_per_token_forward"] = [flops_per_token(c) for c in configs]
+    out["is_dense"] = [not c.is_moe for c in configs]
+    for name in ("expansion", "granularity"):
+        if name not in out:
+            out[name] = [getattr(c, name) for c in configs]
+    if "n_shared" not in out:
+        out["n_shared"] = [c.n_shared for c in configs]
+    return out
+
+
+def completed(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
+    """Rows with ``status == completed`` (when the column exists) and a finite ``loss``."""
+    keep = np.isfinite(pd.to_numeric(runs[loss], errors="coerce").to_numpy(float))
+    if "status" in runs:
+        keep &= (runs["status"] == "completed").to_numpy()
+    return runs[keep]
+
+
+def pareto_mask(cost: Iterable[float], loss: Iterable[float]) -> np.ndarray:
+    """Boolean mask of the Pareto-optimal points: no other point has lower-or-equal cost and
+    strictly lower loss (ties in cost keep the lower loss; exact duplicates keep the first)."""
+    cost = np.asarray(list(cost), float)
+    loss = np.asarray(list(loss), float)
+    order = np.lexsort((loss, cost))
+    mask = np.zeros(len(cost), bool)
+    best = np.inf
+    for i in order:
+        if loss[i] < best:
+            mask[i] = True
+            best = loss[i]
+    return mask
+
+
+def run_label(row: Mapping[str, Any], with_size: bool = False) -> str:
+    """Short legend text for a run: ``E8 G2 k4 +1sh`` (MoE) or ``dense`` (plus ``d64 L2`` sizes)."""
+    size = f"d{int(row['d_model'])} L{int(row['n_layers'])} " if with_size else ""
+    if int(row.get("n_experts", 1)) <= 1:
+        return f"{size}dense"
+    shared = f" +{int(row['n_shared'])}sh" if int(row.get("n_shared", 0)) else ""
+    return (f"{size}E{float(row['expansion']):g} G{float(row['granularity']):g} "
+            f"k{int(row['top_k'])}{shared}")
+
+
+def _unit(values: Iterable[float], unit: str = "auto",
+          units: Sequence[tuple[str, float]] = BYTE_UNITS) -> tuple[str, float]:
+    """(unit name, scale): ``auto`` picks the largest of ``units`` the biggest value reaches."""
+    if unit != "auto":
+        table = dict(units)
+        if unit not in table:
+            raise ValueError(f"unit = {unit!r}: use one of auto, {', '.join(table)}")
+        return unit, table[unit]
+    top = max(values, default=1.0)
+    return next(((n, s) for n, s in units if top >= s), units[-1])
+
+
+def _log_axis(ax, which: str = "x") -> None:
+    """Plain-number tick labels on a log axis: round linear steps within one decade;
+    1, 2, 5, 10, ... up to three; decades only beyond. Call after the limits are final."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
+    span = math.log10(hi / lo)
+    if span <= 1:  # inside one decade: evenly spaced round numbers read best
+        axis.set_major_locator(MaxNLocator(nbins=6))
+    else:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 3 else (1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _palette(values: Sequence[float]) -> dict[float, Any]:
+    """One colour per distinct value, in increasing order along viridis (its pale end left out)."""
+    vals = sorted(set(float(v) for v in values))
+    cmap = colormaps["viridis"]
+    if len(vals) == 1:
+        return {vals[0]: cmap(0.35)}
+    return {v: cmap(0.85 * i / (len(vals) - 1)) for i, v in enumerate(vals)}
+
+
+def _markers(values: Sequence[float]) -> dict[float, str]:
+    vals = sorted(set(float(v) for v in values))
+    return {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(vals)}
+
+
+def _legend_right(ax, handles: list, labels: list[str], headers: Iterable[str] = ()) -> None:
+    """One legend outside the axes on the right; ``headers`` entries are set in bold."""
+    leg = ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                    fontsize="small", handletextpad=0.5, borderaxespad=0.0)
+    headers = set(headers)
+    for text in leg.get_texts():
+        if text.get_text() in headers:
+            text.set_fontweight("bold")
+
+
+def _header(text: str) -> tuple[Line2D, str]:
+    return Line2D([], [], linestyle="none"), text
+
+
+def _scatter_runs(ax, runs: pd.DataFrame, x: np.ndarray, loss: str, frontier_label: str) -> None:
+    """Draw runs on ``ax`` with the shared encoding, dense reference and Pareto frontier; add the legend."""
+    y = runs[loss].to_numpy(float)
+    dense = runs["is_dense"].to_numpy(bool)
+    moe = runs[~dense]
+    colours = _palette(moe["expansion"]) if len(moe) else {}
+    markers = _markers(moe["granularity"]) if len(moe) else {}
+    mx, my = x[~dense], y[~dense]
+    for (e, g, shared), idx in moe.groupby(
+            [moe["expansion"].astype(float), moe["granularity"].astype(float),
+             moe["n_shared"].astype(int) > 0]).indices.items():
+        c = colours[e]
+        ax.scatter(mx[idx], my[idx], s=46, marker=markers[g], linewidths=1.4, zorder=3,
+                   facecolors="white" if shared else c, edgecolors=c)
+    handles: list = []
+    labels: list[str] = []
+    headers = []
+    if dense.any():
+        order = np.argsort(x[dense])
+        dx, dy = x[dense][order], y[dense][order]
+        if len(dx) == 1:
+            ax.axhline(dy[0], color="black", linestyle="--", linewidth=1.0, zorder=2)
+        else:
+            ax.plot(dx, dy, color="black", linestyle="--", linewidth=1.0, zorder=2)
+        ax.scatter(dx, dy, marker="x", color="black", s=40, linewidths=1.5, zorder=4)
+        handles.append(Line2D([], [], color="black", linestyle="--", marker="x"))
+        labels.append(f"dense ({int(dense.sum())} run{'s' if dense.sum() > 1 else ''})")
+    front = pareto_mask(x, y)
+    order = np.argsort(x[front])
+    fx, fy = x[front][order], y[front][order]
+    ax.step(fx, fy, where="post", color="tab:red", linewidth=1.6, alpha=0.8, zorder=2)
+    ax.scatter(fx, fy, s=130, facecolors="none", edgecolors="tab:red", linewidths=1.0, zorder=2)
+    handles.append(Line2D([], [], color="tab:red", linewidth=1.6, marker="o", markersize=9,
+                          markerfacecolor="none"))
+    labels.append(frontier_label)
+    if colours:
+        h, t = _header("expansion E (colour)")
+        handles.append(h); labels.append(t); headers.append(t)
+        for e, c in colours.items():
+            handles.append(Line2D([], [], linestyle="none", marker="o", color=c, markersize=7))
+            labels.append(f"E = {e:g}")
+        h, t = _header("granularity G (marker)")
+        handles.append(h); labels.append(t); headers.append(t)
+        for g, m in markers.items():
+            handles.append(Line2D([], [], linestyle="none", marker=m, color="0.35", markersize=7))
+            labels.append(f"G = {g:g}")
+        h, t = _header("shared experts")
+        handles.append(h); labels.append(t); headers.append(t)
+        handles.append(Line2D([], [], linestyle="none", marker="o", color="0.35", markersize=7))
+        labels.append("none (filled)")
+        handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white",
+                              markeredgecolor="0.35", markeredgewidth=1.4, markersize=7))
+        labels.append(">= 1 (hollow)")
+    _legend_right(ax, handles, labels, headers)
+    ax.set_ylabel(LOSS_LABEL if loss in ("eval_loss", "best_eval_loss") else loss)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+
+
+def _published_lines(ax, scale: float, weights: str, kind: str = "memory") -> None:
+    """Vertical dotted lines at the published models' memory (or FLOPs) with their names on top."""
+    for i, (name, pm) in enumerate(sorted(published_models().items())):
+        if pm.config is None:
+            continue
+        v = (weight_bytes(pm.config, weights) if kind == "memory" else flops_per_token(pm.config)) / scale
+        ax.axvline(v, color="0.4", linestyle=":", linewidth=1.0, zorder=1)
+        ax.annotate(name, (v, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -4 - 11 * (i % 2)),
+                    textcoords="offset points", fontsize="x-small", color="0.3", va="top", rotation=0)
+
+
+def _title_note(runs: pd.DataFrame, kept: pd.DataFrame) -> str:
+    dropped = len(runs) - len(kept)
+    return f"{len(kept)} completed runs" + (f" ({dropped} not completed, not shown)" if dropped else "")
+
+
+def loss_vs_memory(runs: pd.DataFrame, *, loss: str = "eval_loss", weights: str = "int4",
+                   unit: str = "auto", published: bool = False) -> Figure:
+    """Loss vs memory on device (weight bytes at ``weights``, log axis) with the Pareto frontier.
+
+    ``unit`` is ``auto`` (the largest of GB/MB/KB the biggest model reaches) or one of GB, MB, KB, B.
+    ``published=True`` marks the published models' memory as labelled vertical lines (useful when
+    the runs are full-size; tiny sweep models sit far to the left of them).
+    """
+    kept = with_costs(completed(runs, loss), weights)
+    name, scale = _unit(kept["memory_bytes"], unit)
+    fig = Figure(figsize=WIDE, layout="constrained")
+    ax = fig.add_subplot()
+    x = kept["memory_bytes"].to_numpy(float) / scale
+    _scatter_runs(ax, kept, x, loss, "Pareto frontier\n(lowest loss at <= memory)")
+    if published:
+        _published_lines(ax, scale, weights)
+    ax.set_xscale("log")
+    _log_axis(ax, "x")
+    ax.set_xlabel(f"memory on device: weights at {weights.upper()} ({name}, log scale)")
+    ax.set_title(f"Loss vs memory on device: {_title_note(runs, kept)}", fontsize="medium")
+    return fig
+
+
+def loss_vs_flops(runs: pd.DataFrame, *, loss: str = "eval_loss") -> Figure:
+    """Loss vs forward FLOPs per token (log axis) with the Pareto frontier, same encoding as
+    :func:`loss_vs_memory`. FLOPs come from the table's ``flops_per_token_forward`` column."""
+    kept = with_costs(completed(runs, loss))
+    fig = Figure(figsize=WIDE, layout="constrained")
+    ax = fig.add_subplot()
+    name, scale = _unit(kept["flops_per_token_forward"], units=FLOP_UNITS)
+    x = kept["flops_per_token_forward"].to_numpy(float) / scale
+    _scatter_runs(ax, kept, x, loss, "Pareto frontier\n(lowest loss at <= FLOPs)")
+    ax.set_xscale("log")
+    _log_axis(ax, "x")
+    ax.set_xlabel(f"forward FLOPs per token ({name}, log scale)")
+    ax.set_title(f"Loss vs compute per token: {_title_note(runs, kept)}", fontsize="medium")
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Published models on the cost axes
+# --------------------------------------------------------------------------------------
+
+
+def published_points(weights: str = "int4", context: int = 4096) -> pd.DataFrame:
+    """The published models on our cost axes: ``name, memory_bytes, flops_per_token_forward,
+    params_total, params_active, exact``.
+
+    Models shipped with an architecture get exact costs (weights at ``weights``, forward FLOPs at
+    ``context``). Count-only models (MobileMoE-S/M) get memory from their published total
+    (``params_total`` x bits per weight / 8; router and norms are < 0.1%) and no FLOPs.
+    """
+    from moe_scaling.costs import parse_precision
+
+    bits = parse_precision(weights).bits_per_value
+    rows = []
+    for name, pm in sorted(published_models().items()):
+        if pm.config is not None:
+            rows.append(dict(name=name, memory_bytes=weight_bytes(pm.config, weights),
+                             flops_per_token_forward=flops_per_token(pm.config, context),
+                             params_total=pm.params_total, params_active=pm.params_active, exact=True))
+        else:
+            rows.append(dict(name=name, memory_bytes=pm.params_total * bits / 8,
+                             flops_per_token_forward=np.nan, params_total=pm.params_total,
+                             params_active=pm.params_active, exact=False))
+    return pd.DataFrame(rows)
+
+
+def published_models_figure(frontier: pd.DataFrame | None = None, *, weights: str = "int4",
+                            context: int = 4096) -> Figure:
+    """Published MoE models as labelled points on (memory on device, forward FLOPs per token).
+
+    ``frontier`` (optional) is a table with ``memory_bytes`` (or ``weight_bytes``),
+    ``flops_per_token_forward`` and ``predicted_loss`` columns, e.g. a predicted Pareto frontier;
+    its points are drawn coloured by predicted loss on the same axes.
+    """
+    pts = published_points(weights, context)
+    exact = pts[pts["exact"]]
+    fig = Figure(figsize=SQUARE if frontier is None else WIDE, layout="constrained")
+    ax = fig.add_subplot()
+    x = exact["memory_bytes"].to_numpy(float) / 1e9
+    y = exact["flops_per_token_forward"].to_numpy(float) / 1e9
+    ax.scatter(x, y, s=60, color="tab:blue", edgecolors="black", linewidths=0.6, zorder=3,
+               label="published model")
+    for xi, yi, name, pa, pt in zip(x, y, exact["name"], exact["params_active"], exact["params_total"]):
+        ax.annotate(f"{name}\n{pa / 1e9:.3g}B active / {pt / 1e9:.3g}B total", (xi, yi),
+                    xytext=(7, -3), textcoords="offset points", fontsize="x-small", va="top")
+    if frontier is not None and len(frontier):
+        mem = frontier["memory_bytes"] if "memory_bytes" in frontier else frontier["weight_bytes"]
+        sc = ax.scatter(np.asarray(mem, float) / 1e9,
+                        np.asarray(frontier["flops_per_token_forward"], float) / 1e9,
+                        c=np.asarray(frontier["predicted_loss"], float), cmap="viridis_r", s=28,
+                        marker="D", zorder=2, label="predicted Pareto frontier")
+        fig.colorbar(sc, ax=ax, label="predicted loss (nats/token)")
+        ax.legend(loc="upper left", fontsize="small")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    # room for the labels on the right and below the points
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi * 2.5)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo / 1.5, hi)
+    _log_axis(ax, "x")
+    _log_axis(ax, "y")
+    ax.set_xlabel(f"memory on device: weights at {weights.upper()} (GB, log scale)")
+    ax.set_ylabel(f"forward GFLOP per token at context {context} (log scale)")
+    ax.set_title("Published MoE models on the cost axes", fontsize="medium")
+    ax.grid(True, which="both", alpha=0.2)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Training curves and expert load
+# --------------------------------------------------------------------------------------
+
+
+def select_runs(runs: pd.DataFrame, n: int = 6, loss: str = "eval_loss") -> list[str]:
+    """``n`` completed run ids spread evenly over the loss range (best and worst included)."""
+    done = completed(runs, loss).sort_values(loss)
+    if len(done) <= n:
+        return list(done["run_id"])
+    idx = np.unique(np.round(np.linspace(0, len(done) - 1, n)).astype(int))
+    return list(done["run_id"].iloc[idx])
+
+
+def _multi_size(runs: pd.DataFrame) -> bool:
+    return runs[["d_model", "n_layers"]].drop_duplicates().shape[0] > 1
+
+
+def training_curves(curves: pd.DataFrame, runs: pd.DataFrame | None = None,
+                    run_ids: Sequence[str] | None = None, *, max_runs: int = 6) -> Figure:
+    """Loss vs training tokens (log axis) of selected runs: train loss as a thin line, eval loss
+    as circles on a dashed line, one colour per run.
+
+    ``run_ids`` defaults to :func:`select_runs` over ``runs`` (or the first ``max_runs`` ids of
+    ``curves`` when ``runs`` is None). Legend entries read ``E8 G2 k4 +1sh: 2.31`` (final eval loss)
+    when ``runs`` is given. Points at 0 tokens are left out of the log axis.
+    """
+    if run_ids is None:
+        run_ids = (select_runs(runs, max_runs) if runs is not None
+                   else list(pd.unique(curves["run_id"]))[:max_runs])
+    info = runs.set_index("run_id") if runs is not None else None
+    with_size = runs is not None and _multi_size(runs)
+    colours = colormaps["tab10"]
+    fig = Figure(figsize=WIDE, layout="constrained")
+    ax = fig.add_subplot()
+    handles, labels = [], []
+    for i, rid in enumerate(run_ids):
+        c = curves[(curves["run_id"] == rid) & (curves["tokens"] > 0)].sort_values("step")
+        if c.empty:
+            continue
+        colour = colours(i % 10)
+        tr = c[np.isfinite(c["train_loss"].to_numpy(float))]
+        ax.plot(tr["tokens"], tr["train_loss"], color=colour, linewidth=1.1, alpha=0.6)
+        ev = c[np.isfinite(c["eval_loss"].to_numpy(float))]
+        ax.plot(ev["tokens"], ev["eval_loss"], color=colour, linestyle="--", marker="o", markersize=3.5,
+                linewidth=1.0)
+        label = str(rid)[:10]
+        if info is not None and rid in info.index:
+            row = info.loc[rid]
+            label = f"{run_label(row, with_size)}: {float(row['eval_loss']):.3f}"
+        handles.append(Line2D([], [], color=colour, marker="o", markersize=4, linestyle="--"))
+        labels.append(label)
+    h, t = _header("style")
+    handles += [h, Line2D([], [], color="0.4", linewidth=0.9), Line2D([], [], color="0.4", linestyle="--",
+                                                                        marker="o", markersize=3.5)]
+    labels += [t, "train loss", "eval loss"]
+    _legend_right(ax, handles, labels, headers=[t, "run: final eval loss"] if info is not None else [t])
+    if info is not None:
+        ax.get_legend().set_title("run: final eval loss", prop={"size": "small", "weight": "bold"})
+    ax.set_xscale("log")
+    _log_axis(ax, "x")
+    ax.set_xlabel("training tokens (log scale)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"Training curves of {len(labels) - 3} runs", fontsize="medium")
+    ax.grid(True, which="both", alpha=0.2)
+    return fig
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _load_array(load: Any) -> np.ndarray:
+    """An expert-load value (array, nested list or the JSON text a runs table stores) as
+    ``[n_layers, n_experts]``."""
+    if isinstance(load, str):
+        import json
+        load = json.loads(load)
+    arr = np.asarray(load, float)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise ValueError(f"expert load of shape {arr.shape}: expected [n_layers, n_experts] with >= 2 experts")
+    return arr
+
+
+def expert_load_figure(load: Any, *, title: str | None = None, max_grouped_layers: int = 4) -> Figure:
+    """Expert-load balance of one run: the share of routed assignments each expert received (%).
+
+    ``load`` is ``[n_moe_layers, n_experts]`` (rows sum to 1; ``TrainResult.metrics["expert_load"]``),
+    ``[n_experts]``, JSON text of either, or a runs-table row (its ``expert_load_per_layer``, else
+    ``expert_load`` column; the title then defaults to the run's label). With up to
+    ``max_grouped_layers`` layers the bars are grouped by layer; with more, the bar is the mean over
+    layers and the whisker spans the layers' min to max. The dashed line is perfect balance (1/E).
+    """
+    if isinstance(load, (pd.Series, Mapping)):
+        row = load
+        key = "expert_load_per_layer" if _present(row.get("expert_load_per_layer")) else "expert_load"
+        load = row[key]
+        title = title or f"{run_label(row)} (run {row.get('run_id', '?')})"
+    arr = _load_array(load) * 100.0
+    n_layers, n_experts = arr.shape
+    fig = Figure(figsize=(max(5.6, min(12.0, 2.5 + 0.22 * n_experts)), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    xs = np.arange(n_experts)
+    if n_layers <= max_grouped_layers:
+        width = 0.8 / n_layers
+        for layer in range(n_layers):
+            ax.bar(xs - 0.4 + width * (layer + 0.5), arr[layer], width=width,
+                   color=colormaps["tab10"](layer), label=f"MoE layer {layer}" if n_layers > 1 else None)
+    else:
+        mean = arr.mean(0)
+        ax.bar(xs, mean, width=0.8, color="tab:blue", label=f"mean of {n_layers} MoE layers")
+        ax.errorbar(xs, mean, yerr=[mean - arr.min(0), arr.max(0) - mean], fmt="none", ecolor="black",
+                    elinewidth=0.8, capsize=2, label="min to max over layers")
+    ax.axhline(100.0 / n_experts, color="black", linestyle="--", linewidth=1.0,
+               label=f"balanced: {100.0 / n_experts:.3g}%")
+    worst = arr.max() / (100.0 / n_experts)
+    ax.set_xlabel("expert index")
+    ax.set_ylabel("share of routed assignments (%)")
+    step = max(1, int(math.ceil(n_experts / 16)))
+    ax.set_xticks(xs[::step])
+    ax.set_xlim(-0.6, n_experts - 0.4)
+    ax.set_ylim(0, arr.max() * 1.35)
+    ax.legend(loc="upper center", fontsize="small", ncols=3, frameon=False)
+    head = f"Expert load of {title}" if title else "Expert load"
+    ax.set_title(f"{head}\nbusiest expert: {worst:.2f}x its balanced share", fontsize="medium")
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
