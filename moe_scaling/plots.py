@@ -181,7 +181,15 @@ def _unit(values: Iterable[float], unit: str = "auto",
     return next(((n, s) for n, s in units if top >= s), units[-1])
 
 
-def _log_axis(ax, which: str = "x") -> None:
+def _si(v: float) -> str:
+    """A count with an SI suffix: 5k, 20k, 1.5M, 2B."""
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
+def _log_axis(ax, which: str = "x", fmt=lambda v: f"{v:g}") -> None:
     """Plain-number tick labels on a log axis: round linear steps within one decade;
     1, 2, 5, 10, ... up to three; decades only beyond. Call after the limits are final."""
     axis = ax.xaxis if which == "x" else ax.yaxis
@@ -191,7 +199,7 @@ def _log_axis(ax, which: str = "x") -> None:
         axis.set_major_locator(MaxNLocator(nbins=6))
     else:
         axis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 3 else (1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -469,7 +477,7 @@ def training_curves(curves: pd.DataFrame, runs: pd.DataFrame | None = None,
     if info is not None:
         ax.get_legend().set_title("run: final eval loss", prop={"size": "small", "weight": "bold"})
     ax.set_xscale("log")
-    _log_axis(ax, "x")
+    _log_axis(ax, "x", _si)
     ax.set_xlabel("training tokens (log scale)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"Training curves of {len(labels) - 3} runs", fontsize="medium")
@@ -538,3 +546,36 @@ def expert_load_figure(load: Any, *, title: str | None = None, max_grouped_layer
     ax.set_title(f"{head}\nbusiest expert: {worst:.2f}x its balanced share", fontsize="medium")
     ax.grid(True, axis="y", alpha=0.3)
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# Standard sets
+# --------------------------------------------------------------------------------------
+
+
+def balance_run(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.Series | None:
+    """The completed run whose expert load is most worth showing: the lowest-loss MoE run that
+    routes to a strict subset of its experts (``top_k < n_experts``) and recorded its load."""
+    done = completed(runs, loss)
+    if "expert_load" not in done:
+        return None
+    has = done["expert_load"].map(_present)
+    cand = done[has & (done["n_experts"] > done["top_k"])]
+    return None if cand.empty else cand.sort_values(loss).iloc[0]
+
+
+def sweep_figures(runs: pd.DataFrame, curves: pd.DataFrame | None = None, *,
+                  weights: str = "int4") -> dict[str, Figure]:
+    """The standard figures of a sweep: ``loss_vs_memory``, ``loss_vs_flops``, ``training_curves``
+    (when ``curves`` has rows) and ``expert_load`` (of :func:`balance_run`, when there is one).
+    Raises ValueError when no run completed."""
+    if completed(runs).empty:
+        raise ValueError(f"no completed runs with a finite eval_loss among {len(runs)} runs; "
+                         "nothing to plot")
+    figs = {"loss_vs_memory": loss_vs_memory(runs, weights=weights), "loss_vs_flops": loss_vs_flops(runs)}
+    if curves is not None and len(curves):
+        figs["training_curves"] = training_curves(curves, runs)
+    row = balance_run(runs)
+    if row is not None:
+        figs["expert_load"] = expert_load_figure(row)
+    return figs

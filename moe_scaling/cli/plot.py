@@ -1,0 +1,105 @@
+"""The ``plot`` entry points: the standard figure sets of a sweep folder and of a fit.
+
+``moe-sweep plot DIR`` and ``moe-fit ... --plot OUT_DIR`` call the two helpers here:
+
+* :func:`add_sweep_plot_parser` registers ``plot DIR [--out OUT] [--json]`` on a subparsers object
+  and :func:`sweep_plot_main` runs it: the sweep figures of :func:`moe_scaling.plots.sweep_figures`
+  written as PNG + SVG into ``DIR/plots/`` (or ``--out``).
+* :func:`fit_plot` writes the fit figures of :func:`moe_scaling.plots.fit_figures` into a folder.
+
+Run on its own, ``python -m moe_scaling.cli.plot DIR`` is ``moe-sweep plot DIR``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+
+PROG = "moe-sweep plot"
+EXAMPLES = """\
+  moe-sweep plot results/quickstart                 # writes results/quickstart/plots/*.png|svg
+  moe-sweep plot results/quickstart --out figures/ --json
+"""
+HELP = "the standard figures of a sweep folder, as PNG and SVG, into DIR/plots/"
+
+
+def load_sweep(directory: str | Path):
+    """``(runs, curves)`` of a sweep folder; a missing folder or table is an :class:`InputError`."""
+    import pandas as pd
+
+    directory = Path(directory)
+    runs_path, curves_path = directory / "runs.parquet", directory / "curves.parquet"
+    if not runs_path.is_file():
+        raise InputError(f"{directory}: no runs.parquet; give the --out folder of a moe-sweep run")
+    runs = pd.read_parquet(runs_path)
+    curves = pd.read_parquet(curves_path) if curves_path.is_file() else None
+    return runs, curves
+
+
+def _write(figures: Mapping[str, Any], out: Path) -> dict[str, list[str]]:
+    from moe_scaling.plots import save_figure
+
+    return {name: [str(p) for p in save_figure(fig, out / name)] for name, fig in figures.items()}
+
+
+def add_sweep_plot_arguments(parser) -> None:
+    parser.add_argument("dir", metavar="DIR", help="sweep folder (holds runs.parquet, curves.parquet)")
+    parser.add_argument("--out", default=None, help="folder for the figures (default DIR/plots)")
+    parser.add_argument("--json", action="store_true", help="print the written files as JSON")
+
+
+def add_sweep_plot_parser(subparsers) -> None:
+    """Register the ``plot`` subcommand on an ``argparse`` subparsers object."""
+    add_sweep_plot_arguments(subparsers.add_parser("plot", help=HELP))
+
+
+def sweep_plot_main(args) -> int:
+    """Write the sweep figures of ``args.dir`` into ``args.out`` (default ``DIR/plots``); print
+    one line per figure (or JSON ``{"out", "figures": {name: [png, svg]}}`` with ``args.json``)."""
+    from moe_scaling.plots import sweep_figures
+
+    runs, curves = load_sweep(args.dir)
+    out = Path(args.out) if getattr(args, "out", None) else Path(args.dir) / "plots"
+    try:
+        figures = sweep_figures(runs, curves)
+    except ValueError as err:
+        raise InputError(f"{args.dir}: {err}") from None
+    written = _write(figures, out)
+    if getattr(args, "json", False):
+        print_json({"out": str(out), "figures": written})
+    else:
+        for name, paths in written.items():
+            print(f"{name}: {', '.join(paths)}")
+    return 0
+
+
+def fit_plot(fit: Any, out_dir: str | Path, *, runs=None, results: Sequence[Any] = (),
+             heldout: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Write the fit figures (:func:`moe_scaling.plots.fit_figures`) into ``out_dir``.
+
+    ``fit`` is a ``fit.Fit``; ``runs`` the table it was fitted on (None when the fit was loaded from
+    JSON without its data: the data figures are then left out); ``results`` the
+    ``optimize.SearchResult`` of each budget searched; ``heldout`` run ids to highlight.
+    Returns ``{figure name: [png path, svg path]}``.
+    """
+    from moe_scaling.plots import fit_figures
+
+    return _write(fit_figures(fit, runs=runs, results=results, heldout=heldout), Path(out_dir))
+
+
+def _body(argv: Sequence[str] | None) -> int:
+    parser = make_parser(PROG, "Write the standard figures of a sweep folder (loss vs memory and "
+                         "vs FLOPs with the Pareto frontier, training curves, expert load) as PNG "
+                         "and SVG.", EXAMPLES)
+    add_sweep_plot_arguments(parser)
+    return sweep_plot_main(parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(PROG, _body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
