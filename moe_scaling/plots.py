@@ -145,8 +145,8 @@ def completed(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
 
 
 def pareto_mask(cost: Iterable[float], loss: Iterable[float]) -> np.ndarray:
-    """Boolean mask of the Pareto-optimal points: no other point has lower-or-equal cost and
-    strictly lower loss (ties in cost keep the lower loss; exact duplicates keep the first)."""
+    """Boolean mask of the Pareto-optimal points: no other point is at least as good in both cost
+    and loss and better in one (of exact duplicates the first is kept)."""
     cost = np.asarray(list(cost), float)
     loss = np.asarray(list(loss), float)
     order = np.lexsort((loss, cost))
