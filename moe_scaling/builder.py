@@ -1,0 +1,408 @@
+"""From a sweet spot or a spec to a model directory a trainer and transformers can consume.
+
+:func:`build` writes ``DIR/``:
+
+* ``config.json``: the model as a Hugging Face config (:func:`hf_config`);
+* ``model.yaml``: the same model as our :class:`ModelConfig` (exact, for ``moe_scaling.train``);
+* ``recipe.yaml``: the four training stages that consume it (:func:`make_recipe`);
+* ``costs.json``: :func:`costs.cost_summary` of the model on the chosen precisions and device;
+* ``README.md``: a short model card.
+
+Configs come from a sweet spot (``moe-fit --budget-mem ... --json`` output), a fit plus a budget
+(runs :func:`optimize.search`), a ModelConfig YAML/JSON, or an explicit spec such as
+``--active 922M --total 5.3B --granularity 8 --shared 1`` (:func:`config_from_spec`).
+
+ModelConfig -> Hugging Face ``model_type`` (checked against the transformers 5.24 sources; every
+emitted config loads with ``AutoModelForCausalLM`` and has exactly ``costs.param_counts`` parameters):
+
+==========================================  ============  ==============================================
+our model                                   model_type    how the fields map
+==========================================  ============  ==============================================
+dense, QK-norm, no attention bias           ``qwen3``     head_dim given; no sliding window
+dense, no QK-norm, no attention bias        ``llama``     head_dim given
+dense, no QK-norm, q/k/v bias               ``qwen2``     (qwen2 always has q/k/v biases)
+MoE, sigmoid router, ungated shared         ``glm4_moe``  n_routed_experts, moe_intermediate_size =
+experts (or none), QK-norm on or off,                     d_expert, n_shared_experts = n_shared *
+q/k/v bias on or off, first k layers dense                d_shared / d_expert (one SwiGLU of the total
+                                                          shared width: the same function and weights
+                                                          as several summed), use_qk_norm,
+                                                          attention_bias (q/k/v only in glm4_moe),
+                                                          first_k_dense_replace = n_dense_layers with
+                                                          intermediate_size = d_ff, n_group = topk_group
+                                                          = 1, routed_scaling_factor 1, full rotary
+                                                          (partial_rotary_factor 1; glm4_moe's default
+                                                          is 0.5), no MTP layers. The selection bias
+                                                          ``e_score_correction_bias`` is a zero buffer,
+                                                          not a parameter, so router_bias on or off are
+                                                          both this config.
+MoE, softmax router, no shared expert,      ``qwen3_moe`` mlp_only_layers = first n_dense_layers
+QK-norm, no attention bias
+MoE, softmax router, one gated shared       ``qwen2_moe`` shared_expert_intermediate_size = d_shared,
+expert (shared_gate), no QK-norm                          qkv_bias = attn_bias, mlp_only_layers
+MoE, softmax router, no shared expert,      ``mixtral``   intermediate_size = d_expert (mixtral always
+no QK-norm, no bias, renormalised top-k,                  renormalises the top-k weights)
+no dense layers
+==========================================  ============  ==============================================
+
+Anything else (a softmax router with an ungated shared expert, a sigmoid router with a gated one,
+several gated shared experts, a shared width that is not a multiple of d_expert, dense QK-norm
+with biases, ...) is refused with a one-line :class:`ConfigError`. (dots1 is glm4_moe with
+QK-norm always on and an o_proj bias whenever attention_bias is set; glm4_moe covers it.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+from moe_scaling.config import ConfigError, ModelConfig, atomic_write_text
+from moe_scaling.costs import cost_summary, param_counts, parse_count, parse_precision
+from moe_scaling.optimize import ArchSpace, expert_line, layouts, trunks, Budget
+
+__all__ = ["hf_model_type", "hf_config", "config_from_spec", "count_tolerance", "make_recipe",
+           "RecipeDefaults", "model_card", "build", "config_from_sweet_spot"]
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face config.json
+# --------------------------------------------------------------------------------------
+
+
+def _refuse(cfg: ModelConfig, what: str) -> None:
+    kind = ("dense" if not cfg.is_moe else
+            f"MoE ({cfg.router} router, {cfg.n_shared} shared{' gated' if cfg.shared_gate else ''})")
+    raise ConfigError(f"model: no supported Hugging Face architecture represents a {kind} model "
+                      f"with {what}; see moe_scaling.builder for the supported combinations")
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The Hugging Face ``model_type`` that represents ``cfg`` exactly (see the module docstring)."""
+    if not cfg.is_moe:
+        if cfg.qk_norm:
+            if cfg.attn_bias:
+                _refuse(cfg, "QK-norm and q/k/v biases")
+            return "qwen3"
+        return "qwen2" if cfg.attn_bias else "llama"
+    shared_width = cfg.n_shared * cfg.d_shared
+    if cfg.router == "sigmoid":
+        if cfg.n_shared and cfg.shared_gate:
+            _refuse(cfg, "a gated shared expert")
+        if shared_width % cfg.d_expert:
+            _refuse(cfg, f"shared width {shared_width} not a multiple of d_expert {cfg.d_expert}")
+        return "glm4_moe"
+    if cfg.n_shared:
+        if not cfg.shared_gate:
+            _refuse(cfg, "an ungated shared expert (use router: sigmoid for glm4_moe)")
+        if cfg.n_shared != 1:
+            _refuse(cfg, f"{cfg.n_shared} gated shared experts (qwen2_moe has one)")
+        if cfg.qk_norm:
+            _refuse(cfg, "QK-norm and a gated shared expert")
+        return "qwen2_moe"
+    if cfg.qk_norm:
+        if cfg.attn_bias:
+            _refuse(cfg, "QK-norm and q/k/v biases")
+        return "qwen3_moe"
+    if cfg.attn_bias or not cfg.norm_topk or cfg.n_dense_layers:
+        _refuse(cfg, "no QK-norm and q/k/v biases, un-renormalised top-k or dense layers")
+    return "mixtral"
+
+
+_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "glm4_moe": "Glm4MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def hf_config(cfg: ModelConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    """``cfg`` as a Hugging Face ``config.json`` mapping (raises :class:`ConfigError` when no
+    supported architecture represents it)."""
+    mt = hf_model_type(cfg)
+    out: dict[str, Any] = {
+        "model_type": mt, "architectures": [_ARCHITECTURES[mt]],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "dtype": dtype,
+    }
+    dense_layers = list(range(cfg.n_dense_layers))
+    if mt in ("qwen3", "llama", "qwen2"):
+        out["intermediate_size"] = cfg.d_ff
+        if mt in ("qwen3", "llama"):
+            out["attention_bias"] = False
+        if mt in ("qwen3", "qwen2"):
+            out["use_sliding_window"] = False
+    elif mt == "glm4_moe":
+        out["rope_parameters"]["partial_rotary_factor"] = 1.0
+        out.update(intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.d_expert,
+                   n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
+                   n_shared_experts=cfg.n_shared * cfg.d_shared // cfg.d_expert,
+                   first_k_dense_replace=cfg.n_dense_layers, norm_topk_prob=cfg.norm_topk,
+                   use_qk_norm=cfg.qk_norm, attention_bias=cfg.attn_bias, n_group=1, topk_group=1,
+                   routed_scaling_factor=1.0, num_nextn_predict_layers=0)
+    elif mt in ("qwen3_moe", "qwen2_moe"):
+        out.update(intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.d_expert,
+                   num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
+                   norm_topk_prob=cfg.norm_topk, decoder_sparse_step=1, mlp_only_layers=dense_layers,
+                   use_sliding_window=False, router_aux_loss_coef=0.01)
+        if mt == "qwen3_moe":
+            out["attention_bias"] = False
+        else:
+            out.update(shared_expert_intermediate_size=cfg.d_shared, qkv_bias=cfg.attn_bias)
+    else:  # mixtral
+        out.update(intermediate_size=cfg.d_expert, num_local_experts=cfg.n_experts,
+                   num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, sliding_window=None)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# From an explicit spec: --active 922M --total 5.3B --granularity 8 --shared 1
+# --------------------------------------------------------------------------------------
+
+_NUM_RE = re.compile(r"^\s*(?P<int>\d*)(?:\.(?P<frac>\d*))?(?:[eE](?P<exp>[+-]?\d+))?\s*(?P<unit>[KMBT])?\s*$")
+_UNIT = {None: 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def count_tolerance(text: str | float) -> float:
+    """Half a unit in the last digit written: ``922M`` -> 0.5M, ``5.3B`` -> 0.05B, ``1e12`` ->
+    0.5e12. A number given as a float (not text) gets 0.5 % of its value."""
+    if not isinstance(text, str):
+        return 0.005 * float(text)
+    m = _NUM_RE.match(text)
+    if not m:
+        raise ConfigError(f"count = {text!r}: not a count; write e.g. 0.9B, 922M or 1e12")
+    decimals = len(m["frac"] or "")
+    return 0.5 * 10.0 ** (int(m["exp"] or 0) - decimals) * _UNIT[m["unit"]]
+
+
+@dataclass(frozen=True)
+class SpecMatch:
+    """The config :func:`config_from_spec` chose and how close it came."""
+
+    config: ModelConfig
+    params_active: int
+    params_total: int
+    within_tolerance: bool
+    candidates_within_tolerance: int
+
+
+def config_from_spec(active: str | float, total: str | float, *, granularity: int = 8,
+                     shared: int = 1, space: ArchSpace = ArchSpace(n_layers_max=96),
+                     aspect_target: float = 40.0) -> SpecMatch:
+    """The family member (:class:`optimize.ArchSpace` layout) whose parameter counts match a card.
+
+    Every trunk of ``space`` with the layout (``granularity``, ``shared``) is scanned over its
+    expert counts; a model matches when both counts round to the figures given (within
+    :func:`count_tolerance`). Among matches the one with ``d_model / n_layers`` closest to
+    ``aspect_target`` (MobileMoE-L: 1280 / 32 = 40) wins, then the smallest relative error. When
+    nothing matches, the closest model (max relative error of the two counts) is returned with
+    ``within_tolerance=False``. ``granularity 1`` with ``shared 0`` and ``total == active`` asks
+    for a dense model.
+    """
+    A, T = parse_count(active, field="active"), parse_count(total, field="total")
+    tol_a, tol_t = count_tolerance(active), count_tolerance(total)
+    if A > T + tol_t:
+        raise ConfigError(f"active = {active!r}: exceeds total ({total!r}); give active <= total")
+    budget = Budget(memory=1, tokens=1.0)          # counts only; precisions do not matter here
+    dense_wanted = abs(T - A) <= tol_a + tol_t
+    best_key, best, n_match = None, None, 0
+    for trunk in trunks(space):
+        if dense_wanted:
+            lines = [expert_line(space, trunk, None, budget)]
+        else:
+            lay = (granularity, shared)
+            if lay not in layouts(space, trunk.d_model, (granularity,), (shared,)):
+                continue
+            lines = [expert_line(space, trunk, lay, budget)]
+        for line in lines:
+            if line is None:
+                continue
+            err = np.maximum(np.abs(line.params_active / A - 1), np.abs(line.params_total / T - 1))
+            ok = (np.abs(line.params_active - A) <= tol_a) & (np.abs(line.params_total - T) <= tol_t)
+            n_match += int(ok.sum())
+            i = int(np.argmin(np.where(ok, err, np.inf))) if ok.any() else int(np.argmin(err))
+            aspect_gap = abs(trunk.d_model / trunk.n_layers - aspect_target)
+            key = (0, aspect_gap, float(err[i])) if ok.any() else (1, float(err[i]), aspect_gap)
+            if best_key is None or key < best_key:
+                best_key, best = key, (line, i, bool(ok.any()))
+    if best is None:
+        raise ConfigError(f"granularity = {granularity}, shared = {shared}: no model of the family "
+                          "has this layout (d_expert must be a multiple of 64); pick another granularity")
+    line, i, ok = best
+    return SpecMatch(line.config(space, i), int(line.params_active[i]), int(line.params_total[i]),
+                     ok, n_match)
+
+
+# --------------------------------------------------------------------------------------
+# From a sweet spot (moe-fit --budget-mem ... --json)
+# --------------------------------------------------------------------------------------
+
+
+def config_from_sweet_spot(doc: Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig of a ``moe-fit --json`` output (its ``sweet_spot``) or of a sweet spot."""
+    spot = doc.get("sweet_spot", doc) if isinstance(doc, Mapping) else None
+    if not isinstance(spot, Mapping):
+        raise ConfigError("sweet spot: expected a JSON object with 'sweet_spot' (moe-fit --json) "
+                          "or the sweet spot's ModelConfig fields")
+    names = {f.name for f in fields(ModelConfig)}
+    missing = [n for n in ("vocab_size", "d_model", "n_layers", "n_heads") if n not in spot]
+    if missing:
+        raise ConfigError(f"sweet spot: missing {', '.join(missing)}; pass the JSON moe-fit --json wrote")
+    return ModelConfig(**{k: v for k, v in spot.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------
+# recipe.yaml
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipeDefaults:
+    """Stated defaults of the four-stage recipe. Every value is a parameter to set, not a finding.
+
+    Token counts of later stages are fractions of the pre-training tokens. Batches are in
+    sequences of ``seq_len`` tokens. Learning rates are peak AdamW rates.
+    """
+
+    seq_len: int = 4096
+    pretrain_batch: int = 1024          # 4.2M tokens per step at 4096
+    pretrain_lr: float = 2e-3
+    pretrain_warmup_tokens: float = 2e9
+    mid_fraction: float = 0.1           # mid-training: 10 % of pre-training tokens, LR annealed to 0
+    mid_seq_len: int = 8192             # and a longer context
+    mid_batch: int = 512
+    sft_tokens: float = 4e9
+    sft_batch: int = 128
+    sft_lr: float = 5e-5
+    sft_epochs: int = 2
+    qat_fraction: float = 0.01          # QAT: 1 % of pre-training tokens
+    qat_batch: int = 256
+    qat_lr: float = 1e-5
+    weight_decay: float = 0.1
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+
+
+def make_recipe(cfg: ModelConfig, *, tokens: float, weights: str = "int4", kv: str = "int8",
+                defaults: RecipeDefaults = RecipeDefaults()) -> dict[str, Any]:
+    """The four-stage recipe (pre-training, mid-training, instruction fine-tuning, QAT) as a
+    mapping; ``weights`` / ``kv`` set the QAT target (bits, group size, scale format)."""
+    d = defaults
+    w, k = parse_precision(weights), parse_precision(kv, field="kv")
+    moe = {"aux_loss_coef": d.aux_loss_coef, "z_loss_coef": d.z_loss_coef,
+           "router_bias_update": cfg.router == "sigmoid"} if cfg.is_moe else {}
+    common = {"optimizer": "adamw", "beta1": 0.9, "beta2": 0.95, "weight_decay": d.weight_decay,
+              "grad_clip": 1.0, **moe}
+    return {
+        "model": "model.yaml",
+        "note": "Every value is a stated default (moe_scaling.builder.RecipeDefaults), not a measured optimum.",
+        "stages": [
+            {"name": "pretraining", "tokens": float(tokens), "batch_size": d.pretrain_batch,
+             "seq_len": d.seq_len, "lr": d.pretrain_lr,
+             "schedule": {"kind": "wsd", "warmup_tokens": d.pretrain_warmup_tokens, "decay": "none",
+                          "comment": "warmup then constant; the decay happens in mid-training"},
+             "data": "general web + code + math mixture", **common},
+            {"name": "midtraining", "tokens": float(tokens) * d.mid_fraction, "batch_size": d.mid_batch,
+             "seq_len": d.mid_seq_len, "lr": d.pretrain_lr,
+             "schedule": {"kind": "linear_decay", "from": d.pretrain_lr, "to": 0.0},
+             "data": "high-quality and long-context mixture", **common},
+            {"name": "instruction_finetuning", "tokens": d.sft_tokens, "epochs": d.sft_epochs,
+             "batch_size": d.sft_batch, "seq_len": d.seq_len, "lr": d.sft_lr,
+             "schedule": {"kind": "cosine", "warmup_fraction": 0.03, "min_lr_ratio": 0.0},
+             "loss": "assistant tokens only", **common},
+            {"name": "quantization_aware_training", "tokens": float(tokens) * d.qat_fraction,
+             "batch_size": d.qat_batch, "seq_len": d.seq_len, "lr": d.qat_lr,
+             "schedule": {"kind": "constant", "warmup_fraction": 0.01},
+             "weight_bits": w.bits, "group_size": w.group_size, "scale_dtype":
+             f"fp{w.scale_bits}" if w.group_size else None, "kv_bits": k.bits,
+             "quantizer": "symmetric per-group fake-quant, straight-through estimator",
+             "data": "replay of the instruction and mid-training mixtures", **common},
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# README.md and build()
+# --------------------------------------------------------------------------------------
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def model_card(name: str, cfg: ModelConfig, costs: Mapping[str, Any], recipe: Mapping[str, Any],
+               source: str, prediction: Mapping[str, Any] | None = None) -> str:
+    """A short Markdown model card."""
+    mt = hf_model_type(cfg)
+    lines = [f"# {name}", "", f"Generated by `moe-build` from {source}. An untrained architecture: "
+             "numbers below are counts and roofline estimates, not measurements.", "",
+             "| | |", "|---|---|",
+             f"| parameters | {_count(costs['params_total'])} total, {_count(costs['params_active'])} "
+             f"active per token ({costs['params_total']:,} / {costs['params_active']:,}; tied "
+             f"embeddings count once) |",
+             f"| shape | d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads "
+             f"({cfg.n_kv_heads} KV, head_dim {cfg.head_dim}), vocab {cfg.vocab_size:,} |"]
+    if cfg.is_moe:
+        shared = f" + {cfg.n_shared} shared of width {cfg.d_shared}" if cfg.n_shared else ""
+        lines.append(f"| experts | {cfg.n_experts} routed of width {cfg.d_expert}, top-{cfg.top_k} "
+                     f"{cfg.router}{shared}; granularity {cfg.granularity:g}, expansion "
+                     f"{cfg.expansion:g}"
+                     + (f"; first {cfg.n_dense_layers} layers dense" if cfg.n_dense_layers else "") + " |")
+    else:
+        lines.append(f"| FFN | dense SwiGLU of width {cfg.d_ff} |")
+    lines += [f"| Hugging Face | `{mt}` (`config.json`) |",
+              f"| on device | {costs['total_bytes'] / 1e9:.2f} GB = {costs['weight_bytes'] / 1e9:.2f} GB "
+              f"weights ({costs['weights']}) + {costs['kv_cache_bytes'] / 1e6:.0f} MB KV cache "
+              f"({costs['kv']}, {costs['context']} tokens) |",
+              f"| FLOPs per token | {costs['flops_per_token_forward'] / 1e9:.2f} G forward at context "
+              f"{costs['context']} |"]
+    if "device" in costs:
+        lines.append(f"| {costs['device']} (roofline) | decode {costs['decode_ms_per_token']:.1f} "
+                     f"ms/token ({costs['decode_bound']}-bound), prefill {costs['prompt_tokens']} "
+                     f"tokens {costs['prefill_ms']:.0f} ms |")
+    if prediction:
+        iv = prediction.get("predicted_loss_interval")
+        lines.append(f"| predicted loss | {prediction['predicted_loss']:.4f}"
+                     + (f" ({prediction.get('interval_level', 0.9):g} interval {iv[0]:.4f}-{iv[1]:.4f})" if iv else "")
+                     + f" after {prediction['tokens']:.3g} tokens, by the fitted law (an extrapolation) |")
+    lines += ["", "## Recipe (`recipe.yaml`)", ""]
+    for s in recipe["stages"]:
+        extra = (f", {s['weight_bits']}-bit weights in groups of {s['group_size']}"
+                 if s["name"] == "quantization_aware_training" else "")
+        lines.append(f"- {s['name']}: {s['tokens']:.3g} tokens, batch {s['batch_size']} x "
+                     f"{s['seq_len']}, lr {s['lr']:g} ({s['schedule']['kind']}){extra}")
+    lines += ["", "All recipe values are stated defaults to tune, not claims. Files: `config.json` "
+              "(transformers), `model.yaml` (moe_scaling), `recipe.yaml`, `costs.json`.", ""]
+    return "\n".join(lines)
+
+
+def build(cfg: ModelConfig, out_dir: str | Path, *, name: str | None = None, weights: str = "int4",
+          kv: str = "int8", context: int = 4096, device: str | None = None, tokens: float = 1e12,
+          source: str = "an explicit config", prediction: Mapping[str, Any] | None = None,
+          recipe_defaults: RecipeDefaults = RecipeDefaults()) -> dict[str, Any]:
+    """Write config.json, model.yaml, recipe.yaml, costs.json and README.md into ``out_dir``
+    (atomically, each file). Returns a summary with the paths and the costs."""
+    hf = hf_config(cfg)                           # refuses before anything is written
+    costs = cost_summary(cfg, weights=weights, kv=kv, context=context, device=device)
+    recipe = make_recipe(cfg, tokens=tokens, weights=weights, kv=kv, defaults=recipe_defaults)
+    out = Path(out_dir)
+    name = name or out.name
+    files = {
+        "config.json": json.dumps(hf, indent=2) + "\n",
+        "model.yaml": yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False),
+        "recipe.yaml": "# Four-stage recipe; every value is a stated default to tune, not a claim.\n"
+                       + yaml.safe_dump(recipe, sort_keys=False),
+        "costs.json": json.dumps(costs, indent=2) + "\n",
+        "README.md": model_card(name, cfg, costs, recipe, source, prediction),
+    }
+    for fname, text in files.items():
+        atomic_write_text(out / fname, text)
+    return {"out": str(out), "files": sorted(files), "model_type": hf["model_type"],
+            "params_total": costs["params_total"], "params_active": costs["params_active"],
+            "costs": costs}
