@@ -147,7 +147,7 @@ class ArchSpace:
     ``d_expert = d_ff / G`` (a multiple of 64); without a shared expert ``top_k = G`` (active FFN
     width d_ff); with one it holds half the active width, ``d_shared = d_ff / 2`` and
     ``top_k = G / 2`` (MobileMoE-L: G = 8, top-4 of width 640 plus a shared 2560). ``n_experts``
-    runs from ``top_k + 1`` to ``expansion_max * G``. The first entry of ``granularities`` and of
+    runs from ``max(top_k + 1, G)`` (expansion >= 1) to ``expansion_max * G``. The first entry of ``granularities`` and of
     ``shared`` is the layout used when the law cannot see that knob.
     """
 
@@ -302,7 +302,7 @@ def expert_line(space: ArchSpace, trunk: Trunk, layout: Layout | None, budget: B
         vals = [np.array([v]) for v in _costs(space.dense(trunk), budget)]
     else:
         G, shared = layout
-        n0 = (G // 2 if shared else G) + 1
+        n0 = max((G // 2 if shared else G) + 1, G)    # more experts than top_k, expansion >= 1
         n_max = int(math.floor(space.expansion_max * G))
         if n_max < n0:
             return None

@@ -1,0 +1,244 @@
+"""The sweet-spot search: budgets, exactness of the expert lines, monotonicity, frontiers, TPE."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from moe_scaling.builder import config_from_sweet_spot
+from moe_scaling.cli._common import make_parser
+from moe_scaling.cli.budget import (add_budget_arguments, format_budget, parse_flops, parse_latency_ms,
+                                    run_budget)
+from moe_scaling.config import ConfigError, load_model_config
+from moe_scaling.costs import (cost_summary, flops_per_token, kv_cache_bytes, param_counts, published_models,
+                               roofline, weight_bytes)
+from moe_scaling.optimize import (ArchSpace, Budget, Trunk, budget_table, expert_line, law_reads, layouts,
+                                  search, trunks)
+
+# Ludziejewski et al. 2025, DESIGN.md section 5 (the coefficients fits/joint_moe_published.json ships)
+JOINT = dict(a=35.91, alpha=-0.1889, delta=-0.2285, gamma=0.0098, b=35.98, beta=-0.1775, omega=0.5529,
+             zeta=-0.0259, E_start=2.0732, E_max=290.4521, c=1.3637)
+
+
+class JointMoE:
+    """L = a Ehat^delta N^(alpha + gamma ln Ehat) + b Ehat^omega D^(beta + zeta ln Ehat) + c,
+    N = active non-embedding parameters."""
+
+    def predict(self, X):
+        p = JOINT
+        E = np.asarray(X["expansion"], float)
+        Eh = 1 / (1 / (E - 1 + 1 / (1 / p["E_start"] - 1 / p["E_max"])) + 1 / p["E_max"])
+        lE = np.log(Eh)
+        N = X["params_active"] - X["params_embedding"]
+        return (p["a"] * Eh ** p["delta"] * N ** (p["alpha"] + p["gamma"] * lE)
+                + p["b"] * Eh ** p["omega"] * X["tokens"] ** (p["beta"] + p["zeta"] * lE) + p["c"])
+
+
+class PrefersG4(JointMoE):
+    """The joint law plus a granularity term with its optimum at G = 4 (a law that reads G)."""
+
+    def predict(self, X):
+        return super().predict(X) + 0.01 * np.abs(np.log2(X["granularity"]) - 2.0)
+
+
+LAW = JointMoE()
+PUBLISHED = published_models()
+SMALL = ArchSpace(d_model_min=512, d_model_max=2048, d_model_step=128, n_layers_max=40, head_dims=(64,),
+                  expansion_max=32)
+
+
+# -- budgets --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(memory=0, tokens=1e12), "positive whole number"),
+    (dict(memory=2 * 10**9), "exactly one"),
+    (dict(memory=2 * 10**9, tokens=1e12, train_compute=1e21), "exactly one"),
+    (dict(memory=2 * 10**9, tokens=1e12, latency_ms=10.0), "needs a device"),
+    (dict(memory=2 * 10**9, tokens=1e12, weights="int3-x"), "unknown precision"),
+    (dict(memory=2 * 10**9, tokens=-1.0), "positive number"),
+    (dict(memory=2 * 10**9, tokens=1e12, device="no-such-phone"), "unknown"),
+    (dict(memory=2 * 10**9, train_compute=1e21, compute_rule="5N"), "compute_rule"),
+])
+def test_bad_budgets_raise_one_line(kw, message):
+    with pytest.raises(ConfigError) as err:
+        Budget(**kw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_parse_flops_and_latency():
+    assert parse_flops("2G") == parse_flops("2e9") == parse_flops("2GFLOPs") == 2e9
+    assert parse_latency_ms("30ms") == parse_latency_ms("0.03s") == pytest.approx(30.0)
+    for bad in ("fast", "-1ms", "0"):
+        with pytest.raises(ConfigError):
+            parse_latency_ms(bad)
+    with pytest.raises(ConfigError):
+        parse_flops("2 zillion")
+
+
+# -- the space ------------------------------------------------------------------------------
+
+
+def test_space_is_hardware_friendly():
+    space = ArchSpace()
+    ts = list(trunks(space))
+    assert len(ts) > 500
+    for t in ts:
+        assert t.d_model % 64 == 0 and t.head_dim in (64, 128) and (t.d_model // t.head_dim) % t.n_kv_heads == 0
+        assert space.aspect_min <= t.d_model / t.n_layers <= space.aspect_max
+        for G, s in layouts(space, t.d_model):
+            cfg = space.moe(t, (G, s), 2 * G)
+            assert cfg.d_expert % 64 == 0 and cfg.vocab_size == 128256
+            assert cfg.d_active_ffn == cfg.d_ff           # active FFN width does not depend on the layout
+    assert layouts(space, 1280)[0] == (8, 1)               # MobileMoE-L's layout is preferred
+
+
+def test_expert_lines_equal_the_cost_model_exactly():
+    budget = Budget(memory=4 * 10**9, tokens=1e12, device="snapdragon-8-gen-3")
+    space = ArchSpace()
+    rng = np.random.default_rng(0)
+    ts = list(trunks(space))
+    for k in rng.choice(len(ts), 12, replace=False):
+        t = ts[k]
+        for lay in [None] + layouts(space, t.d_model)[:3]:
+            line = expert_line(space, t, lay, budget)
+            for i in {0, line.n.size // 2, line.n.size - 1}:
+                cfg = line.config(space, i)
+                p = param_counts(cfg)
+                assert (line.params_total[i], line.params_active[i], line.params_embedding[i]) == (
+                    p.total, p.active, p.embedding)
+                assert math.isclose(line.weight_bytes[i], weight_bytes(cfg, "int4"), rel_tol=1e-12)
+                assert math.isclose(line.kv_cache_bytes[i], kv_cache_bytes(cfg, 4096, "int8"), rel_tol=1e-12)
+                assert math.isclose(line.flops_forward[i], flops_per_token(cfg, 4096), rel_tol=1e-12)
+                ms = 1e3 * max(line.read_bytes[i] / 76.8e9, line.flops_forward[i] / 45e12)
+                assert math.isclose(ms, roofline(cfg, "snapdragon-8-gen-3")["decode_ms_per_token"], rel_tol=1e-12)
+                assert cfg.expansion >= 1
+
+
+# -- the search -----------------------------------------------------------------------------
+
+
+def test_more_memory_never_gives_a_worse_sweet_spot():
+    losses = []
+    for gb in (0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 3.0):
+        r = search(LAW, Budget(memory=int(gb * 1e9), tokens=1e12, flops_per_token=2e9), SMALL)
+        s = r.sweet_spot
+        assert s["total_bytes"] <= gb * 1e9 and s["flops_per_token_forward"] <= 2e9 and s["within_budget"]
+        losses.append(s["predicted_loss"])
+    assert all(b <= a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0]
+
+
+def test_sweet_spot_dense_frontiers_and_binding():
+    budget = Budget(memory=2 * 10**9, tokens=1e12, latency_ms=10.0, device="snapdragon-8-gen-3")
+    r = search(LAW, budget, SMALL, frontier_points=25)
+    s, d = r.sweet_spot, r.dense
+    # the reported numbers are the cost model's, for the reported config
+    cfg = config_from_sweet_spot(s)
+    exact = cost_summary(cfg, weights="int4", kv="int8", context=4096, device="snapdragon-8-gen-3")
+    for k in ("params_total", "params_active", "weight_bytes", "kv_cache_bytes", "total_bytes",
+              "decode_ms_per_token"):
+        assert s[k] == exact[k]
+    assert s["decode_ms_per_token"] <= 10.0 and s["total_bytes"] <= 2e9
+    assert d["n_experts"] == 1 and d["predicted_loss"] >= s["predicted_loss"]
+    assert s["predicted_loss_interval"] is None and "no interval" in s["interval_note"]
+    assert set(r.binding) <= {"memory", "latency_ms"} and r.binding
+    # dropping the binding latency budget helps; a budget that does not bind changes nothing
+    free = search(LAW, Budget(memory=2 * 10**9, tokens=1e12), SMALL)
+    assert free.sweet_spot["predicted_loss"] <= s["predicted_loss"]
+    # frontiers: increasing cost, strictly decreasing loss; the memory one runs past the budget
+    for front, key in ((r.frontier, "total_bytes"), (r.frontier_flops, "flops_per_token_forward"),
+                       (r.frontier_dense, "total_bytes")):
+        assert 2 <= len(front) <= 26
+        xs, ls = [p[key] for p in front], [p["predicted_loss"] for p in front]
+        assert xs == sorted(xs) and all(b < a for a, b in zip(ls, ls[1:]))
+    assert any(not p["within_budget"] for p in r.frontier) and max(p["total_bytes"] for p in r.frontier) <= 4e9
+    assert all(p["total_bytes"] <= 2e9 and p["decode_ms_per_token"] <= 10.0 for p in r.frontier_flops)
+    assert min(p["predicted_loss"] for p in r.frontier if p["within_budget"]) == pytest.approx(s["predicted_loss"])
+    assert all(not p["is_moe"] for p in r.frontier_dense)
+    # published models on the same axes, costed at the same precisions
+    pub = {p["name"]: p for p in r.published}
+    assert {"mobilemoe-l", "olmoe-1b-7b", "qwen1.5-moe-a2.7b"} <= set(pub)
+    assert pub["mobilemoe-l"]["total_bytes"] == cost_summary(PUBLISHED["mobilemoe-l"].config)["total_bytes"]
+    json.dumps(r.to_dict())                                           # JSON-ready
+
+
+def test_knobs_the_law_cannot_see_are_fixed_and_stated():
+    assert law_reads(LAW) == {"granularity": False, "n_shared": False}
+    r = search(LAW, Budget(memory=2 * 10**9, tokens=1e12, flops_per_token=2e9), SMALL)
+    assert r.law["fixed_knobs"] == {"granularity": 8, "n_shared": 1}
+    assert {"granularity", "n_shared"} <= set(r.law["not_distinguished"])
+    s = r.sweet_spot
+    assert (s["d_ff"] // s["d_expert"], s["n_shared"], s["top_k"], s["d_shared"]) == (8, 1, 4, s["d_ff"] // 2)
+    # a law that reads granularity gets it searched, and finds its optimum
+    g4 = search(PrefersG4(), Budget(memory=2 * 10**9, tokens=1e12, flops_per_token=2e9), SMALL)
+    assert law_reads(PrefersG4())["granularity"] and "granularity" not in g4.law["fixed_knobs"]
+    assert g4.sweet_spot["granularity"] == 4
+
+
+def test_training_compute_sets_tokens_per_architecture():
+    C = 1e21
+    r = search(LAW, Budget(memory=2 * 10**9, train_compute=C), SMALL)
+    s, d = r.sweet_spot, r.dense
+    for p in (s, d):
+        assert p["tokens"] == pytest.approx(C / (6 * p["params_non_embedding_active"]), rel=1e-12)
+    r3 = search(LAW, Budget(memory=2 * 10**9, train_compute=C, compute_rule="3x-forward"), SMALL)
+    s3 = r3.sweet_spot
+    assert s3["tokens"] == pytest.approx(C / s3["flops_per_token_training"], rel=1e-12)
+
+
+def test_tpe_is_deterministic_and_close_to_exhaustive():
+    budget = Budget(memory=2 * 10**9, tokens=1e12, flops_per_token=2e9)
+    space = ArchSpace(d_model_min=512, d_model_max=2048, d_model_step=128, n_layers_max=40, head_dims=(64,),
+                      expansion_max=16)
+    exact = search(LAW, budget, space, method="exhaustive")
+    a = search(LAW, budget, space, method="tpe", seed=3, n_trials=120)
+    b = search(LAW, budget, space, method="tpe", seed=3, n_trials=120)
+    assert a.method == "tpe" and a.sweet_spot == b.sweet_spot and a.frontier == b.frontier
+    assert exact.sweet_spot["predicted_loss"] <= a.sweet_spot["predicted_loss"] <= exact.sweet_spot["predicted_loss"] + 0.01
+
+
+def test_a_budget_nothing_fits():
+    r = search(LAW, Budget(memory=10**6, tokens=1e12), SMALL)
+    assert r.sweet_spot is None and r.dense is None and r.binding == []
+    assert "nothing fits" in budget_table([r])
+
+
+# -- moe-fit's budget options -----------------------------------------------------------------
+
+
+def parse(argv):
+    parser = make_parser("moe-fit", "test", "")
+    parser.add_argument("input")
+    add_budget_arguments(parser)
+    return parser.parse_args(["fits/x.json", *argv])
+
+
+def test_run_budget_json_and_emit(tmp_path):
+    args = parse(["--budget-mem", "1GB", "--budget-flops", "1.5G", "--tokens", "1e12",
+                  "--emit", str(tmp_path / "phone")])
+    out = run_budget(args, LAW)
+    s = out["sweet_spot"]
+    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "d_expert", "params_total",
+              "params_active", "weight_bytes", "kv_cache_bytes", "predicted_loss", "predicted_loss_interval"):
+        assert k in s
+    assert isinstance(out["frontier"], list) and out["frontier"]
+    assert load_model_config(tmp_path / "phone" / "model.yaml") == config_from_sweet_spot(s)
+    assert json.loads((tmp_path / "phone" / "costs.json").read_text())["params_total"] == s["params_total"]
+    text = format_budget(out)
+    assert "sweet spot" in text and "best dense" in text and "law cannot see" in text
+    assert run_budget(parse([]), LAW) == {}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget-flops", "2G"], "needs --budget-mem"),
+    (["--emit", "d"], "needs --budget-mem"),
+    (["--budget-mem", "2 GB!"], "not a memory size"),
+    (["--budget-mem", "2GB", "--budget-latency", "30ms"], "needs --device"),
+    (["--budget-mem", "2GB", "--tokens", "many"], "not a count"),
+    (["--budget-mem", "2GB", "--interval-level", "1.5"], "interval-level"),
+])
+def test_run_budget_bad_input(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        run_budget(parse(argv), LAW)
