@@ -185,8 +185,8 @@ def _si(v: float) -> str:
     """A count with an SI suffix: 5k, 20k, 1.5M, 2B."""
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= scale:
-            return f"{v / scale:g}{suffix}"
-    return f"{v:g}"
+            return f"{v / scale:.3g}{suffix}"
+    return f"{v:.3g}"
 
 
 def _log_axis(ax, which: str = "x", fmt=lambda v: f"{v:g}") -> None:
@@ -579,3 +579,462 @@ def sweep_figures(runs: pd.DataFrame, curves: pd.DataFrame | None = None, *,
     if row is not None:
         figs["expert_load"] = expert_load_figure(row)
     return figs
+
+
+# --------------------------------------------------------------------------------------
+# Fitted laws: curves, diagnostics
+# --------------------------------------------------------------------------------------
+
+LAW_INPUTS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
+              "granularity", "n_shared")
+
+
+def law_inputs(table: pd.DataFrame | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The canonical law columns (float arrays) of a runs table, as ``Fit.predict`` takes them."""
+    return {c: np.asarray(table[c], dtype=np.float64) for c in LAW_INPUTS if c in table}
+
+
+def _interval(fit: Any, X: Mapping[str, np.ndarray], level: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """``fit.predict_interval(X, level)`` as two arrays, or None when the fit has no bootstrap."""
+    fn = getattr(fit, "predict_interval", None)
+    if fn is None:
+        return None
+    try:
+        lo, hi = fn(X, level=level)
+    except (ValueError, RuntimeError, AttributeError):
+        return None
+    return np.asarray(lo, float), np.asarray(hi, float)
+
+
+def _heldout_mask(runs: pd.DataFrame, heldout: Sequence[str] | np.ndarray | None) -> np.ndarray:
+    if heldout is None:
+        return np.zeros(len(runs), bool)
+    h = np.asarray(heldout)
+    if h.dtype == bool:
+        return h
+    return runs["run_id"].isin(set(map(str, h))).to_numpy()
+
+
+def _law_name(fit: Any) -> str:
+    law = getattr(fit, "law", None)
+    return str(getattr(law, "name", law)) if law is not None else "fitted law"
+
+
+def _config_line(cfg: ModelConfig, n_experts: np.ndarray, weights: str = "int4") -> dict[str, np.ndarray]:
+    """Exact counts of ``cfg`` with ``n_experts`` replaced by each value (real values allowed).
+
+    For a fixed trunk and expert width every count and byte is affine in ``n_experts`` (each
+    expert adds the same weights and one router row), so two exact evaluations give the line.
+    Returns ``params_active``, ``params_total``, ``params_embedding`` and ``weight_bytes`` (at
+    ``weights``) arrays."""
+    import dataclasses
+
+    n0 = max(cfg.top_k + 1, 2)
+    a = dataclasses.replace(cfg, n_experts=n0)
+    b = dataclasses.replace(cfg, n_experts=n0 + 1)
+    out = {}
+    for name, fn in (("params_active", lambda c: param_counts(c).active),
+                     ("params_total", lambda c: param_counts(c).total),
+                     ("params_embedding", lambda c: param_counts(c).embedding),
+                     ("weight_bytes", lambda c: weight_bytes(c, weights))):
+        va, vb = float(fn(a)), float(fn(b))
+        out[name] = va + (np.asarray(n_experts, float) - n0) * (vb - va)
+    return out
+
+
+def law_curves(fit: Any, runs: pd.DataFrame, *, loss: str = "eval_loss", level: float = 0.9,
+               heldout: Sequence[str] | None = None) -> Figure:
+    """The fitted law as curves of predicted loss vs expansion E, one per (granularity, shared)
+    layout of the sweep's MoE runs, with bootstrap bands at ``level``; the runs as points (same
+    colour as their layout's curve; held-out runs ringed in red) and dense runs as black crosses.
+
+    Each curve keeps its layout's architecture (the lowest-loss run's trunk, expert width and
+    top-k) and training tokens and varies the number of experts, so every law input (active and
+    total parameters, embedding, tokens, E, G, shared) is the exact count of a real architecture.
+    With several model sizes in the sweep, curves are drawn per size (largest three).
+    """
+    done = completed(runs, loss)
+    costed = with_costs(done)
+    moe = costed[~costed["is_dense"]]
+    held = _heldout_mask(done, heldout)
+    fig = Figure(figsize=WIDE, layout="constrained")
+    ax = fig.add_subplot()
+    keys = ["d_model", "n_layers", "granularity", "n_shared"]
+    sizes = moe[["d_model", "n_layers"]].drop_duplicates().sort_values("d_model").tail(3)
+    moe = moe.merge(sizes, on=["d_model", "n_layers"])
+    groups = list(moe.groupby(keys, sort=True))
+    colours = colormaps["tab10"]
+    multi = len(sizes) > 1
+    e_max = max(float(moe["expansion"].max()) * 1.5 if len(moe) else 4.0, 2.0)
+    handles, labels = [], []
+    for i, (key, grp) in enumerate(groups):
+        d, L, g, s = key
+        base = model_config_from_row(grp.sort_values(loss).iloc[0])
+        n = np.geomspace(base.top_k, e_max * base.granularity, 120)   # from "every expert active"
+        line = _config_line(base, n)
+        tokens = float(grp["tokens"].median())
+        X = {"params_active": line["params_active"], "params_total": line["params_total"],
+             "params_embedding": line["params_embedding"], "tokens": np.full(n.shape, tokens),
+             "expansion": n / base.granularity, "granularity": np.full(n.shape, base.granularity),
+             "n_shared": np.full(n.shape, float(base.n_shared))}
+        c = colours(i % 10)
+        pred = np.asarray(fit.predict(X), float)
+        ax.plot(X["expansion"], pred, color=c, linewidth=1.6)
+        band = _interval(fit, X, level)
+        if band is not None:
+            ax.fill_between(X["expansion"], band[0], band[1], color=c, alpha=0.18, linewidth=0)
+        ax.scatter(grp["expansion"], grp[loss], color=c, s=36, zorder=3,
+                   marker="o" if not s else "s", edgecolors="black", linewidths=0.5)
+        size = f"d{int(d)} L{int(L)} " if multi else ""
+        handles.append(Line2D([], [], color=c, marker="o" if not s else "s", markeredgecolor="black",
+                              markeredgewidth=0.5))
+        labels.append(f"{size}G = {g:g}, {'shared' if s else 'no shared'}")
+    dense = costed[costed["is_dense"]]
+    if len(dense):
+        ax.scatter(dense["expansion"], dense[loss], marker="x", color="black", s=45, zorder=4)
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none"))
+        labels.append("dense run")
+    if held.any():
+        hx = done.loc[held, "expansion"].to_numpy(float)
+        hy = done.loc[held, loss].to_numpy(float)
+        ax.scatter(hx, hy, s=150, facecolors="none", edgecolors="tab:red", linewidths=1.4, zorder=5)
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=11,
+                              markerfacecolor="none", markeredgecolor="tab:red"))
+        labels.append("held-out run")
+    handles.append(Line2D([], [], color="0.5", linewidth=6, alpha=0.3))
+    labels.append(f"{level:.0%} bootstrap band")
+    _legend_right(ax, handles, labels)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("expansion E = n_experts / G (total routed width over d_ff, log scale)")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title(f"{_law_name(fit)}: fitted law vs the runs (each layout at its trunk and tokens)",
+                 fontsize="medium")
+    ax.grid(True, which="both", alpha=0.2)
+    return fig
+
+
+def _fit_points(fit: Any, runs: pd.DataFrame, loss: str, heldout, level: float):
+    done = completed(runs, loss)
+    X = law_inputs(done)
+    pred = np.asarray(fit.predict(X), float)
+    obs = done[loss].to_numpy(float)
+    return done, obs, pred, _interval(fit, X, level), _heldout_mask(done, heldout)
+
+
+def _sets(obs: np.ndarray, pred: np.ndarray, held: np.ndarray):
+    """(mask, colour, legend label with n and RMSE) for the fitted and the held-out runs."""
+    out = []
+    for mask, colour, name in ((~held, "tab:blue", "fitted"), (held, "tab:red", "held-out")):
+        if mask.any():
+            rmse = float(np.sqrt(np.mean((obs[mask] - pred[mask]) ** 2)))
+            out.append((mask, colour, f"{name} runs (n={int(mask.sum())}, RMSE {rmse:.4f})"))
+    return out
+
+
+def predicted_vs_observed(fit: Any, runs: pd.DataFrame, *, heldout: Sequence[str] | None = None,
+                          loss: str = "eval_loss", level: float = 0.9) -> Figure:
+    """Predicted vs observed loss of every completed run, the identity line, the bootstrap interval
+    of each prediction as a vertical bar, held-out runs in red; RMSE of each set in the corner."""
+    done, obs, pred, band, held = _fit_points(fit, runs, loss, heldout, level)
+    fig = Figure(figsize=SQUARE, layout="constrained")
+    ax = fig.add_subplot()
+    lo, hi = min(obs.min(), pred.min()), max(obs.max(), pred.max())
+    pad = 0.08 * (hi - lo or abs(hi) * 0.01 or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", linestyle="--", linewidth=1.0,
+            label="predicted = observed")
+    for mask, colour, name in _sets(obs, pred, held):
+        yerr = None if band is None else np.abs(np.vstack([pred[mask] - band[0][mask],
+                                                            band[1][mask] - pred[mask]]))
+        ax.errorbar(obs[mask], pred[mask], yerr=yerr, fmt="o", color=colour, markersize=5,
+                    elinewidth=0.8, capsize=2, label=name)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("observed eval loss (nats/token)")
+    ax.set_ylabel("predicted loss (nats/token)")
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(f"{_law_name(fit)}: predicted vs observed"
+                 + (f" (bars: {level:.0%} bootstrap)" if band is not None else ""), fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def residuals(fit: Any, runs: pd.DataFrame, *, heldout: Sequence[str] | None = None,
+              loss: str = "eval_loss", x: str = "params_total") -> Figure:
+    """Relative residuals ``100 (observed / predicted - 1)`` in % against ``x`` (log axis; default
+    total parameters), held-out runs in red, zero line dashed."""
+    done, obs, pred, _, held = _fit_points(fit, runs, loss, heldout, 0.9)
+    res = 100.0 * (obs / pred - 1.0)
+    xs = done[x].to_numpy(float)
+    fig = Figure(figsize=SQUARE, layout="constrained")
+    ax = fig.add_subplot()
+    ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1.0)
+    for mask, colour, name in _sets(obs, pred, held):
+        ax.scatter(xs[mask], res[mask], color=colour, s=30, label=name, zorder=3)
+    ax.set_xscale("log")
+    names = {"params_total": "total parameters", "params_active": "active parameters",
+             "tokens": "training tokens", "expansion": "expansion E"}
+    lim = max(np.abs(res).max() * 1.3, 0.1)
+    ax.set_ylim(-lim, lim)
+    _log_axis(ax, "x", _si)
+    ax.set_xlabel(f"{names.get(x, x)} (log scale)")
+    ax.set_ylabel("residual: observed / predicted - 1 (%)")
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(f"{_law_name(fit)}: residuals", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Sweet spots and predicted frontiers (optimize.SearchResult or its to_dict())
+# --------------------------------------------------------------------------------------
+
+
+def _result(result: Any) -> dict[str, Any]:
+    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+
+
+def _memory_label(budget: Mapping[str, Any], what: str = "memory on device") -> str:
+    return (f"{what}: weights {budget['weights'].upper()} + KV cache {budget['kv'].upper()} "
+            f"at {budget['context']} tokens (GB, log scale)")
+
+
+def _tokens_note(budget: Mapping[str, Any]) -> str:
+    if budget.get("tokens") is not None:
+        return f"{_si(float(budget['tokens']))} training tokens"
+    return f"training compute {float(budget['train_compute']):.3g} FLOPs ({budget['compute_rule']})"
+
+
+def _arch(d: Mapping[str, Any]) -> str:
+    """``0.92B active / 5.33B total, E 7.5 G 8 +1 shared`` (or ``dense``) of a described config."""
+    size = f"{_si(d['params_active'])} active / {_si(d['params_total'])} total"
+    if d.get("n_experts", 1) <= 1:
+        return f"dense {size}"
+    shared = f" +{d['n_shared']} shared" if d.get("n_shared") else ""
+    return f"{size}, E {d['expansion']:.3g} G {d['granularity']:g}{shared}"
+
+
+def _loss_text(d: Mapping[str, Any]) -> str:
+    iv = d.get("predicted_loss_interval")
+    return f"{d['predicted_loss']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+
+
+def _point_with_interval(ax, d: Mapping[str, Any], x: float, **style) -> None:
+    iv = d.get("predicted_loss_interval")
+    yerr = None if not iv else [[d["predicted_loss"] - iv[0]], [iv[1] - d["predicted_loss"]]]
+    ax.errorbar([x], [d["predicted_loss"]], yerr=yerr, capsize=3, elinewidth=1.0, zorder=5, **style)
+
+
+def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True) -> Figure:
+    """The predicted Pareto frontier of one search: predicted loss vs memory on device (or vs
+    forward FLOPs per token with ``axis="flops"``), frontier models coloured by expansion, the
+    dense frontier dashed, the budget as a vertical line (beyond it shaded), the sweet spot (red
+    star) and best dense model (black square) with their bootstrap intervals, and the published
+    models (grey diamonds, labelled) at their predicted loss under the same law and tokens."""
+    from matplotlib.colors import LogNorm
+
+    r = _result(result)
+    b = r["budget"]
+    memory = axis == "memory"
+    if axis not in ("memory", "flops"):
+        raise ValueError(f"axis = {axis!r}: use memory or flops")
+    xkey, scale = ("total_bytes", 1e9) if memory else ("flops_per_token_forward", 1e9)
+    front = pd.DataFrame(r["frontier"] if memory else r["frontier_flops"])
+    fig = Figure(figsize=(8.4, 6.2), layout="constrained")
+    ax = fig.add_subplot()
+    handles, labels = [], []
+    if len(front):
+        fx = front[xkey].to_numpy(float) / scale
+        ax.plot(fx, front["predicted_loss"], color="0.3", linewidth=1.2, zorder=2)
+        e_hi = max(2.0, float(front["expansion"].max()))
+        sc = ax.scatter(fx, front["predicted_loss"], c=front["expansion"].astype(float), cmap="viridis",
+                        norm=LogNorm(vmin=1.0, vmax=e_hi), s=26, zorder=3, edgecolors="none")
+        cb = fig.colorbar(sc, ax=ax, label="expansion E of the frontier model", pad=0.01)
+        cb.set_ticks([t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= e_hi])
+        cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        cb.ax.yaxis.set_minor_formatter(NullFormatter())
+        handles.append(Line2D([], [], color="0.3", marker="o", markersize=5))
+        labels.append("predicted frontier (any architecture)")
+    if memory and r.get("frontier_dense"):
+        dense = pd.DataFrame(r["frontier_dense"])
+        ax.plot(dense[xkey] / scale, dense["predicted_loss"], color="black", linestyle="--", linewidth=1.2)
+        handles.append(Line2D([], [], color="black", linestyle="--"))
+        labels.append("predicted frontier (dense only)")
+    s, d = r.get("sweet_spot"), r.get("dense")
+    if d:
+        _point_with_interval(ax, d, d[xkey] / scale, fmt="s", color="black", markersize=7)
+        handles.append(Line2D([], [], linestyle="none", marker="s", color="black", markersize=7))
+        labels.append(f"best dense: {_arch(d)}; loss {_loss_text(d)}")
+    if s:
+        _point_with_interval(ax, s, s[xkey] / scale, fmt="*", color="tab:red", markersize=15,
+                             markeredgecolor="black", markeredgewidth=0.6)
+        handles.append(Line2D([], [], linestyle="none", marker="*", color="tab:red", markersize=13,
+                              markeredgecolor="black", markeredgewidth=0.6))
+        labels.append(f"sweet spot: {_arch(s)}; loss {_loss_text(s)}")
+    if published and r.get("published"):
+        for p in r["published"]:
+            x = p[xkey] / scale
+            ax.scatter([x], [p["predicted_loss"]], marker="D", color="0.55", edgecolors="black",
+                       linewidths=0.5, s=34, zorder=4)
+            ax.annotate(p["name"], (x, p["predicted_loss"]), xytext=(6, 0), textcoords="offset points",
+                        ha="left", va="center", fontsize="x-small", color="0.25")
+        handles.append(Line2D([], [], linestyle="none", marker="D", color="0.55", markeredgecolor="black",
+                              markeredgewidth=0.5))
+        labels.append("published model (the law's prediction for it)")
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi * (3.0 if published else 1.0))    # room for the labels right of the points
+    limit = b["memory"] if memory else b.get("flops_per_token")
+    if limit:
+        ax.axvline(limit / scale, color="tab:red", linestyle=":", linewidth=1.2)
+        ax.axvspan(limit / scale, ax.get_xlim()[1], color="0.5", alpha=0.08, linewidth=0)
+        handles.append(Line2D([], [], color="tab:red", linestyle=":"))
+        labels.append(f"budget: {limit / scale:.3g} {'GB' if memory else 'GFLOP/token'} (shaded: over)")
+    _log_axis(ax, "x")
+    ax.set_xlabel(_memory_label(b) if memory else f"forward GFLOP per token at {b['context']} tokens (log scale)")
+    ax.set_ylabel("predicted loss (nats/token)")
+    fig.legend(handles, labels, loc="outside lower center", fontsize="small", ncols=1, frameon=False)
+    ax.set_title(f"Predicted loss vs {'memory' if memory else 'compute'}: {_tokens_note(b)}",
+                 fontsize="medium")
+    ax.grid(True, which="both", alpha=0.2)
+    return fig
+
+
+def optimum_vs_budget(results: Sequence[Any]) -> Figure:
+    """The sweet spot as a function of the memory budget: predicted loss of the sweet spot and of
+    the best dense model with their bootstrap bands (top), and their active and total parameters
+    (bottom); each sweet spot is labelled with its expansion and granularity."""
+    rs = sorted((_result(r) for r in results), key=lambda r: r["budget"]["memory"])
+    rs = [r for r in rs if r.get("sweet_spot")]
+    if not rs:
+        raise ValueError("no search result has a sweet spot (every budget infeasible?)")
+    x = np.array([r["budget"]["memory"] for r in rs], float) / 1e9
+    fig = Figure(figsize=(7.0, 6.4), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    for key, colour, style, name in (("sweet_spot", "tab:red", "-", "sweet spot (MoE or dense)"),
+                                     ("dense", "black", "--", "best dense model")):
+        pts = [r.get(key) for r in rs]
+        keep = np.array([p is not None for p in pts])
+        if not keep.any():
+            continue
+        pts = [p for p in pts if p is not None]
+        xs = x[keep]
+        y = np.array([p["predicted_loss"] for p in pts])
+        top.plot(xs, y, style, color=colour, marker="o", markersize=5, label=name)
+        ivs = [p.get("predicted_loss_interval") for p in pts]
+        if all(ivs):
+            iv = np.array(ivs)
+            top.fill_between(xs, iv[:, 0], iv[:, 1], color=colour, alpha=0.15, linewidth=0)
+        bottom.plot(xs, [p["params_total"] / 1e9 for p in pts], style, color=colour, marker="o",
+                    markersize=5, label=f"{name.split(' (')[0]}: total")
+        bottom.plot(xs, [p["params_active"] / 1e9 for p in pts], style, color=colour, marker="^",
+                    markersize=5, alpha=0.6, label=f"{name.split(' (')[0]}: active")
+        if key == "sweet_spot":
+            for xi, p in zip(xs, pts):
+                text = "dense" if p["n_experts"] <= 1 else f"E {p['expansion']:.3g}, G {p['granularity']:g}"
+                top.annotate(text, (xi, p["predicted_loss"]), xytext=(0, 9), textcoords="offset points",
+                             ha="center", fontsize="x-small", color="tab:red")
+    ylo, yhi = top.get_ylim()
+    top.set_ylim(ylo, yhi + 0.12 * (yhi - ylo))         # room for the labels above the points
+    top.set_ylabel("predicted loss (nats/token)")
+    top.legend(loc="upper right", fontsize="small")
+    top.set_title(f"Sweet spot vs memory budget: {_tokens_note(rs[0]['budget'])}"
+                  + ("; bands: bootstrap interval" if rs[0]["sweet_spot"].get("predicted_loss_interval") else ""),
+                  fontsize="medium")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("parameters (billions, log)")
+    bottom.legend(loc="upper left", fontsize="x-small", ncols=2)
+    bottom.set_xscale("log")
+    lo, hi = bottom.get_xlim()
+    bottom.set_xlim(lo / 1.1, hi * 1.1)
+    bottom.set_xticks(x)                           # a tick at every budget searched
+    bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    bottom.xaxis.set_minor_formatter(NullFormatter())
+    _log_axis(bottom, "y")
+    bottom.set_xlabel(_memory_label(rs[0]["budget"], "memory budget"))
+    for ax in (top, bottom):
+        ax.grid(True, which="both", alpha=0.2)
+    return fig
+
+
+def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
+                      granularities: Sequence[int] = (1, 2, 4, 8, 16, 32), levels: int = 10) -> Figure:
+    """Iso-loss contours of ``fit`` over (expansion E, granularity G) at the sweet spot's trunk and
+    active size and the search's training tokens; the sweet spot is the red star and the memory
+    budget (weights + KV cache) is the dashed line (hatched beyond).
+
+    Each G keeps the sweet spot's active FFN width (``top_k = top_k0 * G / G0``, expert width
+    ``d_ff / G``; G values giving a fractional top-k or width are left out) and E runs over the
+    exact counts of ``n_experts = E * G`` experts, so only the router moves the active count.
+    """
+    import dataclasses
+
+    from moe_scaling.optimize import law_reads
+
+    r = _result(result)
+    s, b = r.get("sweet_spot"), r["budget"]
+    if not s:
+        raise ValueError("the search found no sweet spot; nothing to centre the contours on")
+    base = model_config_from_row(s)
+    g0, k0 = base.granularity, base.top_k
+    tokens = float(s["tokens"])
+    rows = []
+    for g in granularities:
+        k = k0 * g / g0
+        width = base.d_ff / g
+        if k < 1 or not float(k).is_integer() or not float(width).is_integer() or width < 8:
+            continue
+        rows.append(dataclasses.replace(base, top_k=int(k), d_expert=int(width), n_experts=int(k) + 1))
+    E = np.geomspace(1.0, max(expansion_max, 2.0 * float(s["expansion"])), 90)
+    G = np.array([c.d_ff / c.d_expert for c in rows])
+    Z = np.full((len(rows), len(E)), np.nan)
+    M = np.full_like(Z, np.nan)
+    for i, cfg in enumerate(rows):
+        n = E * G[i]
+        line = _config_line(cfg, n, b["weights"])
+        X = {"params_active": line["params_active"], "params_total": line["params_total"],
+             "params_embedding": line["params_embedding"], "tokens": np.full(n.shape, tokens),
+             "expansion": E, "granularity": np.full(n.shape, G[i]),
+             "n_shared": np.full(n.shape, float(cfg.n_shared))}
+        ok = n >= cfg.top_k * (1 - 1e-9)       # at least top_k experts (E * G >= top_k)
+        Z[i] = np.where(ok, np.asarray(fit.predict(X), float), np.nan)
+        M[i] = np.where(ok, line["weight_bytes"] + float(s["kv_cache_bytes"]), np.nan)
+    fig = Figure(figsize=(7.6, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    cf = ax.contourf(E, G, Z, levels=levels, cmap="viridis_r")
+    cs = ax.contour(E, G, Z, levels=cf.levels, colors="black", linewidths=0.5, alpha=0.6)
+    ax.clabel(cs, cs.levels[::2], fontsize="x-small", fmt="%.3f")
+    fig.colorbar(cf, ax=ax, label="predicted loss (nats/token)", pad=0.01)
+    handles, labels = [], []
+    if np.nanmax(M) > b["memory"] > np.nanmin(M):
+        ax.contour(E, G, M, levels=[b["memory"]], colors="white", linewidths=1.8, linestyles="--")
+        ax.contourf(E, G, M, levels=[b["memory"], np.nanmax(M) * 2], colors="none", hatches=["//"])
+        handles.append(Line2D([], [], color="white", linestyle="--", linewidth=1.8))
+        labels.append(f"memory budget {b['memory'] / 1e9:.3g} GB (hatched: over)")
+    ax.scatter([s["expansion"]], [s["granularity"]], marker="*", s=260, color="tab:red",
+               edgecolors="black", linewidths=0.7, zorder=5)
+    handles.append(Line2D([], [], linestyle="none", marker="*", markersize=14, color="tab:red",
+                          markeredgecolor="black"))
+    labels.append(f"sweet spot: E {s['expansion']:.3g}, G {s['granularity']:g}")
+    leg = fig.legend(handles, labels, loc="outside lower center", fontsize="small", ncols=2, frameon=False)
+    for h in leg.legend_handles:
+        if isinstance(h, Line2D) and h.get_color() == "white":
+            h.set_color("0.2")                     # the white budget line, visible on white paper
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_yticks(G)
+    ax.set_xlim(E[0] / 1.1, E[-1] * 1.05)          # margins keep a corner sweet spot visible
+    ax.set_ylim(G.min() / 1.15, G.max() * 1.15)
+    ax.set_xlabel("expansion E = n_experts / G (log scale)")
+    ax.set_ylabel("granularity G = d_ff / d_expert (log scale)")
+    reads = law_reads(fit)
+    blind = [k for k in ("granularity",) if not reads.get(k, True)]
+    shared = f", {base.n_shared} shared" if base.n_shared else ""
+    ax.set_title(f"{_law_name(fit)}: iso-loss at d_model {base.d_model} x {base.n_layers} layers{shared}, "
+                 f"~{_si(s['params_active'])} active, {_si(tokens)} tokens"
+                 + ("\n(this law does not read granularity: contours are vertical)" if blind else ""),
+                 fontsize="medium")
+    return fig
