@@ -203,6 +203,54 @@ def _log_axis(ax, which: str = "x", fmt=lambda v: f"{v:g}") -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+_OFFSETS = ((7, -3, "left", "top"), (7, 3, "left", "bottom"), (-7, -3, "right", "top"),
+            (-7, 3, "right", "bottom"), (0, -9, "center", "top"), (0, 9, "center", "bottom"))
+
+
+def _label_points(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str],
+                  avoid: tuple[Sequence[float], Sequence[float]] = ((), ()), **style) -> None:
+    """Annotate points so labels overlap neither each other, nor the points (nor the ``avoid``
+    points), nor the axes edge.
+
+    Greedy: each label takes the first of a few offsets (right-below, right-above, left-below,
+    left-above, below, above) whose drawn box is free; if none is, the one overlapping least.
+    The figure is laid out first so pixel positions match the saved figure.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    fig = ax.get_figure()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform((x, y)) for x, y in zip([*xs, *avoid[0]], [*ys, *avoid[1]])]
+    taken = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in dots]
+
+    def area(a, b):
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return max(w, 0) * max(h, 0)
+
+    for x, y, text in zip(xs, ys, texts):
+        best = None
+        for dx, dy, ha, va in _OFFSETS:
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                              **style)
+            box = ann.get_window_extent(renderer)
+            outside = box.width * box.height - area(box, frame)
+            cost = sum(area(box, t) for t in taken) + 10 * outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+
+
 def _palette(values: Sequence[float]) -> dict[float, Any]:
     """One colour per distinct value, in increasing order along viridis (its pale end left out)."""
     vals = sorted(set(float(v) for v in values))
@@ -374,46 +422,61 @@ def published_points(weights: str = "int4", context: int = 4096) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def published_models_figure(frontier: pd.DataFrame | None = None, *, weights: str = "int4",
-                            context: int = 4096) -> Figure:
+def published_models_figure(result: Any = None, *, weights: str = "int4", context: int = 4096) -> Figure:
     """Published MoE models as labelled points on (memory on device, forward FLOPs per token).
 
-    ``frontier`` (optional) is a table with ``memory_bytes`` (or ``weight_bytes``),
-    ``flops_per_token_forward`` and ``predicted_loss`` columns, e.g. a predicted Pareto frontier;
-    its points are drawn coloured by predicted loss on the same axes.
+    Without ``result``: memory is the weights at ``weights`` and FLOPs are at ``context``
+    (:func:`published_points`). With an ``optimize.SearchResult`` (or its dict), the models and
+    the predicted Pareto frontier are drawn on that search's axes (weights + KV cache at its
+    precisions and context), the frontier coloured by predicted loss and the budget marked.
     """
-    pts = published_points(weights, context)
-    exact = pts[pts["exact"]]
+    if result is None:
+        pts = published_points(weights, context)
+        pts = pts[pts["exact"]].rename(columns={"memory_bytes": "x_bytes"})
+        xlabel = f"memory on device: weights at {weights.upper()} (GB, log scale)"
+        frontier, budget = None, None
+    else:
+        r = _result(result)
+        budget = r["budget"]
+        context = budget["context"]
+        pts = pd.DataFrame(r["published"]).rename(columns={"total_bytes": "x_bytes"})
+        frontier = pd.DataFrame(r["frontier"])
+        xlabel = _memory_label(budget)
     fig = Figure(figsize=SQUARE if frontier is None else WIDE, layout="constrained")
     ax = fig.add_subplot()
-    x = exact["memory_bytes"].to_numpy(float) / 1e9
-    y = exact["flops_per_token_forward"].to_numpy(float) / 1e9
+    x = pts["x_bytes"].to_numpy(float) / 1e9
+    y = pts["flops_per_token_forward"].to_numpy(float) / 1e9
     ax.scatter(x, y, s=60, color="tab:blue", edgecolors="black", linewidths=0.6, zorder=3,
                label="published model")
-    for xi, yi, name, pa, pt in zip(x, y, exact["name"], exact["params_active"], exact["params_total"]):
-        ax.annotate(f"{name}\n{pa / 1e9:.3g}B active / {pt / 1e9:.3g}B total", (xi, yi),
-                    xytext=(7, -3), textcoords="offset points", fontsize="x-small", va="top")
+    names = [f"{n}\n{_si(pa)} active / {_si(pt)} total"
+             for n, pa, pt in zip(pts["name"], pts["params_active"], pts["params_total"])]
     if frontier is not None and len(frontier):
-        mem = frontier["memory_bytes"] if "memory_bytes" in frontier else frontier["weight_bytes"]
-        sc = ax.scatter(np.asarray(mem, float) / 1e9,
-                        np.asarray(frontier["flops_per_token_forward"], float) / 1e9,
-                        c=np.asarray(frontier["predicted_loss"], float), cmap="viridis_r", s=28,
-                        marker="D", zorder=2, label="predicted Pareto frontier")
-        fig.colorbar(sc, ax=ax, label="predicted loss (nats/token)")
+        sc = ax.scatter(frontier["total_bytes"].to_numpy(float) / 1e9,
+                        frontier["flops_per_token_forward"].to_numpy(float) / 1e9,
+                        c=frontier["predicted_loss"].to_numpy(float), cmap="viridis_r", s=22,
+                        marker="o", zorder=2, label="predicted Pareto frontier")
+        fig.colorbar(sc, ax=ax, label="predicted loss of the frontier model (nats/token)", pad=0.01)
+        ax.axvline(budget["memory"] / 1e9, color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"memory budget {budget['memory'] / 1e9:.3g} GB")
         ax.legend(loc="upper left", fontsize="small")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    # room for the labels on the right and below the points
+    # room for the labels on the right of and below the points
     lo, hi = ax.get_xlim()
     ax.set_xlim(lo, hi * 2.5)
     lo, hi = ax.get_ylim()
     ax.set_ylim(lo / 1.5, hi)
     _log_axis(ax, "x")
     _log_axis(ax, "y")
-    ax.set_xlabel(f"memory on device: weights at {weights.upper()} (GB, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"forward GFLOP per token at context {context} (log scale)")
-    ax.set_title("Published MoE models on the cost axes", fontsize="medium")
+    ax.set_title("Published MoE models on the cost axes"
+                 + ("" if frontier is None else f" with the predicted frontier ({_tokens_note(budget)})"),
+                 fontsize="medium")
     ax.grid(True, which="both", alpha=0.2)
+    avoid = ((frontier["total_bytes"] / 1e9, frontier["flops_per_token_forward"] / 1e9)
+             if frontier is not None and len(frontier) else ((), ()))
+    _label_points(ax, x, y, names, fontsize="x-small", avoid=avoid)
     return fig
 
 
@@ -872,13 +935,10 @@ def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True
         handles.append(Line2D([], [], linestyle="none", marker="*", color="tab:red", markersize=13,
                               markeredgecolor="black", markeredgewidth=0.6))
         labels.append(f"sweet spot: {_arch(s)}; loss {_loss_text(s)}")
-    if published and r.get("published"):
-        for p in r["published"]:
-            x = p[xkey] / scale
-            ax.scatter([x], [p["predicted_loss"]], marker="D", color="0.55", edgecolors="black",
-                       linewidths=0.5, s=34, zorder=4)
-            ax.annotate(p["name"], (x, p["predicted_loss"]), xytext=(6, 0), textcoords="offset points",
-                        ha="left", va="center", fontsize="x-small", color="0.25")
+    pub = r.get("published") if published else None
+    if pub:
+        ax.scatter([p[xkey] / scale for p in pub], [p["predicted_loss"] for p in pub], marker="D",
+                   color="0.55", edgecolors="black", linewidths=0.5, s=34, zorder=4)
         handles.append(Line2D([], [], linestyle="none", marker="D", color="0.55", markeredgecolor="black",
                               markeredgewidth=0.5))
         labels.append("published model (the law's prediction for it)")
@@ -898,6 +958,10 @@ def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True
     ax.set_title(f"Predicted loss vs {'memory' if memory else 'compute'}: {_tokens_note(b)}",
                  fontsize="medium")
     ax.grid(True, which="both", alpha=0.2)
+    if pub:
+        _label_points(ax, [p[xkey] / scale for p in pub], [p["predicted_loss"] for p in pub],
+                      [p["name"] for p in pub], fontsize="x-small", color="0.25",
+                      avoid=(front[xkey] / scale, front["predicted_loss"]) if len(front) else ((), ()))
     return fig
 
 
