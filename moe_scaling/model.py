@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe_scaling.config import ModelConfig
@@ -60,15 +61,19 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables ``[seq_len, head_dim]`` for rotate-half RoPE."""
-    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv[None, :]
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables ``[seq_len, head_dim]`` for rotate-half RoPE.
+
+    Computed with NumPy so that under ``jit`` they are constants: XLA would otherwise fuse the
+    ``cos``/``sin`` of every position into each consumer and recompute them per element.
+    """
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    ang = np.arange(seq_len, dtype=np.float64)[:, None] * inv[None, :]
+    ang = np.concatenate([ang, ang], axis=-1)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, cos, sin) -> jax.Array:
     """Rotate ``x [B, S, heads, head_dim]`` by position (rotate-half convention)."""
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -99,14 +104,18 @@ class Attention(nnx.Module):
         v = v.reshape(batch, seq, kv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin).astype(dtype), apply_rope(k, cos, sin).astype(dtype)
-        q = q.reshape(batch, seq, kv, h // kv, hd)
-        s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        s = s * (1.0 / math.sqrt(hd))
-        causal = jnp.tril(jnp.ones((seq, seq), bool))
-        s = jnp.where(causal, s, jnp.finfo(jnp.float32).min)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Head-major layouts [B, kv, group, S, hd] keep the [.., S, S] scores contiguous for
+        # both matmuls and their transposes in the backward pass.
+        q = (q * (1.0 / math.sqrt(hd))).astype(dtype)
+        q = q.reshape(batch, seq, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)
+        k = k.astype(dtype).transpose(0, 2, 1, 3)
+        v = v.astype(dtype).transpose(0, 2, 1, 3)
+        s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        s = s + np.triu(np.full((seq, seq), -np.inf, np.float32), 1)  # causal mask, a constant
         p = jax.nn.softmax(s, axis=-1).astype(dtype)
-        o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=dtype)
+        o = jnp.einsum("bkgqs,bksd->bkgqd", p, v, preferred_element_type=dtype)
+        o = o.transpose(0, 3, 1, 2, 4)
         return _mm(o.reshape(batch * seq, h * hd), self.wo[...], dtype)
 
 

@@ -153,56 +153,65 @@ class Layout(NamedTuple):
 
     slot: jax.Array    # [T, k] int32 in [0, P]
     src: jax.Array     # [P] int32 in [0, T*k]
+    token: jax.Array   # [P] int32 ``src // k``: the token of each row (``T`` for padding)
     counts: jax.Array  # [E] int32 assignments per expert (before any drop)
 
 
-def _sorted_ranks(experts: jax.Array, n_experts: int):
-    """Sort assignments by expert (stable): order, per-expert counts and starts, and each
-    assignment's rank within its expert."""
+def _sort_by_expert(experts: jax.Array, n_experts: int):
+    """Sort the ``T * k`` assignments by expert (stable). Returns ``order`` (assignment ids in
+    sorted order), the expert and the rank within its expert of each sorted position, and the
+    per-expert ``counts``."""
     flat = experts.reshape(-1)
     a = flat.shape[0]
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     counts = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
     starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(a, dtype=jnp.int32) - starts[flat[order]]
-    rank = jnp.zeros((a,), jnp.int32).at[order].set(rank_sorted)
-    return flat, order, counts, starts, rank
+    sorted_e = flat[order]
+    rank = jnp.arange(a, dtype=jnp.int32) - starts[sorted_e]
+    return order, sorted_e, rank, counts
+
+
+def _layout(order: jax.Array, dest: jax.Array, n_rows: int, shape: tuple[int, int],
+            counts: jax.Array) -> Layout:
+    """The layout that puts sorted assignment ``i`` (assignment ``order[i]``) at row ``dest[i]``
+    (``dest[i] >= n_rows``: dropped).
+
+    Every index array comes out of a scatter, so it is materialised once: XLA would otherwise
+    fuse the integer index arithmetic into each gather and redo it for every one of the ``d``
+    columns (measured: 3-5x slower gathers)."""
+    t, k = shape
+    a = t * k
+    slot = jnp.zeros((a,), jnp.int32).at[order].set(jnp.minimum(dest, n_rows), unique_indices=True)
+    src = jnp.full((n_rows,), a, jnp.int32).at[dest].set(order, mode="drop")
+    token = jnp.full((n_rows,), t, jnp.int32).at[dest].set(order // k, mode="drop")
+    return Layout(slot.reshape(t, k), src, token, counts)
 
 
 def _capacity_layout(experts: jax.Array, n_experts: int, cap: int) -> Layout:
-    t, k = experts.shape
-    a = t * k
-    flat, order, counts, starts, rank = _sorted_ranks(experts, n_experts)
+    order, sorted_e, rank, counts = _sort_by_expert(experts, n_experts)
     n_rows = n_experts * cap
-    slot = jnp.where(rank < cap, flat * cap + rank, n_rows)
-    c = jnp.arange(cap, dtype=jnp.int32)
-    pos = starts[:, None] + c[None, :]
-    src = jnp.where(c[None, :] < counts[:, None], order[jnp.clip(pos, 0, a - 1)], a)
-    return Layout(slot.reshape(t, k), src.reshape(-1), counts)
+    dest = jnp.where(rank < cap, sorted_e * cap + rank, n_rows)
+    return _layout(order, dest, n_rows, experts.shape, counts)
 
 
 def _block_layout(experts: jax.Array, n_experts: int, block: int) -> tuple[Layout, jax.Array]:
     """Each expert's group padded to a multiple of ``block`` rows; also returns the expert of
     every block. Static size: ``ceil(T*k / block) + E`` blocks is always enough."""
-    t, k = experts.shape
-    a = t * k
-    flat, order, counts, _, rank = _sorted_ranks(experts, n_experts)
+    a = experts.size
+    order, sorted_e, rank, counts = _sort_by_expert(experts, n_experts)
     n_blocks = -(-a // block) + n_experts
     padded = (-(-counts // block)) * block
     pend = jnp.cumsum(padded)
-    pstart = pend - padded
-    slot = pstart[flat] + rank
-    src = jnp.full((n_blocks * block,), a, jnp.int32).at[slot].set(jnp.arange(a, dtype=jnp.int32))
+    dest = (pend - padded)[sorted_e] + rank
     block_expert = jnp.searchsorted(pend, jnp.arange(n_blocks, dtype=jnp.int32) * block, side="right")
     block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
-    return Layout(slot.reshape(t, k), src, counts), block_expert
+    return _layout(order, dest, n_blocks * block, experts.shape, counts), block_expert
 
 
 def _ragged_layout(experts: jax.Array, n_experts: int) -> Layout:
-    t, k = experts.shape
-    flat, order, counts, starts, rank = _sorted_ranks(experts, n_experts)
-    slot = starts[flat] + rank
-    return Layout(slot.reshape(t, k), order, counts)
+    order, _, _, counts = _sort_by_expert(experts, n_experts)
+    a = experts.size
+    return _layout(order, jnp.arange(a, dtype=jnp.int32), a, experts.shape, counts)
 
 
 # --------------------------------------------------------------------------------------
@@ -210,50 +219,49 @@ def _ragged_layout(experts: jax.Array, n_experts: int) -> Layout:
 # --------------------------------------------------------------------------------------
 
 
-def _pad_row(x: jax.Array) -> jax.Array:
-    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[index]`` along axis 0, with zero rows where ``index == len(x)`` (padding/drops)."""
+    return x.at[index].get(mode="fill", fill_value=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dispatch(x: jax.Array, slot: jax.Array, src: jax.Array, k: int) -> jax.Array:
-    """rows[p] = x[src[p] // k] (zero for padding)."""
-    return _pad_row(x)[src // k]
+@jax.custom_vjp
+def _dispatch(x: jax.Array, slot: jax.Array, token: jax.Array) -> jax.Array:
+    """rows[p] = x[token[p]] (zero for padding rows)."""
+    return _rows(x, token)
 
 
-def _dispatch_fwd(x, slot, src, k):
-    return _dispatch(x, slot, src, k), (slot, src)
+def _dispatch_fwd(x, slot, token):
+    return _dispatch(x, slot, token), slot
 
 
-def _dispatch_bwd(k, res, g):
-    slot, src = res
+def _dispatch_bwd(slot, g):
     # dx[t] = sum_j g[slot[t, j]]: every row came from exactly one (t, j).
-    dx = jnp.sum(_pad_row(g)[slot], axis=1)
-    return dx, None, None
+    return jnp.sum(_rows(g, slot), axis=1), None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
 @jax.custom_vjp
-def _combine(rows: jax.Array, weights: jax.Array, slot: jax.Array, src: jax.Array) -> jax.Array:
+def _combine(rows: jax.Array, weights: jax.Array, slot: jax.Array, src: jax.Array,
+             token: jax.Array) -> jax.Array:
     """y[t] = sum_j weights[t, j] * rows[slot[t, j]] (dropped choices contribute zero)."""
-    picked = _pad_row(rows)[slot]                       # [T, k, d]
-    return jnp.einsum("tk,tkd->td", weights.astype(rows.dtype), picked)
+    return jnp.sum(weights.astype(rows.dtype)[:, :, None] * _rows(rows, slot), axis=1)
 
 
-def _combine_fwd(rows, weights, slot, src):
-    return _combine(rows, weights, slot, src), (rows, weights, slot, src)
+def _combine_fwd(rows, weights, slot, src, token):
+    return _combine(rows, weights, slot, src, token), (rows, weights, slot, src, token)
 
 
 def _combine_bwd(res, dy):
-    rows, weights, slot, src = res
-    t, k = weights.shape
-    # d rows[p] = w[src[p]] * dy[src[p] // k]  (zero for padding rows)
-    w_row = _pad_row(weights.reshape(-1).astype(dy.dtype)[:, None])[src]
-    drows = w_row * _pad_row(dy)[jnp.minimum(src // k, t)]
-    # d weights[t, j] = <dy[t], rows[slot[t, j]]>
-    dw = jnp.einsum("td,tkd->tk", dy, _pad_row(rows)[slot]).astype(weights.dtype)
-    return drows, dw, None, None
+    rows, weights, slot, src, token = res
+    dy_rows = _rows(dy, token)                                   # dy of each row's token
+    # d rows[p] = w[src[p]] * dy[token[p]]  (zero for padding rows)
+    w_row = _rows(weights.reshape(-1).astype(dy.dtype), src)
+    drows = w_row[:, None] * dy_rows
+    # d weights[t, j] = <dy[t], rows[slot[t, j]]>, computed per row and gathered back
+    dw = _rows(jnp.sum(rows * dy_rows, axis=-1), slot).astype(weights.dtype)
+    return drows, dw, None, None, None
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
@@ -303,30 +311,30 @@ def moe_experts(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax
     if method == "capacity":
         cap = capacity(t, k, n_experts, capacity_factor)
         lay = _capacity_layout(r.experts, n_experts, cap)
-        rows = _dispatch(x, lay.slot, lay.src, k).reshape(n_experts, cap, d)
+        rows = _dispatch(x, lay.slot, lay.token).reshape(n_experts, cap, d)
         h = _dot(rows, w_gate_up, "ecd,edf->ecf", dtype)
         out = _dot(swiglu(h), w_down, "ecf,efd->ecd", dtype).reshape(n_experts * cap, d)
         dropped = jnp.sum(jnp.maximum(lay.counts - cap, 0)).astype(jnp.float32) / (t * k)
-        return _combine(out, r.weights, lay.slot, lay.src), dropped
+        return _combine(out, r.weights, lay.slot, lay.src, lay.token), dropped
 
     if method == "dropless":
         if block is None:
             block = int(min(128, max(8, 2 ** round(math.log2(max(1, t * k / n_experts))))))
         lay, block_expert = _block_layout(r.experts, n_experts, block)
-        rows = _dispatch(x, lay.slot, lay.src, k)
+        rows = _dispatch(x, lay.slot, lay.token)
         nb = block_expert.shape[0]
         rows = rows.reshape(nb, block, d)
         h = _dot(rows, w_gate_up[block_expert], "nbd,ndf->nbf", dtype)
         out = _dot(swiglu(h), w_down[block_expert], "nbf,nfd->nbd", dtype).reshape(nb * block, d)
-        return _combine(out, r.weights, lay.slot, lay.src), zero
+        return _combine(out, r.weights, lay.slot, lay.src, lay.token), zero
 
     if method == "ragged":
         lay = _ragged_layout(r.experts, n_experts)
-        rows = _dispatch(x, lay.slot, lay.src, k).astype(dtype)
+        rows = _dispatch(x, lay.slot, lay.token).astype(dtype)
         h = jax.lax.ragged_dot(rows, w_gate_up.astype(dtype), lay.counts,
                                preferred_element_type=dtype)
         out = jax.lax.ragged_dot(swiglu(h), w_down.astype(dtype), lay.counts,
                                  preferred_element_type=dtype)
-        return _combine(out, r.weights, lay.slot, lay.src), zero
+        return _combine(out, r.weights, lay.slot, lay.src, lay.token), zero
 
     raise ValueError(f"dispatch {method!r}: use one of {', '.join(METHODS)} (resolve auto first)")
