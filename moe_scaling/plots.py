@@ -40,9 +40,13 @@ from moe_scaling.config import ModelConfig
 from moe_scaling.costs import flops_per_token, param_counts, published_models, weight_bytes
 
 __all__ = [
-    "save_figure", "model_config_from_row", "with_costs", "pareto_mask", "run_label",
-    "loss_vs_memory", "loss_vs_flops", "published_models_figure", "training_curves",
-    "expert_load_figure",
+    # runs tables
+    "save_figure", "model_config_from_row", "with_costs", "completed", "pareto_mask", "run_label",
+    "loss_vs_memory", "loss_vs_flops", "published_points", "published_models_figure", "select_runs",
+    "training_curves", "expert_load_figure", "balance_run", "sweep_figures",
+    # fits and sweet spots
+    "law_inputs", "law_curves", "predicted_vs_observed", "residuals", "frontier_figure",
+    "optimum_vs_budget", "iso_loss_contours", "fit_figures",
 ]
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "*", "<", ">")
@@ -1102,3 +1106,37 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
                  + ("\n(this law does not read granularity: contours are vertical)" if blind else ""),
                  fontsize="medium")
     return fig
+
+
+def _budget_tag(r: Mapping[str, Any]) -> str:
+    return f"{r['budget']['memory'] / 1e9:g}GB"
+
+
+def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence[Any] = (),
+                heldout: Sequence[str] | None = None) -> dict[str, Figure]:
+    """The standard figures of a fit and its sweet-spot searches.
+
+    With ``runs`` (the table the law was fitted on): ``law_curves``, ``predicted_vs_observed`` and
+    ``residuals`` (``heldout`` run ids highlighted). For each search result (``SearchResult`` or
+    its dict; empty ones are skipped) with a sweet spot: ``frontier_memory_<budget>`` and
+    ``iso_loss_<budget>`` (e.g. ``frontier_memory_2GB``); for the first one also
+    ``frontier_flops_<budget>`` and ``published_models``; with two or more budgets,
+    ``optimum_vs_budget``.
+    """
+    figs: dict[str, Figure] = {}
+    if runs is not None and not completed(runs).empty:
+        figs["law_curves"] = law_curves(fit, runs, heldout=heldout)
+        figs["predicted_vs_observed"] = predicted_vs_observed(fit, runs, heldout=heldout)
+        figs["residuals"] = residuals(fit, runs, heldout=heldout)
+    rs = [_result(r) for r in results if r]
+    rs = [r for r in rs if r.get("sweet_spot")]
+    for i, r in enumerate(rs):
+        tag = _budget_tag(r)
+        figs[f"frontier_memory_{tag}"] = frontier_figure(r)
+        if i == 0:
+            figs[f"frontier_flops_{tag}"] = frontier_figure(r, axis="flops")
+            figs["published_models"] = published_models_figure(r)
+        figs[f"iso_loss_{tag}"] = iso_loss_contours(fit, r)
+    if len(rs) >= 2:
+        figs["optimum_vs_budget"] = optimum_vs_budget(rs)
+    return figs
