@@ -1,0 +1,177 @@
+"""``moe-sweep``: validate a grid file, run a sweep (crash-safe, many workers), show its status."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+
+PROG = "moe-sweep"
+EXAMPLES = """\
+  moe-sweep validate sweeps/quickstart.yaml
+  moe-sweep run sweeps/quickstart.yaml --out results/quickstart
+  moe-sweep run sweeps/quickstart.yaml --out results/quickstart --workers 2
+  moe-sweep run sweeps/sparsity_granularity.yaml --out results/sg \\
+      --storage postgresql://user:password@dbhost:5432/sweeps     # same command on every machine
+  moe-sweep status results/quickstart
+  moe-sweep status results/quickstart --json
+
+After a crash or kill, rerun the same `run` command: finished runs are skipped and interrupted ones
+resume from their last checkpoint. Exit codes: 0 done, 2 bad grid or arguments (one line naming the
+run, field and value; nothing written), 1 internal failure or runs left unfinished."""
+
+
+def _parser():
+    p = make_parser(PROG, "Grid sweeps over MoE architectures: every run once, across workers and "
+                    "restarts, recorded in DIR/runs.parquet and DIR/curves.parquet.", EXAMPLES)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{validate,run,status}")
+    v = sub.add_parser("validate", help="check a grid file and list its runs (writes nothing)")
+    v.add_argument("grid", help="grid YAML file")
+    v.add_argument("--json", action="store_true", help="print the runs as JSON")
+    r = sub.add_parser("run", help="run (or continue) a sweep")
+    r.add_argument("grid", help="grid YAML file")
+    r.add_argument("--out", required=True, help="sweep folder (results, checkpoints, default storage)")
+    r.add_argument("--workers", type=_positive, default=1, help="local worker processes (default 1)")
+    r.add_argument("--storage", help="optuna storage URL shared by all workers "
+                   "(default sqlite:///OUT/sweep.db)")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="run again the runs that failed with an exception")
+    r.add_argument("--grace-period", type=_positive, default=60, metavar="S",
+                   help="seconds without a heartbeat after which another host's run counts as dead "
+                        "(default 60; dead local processes are noticed at once)")
+    r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.add_argument("--json", action="store_true", help="print the final status as JSON")
+    s = sub.add_parser("status", help="status counts and best runs of a sweep folder")
+    s.add_argument("out", help="sweep folder given to `run --out`")
+    s.add_argument("--top", type=_positive, default=5, help="how many best runs to list (default 5)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _body(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "run":
+        return _run(args)
+    return _status(args)
+
+
+def _validate(args) -> int:
+    from moe_scaling.costs import param_counts
+    from moe_scaling.sweep import plan_sweep
+
+    plan = plan_sweep(args.grid)
+    rows = []
+    for run in plan.runs:
+        counts = param_counts(run.model)
+        rows.append({"run_id": run.run_id, "index": run.index,
+                     "axes": {k.split(".")[-1]: v for k, v in run.axes.items()},
+                     "n_experts": run.model.n_experts, "top_k": run.model.top_k,
+                     "d_expert": run.model.d_expert, "n_shared": run.model.n_shared,
+                     "params_total": counts.total, "params_active": counts.active,
+                     "steps": run.train.steps(run.data.seq_len)})
+    if args.json:
+        print_json({"name": plan.spec.name, "runs": rows})
+        return 0
+    print(f"{plan.spec.name}: {len(rows)} runs, valid")
+    for row in rows:
+        axes = ", ".join(f"{k}={v}" for k, v in row["axes"].items())
+        print(f"  {row['run_id']}  experts {row['n_experts']:>3} top_k {row['top_k']:>2} "
+              f"d_expert {row['d_expert']:>5} shared {row['n_shared']}  active {_count(row['params_active'])} "
+              f"total {_count(row['params_total'])}  steps {row['steps']}  ({axes})")
+    return 0
+
+
+def _run(args) -> int:
+    from moe_scaling.sweep import check_storage_url, plan_sweep, run_sweep
+
+    plan = plan_sweep(args.grid)           # a bad grid stops here, before anything is written
+    if args.storage:
+        check_storage_url(args.storage)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder; give a folder path")
+    summary = run_sweep(args.grid, out, workers=args.workers, storage=args.storage,
+                        retry_failed=args.retry_failed, grace_s=args.grace_period,
+                        progress=not args.quiet, plan=plan)
+    status = _summary(out, top=5)
+    if args.json:
+        print_json(summary | {"status": status})
+    else:
+        _print_status(status)
+    if summary["unfinished"]:
+        print(f"{PROG}: {summary['unfinished']} run(s) unfinished (a worker died?); rerun the same "
+              "command to continue", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _summary(out: Path, top: int) -> dict[str, Any]:
+    from moe_scaling.results import summarize
+
+    return summarize(out, top=top)
+
+
+def _status(args) -> int:
+    out = Path(args.out)
+    if not out.is_dir():
+        raise InputError(f"{out}: no such sweep folder; give the --out folder of a moe-sweep run")
+    status = _summary(out, args.top)
+    if args.json:
+        print_json(status)
+    else:
+        _print_status(status)
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    counts = status["counts"]
+    print(f"sweep {status['sweep']} ({status['out']}): {status['total']} runs: "
+          + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
+    if status["best"]:
+        print("best runs (final eval loss):")
+        print(f"  {'run_id':<12}  {'eval_loss':>9}  {'experts':>7}  {'top_k':>5}  {'G':>4}  {'shared':>6}  "
+              f"{'active':>7}  {'total':>7}")
+        for r in status["best"]:
+            print(f"  {r['run_id']:<12}  {_num(r['eval_loss']):>9}  {r['n_experts']:>7}  {r['top_k']:>5}  "
+                  f"{r['granularity']:>4g}  {r['n_shared']:>6}  {_count(r['params_active']):>7}  "
+                  f"{_count(r['params_total']):>7}")
+    for r in status["problems"]:
+        detail = (f"at step {r['diverged_step']} (last good loss {_num(r['last_good_loss'])})"
+                  if r["status"] == "diverged" else r.get("error") or "")
+        print(f"  {r['run_id']} {r['status']} {detail}")
+
+
+def _num(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(PROG, _body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

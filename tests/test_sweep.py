@@ -1,0 +1,243 @@
+"""moe-sweep end to end: real subprocesses, real (tiny) training runs, a real SQLite queue.
+
+What is shown: two local workers run every point exactly once; kill -9 of every process mid-sweep
+and the same command again finishes the sweep (completed runs untouched, the interrupted run
+resumes from its checkpoint bit-exactly, curves without gaps or duplicates); a diverged run and a
+failing run are recorded and the sweep goes on; bad grids exit 2 with one line and write nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, LOG_EVERY = 300, 10
+
+TINY = {
+    "data": {"corpus": "stdlib", "seq_len": 32, "max_tokens": 200_000},
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64},
+    "train": {"tokens": STEPS * 8 * 32, "batch_size": 8, "lr": 0.003, "eval_every": 100,
+              "eval_batches": 2, "log_every": LOG_EVERY, "ckpt_every": 20},
+}
+
+
+def write_grid(folder: Path, name: str, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"name": name, **{k: dict(v) for k, v in TINY.items()}}
+    for key, value in extra.items():
+        if isinstance(value, dict) and key in TINY:
+            doc[key] = doc[key] | value
+        else:
+            doc[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def sweep_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moe_scaling.cli.sweep", *map(str, args)]
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    return subprocess.run(sweep_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=env)
+
+
+def seed_cache(src: Path, out: Path) -> None:
+    """Start a sweep folder with another sweep's compilation cache (same shapes compile once)."""
+    if (src / "jax_cache").is_dir():
+        shutil.copytree(src / "jax_cache", out / "jax_cache")
+
+
+def trials_by_run(storage: str, name: str) -> dict[str, list]:
+    study = optuna.load_study(study_name=name, storage=storage)
+    out: dict[str, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        out.setdefault(t.user_attrs["run_id"], []).append(t)
+    return out
+
+
+def assert_exactly_once(out: Path, storage: str, name: str, statuses: dict[str, str]) -> pd.DataFrame:
+    """Every run has one finished trial (plus, at most, FAIL trials of interrupted attempts), one
+    row in runs.parquet with the expected status, and a gap-free, duplicate-free curve."""
+    trials = trials_by_run(storage, name)
+    assert set(trials) == set(statuses)
+    for rid, ts in trials.items():
+        finished = [t for t in ts if t.state == TrialState.COMPLETE
+                    or (t.state == TrialState.FAIL and t.user_attrs.get("status") == "failed")]
+        assert len(finished) == 1, (rid, [(t.number, t.state) for t in ts])
+        others = [t for t in ts if t not in finished]
+        assert all(t.state == TrialState.FAIL and "status" not in t.user_attrs for t in others)
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert sorted(runs["run_id"]) == sorted(statuses)
+    assert dict(zip(runs["run_id"], runs["status"])) == statuses
+    curves = pd.read_parquet(out / "curves.parquet")
+    for rid, status in statuses.items():
+        steps = curves.loc[curves["run_id"] == rid, "step"].tolist()
+        if status == "completed":
+            assert steps == list(range(0, STEPS + 1, LOG_EVERY)), (rid, steps)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 4-run tiny grid swept by two local workers on SQLite, uninterrupted."""
+    root = tmp_path_factory.mktemp("reference")
+    grid = write_grid(root, "tiny", grid={"n_experts": [2, 4], "top_k": [1, 2]})
+    out = root / "out"
+    proc = run_cli("run", grid, "--out", out, "--workers", 2, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["done"] == summary["total"] == 4 and summary["status"]["counts"]["completed"] == 4
+    return grid, out
+
+
+def test_two_local_workers_run_every_point_exactly_once(reference):
+    grid, out = reference
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    ids = json.loads((out / "sweep.json").read_text())["runs"]
+    runs = assert_exactly_once(out, storage, "tiny", {rid: "completed" for rid in ids})
+    assert set(runs["attempts"]) == {1}
+    assert runs["worker"].nunique() == 2                       # both workers took runs
+    for col in ("params_total", "params_active", "params_embedding", "flops_per_token_forward",
+                "granularity", "expansion", "d_expert", "corpus_hash", "package_version", "tokens_per_s"):
+        assert runs[col].notna().all(), col
+    assert (runs["tokens"] == STEPS * 8 * 32).all()
+    sparse = runs["top_k"] < runs["n_experts"]
+    assert (runs["params_active"][sparse] < runs["params_total"][sparse]).all()
+    # the persistent compilation cache holds the train steps
+    assert any(p.name.startswith("jit__train_step") for p in (out / "jax_cache").iterdir())
+    # a second `run` of a finished sweep trains nothing and changes nothing
+    before = (out / "runs.parquet").read_bytes()
+    records = {p: p.read_text() for p in (out / "runs").glob("*/record.json")}
+    proc = run_cli("run", grid, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert {p: p.read_text() for p in records} == records
+    assert pd.read_parquet(out / "runs.parquet").equals(pd.read_parquet(io.BytesIO(before)))
+
+
+def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path):
+    ref_grid, ref_out = reference
+    grid = tmp_path / ref_grid.name
+    grid.write_text(ref_grid.read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    seed_cache(ref_out, out)
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--workers", 2, "--quiet"),
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    interrupted = None
+    deadline = time.time() + 180
+    while interrupted is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        records = [json.loads(p.read_text()) for p in (out / "runs").glob("*/record.json")
+                   if p.stat().st_size]
+        done = [r for r in records if r["status"] == "completed"]
+        for r in records:
+            ckpt = out / "runs" / r["run_id"] / "ckpt"
+            if done and r["status"] == "running" and ckpt.is_dir() and any(
+                    c.name.isdigit() for c in ckpt.iterdir()):
+                interrupted = r["run_id"]
+    assert interrupted is not None, "the sweep ended before a run was mid-way; lengthen the runs"
+    os.killpg(proc.pid, signal.SIGKILL)                  # the parent and both workers
+    proc.wait()
+    finished_before = {r["run_id"]: r for r in map(json.loads, (p.read_text() for p in (
+        out / "runs").glob("*/record.json"))) if r["status"] == "completed"}
+
+    rerun = run_cli("run", grid, "--out", out, "--workers", 2, "--quiet")
+    assert rerun.returncode == 0, rerun.stderr
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    ids = json.loads((out / "sweep.json").read_text())["runs"]
+    runs = assert_exactly_once(out, storage, "tiny", {rid: "completed" for rid in ids})
+    runs = runs.set_index("run_id")
+    for rid, before in finished_before.items():               # completed runs were not re-run
+        assert runs.loc[rid, "attempts"] == 1 and runs.loc[rid, "finished_at"] == before["finished_at"]
+    assert runs.loc[interrupted, "attempts"] == 2
+    trials = trials_by_run(storage, "tiny")[interrupted]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    # the second attempt resumed from the checkpoint: it trained fewer tokens than the budget
+    row = runs.loc[interrupted]
+    assert row["tokens_per_s"] * row["step_time_s"] < 0.97 * row["tokens"]
+    # and bit-exactly: every run ends with the loss of the uninterrupted reference sweep
+    ref = pd.read_parquet(ref_out / "runs.parquet").set_index("run_id")
+    assert runs["eval_loss"].to_dict() == ref.loc[runs.index, "eval_loss"].to_dict()
+
+
+def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, reference):
+    (tmp_path / "bad.jsonl").write_text("this line is not JSON\n")
+    grid = write_grid(tmp_path, "faults", train={"tokens": 40 * 8 * 32},
+                      grid={"corpus": ["bad.jsonl", "stdlib"], "lr": [1.0e6, 0.003]},
+                      exclude=["corpus != 'stdlib' and lr > 1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    seed_cache(reference[1], out)
+    proc = run_cli("run", grid, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "runs 1/3 done" in proc.stderr and "runs 2/3 done" in proc.stderr   # the progress line
+    runs = pd.read_parquet(out / "runs.parquet").set_index(["corpus", "lr"])
+    assert len(runs) == 3
+    failed, diverged, ok = runs.loc[("bad.jsonl", 0.003)], runs.loc[("stdlib", 1.0e6)], runs.loc[("stdlib", 0.003)]
+    assert failed["status"] == "failed" and "bad.jsonl:1 is not a JSON object" in failed["error"]
+    assert (tmp_path / "out" / "runs" / failed["run_id"] / "error.txt").is_file()
+    assert diverged["status"] == "diverged" and 1 <= diverged["diverged_step"] <= 40
+    assert ok["status"] == "completed" and ok["eval_loss"] < 5.0
+
+    status = run_cli("status", out, "--json")
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)["counts"]
+    assert counts == {"completed": 1, "diverged": 1, "failed": 1, "running": 0, "pending": 0}
+    text = run_cli("status", out)
+    assert "1 completed, 1 diverged, 1 failed" in text.stdout and "ConfigError: data.corpus" in text.stdout
+
+    # a rerun leaves the failed run alone; --retry-failed runs it once more
+    again = run_cli("run", grid, "--out", out, "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert pd.read_parquet(out / "runs.parquet").set_index("run_id").loc[failed["run_id"], "attempts"] == 1
+    retry = run_cli("run", grid, "--out", out, "--quiet", "--retry-failed")
+    assert retry.returncode == 0, retry.stderr
+    after = pd.read_parquet(out / "runs.parquet").set_index("run_id")
+    assert after.loc[failed["run_id"], "attempts"] == 2 and after.loc[failed["run_id"], "status"] == "failed"
+    assert after.loc[ok["run_id"], "attempts"] == 1
+
+
+@pytest.mark.parametrize("case, text, pattern", [
+    ("unknown field", {"grid": {"n_expert": [2, 4]}},
+     r"grid\.n_expert: unknown field; did you mean 'n_experts'"),
+    ("invalid combination", {"grid": {"n_experts": [2, 4], "top_k": [1, 4]}},
+     r"run 1 \(n_experts=2, top_k=4\): model\.top_k = 4: must be <= n_experts \(2\)"),
+    ("malformed yaml", "name: x\ngrid: {n_experts: [2, 4}\n", r"not valid YAML"),
+    ("unsafe exclude", {"grid": {"n_experts": [2]}, "exclude": ["__import__('os').system('touch /tmp/x')"]},
+     r"exclude\[0\] = .*unsafe expression \(function call not allowed\)"),
+])
+def test_bad_grid_exits_2_with_one_line_and_writes_nothing(tmp_path, case, text, pattern):
+    if isinstance(text, str):
+        grid = tmp_path / "bad.yaml"
+        grid.write_text(text)
+    else:
+        grid = write_grid(tmp_path, "bad", **text)
+    before = sorted(tmp_path.rglob("*"))
+    for command in (["validate", grid], ["run", grid, "--out", tmp_path / "out"]):
+        proc = run_cli(*command, timeout=60)
+        assert proc.returncode == 2, (case, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moe-sweep: error: "), proc.stderr
+        assert re.search(pattern, lines[0]), lines[0]
+        assert proc.stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before                    # not even --out was created
