@@ -51,7 +51,8 @@ from moe_scaling.costs import (cost_summary, flops_per_token, kv_cache_bytes, lo
 
 __all__ = [
     "LAW_COLUMNS", "LossModel", "Budget", "ArchSpace", "Trunk", "Layout", "ExpertLine",
-    "expert_line", "trunks", "layouts", "law_reads", "search", "SearchResult", "budget_table",
+    "expert_line", "trunks", "layouts", "law_reads", "search", "SearchResult", "describe_config",
+    "budget_table", "published_table",
 ]
 
 LAW_COLUMNS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
@@ -607,7 +608,8 @@ def _row(ev: _Evaluator, line: ExpertLine, i: int) -> dict[str, Any]:
         "n_kv_heads": cfg.n_kv_heads, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
         "granularity": cfg.granularity, "n_shared": cfg.n_shared, "expansion": cfg.expansion,
         "is_moe": cfg.is_moe, "params_total": int(line.params_total[i]),
-        "params_active": int(line.params_active[i]), "total_bytes": float(line.total_bytes[i]),
+        "params_active": int(line.params_active[i]), "weight_bytes": float(line.weight_bytes[i]),
+        "kv_cache_bytes": float(line.kv_cache_bytes[i]), "total_bytes": float(line.total_bytes[i]),
         "flops_per_token_forward": float(line.flops_forward[i]), "tokens": float(s["tokens"][0]),
         "predicted_loss": float(s["loss"][0]),
         "within_budget": bool(np.logical_and.reduce([m for m in s["ok"].values()])[0]),
@@ -635,8 +637,9 @@ def _thin(ev: _Evaluator, front: _Pareto, points: int) -> list[dict[str, Any]]:
 
 def _interval(model: LossModel, X: dict[str, np.ndarray], level: float) -> tuple[list | None, str | None]:
     fn = getattr(model, "predict_interval", None)
-    if fn is None:
-        return None, "the law has no bootstrap (e.g. published coefficients): no interval"
+    if fn is None or getattr(model, "has_samples", True) is False:
+        return None, ("no interval: the fit has no bootstrap samples (published coefficients); "
+                      "refit runs with a bootstrap for one")
     try:
         lo, hi = fn(X, level=level)
     except Exception as err:  # noqa: BLE001 - an interval is optional; say why there is none
@@ -696,7 +699,7 @@ def _published(ev: _Evaluator, level: float) -> list[dict[str, Any]]:
         out.append({"name": name, "source": m.source, **{k: d[k] for k in (
             "params_total", "params_active", "n_experts", "top_k", "granularity", "expansion",
             "weight_bytes", "kv_cache_bytes", "total_bytes", "flops_per_token_forward", "tokens",
-            "predicted_loss", "within_budget")}})
+            "predicted_loss", "within_budget") + (("decode_ms_per_token",) if ev.budget.device else ())}})
     return out
 
 
@@ -731,4 +734,19 @@ def budget_table(results: Sequence[SearchResult]) -> str:
                     f"{_b(s['params_total'])} | {s['expansion']:g} | {s['total_bytes'] / 1e9:.2f} GB | "
                     f"{s['flops_per_token_forward'] / 1e9:.2f} | {loss} | {', '.join(r.binding)} | "
                     f"{dense[0]} | {dense[1]} | {dense[2]} |")
+    return "\n".join(rows)
+
+
+def published_table(result: SearchResult) -> str:
+    """A Markdown table of the published models on the result's cost axes."""
+    b = result.budget
+    ms = b.device is not None
+    rows = [f"| model | active / total | E | bytes ({b.weights}, KV {b.kv} @ {b.context}) | GFLOPs/token |"
+            + (f" decode ms/token ({b.device}) |" if ms else "") + " tokens | predicted loss |",
+            "|---|---|---|---|---|" + ("---|" if ms else "") + "---|---|"]
+    for p in result.published:
+        rows.append(f"| {p['name']} | {_b(p['params_active'])} / {_b(p['params_total'])} | {p['expansion']:g} | "
+                    f"{p['total_bytes'] / 1e9:.2f} GB | {p['flops_per_token_forward'] / 1e9:.2f} |"
+                    + (f" {p['decode_ms_per_token']:.1f} |" if ms else "")
+                    + f" {p['tokens']:.3g} | {p['predicted_loss']:.4f} |")
     return "\n".join(rows)

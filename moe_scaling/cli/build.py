@@ -66,13 +66,16 @@ def _body(argv: Sequence[str] | None) -> int:
         tokens = float(prediction.get("tokens", tokens)) if not args.tokens else tokens
         origin = f"the sweet spot in {Path(args.sweet_spot).name}"
     elif source == "fit":
-        from moe_scaling.fit import load_fit
+        from moe_scaling.fit import FitError, load_fit
         from moe_scaling.optimize import ArchSpace, search
 
         budget = budget_from_args(args)
         if budget is None:
             raise InputError("--fit: needs a budget; add --budget-mem, e.g. --budget-mem 2GB")
-        fit = load_fit(args.fit)
+        try:
+            fit = load_fit(args.fit)
+        except FitError as err:
+            raise InputError(str(err)) from None
         result = search(fit, budget, ArchSpace(vocab_size=args.vocab), method=args.search_method,
                         seed=args.search_seed, level=args.interval_level)
         if result.sweet_spot is None:
