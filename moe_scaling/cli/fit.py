@@ -1,0 +1,217 @@
+"""``moe-fit``: fit a scaling law to runs, with bootstrap intervals and held-out error.
+
+INPUT is a sweep directory (its ``runs.parquet``: completed runs, loss = eval_loss), a CSV or parquet
+runs table with canonical columns (``--column canonical=theirs`` maps other names), or a saved fit
+JSON (nothing is fitted; use it with ``--predict``). See :mod:`moe_scaling.fit` for the procedure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+from moe_scaling.fit import Fit, FitError, fit_law, load_fit, load_runs, select_law
+from moe_scaling.laws import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
+
+PROG = "moe-fit"
+PREDICTION_LEVEL = 0.9
+
+EXAMPLES = """\
+  moe-fit results/my-sweep                                  # --law auto: every law, lowest held-out error wins
+  moe-fit results/my-sweep --law joint_moe --bootstrap 500 --out fits/my-sweep.json
+  moe-fit runs.csv --law chinchilla --fix alpha=0.34 --fix beta=0.28 --json
+  moe-fit ../shared/data/chinchilla/svg_extracted_data.csv --law chinchilla \\
+      --column params_active="Model Size" --column train_compute="Training FLOP" --drop-highest-loss 5
+  moe-fit fits/joint_moe_published.json --predict candidates.csv --json
+
+laws: """ + ", ".join(LAWS) + """ (auto considers every law except ondevice)
+canonical columns: """ + ", ".join(CANONICAL_COLUMNS) + """, train_compute
+  (tokens = train_compute / (6 params_active) when a table has training compute but no tokens)
+intervals: coefficients at 95% (bootstrap percentiles), predictions at 90%.
+Compiled fitting kernels are cached in $MOE_SCALING_JAX_CACHE (default ~/.cache/moe-scaling/jax;
+set it to an empty string to disable).
+"""
+
+
+def _pairs(values: Sequence[str] | None, option: str) -> list[tuple[str, str]]:
+    out = []
+    for text in values or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InputError(f"{option} {text!r}: write NAME=VALUE, e.g. {option} "
+                             + ("alpha=0.34" if option == "--fix" else "params_active=n_params"))
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def _fixes(values: Sequence[str] | None) -> dict[str, float]:
+    out = {}
+    for key, value in _pairs(values, "--fix"):
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise InputError(f"--fix {key}={value}: not a number") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moe-fit`` parser."""
+    p = make_parser(PROG, "Fit a scaling law to training runs: robust multi-start fit, bootstrap "
+                          "intervals, held-out error, law selection.", EXAMPLES)
+    p.add_argument("input", metavar="INPUT", help="sweep directory, runs table (.csv/.parquet) or saved fit (.json)")
+    p.add_argument("--law", default=None, metavar="NAME|auto",
+                   help=f"law to fit: {', '.join(LAWS)} or auto (default auto)")
+    p.add_argument("--huber-delta", type=float, default=None, metavar="X",
+                   help="Huber threshold on log-loss residuals (default 1e-3)")
+    p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="hold a parameter fixed (repeatable)")
+    p.add_argument("--column", action="append", metavar="CANONICAL=THEIRS",
+                   help="use the table's column THEIRS as CANONICAL (repeatable)")
+    p.add_argument("--drop-highest-loss", type=int, default=None, metavar="K",
+                   help="drop the K highest-loss runs first (the Chinchilla replication drops 5)")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                   help="bootstrap refits for intervals (default 200; 0: none)")
+    p.add_argument("--kfold", type=int, default=5, metavar="K", help="folds for kfold_rmse (default 5; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws and folds (default 0)")
+    p.add_argument("--predict", metavar="FILE", help="table of inputs (CSV/parquet): predicted loss per row")
+    p.add_argument("--out", metavar="FIT.json", help="write the fit as JSON (e.g. fits/my-sweep.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    # ---- issue 6 (budget / sweet-spot options) plugs in here: ------------------------------
+    #   from moe_scaling.cli.budget import add_budget_arguments; add_budget_arguments(p)
+    return p
+
+
+def _fitted(args: argparse.Namespace, columns: dict[str, str]) -> Fit:
+    """The fit INPUT asks for: loaded from a fit JSON, or fitted to the runs."""
+    if str(args.input).lower().endswith(".json"):
+        given = [o for o, v in (("--law", args.law), ("--fix", args.fix), ("--huber-delta", args.huber_delta),
+                                ("--drop-highest-loss", args.drop_highest_loss)) if v]
+        if given:
+            raise InputError(f"{', '.join(given)}: INPUT {args.input} is a saved fit; these options apply "
+                             "only when fitting runs")
+        return load_fit(args.input)
+    if args.bootstrap < 0 or args.kfold < 0 or (args.drop_highest_loss or 0) < 0:
+        raise InputError("--bootstrap, --kfold and --drop-highest-loss must be >= 0")
+    table, notes = load_runs(args.input, columns)
+    kw: dict[str, Any] = dict(huber_delta=1e-3 if args.huber_delta is None else args.huber_delta,
+                              fix=_fixes(args.fix), bootstrap=args.bootstrap, seed=args.seed, kfold=args.kfold,
+                              drop_highest_loss=args.drop_highest_loss or 0)
+    _compile_cache()
+    law = args.law or "auto"
+    if law == "auto":
+        fit, _ = select_law(table, **kw)
+    else:
+        fit = fit_law(get_law(law), table, **kw)
+    return dataclasses.replace(fit, notes=tuple(notes) + fit.notes,
+                               settings={**fit.settings, "input": str(args.input), "columns": columns})
+
+
+def _compile_cache() -> None:
+    """Keep compiled fitting kernels between runs: the JAX persistent compilation cache."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-scaling" / "jax"
+    path = os.environ.get("MOE_SCALING_JAX_CACHE", str(default))
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
+def _predictions(fit: Fit, path: str, columns: dict[str, str]) -> dict[str, Any]:
+    """``predictions`` (row order; null where an input is missing) and their intervals."""
+    table, _ = load_runs(path, columns, strict=False)
+    X = {c: np.asarray(table[c], np.float64) for c in fit.law_obj.inputs if c in table}
+    pred = fit.predict(X)
+    out: dict[str, Any] = {"predictions": [None if not np.isfinite(v) else float(v) for v in pred]}
+    if fit.has_samples:
+        lo, hi = fit.predict_interval(X, level=PREDICTION_LEVEL)
+        out["prediction_intervals"] = [None if not (np.isfinite(a) and np.isfinite(b)) else [float(a), float(b)]
+                                       for a, b in zip(lo, hi)]
+        out["prediction_interval_level"] = PREDICTION_LEVEL
+    else:
+        out["prediction_intervals"] = None
+        out["prediction_interval_note"] = "the fit has no bootstrap samples (published coefficients): no interval"
+    return out
+
+
+def summary(fit: Fit) -> dict[str, Any]:
+    """The ``--json`` object of a fit (without predictions)."""
+    m = fit.metrics
+    return {"law": fit.law, "source": fit.source, "formula": fit.law_obj.formula, "params": fit.params,
+            "intervals": {k: list(v) for k, v in fit.intervals.items()}, "interval_level": fit.interval_level,
+            "fixed": fit.fixed, "heldout_rmse": m.get("heldout_rmse"), "kfold_rmse": m.get("kfold_rmse"),
+            "rmse": m.get("rmse"), "n_points": fit.n_points, "metrics": m, "notes": list(fit.notes),
+            "data_hash": fit.data_hash, "settings": fit.settings}
+
+
+def format_fit(result: dict[str, Any]) -> str:
+    """Readable lines of a :func:`summary` (plus predictions when present)."""
+    lines = [f"law {result['law']} ({result['source']}): {result['formula']}"]
+    if result["n_points"]:
+        s = result["settings"]
+        lines.append(f"{result['n_points']} runs, Huber delta {s.get('huber_delta'):g}, "
+                     f"{s.get('bootstrap', 0)} bootstrap refits, {s.get('n_starts')} starts")
+    level = result["interval_level"]
+    lines.append(f"  {'param':<10}{'value':>14}" + (f"   {level:.0%} interval" if level else ""))
+    for name, value in result["params"].items():
+        iv = result["intervals"].get(name)
+        tag = "  (fixed)" if name in result["fixed"] else ""
+        lines.append(f"  {name:<10}{value:>14.6g}" + (f"   [{iv[0]:.6g}, {iv[1]:.6g}]" if iv else "") + tag)
+    m = result["metrics"]
+    if "rmse" in m:
+        parts = [f"rmse {m['rmse']:.4f}"]
+        if m.get("heldout_rmse") is not None:
+            parts.append(f"held-out rmse {m['heldout_rmse']:.4f} ({m['heldout_n']} runs: {m['heldout_rule']})")
+        if m.get("kfold_rmse") is not None:
+            parts.append(f"{m['kfold']}-fold rmse {m['kfold_rmse']:.4f}")
+        lines.append("; ".join(parts))
+    for row in m.get("candidates", []):
+        lines.append(f"  candidate {row['law']:<11}" + (f"skipped: {row['skipped']}" if "skipped" in row else
+                     "held-out rmse " + (f"{row['heldout_rmse']:.4f}" if row["heldout_rmse"] is not None else "n/a")
+                     + (f", k-fold {row['kfold_rmse']:.4f}" if row["kfold_rmse"] is not None else "")
+                     + f", rmse {row['rmse']:.4f}, {row['n_free']} free"))
+    lines += [f"note: {n}" for n in result["notes"]]
+    if "predictions" in result:
+        ivs = result.get("prediction_intervals") or [None] * len(result["predictions"])
+        lines.append(f"predictions ({len(result['predictions'])} rows"
+                     + (f", {result['prediction_interval_level']:.0%} intervals):" if result.get("prediction_intervals") else "):"))
+        for i, (v, iv) in enumerate(zip(result["predictions"], ivs)):
+            lines.append(f"  {i:>4}  " + ("n/a" if v is None else f"{v:.4f}") + (f"  [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""))
+    if "out" in result:
+        lines.append(f"wrote {result['out']}")
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    columns = dict(_pairs(args.column, "--column"))
+    try:
+        fit = _fitted(args, columns)
+        result = summary(fit)
+        if args.predict:
+            result.update(_predictions(fit, args.predict, columns))
+    except (FitError, LawInputError) as err:
+        raise InputError(str(err)) from None
+    # ---- issue 6 (budget / sweet-spot search) plugs in here, before anything is written: -------
+    #   from moe_scaling.cli.budget import run_budget; result.update(run_budget(args, fit))
+    if args.out:
+        fit.save(args.out)
+        result["out"] = str(args.out)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_fit(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``moe-fit`` entry point: exit 0 on success, 2 on bad input (one line), 1 on internal failure."""
+    return run_cli(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
