@@ -17,6 +17,8 @@ from moe_scaling.builder import build
 from moe_scaling.config import ModelConfig, load_model_config
 from moe_scaling.costs import param_counts, published_models
 
+from conftest import REPO
+
 PUBLISHED = published_models()
 
 SHAPES = {
@@ -107,3 +109,20 @@ def test_tiny_emitted_models_run_forward(tmp_path, model_type):
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, 12, cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_sweet_spot_built_from_the_published_fit_loads_with_the_exact_count(tmp_path):
+    out = tmp_path / "phone-2gb"
+    r = subprocess.run([sys.executable, "-m", "moe_scaling.cli.build", "--fit", "fits/joint_moe_published.json",
+                        "--budget-mem", "2GB", "--budget-latency", "8ms", "--device", "snapdragon-8-gen-3",
+                        "--tokens", "1e12", "--out", str(out), "--json"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["binding"] == ["memory", "latency_ms"] and summary["dense"]["n_experts"] == 1
+    cfg = load_model_config(out / "model.yaml")
+    assert cfg.is_moe and summary["model_type"] == "glm4_moe"
+    assert_exact(out, cfg)
+    costs = json.loads((out / "costs.json").read_text())
+    assert costs["total_bytes"] <= 2e9 and costs["decode_ms_per_token"] <= 8.0
+    assert "predicted loss" in (out / "README.md").read_text()

@@ -13,36 +13,22 @@ from moe_scaling.cli.budget import (add_budget_arguments, format_budget, parse_f
 from moe_scaling.config import ConfigError, load_model_config
 from moe_scaling.costs import (cost_summary, flops_per_token, kv_cache_bytes, param_counts, published_models,
                                roofline, weight_bytes)
-from moe_scaling.optimize import (ArchSpace, Budget, Trunk, budget_table, expert_line, law_reads, layouts,
-                                  search, trunks)
+from moe_scaling.fit import Fit, load_fit
+from moe_scaling.optimize import (ArchSpace, Budget, budget_table, expert_line, law_reads, layouts,
+                                  published_table, search, trunks)
 
-# Ludziejewski et al. 2025, DESIGN.md section 5 (the coefficients fits/joint_moe_published.json ships)
-JOINT = dict(a=35.91, alpha=-0.1889, delta=-0.2285, gamma=0.0098, b=35.98, beta=-0.1775, omega=0.5529,
-             zeta=-0.0259, E_start=2.0732, E_max=290.4521, c=1.3637)
+from conftest import REPO
 
-
-class JointMoE:
-    """L = a Ehat^delta N^(alpha + gamma ln Ehat) + b Ehat^omega D^(beta + zeta ln Ehat) + c,
-    N = active non-embedding parameters."""
-
-    def predict(self, X):
-        p = JOINT
-        E = np.asarray(X["expansion"], float)
-        Eh = 1 / (1 / (E - 1 + 1 / (1 / p["E_start"] - 1 / p["E_max"])) + 1 / p["E_max"])
-        lE = np.log(Eh)
-        N = X["params_active"] - X["params_embedding"]
-        return (p["a"] * Eh ** p["delta"] * N ** (p["alpha"] + p["gamma"] * lE)
-                + p["b"] * Eh ** p["omega"] * X["tokens"] ** (p["beta"] + p["zeta"] * lE) + p["c"])
+LAW = load_fit(REPO / "fits" / "joint_moe_published.json")     # Ludziejewski et al. 2025, published
 
 
-class PrefersG4(JointMoE):
-    """The joint law plus a granularity term with its optimum at G = 4 (a law that reads G)."""
+class PrefersG4:
+    """The published joint law plus a granularity term with its optimum at G = 4 (a law that reads G)."""
 
     def predict(self, X):
-        return super().predict(X) + 0.01 * np.abs(np.log2(X["granularity"]) - 2.0)
+        return LAW.predict(X) + 0.01 * np.abs(np.log2(X["granularity"]) - 2.0)
 
 
-LAW = JointMoE()
 PUBLISHED = published_models()
 SMALL = ArchSpace(d_model_min=512, d_model_max=2048, d_model_step=128, n_layers_max=40, head_dims=(64,),
                   expansion_max=32)
@@ -242,3 +228,36 @@ def test_run_budget_json_and_emit(tmp_path):
 def test_run_budget_bad_input(argv, message):
     with pytest.raises(ConfigError, match=message):
         run_budget(parse(argv), LAW)
+
+
+# -- the published joint law on phone budgets (README table) -----------------------------------
+
+
+def test_published_law_on_1_2_4_gb_int4():
+    """INT4 weights, INT8 KV cache at 4096 tokens, 1e12 training tokens. Memory alone: the published
+    law fills the budget with a dense model. With a decode budget of 8 ms/token on a Snapdragon 8
+    Gen 3 (MobileMoE-L's roofline decode there is 7.7 ms), the sweet spots are MobileMoE-style MoEs
+    that beat the best dense model of the same budget."""
+    for gb in (1, 2, 4):
+        mem = search(LAW, Budget(memory=gb * 10**9, tokens=1e12))
+        assert mem.sweet_spot["n_experts"] == 1 and mem.binding == ["memory"]
+        r = search(LAW, Budget(memory=gb * 10**9, tokens=1e12, latency_ms=8.0, device="snapdragon-8-gen-3"))
+        s, d = r.sweet_spot, r.dense
+        assert s["n_experts"] > 1 and 1 < s["expansion"] <= 16, s["expansion"]
+        assert 0.2e9 <= s["params_active"] <= 1.05e9 and 1e9 <= s["params_total"] <= 7e9
+        assert s["total_bytes"] <= gb * 1e9 and s["decode_ms_per_token"] <= 8.0
+        assert s["predicted_loss"] < d["predicted_loss"] and set(r.binding) == {"memory", "latency_ms"}
+        assert (s["granularity"], s["n_shared"], s["router"]) == (8, 1, "sigmoid")
+    table = published_table(r)
+    assert "mobilemoe-l" in table and "7.7" in table and "olmoe-1b-7b" in table
+
+
+def test_bootstrap_interval_is_reported_when_the_fit_has_samples():
+    rng = np.random.default_rng(0)
+    names = list(LAW.params)
+    base = np.array([LAW.params[n] for n in names])
+    samples = base * (1 + 0.01 * rng.standard_normal((40, len(names))))
+    fit = Fit(law="joint_moe", params=dict(LAW.params), samples=samples)
+    s = search(fit, Budget(memory=2 * 10**9, tokens=1e12, flops_per_token=2e9), SMALL, level=0.8).sweet_spot
+    lo, hi = s["predicted_loss_interval"]
+    assert lo < s["predicted_loss"] < hi and s["interval_level"] == 0.8 and "interval_note" not in s
