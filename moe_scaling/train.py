@@ -42,7 +42,7 @@ from moe_scaling.data import eval_windows, load_tokens, tokenizer_vocab_size, tr
 from moe_scaling.model import Transformer
 from moe_scaling.routing import resolve_dispatch
 
-__all__ = ["TrainResult", "train", "lr_schedule", "make_optimizer", "warmup_steps", "loss_fn",
+__all__ = ["TrainResult", "train", "load_checkpoint", "lr_schedule", "make_optimizer", "warmup_steps", "loss_fn",
            "init_state", "make_train_step", "make_eval_step"]
 
 
@@ -148,7 +148,7 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, steps: int):
 def _train_step(graphdef, kw, state, inputs, targets):
     model, opt = nnx.merge(graphdef, state)
     (_, metrics), grads = nnx.value_and_grad(partial(loss_fn, **kw), has_aux=True)(model, inputs, targets)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     opt.update(model, grads)
     return nnx.state((model, opt)), metrics
 
@@ -226,6 +226,25 @@ def _jsonable(obj):
 
 def _nan_if_none(v) -> float:
     return float("nan") if v is None else float(v)
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                    data_cfg: DataConfig, *, step: int | None = None) -> tuple[Transformer, dict]:
+    """The model saved by :func:`train` in ``ckpt_dir`` (latest step, or ``step``) and the run's
+    JSON record (``step``, ``status``, ``curve``, ``metrics``, ``configs``, ...)."""
+    if not Path(ckpt_dir).is_dir():
+        raise ConfigError(f"ckpt_dir = {str(ckpt_dir)!r}: no such directory; train first")
+    ckpt = _Checkpoints(ckpt_dir)
+    try:
+        step = ckpt.latest() if step is None else step
+        if step is None:
+            raise ConfigError(f"ckpt_dir = {str(ckpt_dir)!r}: holds no checkpoint; train first")
+        graphdef, state = init_state(model_cfg, train_cfg, train_cfg.steps(data_cfg.seq_len))
+        state, record = ckpt.restore(step, state)
+    finally:
+        ckpt.close()
+    model, _ = nnx.merge(graphdef, state)
+    return model, record
 
 
 # --------------------------------------------------------------------------------------

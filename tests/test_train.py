@@ -1,0 +1,119 @@
+"""The trainer: determinism, bit-exact resume, divergence, schedules and the result record."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import SHARED_DATA
+from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.train import load_checkpoint, lr_schedule, train
+
+MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
+                    top_k=2, d_expert=32, n_shared=1, max_seq_len=32)
+DATA = DataConfig(corpus=str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"), seq_len=32,
+                  max_tokens=60_000)
+
+
+def _train_cfg(steps, **kw):
+    base = dict(tokens=steps * 4 * 32, batch_size=4, lr=3e-3, warmup=2, eval_every=4,
+                eval_batches=2, log_every=1, ckpt_every=3, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(result):
+    return [(r["step"], r["train_loss"], r["eval_loss"]) for r in result.curve]
+
+
+def _params(ckpt_dir, train_cfg):
+    model, record = load_checkpoint(ckpt_dir, MODEL, train_cfg, DATA)
+    return jax.tree.leaves(nnx.state(model, nnx.Param)), record
+
+
+def _same(a, b):
+    """Bit-identical floats, NaN equal to NaN."""
+    return len(a) == len(b) and all(
+        x[0] == y[0] and all((u == v) or (math.isnan(u) and math.isnan(v)) for u, v in zip(x[1:], y[1:]))
+        for x, y in zip(a, b))
+
+
+def test_same_seed_gives_bit_identical_losses_and_a_complete_record(tmp_path):
+    logs = []
+    cfg = _train_cfg(8)
+    a = train(MODEL, cfg, DATA, progress=True, on_log=logs.append)
+    b = train(MODEL, cfg, DATA, progress=False)
+    assert a.status == "completed" and a.steps == 8 and a.tokens == 8 * 4 * 32
+    assert _same(_losses(a), _losses(b))
+    assert a.curve[0]["step"] == 0 and math.isnan(a.curve[0]["train_loss"])
+    assert a.curve[0]["eval_loss"] == pytest.approx(math.log(256), abs=0.1)  # untrained: uniform
+    assert [r["step"] for r in a.curve] == list(range(9))
+    assert a.final_eval_loss == a.curve[-1]["eval_loss"] < a.curve[0]["eval_loss"]
+    assert a.best_eval_loss == min(r["eval_loss"] for r in a.curve if not math.isnan(r["eval_loss"]))
+    assert a.final_train_loss == a.curve[-1]["train_loss"] and a.diverged_step is None
+    assert a.corpus_hash and a.step_time_s > 0 and a.tokens_per_s > 0 and a.wall_s >= a.step_time_s
+    load = a.metrics["expert_load"]
+    assert len(load) == 4 and sum(load) == pytest.approx(1.0)
+    assert 0.0 <= a.metrics["dropped_fraction"] <= 1.0 and a.metrics["aux_loss"] >= 1.0 - 1e-6
+    assert a.metrics["dispatch"] == "capacity" and a.metrics["eval_dispatch"] == "dropless"
+    assert [r["step"] for r in logs if "train_loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in logs if "eval_loss" in r] == [0, 4, 8]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg = _train_cfg(10, schedule="wsd", log_every=2)
+    straight = train(MODEL, cfg, DATA, ckpt_dir=tmp_path / "straight", progress=False)
+    first = train(MODEL, cfg, DATA, ckpt_dir=tmp_path / "resumed", progress=False, stop_at_step=5)
+    assert first.status == "stopped" and first.steps == 5
+    second = train(MODEL, cfg, DATA, ckpt_dir=tmp_path / "resumed", progress=False)
+    assert second.status == "completed" and second.steps == 10 and second.tokens == straight.tokens
+    assert _same(_losses(second), _losses(straight))
+    p_straight, rec = _params(tmp_path / "straight", cfg)
+    p_resumed, _ = _params(tmp_path / "resumed", cfg)
+    for u, v in zip(p_straight, p_resumed):
+        np.testing.assert_array_equal(u, v)
+    assert rec["step"] == 10 and rec["status"] == "completed"
+    # A finished run returns its record without training again.
+    again = train(MODEL, cfg, DATA, ckpt_dir=tmp_path / "resumed", progress=False)
+    assert again.status == "completed" and again.step_time_s == 0.0
+    assert _same(_losses(again), _losses(straight)) and again.final_eval_loss == straight.final_eval_loss
+    with pytest.raises(ConfigError, match="different configs"):
+        train(MODEL, _train_cfg(10, lr=1e-3), DATA, ckpt_dir=tmp_path / "resumed", progress=False)
+
+
+def test_nan_loss_ends_the_run_as_diverged():
+    cfg = _train_cfg(6, lr=1e30, warmup=0, grad_clip=0.0)
+    r = train(MODEL, cfg, DATA, progress=False)
+    assert r.status == "diverged"
+    assert r.diverged_step is not None and 1 <= r.diverged_step <= 6 and r.steps == r.diverged_step
+    assert r.last_good_loss is None or math.isfinite(r.last_good_loss)
+    assert not math.isfinite(r.curve[-1]["train_loss"]) and r.curve[-1]["step"] == r.diverged_step
+
+
+def test_dense_model_and_bad_inputs():
+    dense = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
+    r = train(dense, _train_cfg(2, eval_every=100), DATA, progress=False)
+    assert r.status == "completed" and "expert_load" not in r.metrics
+    assert not math.isnan(r.final_eval_loss)  # the last step is always evaluated
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2), _train_cfg(2), DATA, progress=False)
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        train(ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, max_seq_len=16),
+              _train_cfg(2), DATA, progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules(schedule):
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup=0.1, schedule=schedule, decay_fraction=0.5)
+    lr = lr_schedule(cfg, 100)
+    values = [float(lr(t)) for t in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)  # 10 warmup steps
+    assert max(values) == pytest.approx(1.0)
+    if schedule == "constant":
+        assert values[-1] == pytest.approx(1.0)
+    else:
+        assert values[-1] == pytest.approx(0.1, abs=1e-6)
+        assert all(a >= b - 1e-7 for a, b in zip(values[10:], values[11:]))  # never rises
+    if schedule == "wsd":
+        assert values[49] == pytest.approx(1.0) and values[75] < 1.0
