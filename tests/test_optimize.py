@@ -214,7 +214,7 @@ def test_run_budget_json_and_emit(tmp_path):
     assert json.loads((tmp_path / "phone" / "costs.json").read_text())["params_total"] == s["params_total"]
     text = format_budget(out)
     assert "sweet spot" in text and "best dense" in text and "law cannot see" in text
-    assert run_budget(parse([]), LAW) == {}
+    assert run_budget(parse([]), LAW) == {} and format_budget({"law": "joint_moe"}) == ""
 
 
 @pytest.mark.parametrize("argv, message", [

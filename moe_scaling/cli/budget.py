@@ -140,8 +140,9 @@ def _describe(p: dict[str, Any]) -> str:
 
 
 def format_budget(result: dict[str, Any]) -> str:
-    """A few readable lines of a :func:`run_budget` result."""
-    if not result:
+    """A few readable lines of a :func:`run_budget` result ("" when it holds no search, so a
+    ``moe-fit`` result dict can be passed whole)."""
+    if "sweet_spot" not in result:
         return ""
     b = result["budget"]
     lines = [f"budget: {b['memory'] / 1e9:g} GB ({b['weights']} weights, {b['kv']} KV at {b['context']} tokens)"
