@@ -439,11 +439,14 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     if mt in ("qwen2_moe", "qwen3_moe"):
         w = need("moe_intermediate_size")
         shared = int(hf.get("shared_expert_intermediate_size") or 0) if mt == "qwen2_moe" else 0
-        n_dense = 0
+        # Dense layers are representable only as a leading block: mlp_only_layers == [0, .., k-1].
+        dense_layers = list(hf.get("mlp_only_layers") or [])
+        n_dense = len(dense_layers)
         sparse_step = hf.get("decoder_sparse_step", 1)
-        if sparse_step not in (1, None) or hf.get("mlp_only_layers"):
-            raise ConfigError(f"config.json decoder_sparse_step/mlp_only_layers: interleaved dense "
-                              f"layers are not representable; use every layer MoE")
+        if sparse_step not in (1, None) or dense_layers != list(range(n_dense)):
+            raise ConfigError(f"config.json mlp_only_layers = {dense_layers} (decoder_sparse_step "
+                              f"{sparse_step}): only leading dense layers are representable; "
+                              "use mlp_only_layers [0, ..., k-1] and decoder_sparse_step 1")
         return ModelConfig(**common, d_ff=hf.get("intermediate_size") or w, d_expert=w,
                            n_experts=need("num_experts"), top_k=need("num_experts_per_tok"),
                            n_shared=1 if shared else 0, d_shared=shared or None,

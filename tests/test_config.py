@@ -171,6 +171,15 @@ def test_hf_import_maps_every_supported_family():
     assert got["qwen2"].attn_bias and not got["qwen2"].qk_norm and got["qwen3"].qk_norm
 
 
+def test_hf_leading_dense_layers_import_and_interleaved_ones_are_refused():
+    cfg = from_hf_config({**HF["qwen3_moe"], "mlp_only_layers": [0, 1]})
+    assert cfg.n_dense_layers == 2 and cfg.d_ff == 6144
+    with pytest.raises(ConfigError, match="mlp_only_layers = \\[0, 2\\]"):
+        from_hf_config({**HF["qwen3_moe"], "mlp_only_layers": [0, 2]})
+    with pytest.raises(ConfigError, match="decoder_sparse_step 2"):
+        from_hf_config({**HF["qwen2_moe"], "decoder_sparse_step": 2})
+
+
 def test_hf_unsupported_model_type_names_the_supported_ones():
     with pytest.raises(ConfigError, match="model_type = 'gpt2'.*mixtral.*qwen2_moe"):
         from_hf_config({"model_type": "gpt2"})
