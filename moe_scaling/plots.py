@@ -45,8 +45,8 @@ __all__ = [
     "loss_vs_memory", "loss_vs_flops", "published_points", "published_models_figure", "select_runs",
     "training_curves", "expert_load_figure", "balance_run", "sweep_figures",
     # fits and sweet spots
-    "law_inputs", "law_curves", "predicted_vs_observed", "residuals", "frontier_figure",
-    "optimum_vs_budget", "iso_loss_contours", "fit_figures",
+    "law_inputs", "fit_heldout", "law_curves", "predicted_vs_observed", "residuals", "frontier_figure",
+    "optimum_vs_budget", "iso_loss_grid", "iso_loss_contours", "fit_figures",
 ]
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "*", "<", ">")
@@ -194,13 +194,16 @@ def _si(v: float) -> str:
 
 
 def _log_axis(ax, which: str = "x", fmt=lambda v: f"{v:g}") -> None:
-    """Plain-number tick labels on a log axis: round linear steps within one decade;
+    """Plain-number tick labels on a log axis: round linear steps within half a decade, 1-2-3-5-7
+    within one;
     1, 2, 5, 10, ... up to three; decades only beyond. Call after the limits are final."""
     axis = ax.xaxis if which == "x" else ax.yaxis
     lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
     span = math.log10(hi / lo)
-    if span <= 1:  # inside one decade: evenly spaced round numbers read best
+    if span <= 0.5:  # a narrow range: evenly spaced round numbers read best
         axis.set_major_locator(MaxNLocator(nbins=6))
+    elif span <= 1:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
     else:
         axis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 3 else (1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
@@ -445,7 +448,7 @@ def published_models_figure(result: Any = None, *, weights: str = "int4", contex
         context = budget["context"]
         pts = pd.DataFrame(r["published"]).rename(columns={"total_bytes": "x_bytes"})
         frontier = pd.DataFrame(r["frontier"])
-        xlabel = _memory_label(budget)
+        xlabel = _memory_label(budget, "GB")
     fig = Figure(figsize=SQUARE if frontier is None else WIDE, layout="constrained")
     ax = fig.add_subplot()
     x = pts["x_bytes"].to_numpy(float) / 1e9
@@ -475,7 +478,7 @@ def published_models_figure(result: Any = None, *, weights: str = "int4", contex
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"forward GFLOP per token at context {context} (log scale)")
     ax.set_title("Published MoE models on the cost axes"
-                 + ("" if frontier is None else f" with the predicted frontier ({_tokens_note(budget)})"),
+                 + ("" if frontier is None else f" with the predicted frontier\n({_tokens_note(budget)})"),
                  fontsize="medium")
     ax.grid(True, which="both", alpha=0.2)
     avoid = ((frontier["total_bytes"] / 1e9, frontier["flops_per_token_forward"] / 1e9)
@@ -673,6 +676,34 @@ def _interval(fit: Any, X: Mapping[str, np.ndarray], level: float) -> tuple[np.n
     return np.asarray(lo, float), np.asarray(hi, float)
 
 
+def fit_heldout(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> list[str]:
+    """Run ids of the runs ``fit`` held out for its ``heldout_rmse``, recomputed with the fit's own
+    rule (:func:`moe_scaling.fit.holdout_mask` over its ``heldout_by`` ranking, ``heldout_frac``
+    of the completed runs with finite inputs); [] when the fit held nothing out."""
+    from moe_scaling.fit import holdout_mask
+
+    settings, metrics = getattr(fit, "settings", {}) or {}, getattr(fit, "metrics", {}) or {}
+    if metrics.get("heldout_rmse") is None or "heldout_frac" not in settings:
+        return []
+    done = completed(runs, loss)
+    X = law_inputs(done)
+    finite = np.logical_and.reduce([np.isfinite(v) for v in X.values()] + [np.isfinite(done[loss].to_numpy(float))])
+    done = done[finite]
+    by = settings.get("heldout_by", "compute")
+    if by != "compute":
+        rank = done[by].to_numpy(float)
+    elif "flops_per_token_forward" in done and "tokens" in done:
+        rank = 3.0 * done["flops_per_token_forward"].to_numpy(float) * done["tokens"].to_numpy(float)
+    else:
+        rank = 6.0 * done["params_active"].to_numpy(float) * done["tokens"].to_numpy(float)
+    return list(done["run_id"][holdout_mask(rank, float(settings["heldout_frac"]))])
+
+
+def _level(fit: Any, level: float | None) -> float:
+    """The interval coverage to draw: as asked, else the fit's own ``interval_level``, else 0.9."""
+    return level if level is not None else (getattr(fit, "interval_level", None) or 0.9)
+
+
 def _heldout_mask(runs: pd.DataFrame, heldout: Sequence[str] | np.ndarray | None) -> np.ndarray:
     if heldout is None:
         return np.zeros(len(runs), bool)
@@ -709,33 +740,35 @@ def _config_line(cfg: ModelConfig, n_experts: np.ndarray, weights: str = "int4")
     return out
 
 
-def law_curves(fit: Any, runs: pd.DataFrame, *, loss: str = "eval_loss", level: float = 0.9,
+def law_curves(fit: Any, runs: pd.DataFrame, *, loss: str = "eval_loss", level: float | None = None,
                heldout: Sequence[str] | None = None) -> Figure:
-    """The fitted law as curves of predicted loss vs expansion E, one per (granularity, shared)
-    layout of the sweep's MoE runs, with bootstrap bands at ``level``; the runs as points (same
-    colour as their layout's curve; held-out runs ringed in red) and dense runs as black crosses.
+    """The fitted law as curves of predicted loss vs expansion E, one per (granularity, top-k,
+    shared) layout of the sweep's MoE runs (dashed: with shared experts), with bootstrap bands at
+    ``level``; the runs as points (same colour as their layout's curve; held-out runs ringed in red)
+    and dense runs as black crosses.
 
     Each curve keeps its layout's architecture (the lowest-loss run's trunk, expert width and
     top-k) and training tokens and varies the number of experts, so every law input (active and
     total parameters, embedding, tokens, E, G, shared) is the exact count of a real architecture.
     With several model sizes in the sweep, curves are drawn per size (largest three).
     """
+    level = _level(fit, level)
     done = completed(runs, loss)
     costed = with_costs(done)
     moe = costed[~costed["is_dense"]]
     held = _heldout_mask(done, heldout)
     fig = Figure(figsize=WIDE, layout="constrained")
     ax = fig.add_subplot()
-    keys = ["d_model", "n_layers", "granularity", "n_shared"]
+    keys = ["d_model", "n_layers", "granularity", "top_k", "n_shared"]
     sizes = moe[["d_model", "n_layers"]].drop_duplicates().sort_values("d_model").tail(3)
     moe = moe.merge(sizes, on=["d_model", "n_layers"])
     groups = list(moe.groupby(keys, sort=True))
-    colours = colormaps["tab10"]
+    colours = [colormaps["tab10"](i) for i in range(10) if i != 3]   # red marks held-out runs
     multi = len(sizes) > 1
     e_max = max(float(moe["expansion"].max()) * 1.5 if len(moe) else 4.0, 2.0)
     handles, labels = [], []
     for i, (key, grp) in enumerate(groups):
-        d, L, g, s = key
+        d, L, g, k, s = key
         base = model_config_from_row(grp.sort_values(loss).iloc[0])
         n = np.geomspace(base.top_k, e_max * base.granularity, 120)   # from "every expert active"
         line = _config_line(base, n)
@@ -744,9 +777,10 @@ def law_curves(fit: Any, runs: pd.DataFrame, *, loss: str = "eval_loss", level: 
              "params_embedding": line["params_embedding"], "tokens": np.full(n.shape, tokens),
              "expansion": n / base.granularity, "granularity": np.full(n.shape, base.granularity),
              "n_shared": np.full(n.shape, float(base.n_shared))}
-        c = colours(i % 10)
+        c = colours[i % len(colours)]
         pred = np.asarray(fit.predict(X), float)
-        ax.plot(X["expansion"], pred, color=c, linewidth=1.6)
+        ax.plot(X["expansion"], pred, color=c, linewidth=1.6, linestyle="--" if s else "-",
+                zorder=2.5 if s else 2)     # dashed on top: a curve it coincides with shows through
         band = _interval(fit, X, level)
         if band is not None:
             ax.fill_between(X["expansion"], band[0], band[1], color=c, alpha=0.18, linewidth=0)
@@ -754,8 +788,8 @@ def law_curves(fit: Any, runs: pd.DataFrame, *, loss: str = "eval_loss", level: 
                    marker="o" if not s else "s", edgecolors="black", linewidths=0.5)
         size = f"d{int(d)} L{int(L)} " if multi else ""
         handles.append(Line2D([], [], color=c, marker="o" if not s else "s", markeredgecolor="black",
-                              markeredgewidth=0.5))
-        labels.append(f"{size}G = {g:g}, {'shared' if s else 'no shared'}")
+                              markeredgewidth=0.5, linestyle="--" if s else "-"))
+        labels.append(f"{size}G = {g:g}, top-{int(k)}" + (f" +{int(s)} shared" if s else ""))
     dense = costed[costed["is_dense"]]
     if len(dense):
         ax.scatter(dense["expansion"], dense[loss], marker="x", color="black", s=45, zorder=4)
@@ -789,38 +823,46 @@ def _fit_points(fit: Any, runs: pd.DataFrame, loss: str, heldout, level: float):
     return done, obs, pred, _interval(fit, X, level), _heldout_mask(done, heldout)
 
 
-def _sets(obs: np.ndarray, pred: np.ndarray, held: np.ndarray):
-    """(mask, colour, legend label with n and RMSE) for the fitted and the held-out runs."""
+def _sets(fit: Any, obs: np.ndarray, pred: np.ndarray, held: np.ndarray):
+    """(mask, colour, legend label) for the other runs and the held-out runs. The RMSE is the
+    fitted law's on those runs; for the held-out runs also the fit's own ``heldout_rmse`` (the law
+    refitted without them)."""
     out = []
-    for mask, colour, name in ((~held, "tab:blue", "fitted"), (held, "tab:red", "held-out")):
+    own = (getattr(fit, "metrics", {}) or {}).get("heldout_rmse")
+    for mask, colour, name in ((~held, "tab:blue", "runs"), (held, "tab:red", "held-out runs")):
         if mask.any():
             rmse = float(np.sqrt(np.mean((obs[mask] - pred[mask]) ** 2)))
-            out.append((mask, colour, f"{name} runs (n={int(mask.sum())}, RMSE {rmse:.4f})"))
+            label = f"{name} (n={int(mask.sum())}): RMSE {rmse:.4f}"
+            if mask is held and own is not None:
+                label += f"; {own:.4f} predicted by the fit without them"
+            out.append((mask, colour, label))
     return out
 
 
 def predicted_vs_observed(fit: Any, runs: pd.DataFrame, *, heldout: Sequence[str] | None = None,
-                          loss: str = "eval_loss", level: float = 0.9) -> Figure:
+                          loss: str = "eval_loss", level: float | None = None) -> Figure:
     """Predicted vs observed loss of every completed run, the identity line, the bootstrap interval
     of each prediction as a vertical bar, held-out runs in red; RMSE of each set in the corner."""
+    level = _level(fit, level)
     done, obs, pred, band, held = _fit_points(fit, runs, loss, heldout, level)
-    fig = Figure(figsize=SQUARE, layout="constrained")
+    fig = Figure(figsize=(5.8, 6.2), layout="constrained")
     ax = fig.add_subplot()
     lo, hi = min(obs.min(), pred.min()), max(obs.max(), pred.max())
+    if band is not None:                       # keep every interval bar inside the axes
+        lo, hi = min(lo, np.nanmin(band[0])), max(hi, np.nanmax(band[1]))
     pad = 0.08 * (hi - lo or abs(hi) * 0.01 or 1.0)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", linestyle="--", linewidth=1.0,
             label="predicted = observed")
-    for mask, colour, name in _sets(obs, pred, held):
+    for mask, colour, name in _sets(fit, obs, pred, held):
         yerr = None if band is None else np.abs(np.vstack([pred[mask] - band[0][mask],
                                                             band[1][mask] - pred[mask]]))
         ax.errorbar(obs[mask], pred[mask], yerr=yerr, fmt="o", color=colour, markersize=5,
                     elinewidth=0.8, capsize=2, label=name)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_aspect("equal")
     ax.set_xlabel("observed eval loss (nats/token)")
     ax.set_ylabel("predicted loss (nats/token)")
-    ax.legend(loc="best", fontsize="small")
+    fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     ax.set_title(f"{_law_name(fit)}: predicted vs observed"
                  + (f" (bars: {level:.0%} bootstrap)" if band is not None else ""), fontsize="medium")
     ax.grid(True, alpha=0.3)
@@ -834,10 +876,10 @@ def residuals(fit: Any, runs: pd.DataFrame, *, heldout: Sequence[str] | None = N
     done, obs, pred, _, held = _fit_points(fit, runs, loss, heldout, 0.9)
     res = 100.0 * (obs / pred - 1.0)
     xs = done[x].to_numpy(float)
-    fig = Figure(figsize=SQUARE, layout="constrained")
+    fig = Figure(figsize=(5.8, 5.4), layout="constrained")
     ax = fig.add_subplot()
     ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1.0)
-    for mask, colour, name in _sets(obs, pred, held):
+    for mask, colour, name in _sets(fit, obs, pred, held):
         ax.scatter(xs[mask], res[mask], color=colour, s=30, label=name, zorder=3)
     ax.set_xscale("log")
     names = {"params_total": "total parameters", "params_active": "active parameters",
@@ -847,7 +889,7 @@ def residuals(fit: Any, runs: pd.DataFrame, *, heldout: Sequence[str] | None = N
     _log_axis(ax, "x", _si)
     ax.set_xlabel(f"{names.get(x, x)} (log scale)")
     ax.set_ylabel("residual: observed / predicted - 1 (%)")
-    ax.legend(loc="best", fontsize="small")
+    fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     ax.set_title(f"{_law_name(fit)}: residuals", fontsize="medium")
     ax.grid(True, alpha=0.3)
     return fig
@@ -862,15 +904,37 @@ def _result(result: Any) -> dict[str, Any]:
     return result.to_dict() if hasattr(result, "to_dict") else dict(result)
 
 
-def _memory_label(budget: Mapping[str, Any], what: str = "memory on device") -> str:
+def _published_on_scale(r: Mapping[str, Any], xkey: str = "total_bytes") -> list[dict[str, Any]]:
+    """The search's published models within 30x of its frontier's cost range on ``xkey`` (a
+    frontier of kilobyte models and a 5 GB model share no useful axis)."""
+    xs = [p[xkey] for p in r.get("frontier") or []]
+    if not xs:
+        return []
+    return [p for p in r.get("published") or [] if min(xs) / 30 <= p[xkey] <= max(xs) * 30]
+
+
+def _memory_label(budget: Mapping[str, Any], unit: str, what: str = "memory on device") -> str:
     return (f"{what}: weights {budget['weights'].upper()} + KV cache {budget['kv'].upper()} "
-            f"at {budget['context']} tokens (GB, log scale)")
+            f"at {budget['context']} tokens ({unit}, log scale)")
+
+
+def _bytes_text(n: float) -> str:
+    """``2 GB``, ``100 KB``: a byte count in the largest unit it reaches."""
+    unit, scale = _unit([n])
+    return f"{n / scale:.3g} {unit}"
 
 
 def _tokens_note(budget: Mapping[str, Any]) -> str:
+    """Training tokens (or compute) and the budgets beyond memory, for a title."""
     if budget.get("tokens") is not None:
-        return f"{_si(float(budget['tokens']))} training tokens"
-    return f"training compute {float(budget['train_compute']):.3g} FLOPs ({budget['compute_rule']})"
+        note = f"{_si(float(budget['tokens']))} training tokens"
+    else:
+        note = f"training compute {float(budget['train_compute']):.3g} FLOPs ({budget['compute_rule']})"
+    if budget.get("flops_per_token"):
+        note += f", <= {float(budget['flops_per_token']) / 1e9:.3g} GFLOP/token"
+    if budget.get("latency_ms"):
+        note += f", decode <= {float(budget['latency_ms']):g} ms/token on {budget['device']}"
+    return note
 
 
 def _arch(d: Mapping[str, Any]) -> str:
@@ -893,12 +957,16 @@ def _point_with_interval(ax, d: Mapping[str, Any], x: float, **style) -> None:
     ax.errorbar([x], [d["predicted_loss"]], yerr=yerr, capsize=3, elinewidth=1.0, zorder=5, **style)
 
 
-def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True) -> Figure:
+def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True,
+                    zoom: float | None = 10.0) -> Figure:
     """The predicted Pareto frontier of one search: predicted loss vs memory on device (or vs
     forward FLOPs per token with ``axis="flops"``), frontier models coloured by expansion, the
     dense frontier dashed, the budget as a vertical line (beyond it shaded), the sweet spot (red
     star) and best dense model (black square) with their bootstrap intervals, and the published
-    models (grey diamonds, labelled) at their predicted loss under the same law and tokens."""
+    models (grey diamonds, labelled) at their predicted loss under the same law and tokens.
+
+    ``zoom``: frontier points cheaper than ``budget / zoom`` are left out (the law's far
+    extrapolation to tiny models would set the loss axis); None shows the whole frontier."""
     from matplotlib.colors import LogNorm
 
     r = _result(result)
@@ -906,8 +974,16 @@ def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True
     memory = axis == "memory"
     if axis not in ("memory", "flops"):
         raise ValueError(f"axis = {axis!r}: use memory or flops")
-    xkey, scale = ("total_bytes", 1e9) if memory else ("flops_per_token_forward", 1e9)
+    xkey = "total_bytes" if memory else "flops_per_token_forward"
     front = pd.DataFrame(r["frontier"] if memory else r["frontier_flops"])
+    limit = b["memory"] if memory else b.get("flops_per_token")
+    if zoom and len(front):
+        anchor = limit if limit else (r.get("sweet_spot") or {}).get(xkey)
+        if anchor:
+            front = front[front[xkey] >= anchor / zoom]
+    span = (list(front[xkey]) if len(front) else []) + ([limit] if limit else [])
+    unit, scale = _unit(span or [1.0], units=BYTE_UNITS if memory else FLOP_UNITS)
+    pub = _published_on_scale(r, xkey) if published else []
     fig = Figure(figsize=(8.4, 6.2), layout="constrained")
     ax = fig.add_subplot()
     handles, labels = [], []
@@ -925,6 +1001,8 @@ def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True
         labels.append("predicted frontier (any architecture)")
     if memory and r.get("frontier_dense"):
         dense = pd.DataFrame(r["frontier_dense"])
+        if zoom and limit:
+            dense = dense[dense[xkey] >= limit / zoom]
         ax.plot(dense[xkey] / scale, dense["predicted_loss"], color="black", linestyle="--", linewidth=1.2)
         handles.append(Line2D([], [], color="black", linestyle="--"))
         labels.append("predicted frontier (dense only)")
@@ -939,7 +1017,6 @@ def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True
         handles.append(Line2D([], [], linestyle="none", marker="*", color="tab:red", markersize=13,
                               markeredgecolor="black", markeredgewidth=0.6))
         labels.append(f"sweet spot: {_arch(s)}; loss {_loss_text(s)}")
-    pub = r.get("published") if published else None
     if pub:
         ax.scatter([p[xkey] / scale for p in pub], [p["predicted_loss"] for p in pub], marker="D",
                    color="0.55", edgecolors="black", linewidths=0.5, s=34, zorder=4)
@@ -948,18 +1025,18 @@ def frontier_figure(result: Any, *, axis: str = "memory", published: bool = True
         labels.append("published model (the law's prediction for it)")
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
-    ax.set_xlim(lo, hi * (3.0 if published else 1.0))    # room for the labels right of the points
-    limit = b["memory"] if memory else b.get("flops_per_token")
+    ax.set_xlim(lo, hi * (3.0 if pub else 1.0))    # room for the labels right of the points
     if limit:
         ax.axvline(limit / scale, color="tab:red", linestyle=":", linewidth=1.2)
         ax.axvspan(limit / scale, ax.get_xlim()[1], color="0.5", alpha=0.08, linewidth=0)
         handles.append(Line2D([], [], color="tab:red", linestyle=":"))
-        labels.append(f"budget: {limit / scale:.3g} {'GB' if memory else 'GFLOP/token'} (shaded: over)")
+        labels.append(f"budget: {limit / scale:.3g} {unit}{'' if memory else ' per token'} (shaded: over)")
     _log_axis(ax, "x")
-    ax.set_xlabel(_memory_label(b) if memory else f"forward GFLOP per token at {b['context']} tokens (log scale)")
+    ax.set_xlabel(_memory_label(b, unit) if memory
+                  else f"forward {unit} per token at {b['context']} tokens (log scale)")
     ax.set_ylabel("predicted loss (nats/token)")
     fig.legend(handles, labels, loc="outside lower center", fontsize="small", ncols=1, frameon=False)
-    ax.set_title(f"Predicted loss vs {'memory' if memory else 'compute'}: {_tokens_note(b)}",
+    ax.set_title(f"Predicted loss vs {'memory' if memory else 'compute'}\n({_tokens_note(b)})",
                  fontsize="medium")
     ax.grid(True, which="both", alpha=0.2)
     if pub:
@@ -977,7 +1054,11 @@ def optimum_vs_budget(results: Sequence[Any]) -> Figure:
     rs = [r for r in rs if r.get("sweet_spot")]
     if not rs:
         raise ValueError("no search result has a sweet spot (every budget infeasible?)")
-    x = np.array([r["budget"]["memory"] for r in rs], float) / 1e9
+    unit, scale = _unit([r["budget"]["memory"] for r in rs])
+    x = np.array([r["budget"]["memory"] for r in rs], float) / scale
+    top_count = max(r["sweet_spot"]["params_total"] for r in rs)
+    pname, pscale = next((n, v) for n, v in (("billions", 1e9), ("millions", 1e6), ("thousands", 1e3),
+                                              ("", 1.0)) if top_count >= v)
     fig = Figure(figsize=(7.0, 6.4), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     for key, colour, style, name in (("sweet_spot", "tab:red", "-", "sweet spot (MoE or dense)"),
@@ -994,9 +1075,9 @@ def optimum_vs_budget(results: Sequence[Any]) -> Figure:
         if all(ivs):
             iv = np.array(ivs)
             top.fill_between(xs, iv[:, 0], iv[:, 1], color=colour, alpha=0.15, linewidth=0)
-        bottom.plot(xs, [p["params_total"] / 1e9 for p in pts], style, color=colour, marker="o",
+        bottom.plot(xs, [p["params_total"] / pscale for p in pts], style, color=colour, marker="o",
                     markersize=5, label=f"{name.split(' (')[0]}: total")
-        bottom.plot(xs, [p["params_active"] / 1e9 for p in pts], style, color=colour, marker="^",
+        bottom.plot(xs, [p["params_active"] / pscale for p in pts], style, color=colour, marker="^",
                     markersize=5, alpha=0.6, label=f"{name.split(' (')[0]}: active")
         if key == "sweet_spot":
             for xi, p in zip(xs, pts):
@@ -1007,11 +1088,11 @@ def optimum_vs_budget(results: Sequence[Any]) -> Figure:
     top.set_ylim(ylo, yhi + 0.12 * (yhi - ylo))         # room for the labels above the points
     top.set_ylabel("predicted loss (nats/token)")
     top.legend(loc="upper right", fontsize="small")
-    top.set_title(f"Sweet spot vs memory budget: {_tokens_note(rs[0]['budget'])}"
-                  + ("; bands: bootstrap interval" if rs[0]["sweet_spot"].get("predicted_loss_interval") else ""),
-                  fontsize="medium")
+    top.set_title(f"Sweet spot vs memory budget\n({_tokens_note(rs[0]['budget'])}"
+                  + ("; bands: bootstrap interval" if rs[0]["sweet_spot"].get("predicted_loss_interval") else "")
+                  + ")", fontsize="medium")
     bottom.set_yscale("log")
-    bottom.set_ylabel("parameters (billions, log)")
+    bottom.set_ylabel(f"parameters ({pname + ', ' if pname else ''}log)")
     bottom.legend(loc="upper left", fontsize="x-small", ncols=2)
     bottom.set_xscale("log")
     lo, hi = bottom.get_xlim()
@@ -1020,25 +1101,31 @@ def optimum_vs_budget(results: Sequence[Any]) -> Figure:
     bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     bottom.xaxis.set_minor_formatter(NullFormatter())
     _log_axis(bottom, "y")
-    bottom.set_xlabel(_memory_label(rs[0]["budget"], "memory budget"))
+    bottom.set_xlabel(_memory_label(rs[0]["budget"], unit, "memory budget"))
     for ax in (top, bottom):
         ax.grid(True, which="both", alpha=0.2)
     return fig
 
 
-def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
-                      granularities: Sequence[int] = (1, 2, 4, 8, 16, 32), levels: int = 10) -> Figure:
-    """Iso-loss contours of ``fit`` over (expansion E, granularity G) at the sweet spot's trunk and
-    active size and the search's training tokens; the sweet spot is the red star and the memory
-    budget (weights + KV cache) is the dashed line (hatched beyond).
+def iso_loss_grid(fit: Any, result: Any, *, expansion_max: float = 64.0,
+                  granularities: Sequence[int] | None = None, points: int = 90,
+                  expansions: Sequence[float] | None = None) -> dict[str, Any]:
+    """Predicted loss and memory over (expansion E, granularity G) at a search's sweet spot.
 
-    Each G keeps the sweet spot's active FFN width (``top_k = top_k0 * G / G0``, expert width
-    ``d_ff / G``; G values giving a fractional top-k or width are left out) and E runs over the
-    exact counts of ``n_experts = E * G`` experts, so only the router moves the active count.
+    The plane keeps the sweet spot's trunk (d_model, layers, attention, shared experts), its active
+    FFN width and the search's training tokens. Each G has ``top_k = top_k0 * G / G0`` experts of
+    width ``d_ff / G`` (``granularities`` default: the search space's, else 1-32; G values giving
+    a fractional top-k or width are left out); E runs over
+    ``points`` log-spaced values from 1 to ``max(expansion_max, 2 x the sweet spot's E)`` (or
+    over ``expansions`` when given), with the
+    exact counts of ``n_experts = E * G`` experts (affine in n_experts), so only the router moves
+    the active count. Points with fewer than top-k experts are NaN.
+
+    Returns ``E`` [nE], ``G`` [nG], ``loss`` and ``memory`` (weights at the budget's precision +
+    the sweet spot's KV cache, bytes) [nG, nE], ``base`` (the sweet spot's ModelConfig),
+    ``sweet_spot`` and ``budget`` (dicts).
     """
     import dataclasses
-
-    from moe_scaling.optimize import law_reads
 
     r = _result(result)
     s, b = r.get("sweet_spot"), r["budget"]
@@ -1047,6 +1134,8 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
     base = model_config_from_row(s)
     g0, k0 = base.granularity, base.top_k
     tokens = float(s["tokens"])
+    if granularities is None:
+        granularities = sorted((r.get("space") or {}).get("granularities") or (1, 2, 4, 8, 16, 32))
     rows = []
     for g in granularities:
         k = k0 * g / g0
@@ -1054,7 +1143,8 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
         if k < 1 or not float(k).is_integer() or not float(width).is_integer() or width < 8:
             continue
         rows.append(dataclasses.replace(base, top_k=int(k), d_expert=int(width), n_experts=int(k) + 1))
-    E = np.geomspace(1.0, max(expansion_max, 2.0 * float(s["expansion"])), 90)
+    E = (np.asarray(expansions, float) if expansions is not None
+         else np.geomspace(1.0, max(expansion_max, 2.0 * float(s["expansion"])), points))
     G = np.array([c.d_ff / c.d_expert for c in rows])
     Z = np.full((len(rows), len(E)), np.nan)
     M = np.full_like(Z, np.nan)
@@ -1068,18 +1158,33 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
         ok = n >= cfg.top_k * (1 - 1e-9)       # at least top_k experts (E * G >= top_k)
         Z[i] = np.where(ok, np.asarray(fit.predict(X), float), np.nan)
         M[i] = np.where(ok, line["weight_bytes"] + float(s["kv_cache_bytes"]), np.nan)
+    return {"E": E, "G": G, "loss": Z, "memory": M, "base": base, "sweet_spot": s, "budget": b}
+
+
+def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
+                      granularities: Sequence[int] | None = None, levels: int = 10) -> Figure:
+    """Iso-loss contours of ``fit`` over (expansion E, granularity G) at the sweet spot's trunk and
+    active size and the search's training tokens (:func:`iso_loss_grid`); the sweet spot is the
+    red star and the memory budget (weights + KV cache) the dashed line, hatched beyond."""
+    from moe_scaling.optimize import law_reads
+
+    grid = iso_loss_grid(fit, result, expansion_max=expansion_max, granularities=granularities)
+    E, G, Z, M, base, s, b = (grid[k] for k in ("E", "G", "loss", "memory", "base", "sweet_spot", "budget"))
+    tokens = float(s["tokens"])
     fig = Figure(figsize=(7.6, 5.0), layout="constrained")
     ax = fig.add_subplot()
     cf = ax.contourf(E, G, Z, levels=levels, cmap="viridis_r")
     cs = ax.contour(E, G, Z, levels=cf.levels, colors="black", linewidths=0.5, alpha=0.6)
-    ax.clabel(cs, cs.levels[::2], fontsize="x-small", fmt="%.3f")
+    ax.clabel(cs, cs.levels[::2], fontsize="small", fmt="%.3f")
     fig.colorbar(cf, ax=ax, label="predicted loss (nats/token)", pad=0.01)
     handles, labels = [], []
     if np.nanmax(M) > b["memory"] > np.nanmin(M):
         ax.contour(E, G, M, levels=[b["memory"]], colors="white", linewidths=1.8, linestyles="--")
-        ax.contourf(E, G, M, levels=[b["memory"], np.nanmax(M) * 2], colors="none", hatches=["//"])
+        over = ax.contourf(E, G, M, levels=[b["memory"], np.nanmax(M) * 2], colors="none", hatches=["//"])
+        over.set_hatchcolor((1.0, 1.0, 1.0, 0.55))     # light enough to read the colours through
+        over.set_hatch_linewidth(0.6)
         handles.append(Line2D([], [], color="white", linestyle="--", linewidth=1.8))
-        labels.append(f"memory budget {b['memory'] / 1e9:.3g} GB (hatched: over)")
+        labels.append(f"memory budget {_bytes_text(b['memory'])} (hatched: over)")
     ax.scatter([s["expansion"]], [s["granularity"]], marker="*", s=260, color="tab:red",
                edgecolors="black", linewidths=0.7, zorder=5)
     handles.append(Line2D([], [], linestyle="none", marker="*", markersize=14, color="tab:red",
@@ -1109,7 +1214,7 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
 
 
 def _budget_tag(r: Mapping[str, Any]) -> str:
-    return f"{r['budget']['memory'] / 1e9:g}GB"
+    return _bytes_text(r["budget"]["memory"]).replace(" ", "")
 
 
 def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence[Any] = (),
@@ -1117,14 +1222,17 @@ def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence
     """The standard figures of a fit and its sweet-spot searches.
 
     With ``runs`` (the table the law was fitted on): ``law_curves``, ``predicted_vs_observed`` and
-    ``residuals`` (``heldout`` run ids highlighted). For each search result (``SearchResult`` or
+    ``residuals`` (``heldout`` run ids highlighted; default :func:`fit_heldout`). For each search result (``SearchResult`` or
     its dict; empty ones are skipped) with a sweet spot: ``frontier_memory_<budget>`` and
     ``iso_loss_<budget>`` (e.g. ``frontier_memory_2GB``); for the first one also
-    ``frontier_flops_<budget>`` and ``published_models``; with two or more budgets,
+    ``frontier_flops_<budget>`` and, when its frontier is on their scale, ``published_models``;
+    with two or more budgets,
     ``optimum_vs_budget``.
     """
     figs: dict[str, Figure] = {}
     if runs is not None and not completed(runs).empty:
+        if heldout is None:
+            heldout = fit_heldout(fit, runs)
         figs["law_curves"] = law_curves(fit, runs, heldout=heldout)
         figs["predicted_vs_observed"] = predicted_vs_observed(fit, runs, heldout=heldout)
         figs["residuals"] = residuals(fit, runs, heldout=heldout)
@@ -1135,7 +1243,8 @@ def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence
         figs[f"frontier_memory_{tag}"] = frontier_figure(r)
         if i == 0:
             figs[f"frontier_flops_{tag}"] = frontier_figure(r, axis="flops")
-            figs["published_models"] = published_models_figure(r)
+            if _published_on_scale(r):
+                figs["published_models"] = published_models_figure(r)
         figs[f"iso_loss_{tag}"] = iso_loss_contours(fit, r)
     if len(rs) >= 2:
         figs["optimum_vs_budget"] = optimum_vs_budget(rs)

@@ -35,14 +35,28 @@ def sweep():
 
 
 def text_overlaps(fig):
-    """Pairs of visible, non-empty texts whose drawn boxes intersect (a few pixels of slack)."""
+    """Text defects of a drawn figure: pairs of visible, non-empty texts whose boxes intersect (a
+    few pixels of slack), and texts cut off by the figure's edge (paired with "outside")."""
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     renderer = canvas.get_renderer()
+    drawn_ticks, all_ticks = set(), set()
+    for ax in fig.axes:                       # tick labels are drawn only inside the view limits
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                labels = {id(tick.label1), id(tick.label2)}
+                all_ticks |= labels
+                if lo - 1e-9 * abs(hi) <= tick.get_loc() <= hi + 1e-9 * abs(hi):
+                    drawn_ticks |= labels
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()
+             and (id(t) not in all_ticks or id(t) in drawn_ticks)
              and t.get_window_extent(renderer).width > 0]
     boxes = [(t.get_text(), t.get_window_extent(renderer).expanded(0.98, 0.9)) for t in texts]
-    return [(a, b) for (a, ba), (b, bb) in combinations(boxes, 2) if ba.overlaps(bb)]
+    frame = fig.bbox
+    cut = [(a, "outside") for a, b in boxes
+           if b.x0 < frame.x0 - 1 or b.y0 < frame.y0 - 1 or b.x1 > frame.x1 + 1 or b.y1 > frame.y1 + 1]
+    return cut + [(a, b) for (a, ba), (b, bb) in combinations(boxes, 2) if ba.overlaps(bb)]
 
 
 def scatter_points(ax):
@@ -200,3 +214,147 @@ def test_sweep_plot_cli_bad_input_exits_2_with_one_line(tmp_path, sweep):
     r = _cli(bad)
     assert r.returncode == 2 and "no completed runs" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Fit and sweet-spot figures: a real fit of the committed sweep, real searches
+# ----------------------------------------------------------------------------------------
+
+TINY = dict(d_model_min=32, d_model_max=128, d_model_step=32, n_layers_min=1, n_layers_max=4,
+            aspect_min=8.0, aspect_max=256.0, head_dims=(16,), kv_heads=(2,), granularities=(1, 2),
+            shared=(0, 1), expansion_max=16.0, router="softmax", rope_theta=10000.0, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def fitted(sweep):
+    """The notebook's few-run setting: joint_moe with a, alpha, delta free, the data term removed
+    (one token budget) and the rest at the published reference; a small bootstrap."""
+    from moe_scaling.fit import fit_law, load_runs
+    from moe_scaling.laws import get_law
+
+    table, _ = load_runs(SWEEP)
+    fixed = {k: v for k, v in get_law("joint_moe").reference.items() if k not in ("a", "alpha", "delta")}
+    return fit_law("joint_moe", table, fix=fixed | {"b": 1e-6}, points_per_param=2, bootstrap=20, seed=0)
+
+
+@pytest.fixture(scope="module")
+def searched(sweep, fitted):
+    from moe_scaling.optimize import ArchSpace, Budget, search
+
+    runs, _ = sweep
+    space = ArchSpace(vocab_size=int(runs["vocab_size"].iloc[0]), **TINY)
+    tokens = float(runs["tokens"].median())
+    return [search(fitted, Budget(memory=m, tokens=tokens, context=128), space) for m in (250_000, 500_000)]
+
+
+def test_expert_lines_are_exact_at_every_run(sweep):
+    runs, _ = sweep
+    for row in plots.completed(runs).to_dict("records"):
+        cfg = plots.model_config_from_row(row)
+        line = plots._config_line(cfg, np.array([cfg.n_experts, cfg.n_experts + 3]))
+        counts = param_counts(cfg)
+        assert (line["params_total"][0], line["params_active"][0]) == (counts.total, counts.active)
+        assert line["weight_bytes"][0] == pytest.approx(weight_bytes(cfg, "int4"), rel=1e-12)
+
+
+def test_law_curves_pass_through_the_laws_prediction_of_each_run(sweep, fitted):
+    runs, _ = sweep
+    fig = plots.law_curves(fitted, runs)
+    ax = fig.axes[0]
+    curves = [l for l in ax.get_lines() if len(l.get_xdata()) > 10]
+    done = plots.completed(runs)
+    pred = fitted.predict(plots.law_inputs(done))
+    moe = done["n_experts"].to_numpy() > 1
+    # every MoE run's prediction lies on one of the curves (at its own expansion)
+    for e, p in zip(done["expansion"][moe], pred[moe]):
+        assert min(abs(np.interp(np.log(e), np.log(c.get_xdata()), c.get_ydata()) - p) for c in curves) < 2e-3
+    assert len(ax.collections) >= len(curves)          # a bootstrap band per curve
+    assert text_overlaps(fig) == []
+
+
+def test_diagnostics_mark_the_fits_own_heldout_runs(sweep, fitted):
+    runs, _ = sweep
+    held = plots.fit_heldout(fitted, runs)
+    assert len(held) == fitted.metrics["heldout_n"]
+    done = plots.completed(runs)
+    obs, pred = done["eval_loss"].to_numpy(), fitted.predict(plots.law_inputs(done))
+    fig = plots.predicted_vs_observed(fitted, runs, heldout=held)
+    ax = fig.axes[0]
+    drawn = np.concatenate([l.get_xydata() for l in ax.get_lines() if l.get_marker() == "o"])
+    assert sorted(map(tuple, drawn.round(9))) == sorted(zip(obs.round(9), pred.round(9)))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(f"held-out runs (n={len(held)})" in t and f"{fitted.metrics['heldout_rmse']:.4f}" in t for t in labels)
+    assert text_overlaps(fig) == []
+    fig = plots.residuals(fitted, runs, heldout=held)
+    res = np.concatenate([c.get_offsets()[:, 1] for c in fig.axes[0].collections])
+    assert sorted(res) == pytest.approx(sorted(100 * (obs / pred - 1)))
+    assert "(%)" in fig.axes[0].get_ylabel() and text_overlaps(fig) == []
+
+
+def test_sweet_spot_figures(sweep, fitted, searched):
+    r = searched[0]
+    s = r.sweet_spot
+    fig = plots.frontier_figure(r, zoom=None)
+    ax = fig.axes[0]
+    unit, scale = plots._unit([p["total_bytes"] for p in r.frontier] + [r.budget.memory])
+    star = [l for l in ax.get_lines() if l.get_marker() == "*"][0]
+    assert star.get_xydata()[0] == pytest.approx([s["total_bytes"] / scale, s["predicted_loss"]])
+    assert [l for l in ax.get_lines() if l.get_linestyle() == ":"][0].get_xdata()[0] == pytest.approx(
+        r.budget.memory / scale)
+    assert f"({unit}, log scale)" in ax.get_xlabel()
+    assert text_overlaps(fig) == []
+
+    # the iso-loss plane is the law on exact architectures: at the sweet spot it is the sweet spot
+    grid = plots.iso_loss_grid(fitted, r, points=5)
+    assert grid["memory"].shape == grid["loss"].shape == (len(grid["G"]), 5)
+    # centred on an MoE (the sweep's best MoE run, described on the budget's axes by optimize), the
+    # plane at that run's (E, G) is exactly the law's prediction and the cost model's bytes
+    from moe_scaling.optimize import Budget, describe_config
+
+    runs, _ = sweep
+    best = plots.completed(runs).query("n_experts > top_k").sort_values("eval_loss").iloc[0]
+    budget = Budget(memory=r.budget.memory, tokens=r.budget.tokens, context=128)
+    moe = {"sweet_spot": describe_config(fitted, plots.model_config_from_row(best), budget),
+           "budget": budget.to_dict()}
+    m = moe["sweet_spot"]
+    at = plots.iso_loss_grid(fitted, moe, expansions=[m["expansion"]], granularities=[1, 2, 4])
+    i = list(at["G"]).index(m["granularity"])
+    assert at["loss"][i, 0] == pytest.approx(m["predicted_loss"], rel=1e-12)
+    assert at["memory"][i, 0] == pytest.approx(m["total_bytes"], rel=1e-12)
+    fig = plots.iso_loss_contours(fitted, r)
+    assert text_overlaps(fig) == []
+
+    fig = plots.optimum_vs_budget(searched)
+    top = fig.axes[0]
+    spot_line = [l for l in top.get_lines() if l.get_label().startswith("sweet spot")][0]
+    assert list(spot_line.get_ydata()) == pytest.approx([x.sweet_spot["predicted_loss"] for x in searched])
+    assert text_overlaps(fig) == []
+
+
+def test_fit_plot_writes_the_standard_set(tmp_path, sweep, fitted, searched):
+    from moe_scaling.cli.plot import fit_plot
+
+    runs, _ = sweep
+    written = fit_plot(fitted, tmp_path, runs=runs, results=[r.to_dict() for r in searched])
+    tags = [plots._budget_tag(r.to_dict()) for r in searched]
+    assert set(written) == {"law_curves", "predicted_vs_observed", "residuals", "optimum_vs_budget",
+                            f"frontier_flops_{tags[0]}"} | {f"{k}_{t}" for t in tags
+                                                             for k in ("frontier_memory", "iso_loss")}
+    for png, svg in written.values():
+        assert os.path.getsize(png) > 10_000 and os.path.getsize(svg) > 10_000
+
+
+def test_published_models_with_a_phone_search():
+    from moe_scaling.fit import load_fit
+    from moe_scaling.optimize import Budget, search
+
+    law = load_fit(REPO / "fits" / "joint_moe_published.json")
+    r = search(law, Budget(memory=2 * 10**9, tokens=1e12))
+    fig = plots.published_models_figure(r)
+    ax = fig.axes[0]
+    drawn = scatter_points(ax)
+    for p in r.published:
+        assert np.isclose(drawn[:, 0], p["total_bytes"] / 1e9).any()
+    assert "KV cache INT8 at 4096 tokens (GB" in ax.get_xlabel()
+    assert text_overlaps(fig) == []
+    assert "published_models" in plots.fit_figures(law, results=[r])
