@@ -9,7 +9,7 @@ The procedure (DESIGN.md section 5; Besiroglu et al. 2024's reading of Hoffmann 
   gradient evaluation per step for the whole batch, starts refilled into finished slots). The
   grid is first run in float32 (``screen``), then the best distinct results are polished in
   float64 to tight tolerances;
-* bootstrap over runs (resampling rows with replacement, refitting from the best optima) for
+* bootstrap over runs (resampling rows with replacement, refitting from the full-data optimum) for
   percentile intervals on every coefficient and, through the kept parameter samples, on every
   prediction (:meth:`Fit.predict_interval`);
 * held-out error: the largest-compute runs held out (``heldout_rmse``) and k-fold; all those
@@ -232,50 +232,53 @@ def holdout_mask(values: np.ndarray, frac: float) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Problem:
-    """One law on one data set with some parameters fixed: what the optimiser minimises.
+    """One law on one data set: what the optimiser minimises.
 
-    ``free`` indexes ``law.params``; ``fixed`` is a full internal-coordinate vector whose free
-    entries are ignored; ``cols``/``logy`` are the inputs and log losses; ``delta`` the Huber
-    threshold. Build one with :func:`make_problem`."""
+    Parameters are internal coordinates (:mod:`moe_scaling.laws`) in ``law.params`` order; a fixed
+    parameter has ``lo == hi`` (the projection pins it, so fixing never recompiles anything).
+    ``cols``/``logy`` are the inputs and log losses, ``delta`` the Huber threshold. Build one with
+    :func:`make_problem`."""
 
     law: Law
-    free: tuple[int, ...]         # indices into law.params of the fitted parameters
-    fixed: np.ndarray             # full internal vector; entries in ``free`` are ignored
+    lo: np.ndarray
+    hi: np.ndarray
     cols: dict[str, np.ndarray]
     logy: np.ndarray
     delta: float
 
     @property
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.law.internal_bounds()
-        return lo[list(self.free)], hi[list(self.free)]
+    def free(self) -> tuple[int, ...]:
+        """Indices of the fitted parameters."""
+        return tuple(int(i) for i in np.nonzero(self.lo < self.hi)[0])
 
-    def full(self, x: np.ndarray) -> np.ndarray:
-        """Free internal parameters ``(..., k)`` -> full internal vectors ``(..., n_params)``."""
-        out = np.broadcast_to(self.fixed, x.shape[:-1] + self.fixed.shape).copy()
-        out[..., list(self.free)] = x
-        return out
+    def clip(self, x: np.ndarray) -> np.ndarray:
+        """``x`` inside the bounds (fixed parameters set to their values)."""
+        return np.clip(np.asarray(x, np.float64), self.lo, self.hi)
+
+
+def _bucket(n: int) -> int:
+    """Rows are padded (with weight 0) to a power of two >= 64, so data sets of similar size
+    share one compiled kernel."""
+    return max(64, 1 << (int(n) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_fn(law: Law, free: tuple[int, ...], steps: int):
+def _chunk_fn(law: Law, steps: int):
     """A jitted function running ``steps`` evaluations of batched projected L-BFGS."""
     import jax
     import jax.numpy as jnp
 
     names = law.internal_names
 
-    def objective(Q, W, cols, logy, fixed, delta):
-        q = {n: fixed[i] for i, n in enumerate(names)}
-        for j, i in enumerate(free):
-            q[names[i]] = Q[:, j:j + 1]
+    def objective(Q, W, cols, logy, delta):
+        q = {n: Q[:, i:i + 1] for i, n in enumerate(names)}
         r = logy - law.log_form(q, cols, jnp)
         a = jnp.abs(r)
         h = jnp.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
         return jnp.sum(W * h, axis=-1) / (delta * jnp.sum(W, axis=-1))
 
-    def value_and_grad(Q, W, cols, logy, fixed, delta):
-        f, vjp = jax.vjp(lambda Q_: objective(Q_, W, cols, logy, fixed, delta), Q)
+    def value_and_grad(Q, W, cols, logy, delta):
+        f, vjp = jax.vjp(lambda Q_: objective(Q_, W, cols, logy, delta), Q)
         return f, vjp(jnp.ones_like(f))[0]
 
     def projected(x, g, lo, hi):
@@ -283,29 +286,32 @@ def _chunk_fn(law: Law, free: tuple[int, ...], steps: int):
 
     def direction(g, S, Y, rho):
         """Two-loop recursion; S, Y hold the last _MEMORY pairs, oldest first (rho = 0: empty)."""
-        q, alphas = g, []
-        for j in range(_MEMORY - 1, -1, -1):
+        def back(i, c):
+            q, alphas = c
+            j = _MEMORY - 1 - i
             a = rho[:, j] * jnp.sum(S[:, j] * q, -1)
-            q = q - a[:, None] * Y[:, j]
-            alphas.append(a)
-        alphas = alphas[::-1]
+            return q - a[:, None] * Y[:, j], alphas.at[:, j].set(a)
+
+        q, alphas = jax.lax.fori_loop(0, _MEMORY, back, (g, jnp.zeros_like(rho)))
         has = rho[:, -1] > 0
         sy, yy = jnp.sum(S[:, -1] * Y[:, -1], -1), jnp.sum(Y[:, -1] ** 2, -1)
         first = 1.0 / jnp.maximum(jnp.linalg.norm(g, axis=-1), 1e-30)   # unit first step
         r = jnp.where(has, sy / jnp.where(has, yy, 1.0), first)[:, None] * q
-        for j in range(_MEMORY):
-            b = rho[:, j] * jnp.sum(Y[:, j] * r, -1)
-            r = r + S[:, j] * (alphas[j] - b)[:, None]
-        return -r
 
-    def step(_, st, W, lo, hi, cols, logy, fixed, delta, ftol, gtol):
+        def forward(j, r):
+            b = rho[:, j] * jnp.sum(Y[:, j] * r, -1)
+            return r + S[:, j] * (alphas[:, j] - b)[:, None]
+
+        return -jax.lax.fori_loop(0, _MEMORY, forward, r)
+
+    def step(_, st, W, lo, hi, cols, logy, delta, ftol, gtol):
         x, f, g, xt, d, t = st["x"], st["f"], st["g"], st["xt"], st["d"], st["t"]
-        ft, gt = value_and_grad(xt, W, cols, logy, fixed, delta)
+        ft, gt = value_and_grad(xt, W, cols, logy, delta)
         live = ~st["done"]
         good = jnp.isfinite(ft) & jnp.all(jnp.isfinite(gt), -1)
         ok = live & good & (ft <= f + 1e-4 * jnp.sum(g * (xt - x), -1))
         # accepted: update the curvature pairs, test convergence, move
-        s, y = xt - x, gt - g
+        s, y = xt - x, (gt - g) * (hi > lo)            # pinned (fixed) parameters carry no curvature
         sy = jnp.sum(s * y, -1)
         store = ok & (sy > 1e-10 * jnp.sum(y * y, -1))
         shift = lambda A, new: jnp.concatenate([A[:, 1:], new[:, None]], 1)  # noqa: E731
@@ -334,35 +340,39 @@ def _chunk_fn(law: Law, free: tuple[int, ...], steps: int):
         return dict(x=x, f=f, g=g, xt=xt, d=d, t=t, S=S, Y=Y, rho=rho,
                     done=st["done"] | conv | failed, nev=st["nev"] + live.astype(st["nev"].dtype))
 
-    def run(st, W, lo, hi, cols, logy, fixed, delta, ftol, gtol):
-        body = functools.partial(step, W=W, lo=lo, hi=hi, cols=cols, logy=logy, fixed=fixed,
-                                 delta=delta, ftol=ftol, gtol=gtol)
+    def run(st, W, lo, hi, cols, logy, delta, ftol, gtol):
+        body = functools.partial(step, W=W, lo=lo, hi=hi, cols=cols, logy=logy, delta=delta,
+                                 ftol=ftol, gtol=gtol)
         return jax.lax.fori_loop(0, steps, body, st)
 
     return jax.jit(run)
 
 
-def minimize_batch(problem: Problem, X0: np.ndarray, W: np.ndarray, task_w: np.ndarray | None = None, *,
+def minimize_batch(problem: Problem, X0: np.ndarray, W_in: np.ndarray, task_w: np.ndarray | None = None, *,
                    dtype: str = "float64", max_evals: int = 2000, ftol: float = 1e-9, gtol: float = 0.0,
                    chunk: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Minimise the Huber objective from every row of ``X0`` (free internal parameters).
+    """Minimise the Huber objective from every row of ``X0`` (internal parameters ``(T, n_params)``).
 
-    ``W`` holds row weights ``(R, n)`` (1 = fitted, 0 = held out, k = drawn k times); task ``i``
-    uses ``W[task_w[i]]`` (default: ``W[0]``). Tasks run in a fixed number of slots (256 in
-    float32, 64 in float64, so each law compiles twice at most per data shape); a finished slot
+    ``W_in`` holds row weights ``(R, n)`` (1 = fitted, 0 = held out, k = drawn k times); task ``i``
+    uses ``W_in[task_w[i]]`` (default: row 0). Tasks run in a fixed number of slots (256 in
+    float32, 64 in float64) over rows padded to :func:`_bucket` size, so a law compiles once per
+    dtype and row bucket, whatever is fixed or held out; a finished slot
     (converged, line search failed, or ``max_evals`` objective evaluations) takes the next task.
-    Returns (x ``(T, k)``, objective ``(T,)``, evaluations ``(T,)``); a failed start has f = inf.
+    Returns (x ``(T, n_params)``, objective ``(T,)``, evaluations ``(T,)``); a failed start has f = inf.
     """
     import jax
     import jax.numpy as jnp
 
-    X0 = np.asarray(X0, np.float64)
+    X0 = problem.clip(X0)
     T, k = X0.shape
-    W = np.atleast_2d(np.asarray(W, np.float64))
+    n, n_pad = problem.logy.size, _bucket(problem.logy.size)
+    W_in = np.atleast_2d(np.asarray(W_in, np.float64))
+    W = np.zeros((W_in.shape[0], n_pad))
+    W[:, :n] = W_in
     task_w = np.zeros(T, int) if task_w is None else np.asarray(task_w, int)
     B = _BUFFER[dtype]
-    lo, hi = problem.bounds
-    run = _chunk_fn(problem.law, problem.free, chunk)
+    pad = lambda v: np.concatenate([v, np.repeat(v[:1], n_pad - n)])  # noqa: E731 - weight-0 rows
+    run = _chunk_fn(problem.law, chunk)
     x_out, f_out, n_out = X0.copy(), np.full(T, np.inf), np.zeros(T, int)
     zeros = lambda *s: np.zeros((B, *s))  # noqa: E731
     st = dict(x=zeros(k), f=np.full(B, np.inf), g=zeros(k), xt=zeros(k), d=zeros(k), t=np.ones(B),
@@ -371,9 +381,8 @@ def minimize_batch(problem: Problem, X0: np.ndarray, W: np.ndarray, task_w: np.n
     slot_task, slot_w, nxt = np.full(B, -1), np.ones((B, W.shape[1])), 0
     with jax.enable_x64(True):
         c = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-        consts = dict(lo=c(lo), hi=c(hi), cols={n: c(v) for n, v in problem.cols.items()},
-                      logy=c(problem.logy), fixed=c(problem.fixed), delta=c(problem.delta),
-                      ftol=c(ftol), gtol=c(gtol))
+        consts = dict(lo=c(problem.lo), hi=c(problem.hi), cols={m: c(pad(v)) for m, v in problem.cols.items()},
+                      logy=c(pad(problem.logy)), delta=c(problem.delta), ftol=c(ftol), gtol=c(gtol))
         while True:
             empty = np.nonzero(slot_task < 0)[0][: T - nxt]
             if empty.size:                          # refill finished slots with new starts
@@ -413,11 +422,11 @@ def _distinct(x: np.ndarray, f: np.ndarray, k: int, tol: float = 1e-3) -> np.nda
 
 def fit_starts(problem: Problem, starts: np.ndarray, W: np.ndarray | None = None, polish: int = 8,
                screen_evals: int = 100) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """The best fit from ``starts`` (free internal parameters ``(S, k)``) for every row of weights
+    """The best fit from ``starts`` (internal parameters ``(S, n_params)``) for every row of weights
     ``W`` (``(R, n)``, default one row of ones): every start is run in float32 for at most
     ``screen_evals`` evaluations, then the ``polish`` best distinct results of each row are refined
     in float64 (relative tolerance 1e-10, at most 2,000 evaluations), best kept.
-    Returns (x ``(R, k)``, objective ``(R,)``, the distinct polished optima of each row, best first)."""
+    Returns (x ``(R, n_params)``, objective ``(R,)``, the distinct polished optima of each row, best first)."""
     W = np.ones((1, problem.logy.size)) if W is None else np.atleast_2d(W)
     R, S = W.shape[0], starts.shape[0]
     xs, fs, _ = minimize_batch(problem, np.tile(starts, (R, 1)), W, np.repeat(np.arange(R), S),
@@ -440,9 +449,9 @@ def fit_starts(problem: Problem, starts: np.ndarray, W: np.ndarray | None = None
 
 def bootstrap_refits(problem: Problem, starts: np.ndarray, reps: int, seed: int) -> np.ndarray:
     """``reps`` refits on runs drawn with replacement (multinomial row weights from
-    ``numpy.random.default_rng(seed)``), each from every row of ``starts`` (free internal
-    parameters, normally the full-data optimum), best kept. Returns free internal parameters
-    ``(reps, k)``; a row is NaN where every start failed."""
+    ``numpy.random.default_rng(seed)``), each from every row of ``starts`` (internal
+    parameters, normally the full-data optimum), best kept. Returns internal parameters
+    ``(reps, n_params)``; a row is NaN where every start failed."""
     n = problem.logy.size
     draws = np.random.default_rng(seed).integers(0, n, size=(reps, n))
     W = np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)
@@ -461,7 +470,7 @@ def bootstrap_refits(problem: Problem, starts: np.ndarray, reps: int, seed: int)
 # ======================================================================================
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Fit:
     """A fitted (or published) scaling law.
 
@@ -542,8 +551,16 @@ class Fit:
                     "params": list(law.params), "values": np.asarray(self.samples).tolist()}}
 
     def save(self, path: str | Path) -> None:
-        """Write the fit as JSON (atomically)."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
+        """Write the fit as JSON (atomically; one bootstrap sample per line)."""
+        d = self.to_dict()
+        samples = d.pop("samples")
+        text = json.dumps(d, indent=1, default=_json_default)[:-2]
+        if samples is None:
+            text += ',\n "samples": null\n}\n'
+        else:
+            rows = ",\n  ".join(json.dumps(r) for r in samples["values"])
+            text += f',\n "samples": {{"params": {json.dumps(samples["params"])}, "values": [\n  {rows}\n ]}}\n}}\n'
+        atomic_write_text(path, text)
 
 
 def _json_default(o: Any) -> Any:
@@ -565,21 +582,23 @@ def load_fit(path: str | Path) -> Fit:
         raise FitError(f"{path}: not a fit JSON ({str(err).splitlines()[0]})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise FitError(f"{path}: not a fit JSON (format must be {FORMAT!r})")
-    law = get_law(d["law"])
-    missing = [k for k in law.params if k not in d.get("params", {})]
-    if missing:
-        raise FitError(f"{path}: params lack {', '.join(missing)} for law {law.name}")
-    samples = d.get("samples")
-    if samples is not None:
-        if list(samples["params"]) != list(law.params):
-            raise FitError(f"{path}: samples.params must be {', '.join(law.params)}")
-        samples = np.asarray(samples["values"], np.float64).reshape(-1, len(law.params))
-    return Fit(law=law.name, params={k: float(d["params"][k]) for k in law.params},
-               intervals={k: (float(v[0]), float(v[1])) for k, v in (d.get("intervals") or {}).items()},
-               interval_level=d.get("interval_level"), fixed={k: float(v) for k, v in (d.get("fixed") or {}).items()},
-               samples=samples, metrics=d.get("metrics") or {}, n_points=int(d.get("n_points") or 0),
-               data_hash=d.get("data_hash"), settings=d.get("settings") or {}, notes=tuple(d.get("notes") or ()),
-               source=d.get("source", "fit"))
+    try:
+        law = get_law(d["law"])
+        params = {k: float(d["params"][k]) for k in law.params}
+        samples = d.get("samples")
+        if samples is not None:
+            if list(samples["params"]) != list(law.params):
+                raise ValueError(f"samples.params must be {', '.join(law.params)}")
+            samples = np.asarray(samples["values"], np.float64).reshape(-1, len(law.params))
+        return Fit(law=law.name, params=params,
+                   intervals={k: (float(v[0]), float(v[1])) for k, v in (d.get("intervals") or {}).items()},
+                   interval_level=d.get("interval_level"),
+                   fixed={k: float(v) for k, v in (d.get("fixed") or {}).items()}, samples=samples,
+                   metrics=d.get("metrics") or {}, n_points=int(d.get("n_points") or 0),
+                   data_hash=d.get("data_hash"), settings=d.get("settings") or {},
+                   notes=tuple(d.get("notes") or ()), source=d.get("source", "fit"))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise FitError(f"{path}: malformed fit JSON ({type(err).__name__}: {err})") from None
 
 
 def _fixed_params(law: Law, n: int, fix: Mapping[str, float], per_param: float, notes: list[str]) -> dict[str, float]:
@@ -625,9 +644,11 @@ def make_problem(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, hube
     d = prepare(law, data, drop_highest_loss)
     notes = list(d.notes)
     fixed = _fixed_params(law, d.n, fix or {}, points_per_param, notes)
-    problem = Problem(law=law, free=tuple(i for i, p in enumerate(law.params) if p not in fixed),
-                      fixed=law.to_internal({**law.reference, **fixed}), cols=d.cols,
-                      logy=np.log(d.loss), delta=float(huber_delta))
+    lo, hi = law.internal_bounds()
+    for i, p in enumerate(law.params):
+        if p in fixed:
+            lo[i] = hi[i] = law.to_internal({**law.reference, **fixed})[i]
+    problem = Problem(law=law, lo=lo, hi=hi, cols=d.cols, logy=np.log(d.loss), delta=float(huber_delta))
     return problem, d, fixed, notes
 
 
@@ -672,8 +693,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
     free = problem.free
     if starts is None:
         starts = np.vstack([law.start_grid(), law.to_internal(law.reference)[None]])
-    lo, hi = problem.bounds
-    starts = np.unique(np.clip(np.asarray(starts, np.float64)[:, list(free)], lo, hi), axis=0)
+    starts = np.unique(problem.clip(starts), axis=0)
 
     # one weight row per fit: all runs, the largest held out, then k folds; fitted in one batch
     rows, held, fold = [np.ones(d.n)], None, None
@@ -698,7 +718,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
     bx, bf, optima = fit_starts(problem, starts, np.stack(rows))
     if not np.isfinite(bf[0]):
         raise FitError(f"law {law.name}: no start converged to a finite objective; check the data's units")
-    nat = law.to_natural(problem.full(bx))                    # (rows, n_params)
+    nat = law.to_natural(bx)                                  # (rows, n_params)
     params = dict(zip(law.params, map(float, nat[0])))
     pred = law.predict(nat[0], d.cols)
     metrics: dict[str, Any] = {"rmse": _rmse(pred, d.loss), "mae": float(np.mean(np.abs(pred - d.loss))),
@@ -723,13 +743,13 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
         ok = np.isfinite(draws).all(axis=1)
         if not ok.all():
             notes.append(f"{int((~ok).sum())} of {bootstrap} bootstrap refits failed and were left out")
-        boot = law.to_natural(problem.full(draws[ok]))
+        boot = law.to_natural(draws[ok])
         tail = 100.0 * (1.0 - level) / 2.0
         intervals = {p: (float(np.percentile(boot[:, i], tail)), float(np.percentile(boot[:, i], 100.0 - tail)))
                      for i, p in enumerate(law.params)}
         samples = boot[:keep_samples]
         metrics["bootstrap_ok"] = int(ok.sum())
-    x, (blo, bhi) = problem.full(bx[0]), law.internal_bounds()
+    x, (blo, bhi) = bx[0], law.internal_bounds()
     for i in free:
         if min(x[i] - blo[i], bhi[i] - x[i]) <= 1e-6 * max(1.0, abs(x[i])):
             notes.append(f"{law.params[i]} = {params[law.params[i]]:.6g} is at its bound: the data do not "

@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["CANONICAL_COLUMNS", "Law", "LAWS", "get_law", "LawInputError"]
+__all__ = ["CANONICAL_COLUMNS", "Law", "LAWS", "get_law", "LawInputError", "CHINCHILLA", "KRAJEWSKI", "JOINT_MOE",
+           "CLARK", "ONDEVICE"]
 
 CANONICAL_COLUMNS = ("loss", "params_active", "params_total", "params_embedding", "tokens",
                      "expansion", "granularity", "n_shared", "flops_per_token_forward")
@@ -245,6 +246,7 @@ _POS = (1e-6, 1e15)         # positive scale coefficients
 _E_START = (1.0, 16.0)      # disjoint from E_max's range, so 1/E_start - 1/E_max > 0 always
 _E_MAX = (16.0, 1e6)
 
+_EHAT = "1/Ehat = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max"
 _JOINT_REFERENCE = dict(a=35.91, alpha=-0.1889, delta=-0.2285, gamma=0.0098, b=35.98, beta=-0.1775,
                         omega=0.5529, zeta=-0.0259, E_start=2.0732, E_max=290.4521, c=1.3637)
 _JOINT_BOUNDS = dict(a=_POS, alpha=(-4.0, 0.0), delta=(-4.0, 4.0), gamma=(-1.0, 1.0), b=_POS,
@@ -295,8 +297,7 @@ KRAJEWSKI = Law(
 JOINT_MOE = Law(
     name="joint_moe",
     formula=("L = a Ehat^delta N^(alpha + gamma ln Ehat) + b Ehat^omega D^(beta + zeta ln Ehat) + c, "
-             "1/Ehat = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max   "
-             "(N = params_active - params_embedding, D = tokens, E = expansion)"),
+             f"{_EHAT}   (N = params_active - params_embedding, D = tokens, E = expansion)"),
     inputs=("params_active", "params_embedding", "tokens", "expansion"),
     params=tuple(_JOINT_REFERENCE),
     bounds=_JOINT_BOUNDS,
@@ -313,8 +314,7 @@ JOINT_MOE = Law(
 CLARK = Law(
     name="clark",
     formula=("log10 L = a log10 N + b log10 Ehat + c log10 N log10 Ehat + d, "
-             "1/Ehat = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max   "
-             "(N = params_active, the dense-equivalent count; E = expansion)"),
+             f"{_EHAT}   (N = params_active, the dense-equivalent count; E = expansion)"),
     inputs=("params_active", "expansion"),
     params=("a", "b", "c", "d", "E_start", "E_max"),
     bounds=dict(a=(-2.0, 2.0), b=(-2.0, 2.0), c=(-2.0, 2.0), d=(-10.0, 10.0), E_start=_E_START,
