@@ -1,0 +1,235 @@
+"""Fitting on real data (Chinchilla, Clark et al. 2022), synthetic recovery, intervals, Fit JSON."""
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from moe_scaling.fit import (FitError, NoSamplesError, canonical_table, fit_law, holdout_mask, load_fit,
+                             published_fit, select_law)
+from moe_scaling.laws import LAWS
+
+# Besiroglu, Erdil, Barnett, You 2024, "Chinchilla Scaling: A replication attempt" (arXiv:2404.10102),
+# as recorded in ../shared/data/chinchilla/README.md: the grid fit (Hoffmann grid, L-BFGS, Huber 1e-3)
+EPOCH_GRID_FIT = dict(A=477.8, B=2143.0, E=1.817, alpha=0.3473, beta=0.3672)
+# ... and the bootstrap 95% intervals of their headline fit (repository notebook outputs, 4,000
+# resamples; the paper reports the same numbers rounded), same README.
+EPOCH_95 = dict(A=(285.0, 744.0), B=(1042.0, 5810.0), E=(1.769, 1.871), alpha=(0.317, 0.373), beta=(0.331, 0.415))
+
+
+@pytest.fixture(scope="module")
+def chinchilla_table():
+    raw = pd.read_csv(SHARED_DATA / "chinchilla" / "svg_extracted_data.csv")
+    return canonical_table(raw, {"params_active": "Model Size", "train_compute": "Training FLOP"})
+
+
+@pytest.fixture(scope="module")
+def chinchilla_fit(chinchilla_table):
+    # the grid alone (no reference start), 240 points after dropping the 5 highest losses, D = C / 6N
+    return fit_law("chinchilla", chinchilla_table, drop_highest_loss=5, bootstrap=200, kfold=0,
+                   starts=LAWS["chinchilla"].start_grid())
+
+
+def test_chinchilla_reproduces_the_epoch_grid_fit(chinchilla_fit):
+    f = chinchilla_fit
+    assert f.n_points == 240 and f.settings["n_starts"] == 4500
+    for name in ("E", "alpha", "beta"):
+        assert f.params[name] == pytest.approx(EPOCH_GRID_FIT[name], rel=0.005), name
+    for name in ("A", "B"):
+        assert f.params[name] == pytest.approx(EPOCH_GRID_FIT[name], rel=0.05), name
+
+
+def test_chinchilla_bootstrap_intervals_overlap_epochs(chinchilla_fit):
+    f = chinchilla_fit
+    assert f.interval_level == 0.95 and f.metrics["bootstrap_ok"] == 200
+    for name, (lo, hi) in EPOCH_95.items():
+        ours = f.intervals[name]
+        assert ours[0] < f.params[name] < ours[1]
+        assert ours[0] < hi and lo < ours[1], f"{name}: ours {ours} vs Epoch {(lo, hi)}"
+    assert f.metrics["heldout_rmse"] > 0 and f.metrics["heldout_n"] == 48
+
+
+def test_shipped_chinchilla_refit_matches(chinchilla_fit):
+    shipped = load_fit(REPO / "fits" / "chinchilla_epoch.json")
+    assert shipped.n_points == 240 and shipped.settings["drop_highest_loss"] == 5
+    for name, value in chinchilla_fit.params.items():
+        assert shipped.params[name] == pytest.approx(value, rel=0.01)
+    assert shipped.samples.shape == (200, 5)
+
+
+@pytest.fixture(scope="module")
+def clark_s_base():
+    runs = pd.read_csv(SHARED_DATA / "clark2022_routing" / "curves.csv.gz")
+    final = runs[runs["step"] == runs.groupby("hyper_id")["step"].transform("max")]
+    s = final[(final["router_type"] == "S-Base") & (final["k"] == 1) & (final["routing_frequency"] == 0.5)]
+    return pd.DataFrame({"loss": s["loss_validation"].to_numpy(), "params_active": s["dense_parameter_count"].to_numpy(),
+                         "expansion": s["num_experts"].to_numpy(float)})
+
+
+def test_clark_fit_at_least_as_good_as_published_with_largest_size_held_out(clark_s_base):
+    law = LAWS["clark"]
+    published = published_fit("clark", law.reference, "Clark et al. 2022 Table 3, S-Base")
+    rmse_published = float(np.sqrt(np.mean((published.predict(clark_s_base) - clark_s_base["loss"]) ** 2)))
+    f = fit_law("clark", clark_s_base, bootstrap=50, kfold=5, heldout_by="params_active", heldout_frac=0.1)
+    assert rmse_published == pytest.approx(0.021, abs=5e-4)
+    assert f.metrics["rmse"] <= rmse_published
+    # the held-out set is the largest model size (1.3B dense-equivalent, 9 runs), and its RMSE is reported
+    assert f.metrics["heldout_n"] == 9 and f.metrics["heldout_rule"] == "largest params_active"
+    assert 0 < f.metrics["heldout_rmse"] < 0.1 and 0 < f.metrics["kfold_rmse"] < 0.1
+    print(f"\nClark S-Base: published RMSE {rmse_published:.4f}, our fit {f.metrics['rmse']:.4f}, "
+          f"held-out 1.3B RMSE {f.metrics['heldout_rmse']:.4f}, 5-fold {f.metrics['kfold_rmse']:.4f}")
+
+
+def _grid(**axes):
+    rows = list(itertools.product(*axes.values()))
+    return {k: np.array([r[i] for r in rows], float) for i, k in enumerate(axes)}
+
+
+N, D = np.geomspace(3e7, 1e9, 5), np.geomspace(1e9, 1e11, 4)
+SYNTHETIC = {
+    "chinchilla": (_grid(params_active=np.geomspace(3e7, 1e9, 6), tokens=np.geomspace(1e9, 1e11, 5)), {}),
+    "krajewski": (_grid(params_total=N * 4, params_embedding=[1e6], tokens=D, granularity=[1, 2, 4, 8, 16]), {}),
+    "joint_moe": (_grid(params_active=N, params_embedding=[1e6], tokens=D, expansion=[1, 2, 4, 8, 16, 32, 64]), {}),
+    "clark": (_grid(params_active=np.geomspace(1e7, 1.3e9, 6), expansion=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]), {}),
+    "ondevice": (_grid(params_active=np.geomspace(3e7, 1e9, 4), params_embedding=[1e6], tokens=np.geomspace(1e9, 1e11, 3),
+                       expansion=[1, 2, 8, 32, 64], granularity=[1, 4], n_shared=[0, 1]), dict(g=0.3, eta=1.0, sigma=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC))
+def test_synthetic_recovery_and_extrapolation(name):
+    """Data drawn from each law (reference coefficients) with 0.3% multiplicative noise is fitted
+    back; predictions at 3x and 10x the largest sizes lie inside the 95% bootstrap interval."""
+    law = LAWS[name]
+    X, extra = SYNTHETIC[name]
+    true = {**law.reference, **extra}
+    rng = np.random.default_rng(1)
+    loss = law.predict(true, X) * np.exp(rng.normal(0.0, 0.003, X[law.inputs[0]].size))
+    f = fit_law(name, {**X, "loss": loss}, bootstrap=100, kfold=0, seed=1)
+    assert not f.fixed, f.notes
+    assert f.metrics["rmse"] < 2 * 0.003 * loss.mean()
+    sizes = [c for c in ("params_active", "params_total", "tokens") if c in X]
+    for factor in (3.0, 10.0):
+        Xe = {k: v[-1:] * (factor if k in sizes else 1.0) for k, v in X.items()}
+        lo, hi = f.predict_interval(Xe, level=0.95)
+        truth = law.predict(true, Xe)
+        assert lo[0] <= truth[0] <= hi[0], f"{factor}x: {truth[0]} not in [{lo[0]}, {hi[0]}]"
+        assert hi[0] - lo[0] < 0.05 * truth[0]
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    """A quick chinchilla fit on 40 synthetic runs, three of them broken (NaN / inf)."""
+    X = _grid(params_active=np.geomspace(3e7, 1e9, 8), tokens=np.geomspace(1e9, 1e11, 5))
+    loss = LAWS["chinchilla"].predict(LAWS["chinchilla"].reference, X)
+    loss *= np.exp(np.random.default_rng(2).normal(0.0, 0.003, loss.size))
+    loss[[3, 7]], X["tokens"][11] = np.nan, np.inf
+    return fit_law("chinchilla", {**X, "loss": loss}, bootstrap=40, kfold=5, seed=3)
+
+
+def test_nan_rows_dropped_and_counted(small_fit):
+    assert small_fit.n_points == 37
+    assert any("dropped 3 rows with NaN/inf" in n for n in small_fit.notes)
+    assert small_fit.metrics["kfold_rmse"] > 0 and small_fit.metrics["heldout_rmse"] > 0
+
+
+def test_fit_json_round_trip(small_fit, tmp_path):
+    path = tmp_path / "fit.json"
+    small_fit.save(path)
+    back = load_fit(path)
+    X = {"params_active": np.array([1e8, 1e10]), "tokens": np.array([1e10, 1e12]), "expansion": np.ones(2)}
+    np.testing.assert_array_equal(back.predict(X), small_fit.predict(X))
+    for a, b in zip(back.predict_interval(X), small_fit.predict_interval(X)):
+        np.testing.assert_array_equal(a, b)
+    assert back.params == small_fit.params and back.intervals == small_fit.intervals
+    assert back.data_hash == small_fit.data_hash and back.data_hash.startswith("sha256:")
+    d = json.loads(path.read_text())
+    for key in ("law", "params", "intervals", "metrics", "n_points", "data_hash", "settings", "notes", "samples"):
+        assert key in d
+    lo, hi = back.predict_interval(X, level=0.5)
+    lo9, hi9 = back.predict_interval(X, level=0.9)
+    assert np.all(lo9 <= lo) and np.all(hi <= hi9) and np.all(lo < back.predict(X)) and np.all(back.predict(X) < hi9)
+
+
+def test_same_seed_same_fit(small_fit):
+    X = _grid(params_active=np.geomspace(3e7, 1e9, 8), tokens=np.geomspace(1e9, 1e11, 5))
+    loss = LAWS["chinchilla"].predict(LAWS["chinchilla"].reference, X)
+    loss *= np.exp(np.random.default_rng(2).normal(0.0, 0.003, loss.size))
+    loss[[3, 7]], X["tokens"][11] = np.nan, np.inf
+    again = fit_law("chinchilla", {**X, "loss": loss}, bootstrap=40, kfold=5, seed=3)
+    assert again.params == small_fit.params and again.intervals == small_fit.intervals
+
+
+def test_published_fit_has_no_interval():
+    f = load_fit(REPO / "fits" / "joint_moe_published.json")
+    assert f.source == "published" and not f.has_samples
+    X = {"params_active": np.array([1e9 + 2e8]), "params_embedding": np.array([2e8]), "tokens": np.array([2e10]),
+         "expansion": np.array([1.0]), "granularity": np.ones(1), "n_shared": np.zeros(1), "params_total": np.ones(1)}
+    # hand computation from DESIGN.md section 5: Ehat(1) = E_start = 2.0732, N = 1e9 non-embedding
+    lE = np.log(2.0732)
+    want = 35.91 * 2.0732 ** -0.2285 * 1e9 ** (-0.1889 + 0.0098 * lE) + 35.98 * 2.0732 ** 0.5529 * 2e10 ** (-0.1775 - 0.0259 * lE) + 1.3637
+    assert f.predict(X)[0] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(NoSamplesError, match="no bootstrap samples"):
+        f.predict_interval(X)
+
+
+def test_few_points_fix_priors_and_say_so():
+    X = _grid(params_active=np.geomspace(3e7, 1e9, 4), tokens=np.geomspace(1e9, 1e11, 3))
+    loss = LAWS["chinchilla"].predict(LAWS["chinchilla"].reference, X)
+    f = fit_law("chinchilla", {**X, "loss": loss}, bootstrap=0, kfold=0)       # 12 runs, 5 parameters
+    assert set(f.fixed) == {"beta", "alpha", "B"} and f.settings["free"] == ["E", "A"]
+    assert any("only 12 runs for 5 free parameters" in n for n in f.notes)
+    g = fit_law("chinchilla", {**X, "loss": loss}, fix={"alpha": 0.34}, bootstrap=20, kfold=0, points_per_param=2)
+    assert g.params["alpha"] == 0.34 and g.intervals["alpha"] == (0.34, 0.34) and g.fixed == {"alpha": 0.34}
+    with pytest.raises(FitError, match="too few points"):
+        fit_law("chinchilla", {k: v[:4] for k, v in {**X, "loss": loss}.items()})
+    with pytest.raises(FitError, match="no parameter 'gamma'"):
+        fit_law("chinchilla", {**X, "loss": loss}, fix={"gamma": 1.0})
+
+
+def test_bad_tables():
+    X = _grid(params_active=np.geomspace(3e7, 1e9, 6), tokens=np.geomspace(1e9, 1e11, 5))
+    with pytest.raises(FitError, match="constant"):
+        fit_law("chinchilla", {**X, "loss": np.full(30, 2.5)})
+    with pytest.raises(FitError, match="column 'tokens' missing"):
+        fit_law("chinchilla", {"params_active": X["params_active"], "loss": np.linspace(2, 3, 30)})
+    with pytest.raises(FitError, match="<= 0"):
+        fit_law("chinchilla", {**X, "loss": np.linspace(-1, 3, 30)})
+
+
+def test_holdout_mask_keeps_ties_together():
+    v = np.array([1, 5, 3, 5, 2, 4, 5, 1.0])
+    np.testing.assert_array_equal(holdout_mask(v, 0.1), v == 5)       # 1 wanted, the three 5s tied
+    np.testing.assert_array_equal(holdout_mask(v, 0.5), v >= 4)
+
+
+def test_select_law_reports_every_candidate(clark_s_base):
+    table = clark_s_base.assign(tokens=1.3e11)               # Clark's runs all train on ~130B tokens
+    fit, report = select_law(table, bootstrap=20, kfold=0, heldout_by="params_active", heldout_frac=0.1)
+    laws = {r["law"]: r for r in report}
+    assert set(laws) == {n for n, law in LAWS.items() if law.in_auto}
+    assert laws["krajewski"]["skipped"] == "no column params_total, granularity"
+    scored = {n: r["heldout_rmse"] for n, r in laws.items() if "skipped" not in r}
+    assert set(scored) == {"chinchilla", "joint_moe", "clark"}
+    assert fit.law == min(scored, key=scored.get) and fit.interval_level == 0.95
+    # chinchilla cannot tell expert counts apart: both routed laws beat it on the held-out 1.3B runs
+    assert max(scored["clark"], scored["joint_moe"]) < scored["chinchilla"]
+    assert fit.metrics["candidates"] == report and any("held-out RMSE" in n for n in fit.notes)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a fit JSON"),
+    (json.dumps({"format": "other"}), "format must be"),
+    (json.dumps({"format": "moe-scaling-fit/1", "law": "kaplan", "params": {}}), "unknown law 'kaplan'"),
+    (json.dumps({"format": "moe-scaling-fit/1", "law": "chinchilla", "params": {"E": 1.7}}), "malformed fit JSON"),
+])
+def test_load_fit_rejects_malformed_files(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(FitError, match=message):
+        load_fit(path)
+    with pytest.raises(FitError, match="no such fit file"):
+        load_fit(tmp_path / "missing.json")
