@@ -45,7 +45,7 @@ __all__ = [
     "loss_vs_memory", "loss_vs_flops", "published_points", "published_models_figure", "select_runs",
     "training_curves", "expert_load_figure", "balance_run", "sweep_figures",
     # fits and sweet spots
-    "law_inputs", "fit_heldout", "law_curves", "predicted_vs_observed", "residuals", "frontier_figure",
+    "law_inputs", "fitted_rows", "fit_heldout", "law_curves", "predicted_vs_observed", "residuals", "frontier_figure",
     "optimum_vs_budget", "iso_loss_grid", "iso_loss_contours", "fit_figures",
 ]
 
@@ -676,19 +676,33 @@ def _interval(fit: Any, X: Mapping[str, np.ndarray], level: float) -> tuple[np.n
     return np.asarray(lo, float), np.asarray(hi, float)
 
 
+def fitted_rows(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
+    """The rows of ``runs`` that ``fit`` was fitted on, in order: completed, finite in every column
+    the fit reads, and without the ``drop_highest_loss`` highest losses the fit left out (so give
+    it the table the fit was given, not an already filtered one)."""
+    done = completed(runs, loss)
+    law = getattr(fit, "law_obj", None)
+    used = [c for c in (*(law.inputs if law is not None else LAW_INPUTS), "tokens", "flops_per_token_forward")
+            if c in done]                      # the columns the fit dropped non-finite rows on
+    finite = np.logical_and.reduce([np.isfinite(pd.to_numeric(done[c], errors="coerce").to_numpy(float))
+                                    for c in (*used, loss)])
+    done = done[finite]
+    drop = int((getattr(fit, "settings", {}) or {}).get("drop_highest_loss") or 0)
+    if drop:
+        done = done[done[loss].rank(method="first", ascending=False).to_numpy() > drop]
+    return done
+
+
 def fit_heldout(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> list[str]:
     """Run ids of the runs ``fit`` held out for its ``heldout_rmse``, recomputed with the fit's own
     rule (:func:`moe_scaling.fit.holdout_mask` over its ``heldout_by`` ranking, ``heldout_frac``
-    of the completed runs with finite inputs); [] when the fit held nothing out."""
+    of :func:`fitted_rows`); [] when the fit held nothing out."""
     from moe_scaling.fit import holdout_mask
 
     settings, metrics = getattr(fit, "settings", {}) or {}, getattr(fit, "metrics", {}) or {}
     if metrics.get("heldout_rmse") is None or "heldout_frac" not in settings:
         return []
-    done = completed(runs, loss)
-    X = law_inputs(done)
-    finite = np.logical_and.reduce([np.isfinite(v) for v in X.values()] + [np.isfinite(done[loss].to_numpy(float))])
-    done = done[finite]
+    done = fitted_rows(fit, runs, loss)
     by = settings.get("heldout_by", "compute")
     if by != "compute":
         rank = done[by].to_numpy(float)
@@ -860,7 +874,7 @@ def predicted_vs_observed(fit: Any, runs: pd.DataFrame, *, heldout: Sequence[str
                     elinewidth=0.8, capsize=2, label=name)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("observed eval loss (nats/token)")
+    ax.set_xlabel(f"observed {'eval ' if loss == 'eval_loss' else ''}loss (nats/token)")
     ax.set_ylabel("predicted loss (nats/token)")
     fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     ax.set_title(f"{_law_name(fit)}: predicted vs observed"
@@ -1221,21 +1235,27 @@ def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence
                 heldout: Sequence[str] | None = None) -> dict[str, Figure]:
     """The standard figures of a fit and its sweet-spot searches.
 
-    With ``runs`` (the table the law was fitted on): ``law_curves``, ``predicted_vs_observed`` and
-    ``residuals`` (``heldout`` run ids highlighted; default :func:`fit_heldout`). For each search result (``SearchResult`` or
-    its dict; empty ones are skipped) with a sweet spot: ``frontier_memory_<budget>`` and
-    ``iso_loss_<budget>`` (e.g. ``frontier_memory_2GB``); for the first one also
-    ``frontier_flops_<budget>`` and, when its frontier is on their scale, ``published_models``;
-    with two or more budgets,
-    ``optimum_vs_budget``.
+    With ``runs`` (the table the law was fitted on: a sweep's runs table, or any table with the
+    canonical columns and ``loss``; only :func:`fitted_rows` are drawn): ``predicted_vs_observed``, ``residuals`` (``heldout`` run ids
+    highlighted; default :func:`fit_heldout`) and, when the table carries model configs,
+    ``law_curves``. For each search result (``SearchResult`` or its dict; those without a sweet
+    spot are skipped): ``frontier_memory_<budget>`` and ``iso_loss_<budget>`` (e.g.
+    ``frontier_memory_2GB``); for the first also ``frontier_flops_<budget>`` and, when its frontier
+    is on their scale, ``published_models``; with two or more budgets, ``optimum_vs_budget``.
     """
     figs: dict[str, Figure] = {}
-    if runs is not None and not completed(runs).empty:
+    loss = "eval_loss" if runs is not None and "eval_loss" in runs else "loss"
+    if runs is not None and not completed(runs, loss).empty:
+        if "run_id" not in runs:                 # a plain table (e.g. published runs): name the rows
+            runs = runs.assign(run_id=[f"row{i}" for i in range(len(runs))])
         if heldout is None:
-            heldout = fit_heldout(fit, runs)
-        figs["law_curves"] = law_curves(fit, runs, heldout=heldout)
-        figs["predicted_vs_observed"] = predicted_vs_observed(fit, runs, heldout=heldout)
-        figs["residuals"] = residuals(fit, runs, heldout=heldout)
+            heldout = fit_heldout(fit, runs, loss)
+        runs = fitted_rows(fit, runs, loss)      # (not idempotent with drop_highest_loss: once)
+        if {"vocab_size", "d_model", "n_layers", "n_heads"} <= set(runs.columns):
+            figs["law_curves"] = law_curves(fit, runs, loss=loss, heldout=heldout)
+        figs["predicted_vs_observed"] = predicted_vs_observed(fit, runs, heldout=heldout, loss=loss)
+        x = next(c for c in ("params_total", "params_active", "tokens", *LAW_INPUTS) if c in runs)
+        figs["residuals"] = residuals(fit, runs, heldout=heldout, loss=loss, x=x)
     rs = [_result(r) for r in results if r]
     rs = [r for r in rs if r.get("sweet_spot")]
     for i, r in enumerate(rs):

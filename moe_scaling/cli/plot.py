@@ -5,7 +5,8 @@
 * :func:`add_sweep_plot_parser` registers ``plot DIR [--out OUT] [--json]`` on a subparsers object
   and :func:`sweep_plot_main` runs it: the sweep figures of :func:`moe_scaling.plots.sweep_figures`
   written as PNG + SVG into ``DIR/plots/`` (or ``--out``).
-* :func:`fit_plot` writes the fit figures of :func:`moe_scaling.plots.fit_figures` into a folder.
+* :func:`add_fit_plot_argument` adds ``--plot OUT_DIR`` to ``moe-fit`` and :func:`fit_plot` writes
+  the fit figures of :func:`moe_scaling.plots.fit_figures` into that folder.
 
 Run on its own, ``python -m moe_scaling.cli.plot DIR`` is ``moe-sweep plot DIR``.
 """
@@ -75,17 +76,33 @@ def sweep_plot_main(args) -> int:
     return 0
 
 
-def fit_plot(fit: Any, out_dir: str | Path, *, runs=None, results: Sequence[Any] = (),
-             heldout: Sequence[str] | None = None) -> dict[str, list[str]]:
+def add_fit_plot_argument(parser) -> None:
+    """Add ``--plot OUT_DIR`` to the ``moe-fit`` parser."""
+    parser.add_argument("--plot", default=None, metavar="OUT_DIR",
+                        help="write the fit's figures (law vs runs, predicted vs observed, residuals; "
+                             "with a budget: frontiers, iso-loss, published models) as PNG + SVG")
+
+
+def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mapping[str, str] | None = None,
+             results: Sequence[Any] = (), heldout: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Write the fit figures (:func:`moe_scaling.plots.fit_figures`) into ``out_dir``.
 
-    ``fit`` is a ``fit.Fit``; ``runs`` the table it was fitted on (None when the fit was loaded from
-    JSON without its data: the data figures are then left out); ``results`` the
-    ``optimize.SearchResult`` of each budget searched; ``heldout`` run ids to highlight.
-    Returns ``{figure name: [png path, svg path]}``.
+    ``fit`` is a ``fit.Fit``. ``runs`` is the table it was fitted on, or the path ``moe-fit`` was
+    given (a sweep folder or table, read with ``fit.load_runs`` and ``columns``; a ``.json`` fit
+    has no runs, so the data figures are left out). ``results`` holds each budget search's result
+    (``optimize.SearchResult``, its dict, or a ``moe-fit`` result dict holding one; entries without
+    a sweet spot are skipped); ``heldout`` run ids to highlight (default: the fit's own held-out
+    runs). Returns ``{figure name: [png path, svg path]}``.
     """
     from moe_scaling.plots import fit_figures
 
+    if isinstance(runs, (str, Path)):
+        if str(runs).lower().endswith(".json"):
+            runs = None
+        else:
+            from moe_scaling.fit import load_runs
+
+            runs = load_runs(runs, columns)[0]
     return _write(fit_figures(fit, runs=runs, results=results, heldout=heldout), Path(out_dir))
 
 
