@@ -729,6 +729,8 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
         metrics.update(heldout_rmse=_rmse(law.predict(nat[r], d.subset(held)), d.loss[held]),
                        heldout_n=int(held.sum()),
                        heldout_rule=f"largest {d.compute_rule if heldout_by == 'compute' else heldout_by}")
+        if "run_id" in d.table:
+            metrics["heldout_run_ids"] = [str(v) for v in d.table["run_id"][held]]
         r += 1
     if fold is not None:
         err = np.empty(d.n)

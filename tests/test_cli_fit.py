@@ -63,6 +63,7 @@ def test_sweep_directory_json_predict_and_out(env, sweep_dir, tmp_path):
     assert res["law"] == "chinchilla" and res["n_points"] == 29
     assert set(res["intervals"]) == set(res["params"]) == set(LAWS["chinchilla"].params)
     assert res["heldout_rmse"] > 0 and res["interval_level"] == 0.95
+    assert len(res["metrics"]["heldout_run_ids"]) == res["metrics"]["heldout_n"] == 6
     assert "used the 30 completed of 33 runs (status column)" in res["notes"]
     assert any("dropped 1 rows with NaN/inf" in n for n in res["notes"])
     assert res["params"]["alpha"] == pytest.approx(LAWS["chinchilla"].reference["alpha"], rel=0.1)

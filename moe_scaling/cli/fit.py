@@ -178,7 +178,8 @@ def format_fit(result: dict[str, Any]) -> str:
     if "predictions" in result:
         ivs = result.get("prediction_intervals") or [None] * len(result["predictions"])
         lines.append(f"predictions ({len(result['predictions'])} rows"
-                     + (f", {result['prediction_interval_level']:.0%} intervals):" if result.get("prediction_intervals") else "):"))
+                     + (f", {result['prediction_interval_level']:.0%} intervals):" if result.get("prediction_intervals")
+                        else f"; {result['prediction_interval_note']}):"))
         for i, (v, iv) in enumerate(zip(result["predictions"], ivs)):
             lines.append(f"  {i:>4}  " + ("n/a" if v is None else f"{v:.4f}") + (f"  [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""))
     if "out" in result:
