@@ -331,17 +331,19 @@ def test_sweet_spot_figures(sweep, fitted, searched):
     assert text_overlaps(fig) == []
 
 
-def test_fit_plot_writes_the_standard_set(tmp_path, sweep, fitted, searched):
+def test_fit_plot_writes_the_standard_set(tmp_path, fitted, searched):
     from moe_scaling.cli.plot import fit_plot
 
-    runs, _ = sweep
-    written = fit_plot(fitted, tmp_path, runs=runs, results=[r.to_dict() for r in searched])
+    # as moe-fit calls it: the INPUT path (a sweep folder) and its result dicts
+    written = fit_plot(fitted, tmp_path, runs=SWEEP, results=[r.to_dict() for r in searched])
     tags = [plots._budget_tag(r.to_dict()) for r in searched]
-    assert set(written) == {"law_curves", "predicted_vs_observed", "residuals", "optimum_vs_budget",
-                            f"frontier_flops_{tags[0]}"} | {f"{k}_{t}" for t in tags
-                                                             for k in ("frontier_memory", "iso_loss")}
+    searches = {"optimum_vs_budget", f"frontier_flops_{tags[0]}"} | {
+        f"{k}_{t}" for t in tags for k in ("frontier_memory", "iso_loss")}
+    assert set(written) == {"law_curves", "predicted_vs_observed", "residuals"} | searches
     for png, svg in written.values():
         assert os.path.getsize(png) > 10_000 and os.path.getsize(svg) > 10_000
+    # a saved fit as INPUT has no runs: only the search figures
+    assert set(fit_plot(fitted, tmp_path / "json", runs="fits/x.json", results=searched)) == searches
 
 
 def test_published_models_with_a_phone_search():
