@@ -14,9 +14,17 @@ The visual encoding of runs, shared by the cost-axis figures:
 * dense runs (``n_experts <= 1``): black crosses joined by a dashed reference line;
 * the Pareto frontier (lowest loss at no more cost) as a step line.
 
-Memory on device is weight bytes at the chosen precision (default INT4: 4.5 bits per weight with
-group-32 fp16 scales, DESIGN.md section 3), computed with :func:`moe_scaling.costs.weight_bytes`
-from each row's ModelConfig fields.
+Memory on device of a measured run is its weight bytes at the chosen precision (default INT4: 4.5
+bits per weight with group-32 fp16 scales, DESIGN.md section 3), computed with
+:func:`moe_scaling.costs.weight_bytes` from the row's ModelConfig fields. Figures of a sweet-spot
+search (:mod:`moe_scaling.optimize`) use the search's own axes: weights plus the KV cache at its
+precision and context. Byte and FLOP axes pick their unit (KB/MB/GB, kFLOP/.../TFLOP) from the data
+and say it in the label.
+
+Groups: runs tables (:func:`sweep_figures`: ``moe-sweep plot``), fitted laws (:func:`law_curves`,
+:func:`predicted_vs_observed`, :func:`residuals`) and searches (:func:`frontier_figure`,
+:func:`optimum_vs_budget`, :func:`iso_loss_contours`, :func:`published_models_figure`), together
+:func:`fit_figures` (``moe-fit --plot``).
 """
 
 from __future__ import annotations
