@@ -474,7 +474,7 @@ class SearchResult:
             "moe_advantage": (None if not (self.sweet_spot and self.dense) else
                               self.dense["predicted_loss"] - self.sweet_spot["predicted_loss"]),
             "binding": self.binding, "frontier": self.frontier, "frontier_flops": self.frontier_flops,
-            "frontier_dense": self.frontier_dense, "published": self.published, "law": self.law,
+            "frontier_dense": self.frontier_dense, "published": self.published, "law_scope": self.law,
             "space": dataclasses.asdict(self.space), "method": self.method,
             "n_evaluated": self.n_evaluated,
         }

@@ -1,6 +1,7 @@
 """ModelConfig / TrainConfig / DataConfig: defaults, derived sparsity vocabulary, validation, files."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,9 @@ def test_round_trip(tmp_path, suffix):
     assert load_config(path) == (m, t, d)
     assert load_model_config(path) == m
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # a normal file's mode, not mkstemp's 0600
 
 
 def test_bad_files_are_one_line_errors(tmp_path):

@@ -155,7 +155,7 @@ def format_budget(result: dict[str, Any]) -> str:
     if result["dense"]:
         lines.append("best dense: " + _describe(result["dense"]))
         lines.append(f"MoE advantage (dense loss - sweet spot loss): {result['moe_advantage']:+.4f}")
-    law = result["law"]
+    law = result["law_scope"]
     if law["fixed_knobs"]:
         lines.append("law cannot see: " + ", ".join(law["not_distinguished"])
                      + f"; fixed: {law['fixed_knobs']}")

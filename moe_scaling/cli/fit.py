@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
+from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
 from moe_scaling.fit import Fit, FitError, fit_law, load_fit, load_runs, select_law
 from moe_scaling.laws import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
 
@@ -81,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", metavar="FILE", help="table of inputs (CSV/parquet): predicted loss per row")
     p.add_argument("--out", metavar="FIT.json", help="write the fit as JSON (e.g. fits/my-sweep.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    # ---- issue 6 (budget / sweet-spot options) plugs in here: ------------------------------
-    #   from moe_scaling.cli.budget import add_budget_arguments; add_budget_arguments(p)
+    add_budget_arguments(p)
+    add_fit_plot_argument(p)
     return p
 
 
@@ -197,15 +199,22 @@ def _main(argv: Sequence[str] | None) -> int:
             result.update(_predictions(fit, args.predict, columns))
     except (FitError, LawInputError) as err:
         raise InputError(str(err)) from None
-    # ---- issue 6 (budget / sweet-spot search) plugs in here, before anything is written: -------
-    #   from moe_scaling.cli.budget import run_budget; result.update(run_budget(args, fit))
+    result.update(run_budget(args, fit))  # sweet spot and frontiers when --budget-mem is given
     if args.out:
         fit.save(args.out)
         result["out"] = str(args.out)
+    if args.plot:
+        result["plots"] = fit_plot(fit, args.plot, runs=args.input, columns=columns,
+                                   results=[result] if "sweet_spot" in result else [])
     if args.json:
         print_json(result)
     else:
         print(format_fit(result))
+        budget_text = format_budget(result)
+        if budget_text:
+            print(budget_text)
+        for name, paths in result.get("plots", {}).items():
+            print(f"figure {name}: {', '.join(paths)}")
     return 0
 
 
