@@ -116,20 +116,21 @@ def open_study(url: str, name: str, grace_s: int = DEFAULT_GRACE_S, create: bool
     storage = _storage(url, grace_s)
     if not create:
         return optuna.load_study(study_name=name, storage=storage)
-    for attempt in range(5):
+    attempt = 0
+    while True:
         try:
             return optuna.create_study(study_name=name, storage=storage, direction="minimize",
                                        load_if_exists=True)
         except Exception:  # noqa: BLE001 - a concurrent creator won the race; load on the next try
-            if attempt == 4:
+            attempt += 1
+            if attempt == 5:
                 raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.5 * attempt)
 
 
 def _enqueue(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
-    study.enqueue_trial(params={}, user_attrs={k: attrs[k] for k in RUN_ATTRS if k in attrs}
-                        | {k: v for k, v in attrs.items() if k == "retry_of"})
+    keep = RUN_ATTRS + ("retry_of",)
+    study.enqueue_trial(params={}, user_attrs={k: attrs[k] for k in keep if k in attrs})
 
 
 def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -354,12 +355,17 @@ class _Heartbeat:
 
 
 def enable_compilation_cache(out: str | os.PathLike) -> None:
-    """Point JAX's persistent compilation cache at ``out/jax_cache`` and cache every program."""
+    """Point JAX's persistent compilation cache at ``out/jax_cache`` and cache every program.
+
+    XLA's own GPU caches are left off: they put the cache folder's path into the compile options
+    and so into every cache key, and a cache copied or moved to another folder would never hit.
+    """
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(Path(out).resolve() / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
 
 def worker_loop(ctx: WorkerContext) -> int:

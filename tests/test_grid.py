@@ -175,7 +175,7 @@ def test_shipped_grids_validate():
               for name in ("n_experts", "top_k", "granularity", "n_shared")}
     assert all(len(values) > 1 for values in varied.values()), varied
     study = load_grid(root / "sparsity_granularity.yaml")
-    runs = expand_grid(study, check_corpus=False)
+    runs = expand_grid(study)                       # its corpus: ../shared/data/text/gutenberg
     assert len(runs) >= 40
     assert {r.model.expansion for r in runs} >= {1, 2, 4, 8, 16}
     assert {r.model.granularity for r in runs} >= {1, 2, 4, 8}
