@@ -4,13 +4,27 @@
     python bench/moe_overhead.py --only d256_e64_k8_fine --steps 5
     python bench/moe_overhead.py --torch           # also time a plain PyTorch CPU dense twin
 
-Every row times the full training step (forward, backward, AdamW; the trainer's own jitted step
-from :mod:`moe_scaling.train`) on the same batch, sequence length, dtype and jit for an MoE model
-and for its dense twin (:meth:`ModelConfig.dense_twin`: FFN width ``top_k * d_expert + shared``).
-``overhead_ratio`` = MoE step time / dense twin step time; ``mfu`` = model FLOPs/s
-(:func:`moe_scaling.costs.flops_per_token`, training, causal) over the f32 matmul peak measured
-here (best of a few jitted 2048 x 2048 matmuls). Step times are the best of ``--steps`` steps after
-one warm-up step, the MoE and dense steps alternating (robust to other load on a shared machine). Results are written to ``bench/moe_overhead.json`` (``--out``).
+Every row times the full training step (forward, backward, AdamW with clipping: the trainer's
+own jitted step from :mod:`moe_scaling.train`) at batch 16 x 256 tokens, float32, for an MoE
+model and for its dense twin (:meth:`ModelConfig.dense_twin`: FFN width
+``top_k * d_expert + shared``), the two alternating step by step so that load from other
+processes hits both alike. Reported per row:
+
+* ``overhead_ratio``: best MoE step time / best dense-twin step time (wall clock);
+  ``overhead_ratio_cpu``: the same with process CPU time (user + system, all threads), steadier
+  when other processes share the cores.
+* ``mfu``: model FLOPs/s (:func:`moe_scaling.costs.flops_per_token`, training, causal) over the
+  f32 matmul peak measured here (best jitted 2048 x 2048 matmul, at the start and the end).
+* ``tokens_per_s``, ``step_ms``, ``dropped_fraction`` (capacity dispatch, untrained router:
+  the first step's).
+* with ``--torch``: the dense twin's ``torch_tokens_per_s`` (PyTorch eager, same model, run in a
+  child process so that XLA's threads do not compete with PyTorch's) and
+  ``jax_speedup_over_torch``.
+
+Rows: ``d256_e8_k2`` (8 experts of width 512, top 2), ``d256_e64_k8_fine`` (64 experts of
+width 128, top 8: the fine-grained case), ``d128_e32_k4``, each with its ``dense_*`` twin, and
+``d256_e64_k8_fine_cf1`` (the fine-grained model at capacity factor 1.0). Results are written
+to ``bench/moe_overhead.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -84,6 +98,7 @@ class StepTimer:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.run(record=False)
+        self.first_dropped = float(self.metrics["dropped_fraction"])  # untrained router
 
     def run(self, record: bool = True) -> None:
         t0, c0 = time.perf_counter(), cpu_seconds()
@@ -97,7 +112,7 @@ class StepTimer:
         """Best wall and CPU step times (the least disturbed by other processes)."""
         return {"step_s": min(self.times), "median_step_s": statistics.median(self.times),
                 "cpu_s": min(self.cpu_times), "compile_s": self.compile_s,
-                "dropped_fraction": float(self.metrics["dropped_fraction"])}
+                "dropped_fraction": self.first_dropped}
 
 
 def cpu_seconds() -> float:
