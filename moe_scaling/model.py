@@ -80,6 +80,31 @@ def apply_rope(x: jax.Array, cos, sin) -> jax.Array:
     return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """Softmax attention with a causal mask, ``q [B, kv, g, S, hd]`` (already scaled) over
+    ``k, v [B, kv, S, hd]`` -> ``[B, kv, g, S, hd]``.
+
+    The queries are taken in up to 8 blocks of at least 64 rows; block ``i`` attends only to the
+    keys ``< (i + 1) * block``, so the fully masked upper blocks of the score matrix are never
+    computed (37% less attention work than the full square at 4 blocks, same result).
+    """
+    seq = q.shape[3]
+    n = min(8, max(1, seq // 64))
+    if seq % n:
+        n = 1
+    c = seq // n
+    outs = []
+    for i in range(n):
+        keys = (i + 1) * c
+        mask = np.zeros((c, keys), np.float32)
+        mask[:, i * c:] = np.triu(np.full((c, c), -np.inf, np.float32), 1)  # a constant
+        s = jnp.einsum("bkgqd,bksd->bkgqs", q[:, :, :, i * c:keys], k[:, :, :keys],
+                       preferred_element_type=jnp.float32) + mask
+        p = jax.nn.softmax(s, axis=-1).astype(dtype)
+        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", p, v[:, :, :keys], preferred_element_type=dtype))
+    return outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE and optional QK-norm; fused q/k/v matrix."""
 
@@ -111,10 +136,7 @@ class Attention(nnx.Module):
         q = q.reshape(batch, seq, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)
         k = k.astype(dtype).transpose(0, 2, 1, 3)
         v = v.astype(dtype).transpose(0, 2, 1, 3)
-        s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        s = s + np.triu(np.full((seq, seq), -np.inf, np.float32), 1)  # causal mask, a constant
-        p = jax.nn.softmax(s, axis=-1).astype(dtype)
-        o = jnp.einsum("bkgqs,bksd->bkgqd", p, v, preferred_element_type=dtype)
+        o = causal_attention(q, k, v, dtype)
         o = o.transpose(0, 3, 1, 2, 4)
         return _mm(o.reshape(batch * seq, h * hd), self.wo[...], dtype)
 

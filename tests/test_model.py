@@ -10,7 +10,7 @@ from flax import nnx
 
 from moe_scaling.config import ModelConfig
 from moe_scaling.costs import param_counts
-from moe_scaling.model import RouterBias, Transformer
+from moe_scaling.model import RouterBias, Transformer, causal_attention
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -63,6 +63,18 @@ def test_causal_future_tokens_do_not_change_past_logits():
     lb, _ = model(b, dispatch="dropless")
     np.testing.assert_allclose(la[:10], lb[:10], rtol=1e-5, atol=1e-5)
     assert not np.allclose(la[10:], lb[10:])
+
+
+@pytest.mark.parametrize("seq", [16, 192, 256])
+def test_blocked_causal_attention_equals_the_full_masked_square(seq):
+    ks = jax.random.split(jax.random.PRNGKey(seq), 3)
+    q = jax.random.normal(ks[0], (2, 2, 3, seq, 8))   # [B, kv, group, S, hd]
+    k = jax.random.normal(ks[1], (2, 2, seq, 8))
+    v = jax.random.normal(ks[2], (2, 2, seq, 8))
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q, k)
+    s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
+    want = jnp.einsum("bkgqs,bksd->bkgqd", jax.nn.softmax(s, axis=-1), v)
+    np.testing.assert_allclose(causal_attention(q, k, v, jnp.float32), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["moe_gqa_shared", "moe_sigmoid_bias_gated"])
