@@ -9,10 +9,11 @@ token is dropped; they differ in speed per backend:
     every expert on every token, masked by the dense ``[T, E]`` combine matrix. Exact, slow:
     ``E / k`` times the useful work. For tests.
 ``capacity``
-    index gather/scatter into ``[E, C, d]`` with capacity ``C = ceil(capacity_factor * T * k / E)``
-    (rounded up to a multiple of 8, at most ``T``), one batched matmul over the experts, gather
-    back. Assignments beyond an expert's capacity are dropped (their weight is lost; the residual
-    stream carries the token on). Static shapes, no one-hot ``[T, E, C]`` tensor. Fastest on CPU.
+    sort the assignments by expert, gather the rows into ``[E, C, d]`` with capacity
+    ``C = ceil(capacity_factor * T * k / E)`` (rounded up to a multiple of 8, at most ``T``), one
+    batched matmul over the experts, gather back. An expert keeps its first ``C`` assignments in
+    (token, choice) order; the rest are dropped (their weight is lost; the residual stream
+    carries the token on). Static shapes, no one-hot ``[T, E, C]`` tensor. Fastest on CPU.
 ``dropless``
     the same sorted layout, but each expert's group is padded to a multiple of a block of ``B``
     rows and every block is multiplied by its expert's weights: nothing is ever dropped.
@@ -32,7 +33,6 @@ columns and the up projection in the last ``f``; ``w_down[e]`` is ``[f, d]``.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
