@@ -30,6 +30,7 @@ Results go to per-run record files and the tables of :mod:`moe_scaling.results`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,9 +46,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
@@ -57,11 +59,9 @@ from moe_scaling.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_
 from moe_scaling.results import (MANIFEST_FILE, atomic_write_json, code_version, read_record,
                                  rebuild_tables, run_dir, write_curve, write_record)
 
-# Heartbeats are "experimental" in optuna 5 (since 2.9); the warning says nothing a user can act on.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-__all__ = ["SweepPlan", "plan_sweep", "default_storage", "open_study", "prepare", "run_sweep",
-           "worker_loop", "recover_stale", "claim_next", "sweep_counts", "WorkerContext"]
+__all__ = ["SweepPlan", "plan_sweep", "default_storage", "check_storage_url", "open_study", "prepare",
+           "run_sweep", "worker_loop", "recover_stale", "claim_next", "sweep_counts", "WorkerContext",
+           "Progress", "snapshot", "read_snapshot", "enable_compilation_cache"]
 
 HEARTBEAT_S = 5          # optuna heartbeat interval of a running trial
 DEFAULT_GRACE_S = 60     # a heartbeat older than this marks a trial of another host as dead
@@ -102,11 +102,32 @@ def check_storage_url(url: str) -> None:
 
 
 def _storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        kwargs = {"connect_args": {"timeout": 120}}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                      grace_period=grace_s, heartbeat_stale_trial_callback=_requeue)
+    """The optuna RDB storage with heartbeats. On SQLite every transaction is ``BEGIN IMMEDIATE``:
+    Python's sqlite3 module otherwise runs a transaction's first SELECT outside it, so two
+    processes can both read a trial as WAITING and both claim it (measured: 14 double claims in
+    150 with three processes). PostgreSQL's ``SELECT ... FOR UPDATE`` needs nothing extra."""
+    sqlite = url.startswith("sqlite")
+    kwargs: dict[str, Any] = ({"connect_args": {"timeout": 300, "isolation_level": None}} if sqlite
+                              else {"pool_pre_ping": True})
+    with _no_experimental_warning():
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                             grace_period=grace_s, heartbeat_stale_trial_callback=_requeue)
+    if sqlite:
+        sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
+    return storage
+
+
+def _begin_immediate(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextlib.contextmanager
+def _no_experimental_warning() -> Iterator[None]:
+    """Heartbeats are "experimental" in optuna 5 (since 2.9); the warning says nothing a user can
+    act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def open_study(url: str, name: str, grace_s: int = DEFAULT_GRACE_S, create: bool = False) -> optuna.Study:
@@ -247,7 +268,8 @@ def recover_stale(study: optuna.Study, grace_s: int = DEFAULT_GRACE_S) -> int:
     heartbeat is older than the grace period. Returns how many this call re-enqueued."""
     storage = study._storage
     n = 0
-    optuna.storages.fail_stale_trials(study)  # heartbeats: fails them and calls _requeue
+    with _no_experimental_warning():
+        optuna.storages.fail_stale_trials(study)  # heartbeats: fails them and calls _requeue
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "run_id" not in t.user_attrs or not _dead(t, grace_s):
             continue
@@ -327,7 +349,6 @@ class WorkerContext:
     grace_s: int = DEFAULT_GRACE_S
     worker: int = 0
     n_workers: int = 1
-    progress: bool = True      # this worker prints the progress line itself (single-worker sweeps)
 
 
 class _Heartbeat:
@@ -368,12 +389,13 @@ def enable_compilation_cache(out: str | os.PathLike) -> None:
     jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
 
-def worker_loop(ctx: WorkerContext) -> int:
-    """Claim and run trials until none is waiting or running. Returns the number of runs trained."""
+def worker_loop(ctx: WorkerContext, report: Report | None = None) -> int:
+    """Claim and run trials until none is waiting or running; ``report`` gets progress snapshots.
+    Returns the number of runs this worker trained."""
     enable_compilation_cache(ctx.out)
     from moe_scaling.train import train as train_fn
     study = open_study(ctx.storage_url, ctx.study_name, ctx.grace_s)
-    reporter = Progress(ctx, study)
+    reporter = Progress(ctx, study, report)
     n = 0
     while True:
         recover_stale(study, ctx.grace_s)
@@ -487,31 +509,32 @@ def _worker_main(ctx: WorkerContext) -> None:
 # --------------------------------------------------------------------------------------
 
 
-class Progress:
-    """Live progress: each worker writes ``DIR/progress/<worker>.json`` on every log; the line
-    ``runs 3/8 done | 1a2b3c4d5e6f step 40/120 loss 3.412 9.8k tok/s | ETA 2m10s`` is printed to
-    stderr by the single worker itself or by the parent of several (:func:`render_progress`)."""
+Report = Callable[[dict], None]
 
-    def __init__(self, ctx: WorkerContext, study: optuna.Study) -> None:
-        self.ctx, self.study = ctx, study
+
+class Progress:
+    """Live progress of one worker: its state (run, step, loss, tokens/s) goes to
+    ``DIR/progress/<worker>.json`` on every log, and, in a single-worker sweep, to ``report`` as a
+    :func:`snapshot` (with ``"event"``: ``"start"`` when a run starts, the run's record when it ends)."""
+
+    def __init__(self, ctx: WorkerContext, study: optuna.Study, report: Report | None = None) -> None:
+        self.ctx, self.study, self.report = ctx, study, report
         self.path = Path(ctx.out) / "progress" / f"{ctx.worker}.json"
         self.state: dict[str, Any] = {}
-        self.printer = LinePrinter() if ctx.progress else None
         self._counts: dict[str, Any] | None = None
 
-    def _write(self, force: bool = False) -> None:
+    def _write(self, event: Any = None) -> None:
         atomic_write_json(self.path, self.state)
-        if self.printer is not None:
+        if self.report is not None:
             if self._counts is None:
                 self._counts = sweep_counts(self.study)
-            self.printer.show(format_progress(self.ctx.total, self._counts, [self.state],
-                                              self.ctx.n_workers), force=force)
+            self.report(snapshot(self.ctx, self._counts, [self.state]) | {"event": event})
 
     def start_run(self, rid: str, label: str) -> None:
         self._counts = None
         self.state = {"run_id": rid, "label": label, "step": 0, "steps": None, "loss": None,
                       "tokens_per_s": None, "started": time.time()}
-        self._write(force=True)
+        self._write("start")
 
     def log(self, entry: Mapping[str, Any]) -> None:
         for key, name in (("step", "step"), ("steps", "steps"), ("loss", "train_loss"),
@@ -522,88 +545,43 @@ class Progress:
 
     def end_run(self, record: Mapping[str, Any]) -> None:
         self._counts = None
-        if self.printer is not None:
-            loss = record.get("eval_loss")
-            tail = f"eval loss {loss:.4f}" if isinstance(loss, float) else record.get("error") or ""
-            self.printer.event(f"{record['run_id']} {record['status']} {tail}".rstrip())
         self.state = {}
-        self._write()
+        self._write(dict(record))
 
     def idle(self) -> None:
-        if self.state:
-            self.state = {}
+        self.state = {}
         atomic_write_json(self.path, self.state)
 
 
-class LinePrinter:
-    """Rewrites one line on a terminal; elsewhere prints a line at most every ``every`` seconds
-    (and whenever ``force``d, e.g. when a run starts)."""
-
-    def __init__(self, stream: Any = None, every: float = 10.0) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.every, self.last = every, 0.0
-
-    def show(self, line: str, force: bool = False) -> None:
-        now = time.time()
-        if self.tty:
-            self.stream.write("\r\033[K" + line)
-        elif force or now - self.last >= self.every:
-            self.stream.write(line + "\n")
-        else:
-            return
-        self.last = now
-        self.stream.flush()
-
-    def event(self, line: str) -> None:
-        self.stream.write(("\r\033[K" if self.tty else "") + line + "\n")
-        self.stream.flush()
-
-
-def format_progress(total: int, counts: Mapping[str, Any], states: list[Mapping[str, Any]],
-                    n_workers: int) -> str:
-    """``runs 3/8 done | <run> step s/S loss L T tok/s | ETA ...``."""
-    parts = [f"runs {counts['done']}/{total} done"]
+def snapshot(ctx: WorkerContext, counts: Mapping[str, Any], states: list[Mapping[str, Any]]) -> dict:
+    """What a progress line shows: ``total`` runs, ``done``, the ``states`` of the runs in flight
+    (run_id, step, steps, loss, tokens_per_s), ``n_workers`` and ``eta_s`` (None until it can be
+    estimated: the mean wall time of finished runs, else the in-flight runs' pace, times the runs
+    left, over the workers)."""
     now = time.time()
-    fractions = []
-    for s in states:
-        if not s.get("run_id"):
-            continue
-        step, steps = s.get("step") or 0, s.get("steps")
-        text = f"{s['run_id']} step {step}/{steps or '?'}"
-        if s.get("loss") is not None:
-            text += f" loss {s['loss']:.3f}"
-        if s.get("tokens_per_s"):
-            text += f" {s['tokens_per_s'] / 1e3:.1f}k tok/s"
-        parts.append(text)
-        if steps:
-            fractions.append((min(step / steps, 1.0), now - s.get("started", now)))
-    per_run = sum(counts["walls"]) / len(counts["walls"]) if counts["walls"] else None
+    live = [s for s in states if s.get("run_id")]
+    fractions = [(min((s.get("step") or 0) / s["steps"], 1.0), now - s.get("started", now))
+                 for s in live if s.get("steps")]
+    walls = counts["walls"]
+    per_run = sum(walls) / len(walls) if walls else None
     if per_run is None:
         rates = [elapsed / f for f, elapsed in fractions if f > 0.05]
         per_run = sum(rates) / len(rates) if rates else None
-    if per_run is not None:
-        remaining = max(total - counts["done"] - sum(f for f, _ in fractions), 0.0)
-        parts.append(f"ETA {_duration(remaining * per_run / max(n_workers, 1))}")
-    return " | ".join(parts)
+    remaining = max(ctx.total - counts["done"] - sum(f for f, _ in fractions), 0.0)
+    eta = None if per_run is None else remaining * per_run / max(ctx.n_workers, 1)
+    return {"total": ctx.total, "done": counts["done"], "states": live, "n_workers": ctx.n_workers,
+            "eta_s": eta}
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def render_progress(ctx: WorkerContext, study: optuna.Study, printer: LinePrinter) -> None:
-    """One progress line from every worker's progress file and the storage (parent of N workers)."""
+def read_snapshot(ctx: WorkerContext, study: optuna.Study) -> dict:
+    """A :func:`snapshot` from every worker's progress file and the storage."""
     states = []
     for path in sorted((Path(ctx.out) / "progress").glob("*.json")):
         try:
             states.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # a file being replaced; the next poll reads it
             continue
-    printer.show(format_progress(ctx.total, sweep_counts(study), states, ctx.n_workers))
+    return snapshot(ctx, sweep_counts(study), states) | {"event": None}
 
 
 # --------------------------------------------------------------------------------------
@@ -613,24 +591,25 @@ def render_progress(ctx: WorkerContext, study: optuna.Study, printer: LinePrinte
 
 def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1,
               storage: str | None = None, retry_failed: bool = False, grace_s: int = DEFAULT_GRACE_S,
-              progress: bool = True, plan: SweepPlan | None = None) -> dict[str, Any]:
+              report: Report | None = None, plan: SweepPlan | None = None) -> dict[str, Any]:
     """Validate the grid, enqueue its runs and work the queue with ``workers`` local processes
-    (in this process when 1) until nothing is waiting or running. Returns ``{"done", "total",
-    "unfinished"}``; rerunning the same call after a crash finishes the sweep."""
+    (in this process when 1) until nothing is waiting or running; ``report`` receives progress
+    snapshots (see :class:`Progress`). Returns ``{"sweep", "out", "done", "total", "unfinished"}``;
+    rerunning the same call after a crash finishes the sweep."""
     plan = plan or plan_sweep(grid_path)
     if storage is not None:
         check_storage_url(storage)
     study, url = prepare(plan, out, storage, retry_failed=retry_failed, grace_s=grace_s)
     ctx = WorkerContext(out=str(Path(out).resolve()), storage_url=url, study_name=plan.spec.name,
                         grid_dir=str(plan.spec.path.resolve().parent), total=len(plan.runs),
-                        grace_s=grace_s, n_workers=workers, progress=progress and workers == 1)
+                        grace_s=grace_s, n_workers=workers)
     (Path(out) / "progress").mkdir(exist_ok=True)
     for stale in (Path(out) / "progress").glob("*.json"):
         stale.unlink()
     if workers == 1:
-        worker_loop(ctx)
+        worker_loop(ctx, report)
     else:
-        _run_processes(ctx, study, workers, progress)
+        _run_processes(ctx, study, workers, report)
     ids = {r.run_id for r in plan.runs}
     counts = sweep_counts(study, ids)
     rebuild_tables(out)
@@ -638,17 +617,16 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
             "unfinished": len(ids) - counts["done"]}
 
 
-def _run_processes(ctx: WorkerContext, study: optuna.Study, workers: int, progress: bool) -> None:
+def _run_processes(ctx: WorkerContext, study: optuna.Study, workers: int, report: Report | None) -> None:
     mp = multiprocessing.get_context("spawn")
-    procs = [mp.Process(target=_worker_main, args=(dataclasses.replace(ctx, worker=i, progress=False),),
+    procs = [mp.Process(target=_worker_main, args=(dataclasses.replace(ctx, worker=i),),
                         name=f"moe-sweep-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
-    printer = LinePrinter() if progress else None
     try:
         while any(p.is_alive() for p in procs):
-            if printer is not None:
-                render_progress(ctx, study, printer)
+            if report is not None:
+                report(read_snapshot(ctx, study))
             for p in procs:
                 p.join(timeout=POLL_S / len(procs))
     except KeyboardInterrupt:

@@ -95,6 +95,40 @@ def assert_exactly_once(out: Path, storage: str, name: str, statuses: dict[str, 
     return runs
 
 
+CLAIMER = """
+import json, sys
+from moe_scaling.sweep import claim_next, open_study
+study = open_study(sys.argv[1], sys.argv[2])
+claimed = []
+while (trial := claim_next(study)) is not None:
+    claimed.append(trial.number)
+print(json.dumps(claimed))
+"""
+
+
+def claim_race(storage: str, name: str, trials: int = 150, processes: int = 3) -> list[int]:
+    """Enqueue ``trials`` runs, let ``processes`` processes claim them as fast as they can and
+    return every trial number claimed (by anyone)."""
+    from moe_scaling.sweep import open_study
+
+    study = open_study(storage, name, create=True)
+    for i in range(trials):
+        study.enqueue_trial(params={}, user_attrs={"run_id": f"r{i}"})
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, storage, name], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO) for _ in range(processes)]
+    claimed = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        claimed += json.loads(out)
+    return claimed
+
+
+def test_concurrent_claims_hand_out_each_trial_once(tmp_path):
+    claimed = claim_race(f"sqlite:///{tmp_path / 'queue.db'}", "race")
+    assert sorted(claimed) == list(range(150))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The 4-run tiny grid swept by two local workers on SQLite, uninterrupted."""

@@ -14,7 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from test_sweep import assert_exactly_once, run_cli, write_grid
+from test_sweep import assert_exactly_once, claim_race, run_cli, write_grid
 
 URL = os.environ.get("MOE_SCALING_TEST_POSTGRES_URL")
 
@@ -53,3 +53,11 @@ def test_two_workers_on_postgres_run_every_point_exactly_once(tmp_path, postgres
             optuna.delete_study(study_name=name, storage=postgres_url)
         except KeyError:
             pass
+
+
+def test_concurrent_claims_on_postgres_hand_out_each_trial_once(postgres_url):
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    try:
+        assert sorted(claim_race(postgres_url, name)) == list(range(150))
+    finally:
+        optuna.delete_study(study_name=name, storage=postgres_url)

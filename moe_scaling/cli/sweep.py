@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -109,7 +110,7 @@ def _run(args) -> int:
         raise InputError(f"--out {out}: exists and is not a folder; give a folder path")
     summary = run_sweep(args.grid, out, workers=args.workers, storage=args.storage,
                         retry_failed=args.retry_failed, grace_s=args.grace_period,
-                        progress=not args.quiet, plan=plan)
+                        report=None if args.quiet else ProgressLine(), plan=plan)
     status = _summary(out, top=5)
     if args.json:
         print_json(summary | {"status": status})
@@ -120,6 +121,55 @@ def _run(args) -> int:
               "command to continue", file=sys.stderr)
         return 1
     return 0
+
+
+class ProgressLine:
+    """Prints progress snapshots as ``runs 3/8 done | <run_id> step 40/200 loss 3.412 9.8k tok/s |
+    ETA 2m10s`` on stderr: rewritten in place on a terminal; elsewhere (logs, pipes) one line when a
+    run starts or the done count changes and at most every ``every`` seconds otherwise, plus a line
+    for every run that ends in this process."""
+
+    def __init__(self, stream: Any = None, every: float = 10.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every, self.last, self.done = every, 0.0, None
+
+    def __call__(self, snap: dict[str, Any]) -> None:
+        event, now = snap.get("event"), time.time()
+        clear = "\r\033[K" if self.tty else ""
+        if isinstance(event, dict):
+            loss = event.get("eval_loss")
+            tail = f"eval loss {loss:.4f}" if isinstance(loss, float) else event.get("error") or ""
+            self.stream.write(f"{clear}{event['run_id']} {event['status']} {tail}".rstrip() + "\n")
+        elif self.tty:
+            self.stream.write(clear + self.format(snap))
+        elif event == "start" or snap["done"] != self.done or now - self.last >= self.every:
+            self.stream.write(self.format(snap) + "\n")
+        else:
+            return
+        self.last, self.done = now, snap["done"]
+        self.stream.flush()
+
+    @staticmethod
+    def format(snap: dict[str, Any]) -> str:
+        parts = [f"runs {snap['done']}/{snap['total']} done"]
+        for s in snap["states"]:
+            text = f"{s['run_id']} step {s.get('step') or 0}/{s.get('steps') or '?'}"
+            if s.get("loss") is not None:
+                text += f" loss {s['loss']:.3f}"
+            if s.get("tokens_per_s"):
+                text += f" {s['tokens_per_s'] / 1e3:.1f}k tok/s"
+            parts.append(text)
+        if snap.get("eta_s") is not None:
+            parts.append(f"ETA {_duration(snap['eta_s'])}")
+        return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _summary(out: Path, top: int) -> dict[str, Any]:
