@@ -109,9 +109,14 @@ def _storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
     sqlite = url.startswith("sqlite")
     kwargs: dict[str, Any] = ({"connect_args": {"timeout": 300, "isolation_level": None}} if sqlite
                               else {"pool_pre_ping": True})
-    with _no_experimental_warning():
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                             grace_period=grace_s, heartbeat_stale_trial_callback=_requeue)
+    try:
+        with _no_experimental_warning():
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=grace_s,
+                                                 heartbeat_stale_trial_callback=_requeue)
+    except ImportError:
+        raise ConfigError(f"--storage = {_redact(url)!r}: the database driver is not installed; "
+                          "pip install 'moe-scaling[postgres]' (psycopg) for postgresql://") from None
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
     return storage
@@ -197,13 +202,15 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
         raise ConfigError(f"--out {out}: holds sweep {old.get('name')!r}, not {plan.spec.name!r}; "
                           "use another --out folder")
     url = storage_url or default_storage(out)
+    if storage_url is None:
+        out.mkdir(parents=True, exist_ok=True)     # the default SQLite file lives in it
+    study = open_study(url, plan.spec.name, grace_s, create=True)   # an unreachable server stops here
     out.mkdir(parents=True, exist_ok=True)
     ids = [r.run_id for r in plan.runs]
     known = [r for r in (old or {}).get("runs", []) if r not in set(ids)]
     atomic_write_json(manifest_path, {"name": plan.spec.name, "grid": str(plan.spec.path.resolve()),
                                       "storage": _redact(url), "runs": known + ids})
     atomic_write_text(out / "grid.yaml", plan.spec.path.read_text())
-    study = open_study(url, plan.spec.name, grace_s, create=True)
     recover_stale(study, grace_s)
     trials = _by_run(study)
     for run in plan.runs:

@@ -166,15 +166,11 @@ def test_two_local_workers_run_every_point_exactly_once(reference):
     assert pd.read_parquet(out / "runs.parquet").equals(pd.read_parquet(io.BytesIO(before)))
 
 
-def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path):
-    ref_grid, ref_out = reference
-    grid = tmp_path / ref_grid.name
-    grid.write_text(ref_grid.read_text())
-    out = tmp_path / "out"
-    out.mkdir()
-    seed_cache(ref_out, out)
+def kill_midway(grid: Path, out: Path, workers: int, after_completed: int = 1) -> str:
+    """Start `moe-sweep run`, wait until ``after_completed`` runs are completed and another run has
+    written a checkpoint, then kill -9 the whole process group. Returns the interrupted run id."""
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--workers", 2, "--quiet"),
+    proc = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--workers", workers, "--quiet"),
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     interrupted = None
@@ -186,12 +182,29 @@ def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path)
         done = [r for r in records if r["status"] == "completed"]
         for r in records:
             ckpt = out / "runs" / r["run_id"] / "ckpt"
-            if done and r["status"] == "running" and ckpt.is_dir() and any(
+            if len(done) >= after_completed and r["status"] == "running" and ckpt.is_dir() and any(
                     c.name.isdigit() for c in ckpt.iterdir()):
                 interrupted = r["run_id"]
     assert interrupted is not None, "the sweep ended before a run was mid-way; lengthen the runs"
-    os.killpg(proc.pid, signal.SIGKILL)                  # the parent and both workers
+    os.killpg(proc.pid, signal.SIGKILL)                  # the parent and every worker
     proc.wait()
+    return interrupted
+
+
+def copy_reference(reference, tmp_path: Path) -> tuple[Path, Path]:
+    ref_grid, ref_out = reference
+    grid = tmp_path / ref_grid.name
+    grid.write_text(ref_grid.read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    seed_cache(ref_out, out)
+    return grid, out
+
+
+def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path):
+    grid, out = copy_reference(reference, tmp_path)
+    ref_out = reference[1]
+    interrupted = kill_midway(grid, out, workers=2)
     finished_before = {r["run_id"]: r for r in map(json.loads, (p.read_text() for p in (
         out / "runs").glob("*/record.json"))) if r["status"] == "completed"}
 
@@ -249,6 +262,25 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     after = pd.read_parquet(out / "runs.parquet").set_index("run_id")
     assert after.loc[failed["run_id"], "attempts"] == 2 and after.loc[failed["run_id"], "status"] == "failed"
     assert after.loc[ok["run_id"], "attempts"] == 1
+
+
+def test_a_silent_worker_on_another_machine_is_recovered_after_the_grace_period(reference, tmp_path):
+    grid, out = copy_reference(reference, tmp_path)
+    interrupted = kill_midway(grid, out, workers=1, after_completed=0)
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    (trial,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert trial.user_attrs["run_id"] == interrupted
+    # as if its worker ran elsewhere: no process to look up, only its heartbeats tell
+    study._storage.set_trial_user_attr(trial._trial_id, "worker",
+                                       {"host": "another-machine/boot", "pid": 1, "start": "0"})
+    rerun = run_cli("run", grid, "--out", out, "--quiet", "--grace-period", 3)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = json.loads((out / "sweep.json").read_text())["runs"]
+    runs = assert_exactly_once(out, storage, "tiny", {rid: "completed" for rid in ids})
+    assert runs.set_index("run_id").loc[interrupted, "attempts"] == 2
+    assert [t.state for t in trials_by_run(storage, "tiny")[interrupted]] == [TrialState.FAIL,
+                                                                             TrialState.COMPLETE]
 
 
 @pytest.mark.parametrize("case, text, pattern", [
