@@ -37,7 +37,8 @@ from moe_scaling.costs import flops_per_token, param_counts
 
 __all__ = ["STATUSES", "RUNS_FILE", "CURVES_FILE", "MANIFEST_FILE", "run_dir", "write_record",
            "read_record", "write_curve", "read_records", "run_row", "runs_table", "curves_table",
-           "rebuild_tables", "summarize", "code_version", "atomic_write_json"]
+           "rebuild_tables", "tables_lock", "read_manifest", "summarize", "code_version",
+           "atomic_write_json"]
 
 STATUSES = ("completed", "diverged", "failed", "running")
 RUNS_FILE, CURVES_FILE, MANIFEST_FILE = "runs.parquet", "curves.parquet", "sweep.json"
