@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+from moe_scaling.cli.plot import add_sweep_plot_parser, sweep_plot_main
 
 PROG = "moe-sweep"
 EXAMPLES = """\
@@ -19,6 +20,7 @@ EXAMPLES = """\
       --storage postgresql://user:password@dbhost:5432/sweeps     # same command on every machine
   moe-sweep status results/quickstart
   moe-sweep status results/quickstart --json
+  moe-sweep plot results/quickstart                # figures into results/quickstart/plots/
 
 After a crash or kill, rerun the same `run` command: finished runs are skipped and interrupted ones
 resume from their last checkpoint. Exit codes: 0 done, 2 bad grid or arguments (one line naming the
@@ -28,7 +30,7 @@ run, field and value; nothing written), 1 internal failure or runs left unfinish
 def _parser():
     p = make_parser(PROG, "Grid sweeps over MoE architectures: every run once, across workers and "
                     "restarts, recorded in DIR/runs.parquet and DIR/curves.parquet.", EXAMPLES)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{validate,run,status}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{validate,run,status,plot}")
     v = sub.add_parser("validate", help="check a grid file and list its runs (writes nothing)")
     v.add_argument("grid", help="grid YAML file")
     v.add_argument("--json", action="store_true", help="print the runs as JSON")
@@ -49,6 +51,7 @@ def _parser():
     s.add_argument("out", help="sweep folder given to `run --out`")
     s.add_argument("--top", type=_positive, default=5, help="how many best runs to list (default 5)")
     s.add_argument("--json", action="store_true", help="print JSON")
+    add_sweep_plot_parser(sub)
     return p
 
 
@@ -70,6 +73,8 @@ def _body(argv: Sequence[str] | None) -> int:
         return _validate(args)
     if args.command == "run":
         return _run(args)
+    if args.command == "plot":
+        return sweep_plot_main(args)
     return _status(args)
 
 
