@@ -42,6 +42,9 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int | None],
     except (ConfigError, InputError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
