@@ -62,7 +62,7 @@ import numpy as np
 import yaml
 
 from moe_scaling.config import ConfigError, ModelConfig, atomic_write_text
-from moe_scaling.costs import cost_summary, param_counts, parse_count, parse_precision
+from moe_scaling.costs import cost_summary, parse_count, parse_precision
 from moe_scaling.optimize import ArchSpace, expert_line, layouts, trunks, Budget
 
 __all__ = ["hf_model_type", "hf_config", "config_from_spec", "count_tolerance", "make_recipe",

@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -46,6 +45,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from moe_scaling.config import ModelConfig
 from moe_scaling.costs import flops_per_token, param_counts, published_models, weight_bytes
+from moe_scaling.files import atomic_write_bytes
 
 __all__ = [
     # runs tables
@@ -85,15 +85,7 @@ def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = (
         with rc_context({"svg.hashsalt": "moe-scaling"}):
             fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
         path = stem.with_name(f"{stem.name}.{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, buf.getvalue())
         out.append(path)
     return out
 

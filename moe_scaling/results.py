@@ -24,7 +24,6 @@ import json
 import math
 import os
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -32,7 +31,8 @@ from typing import Any, Iterator, Mapping
 import pandas as pd
 
 import moe_scaling
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig, atomic_write_text
+from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.files import atomic_path, atomic_write_text
 from moe_scaling.costs import flops_per_token, param_counts
 
 __all__ = ["STATUSES", "RUNS_FILE", "CURVES_FILE", "MANIFEST_FILE", "run_dir", "write_record",
@@ -173,15 +173,8 @@ def tables_lock(out: str | os.PathLike) -> Iterator[None]:
 
 
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rebuild_tables(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
