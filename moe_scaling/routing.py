@@ -147,13 +147,17 @@ class Layout(NamedTuple):
     """Integer bookkeeping of a dispatch (no gradients flow through it).
 
     A buffer of ``P`` rows holds the assignments grouped by expert. ``slot[t, j]`` is the row of
-    token ``t``'s ``j``-th choice (``P`` when dropped); ``src[p]`` is the assignment index
-    ``t * k + j`` held by row ``p`` (``T * k`` when the row is padding).
+    token ``t``'s ``j``-th choice and ``keep[t, j]`` is 0 when that choice was dropped (its slot
+    is then 0, a valid row); ``src[p]`` is the assignment index ``t * k + j`` held by row ``p``
+    (``T * k`` when the row is padding) and ``token[p]`` its token (0 for padding: a padding row
+    holds a copy of token 0 that nothing reads back, and its gradient is zero). Every index is
+    in bounds, so the gathers need no bounds checks.
     """
 
-    slot: jax.Array    # [T, k] int32 in [0, P]
+    slot: jax.Array    # [T, k] int32 in [0, P)
+    keep: jax.Array    # [T, k] float32, 1 kept / 0 dropped
     src: jax.Array     # [P] int32 in [0, T*k]
-    token: jax.Array   # [P] int32 ``src // k``: the token of each row (``T`` for padding)
+    token: jax.Array   # [P] int32 in [0, T)
     counts: jax.Array  # [E] int32 assignments per expert (before any drop)
 
 
@@ -181,10 +185,12 @@ def _layout(order: jax.Array, dest: jax.Array, n_rows: int, shape: tuple[int, in
     columns (measured: 3-5x slower gathers)."""
     t, k = shape
     a = t * k
-    slot = jnp.zeros((a,), jnp.int32).at[order].set(jnp.minimum(dest, n_rows), unique_indices=True)
+    kept = dest < n_rows
+    slot = jnp.zeros((a,), jnp.int32).at[order].set(jnp.where(kept, dest, 0), unique_indices=True)
+    keep = jnp.zeros((a,), jnp.float32).at[order].set(kept.astype(jnp.float32), unique_indices=True)
     src = jnp.full((n_rows,), a, jnp.int32).at[dest].set(order, mode="drop")
-    token = jnp.full((n_rows,), t, jnp.int32).at[dest].set(order // k, mode="drop")
-    return Layout(slot.reshape(t, k), src, token, counts)
+    token = jnp.zeros((n_rows,), jnp.int32).at[dest].set(order // k, mode="drop")
+    return Layout(slot.reshape(t, k), keep.reshape(t, k), src, token, counts)
 
 
 def _capacity_layout(experts: jax.Array, n_experts: int, cap: int) -> Layout:
@@ -219,49 +225,55 @@ def _ragged_layout(experts: jax.Array, n_experts: int) -> Layout:
 # --------------------------------------------------------------------------------------
 
 
-def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
-    """``x[index]`` along axis 0, with zero rows where ``index == len(x)`` (padding/drops)."""
-    return x.at[index].get(mode="fill", fill_value=0)
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[index]`` along axis 0 for in-bounds indices of any shape (no bounds checks)."""
+    dnums = jax.lax.GatherDimensionNumbers(offset_dims=tuple(range(index.ndim, index.ndim + x.ndim - 1)),
+                                           collapsed_slice_dims=(0,), start_index_map=(0,))
+    return jax.lax.gather(x, index[..., None], dnums, (1,) + x.shape[1:],
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 @jax.custom_vjp
-def _dispatch(x: jax.Array, slot: jax.Array, token: jax.Array) -> jax.Array:
-    """rows[p] = x[token[p]] (zero for padding rows)."""
-    return _rows(x, token)
+def _dispatch(x: jax.Array, slot: jax.Array, keep: jax.Array, token: jax.Array) -> jax.Array:
+    """rows[p] = x[token[p]]."""
+    return _take(x, token)
 
 
-def _dispatch_fwd(x, slot, token):
-    return _dispatch(x, slot, token), slot
+def _dispatch_fwd(x, slot, keep, token):
+    return _dispatch(x, slot, keep, token), (slot, keep)
 
 
-def _dispatch_bwd(slot, g):
-    # dx[t] = sum_j g[slot[t, j]]: every row came from exactly one (t, j).
-    return jnp.sum(_rows(g, slot), axis=1), None, None
+def _dispatch_bwd(res, g):
+    slot, keep = res
+    # dx[t] = sum_j g[slot[t, j]] over the kept choices: every kept row came from one (t, j);
+    # padding rows and dropped choices contribute nothing.
+    return jnp.sum(keep.astype(g.dtype)[:, :, None] * _take(g, slot), axis=1), None, None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
 @jax.custom_vjp
-def _combine(rows: jax.Array, weights: jax.Array, slot: jax.Array, src: jax.Array,
-             token: jax.Array) -> jax.Array:
-    """y[t] = sum_j weights[t, j] * rows[slot[t, j]] (dropped choices contribute zero)."""
-    return jnp.sum(weights.astype(rows.dtype)[:, :, None] * _rows(rows, slot), axis=1)
+def _combine(rows: jax.Array, weights: jax.Array, lay: Layout) -> jax.Array:
+    """y[t] = sum_j keep[t, j] * weights[t, j] * rows[slot[t, j]]."""
+    w = (weights * lay.keep).astype(rows.dtype)
+    return jnp.sum(w[:, :, None] * _take(rows, lay.slot), axis=1)
 
 
-def _combine_fwd(rows, weights, slot, src, token):
-    return _combine(rows, weights, slot, src, token), (rows, weights, slot, src, token)
+def _combine_fwd(rows, weights, lay):
+    return _combine(rows, weights, lay), (rows, weights, lay)
 
 
 def _combine_bwd(res, dy):
-    rows, weights, slot, src, token = res
-    dy_rows = _rows(dy, token)                                   # dy of each row's token
-    # d rows[p] = w[src[p]] * dy[token[p]]  (zero for padding rows)
-    w_row = _rows(weights.reshape(-1).astype(dy.dtype), src)
+    rows, weights, lay = res
+    dy_rows = _take(dy, lay.token)                               # dy of each row's token
+    # d rows[p] = keep * w at src[p], times dy[token[p]]  (zero for padding rows)
+    w_flat = (weights * lay.keep).reshape(-1).astype(dy.dtype)
+    w_row = _take(jnp.concatenate([w_flat, jnp.zeros((1,), dy.dtype)]), lay.src)
     drows = w_row[:, None] * dy_rows
-    # d weights[t, j] = <dy[t], rows[slot[t, j]]>, computed per row and gathered back
-    dw = _rows(jnp.sum(rows * dy_rows, axis=-1), slot).astype(weights.dtype)
-    return drows, dw, None, None, None
+    # d weights[t, j] = keep * <dy[t], rows[slot[t, j]]>, computed per row and gathered back
+    dw = (lay.keep * _take(jnp.sum(rows * dy_rows, axis=-1), lay.slot)).astype(weights.dtype)
+    return drows, dw, jax.tree.map(lambda _: None, lay)
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
@@ -311,30 +323,30 @@ def moe_experts(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax
     if method == "capacity":
         cap = capacity(t, k, n_experts, capacity_factor)
         lay = _capacity_layout(r.experts, n_experts, cap)
-        rows = _dispatch(x, lay.slot, lay.token).reshape(n_experts, cap, d)
+        rows = _dispatch(x, lay.slot, lay.keep, lay.token).reshape(n_experts, cap, d)
         h = _dot(rows, w_gate_up, "ecd,edf->ecf", dtype)
         out = _dot(swiglu(h), w_down, "ecf,efd->ecd", dtype).reshape(n_experts * cap, d)
         dropped = jnp.sum(jnp.maximum(lay.counts - cap, 0)).astype(jnp.float32) / (t * k)
-        return _combine(out, r.weights, lay.slot, lay.src, lay.token), dropped
+        return _combine(out, r.weights, lay), dropped
 
     if method == "dropless":
         if block is None:
             block = int(min(128, max(8, 2 ** round(math.log2(max(1, t * k / n_experts))))))
         lay, block_expert = _block_layout(r.experts, n_experts, block)
-        rows = _dispatch(x, lay.slot, lay.token)
+        rows = _dispatch(x, lay.slot, lay.keep, lay.token)
         nb = block_expert.shape[0]
         rows = rows.reshape(nb, block, d)
         h = _dot(rows, w_gate_up[block_expert], "nbd,ndf->nbf", dtype)
         out = _dot(swiglu(h), w_down[block_expert], "nbf,nfd->nbd", dtype).reshape(nb * block, d)
-        return _combine(out, r.weights, lay.slot, lay.src, lay.token), zero
+        return _combine(out, r.weights, lay), zero
 
     if method == "ragged":
         lay = _ragged_layout(r.experts, n_experts)
-        rows = _dispatch(x, lay.slot, lay.token).astype(dtype)
+        rows = _dispatch(x, lay.slot, lay.keep, lay.token).astype(dtype)
         h = jax.lax.ragged_dot(rows, w_gate_up.astype(dtype), lay.counts,
                                preferred_element_type=dtype)
         out = jax.lax.ragged_dot(swiglu(h), w_down.astype(dtype), lay.counts,
                                  preferred_element_type=dtype)
-        return _combine(out, r.weights, lay.slot, lay.src, lay.token), zero
+        return _combine(out, r.weights, lay), zero
 
     raise ValueError(f"dispatch {method!r}: use one of {', '.join(METHODS)} (resolve auto first)")
