@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=None, help=f"rows to run (of {', '.join(CONFIGS)})")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per model (best)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per model (best)")
     p.add_argument("--dispatch", default="auto", help="auto, capacity, dropless, ragged, reference")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--capacity-factor", type=float, default=TrainConfig().capacity_factor)
