@@ -276,11 +276,11 @@ class DeviceProfile:
 
 
 def _devices_file() -> Path:
-    return Path(str(resources.files("moe_scaling") / "data" / "devices.yaml"))
+    return Path(str(resources.files("moe_scaling") / "resources" / "devices.yaml"))
 
 
 def list_devices() -> dict[str, DeviceProfile]:
-    """Every shipped device profile (moe_scaling/data/devices.yaml), by name."""
+    """Every shipped device profile (moe_scaling/resources/devices.yaml), by name."""
     raw = yaml.safe_load(_devices_file().read_text())
     return {name: DeviceProfile(name=name, description=d["description"],
                                 memory_bandwidth=float(d["memory_bandwidth"]),
@@ -379,7 +379,7 @@ class PublishedModel:
 
 
 def published_models() -> dict[str, PublishedModel]:
-    """The published models shipped in moe_scaling/data/published_models.yaml, by name."""
+    """The published models shipped in moe_scaling/resources/published_models.yaml, by name."""
     raw = yaml.safe_load((_devices_file().parent / "published_models.yaml").read_text())
     return {name: PublishedModel(name=name, source=d["source"],
                                  params_total=float(d["published"]["params_total"]),
