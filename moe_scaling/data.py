@@ -30,12 +30,12 @@ import io
 import json
 import os
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from moe_scaling.config import ConfigError, DataConfig
+from moe_scaling.files import atomic_path
 
 __all__ = ["EOS", "BYTE_VOCAB", "load_tokens", "corpus_files", "tokenizer_vocab_size", "encode",
            "decode", "train_batch", "eval_windows", "cache_dir"]
@@ -158,16 +158,8 @@ def _tokenize(files: list[Path], raws: list[bytes], corpus: str, tokenizer: str)
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
 
 
 def load_tokens(data_cfg: DataConfig, *, cache: str | os.PathLike | None = None,
