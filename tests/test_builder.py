@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -179,11 +180,16 @@ def test_build_from_a_sweet_spot_json(tmp_path):
     (("--active", "922M", "--total", "5.3B", "--budget-mem", "2GB"), "only with --fit"),
     (("--active", "lots", "--total", "5.3B"), "not a count"),
     (("--config", "missing.yaml"), "no such file"),
+    (("--active", "922M", "--total", "5.3B", "--granularity", "0"), "--granularity 0: must be"),
+    (("--fit", Path(__file__).resolve().parents[1] / "fits" / "joint_moe_published.json", "--tokens", "1e12", "--budget-mem", "2GB",
+      "--device", "snapdragon-8-gen-3", "--budget-latency", "0.001ms"),
+     "--budget-mem 2GB and --budget-latency 0.001ms: nothing in the space meets these budgets together"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     r = cli(*args, "--out", tmp_path / "o")
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_sweet_spot_without_model_fields_is_bad_input(tmp_path):

@@ -136,6 +136,8 @@ def test_counts_monotone_in_every_width(cfg, field):
         d[field] = (d[field] or 0) + (1 if field in ("n_experts", "n_layers", "n_shared") else 8)
     if field == "d_shared" and not cfg.n_shared:
         return
+    if field in ("n_experts", "d_expert") and not cfg.is_moe:
+        return   # one more expert turns a dense FFN into an MoE: a change of kind, not of width
     bigger = ModelConfig.from_dict(d)
     a, b = param_counts(cfg), param_counts(bigger)
     assert b.total >= a.total and b.active >= a.active
@@ -238,6 +240,7 @@ def test_cli_json_and_table(tmp_path):
     (("mobilemoe-l", "--device", "nokia"), "device = 'nokia'"),
     (("missing.yaml",), "no such file"),
     (("mobilemoe-l", "--context", "0"), "--context"),
+    (("mobilemoe-l", "--prompt", "-3", "--device", "apple-a17-pro"), "--prompt = -3"),
     (("mobilemoe-l", "--context", "many"), "invalid int value"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, needle):

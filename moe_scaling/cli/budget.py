@@ -98,6 +98,17 @@ def budget_from_args(args: argparse.Namespace) -> Budget | None:
         compute_rule=args.compute_rule)
 
 
+def nothing_fits(args: argparse.Namespace) -> ConfigError:
+    """The one-line error for a search with no feasible architecture, naming every budget given."""
+    given = [f"{flag} {value}" for flag, value in (("--budget-mem", args.budget_mem),
+                                                   ("--budget-flops", getattr(args, "budget_flops", None)),
+                                                   ("--budget-latency", getattr(args, "budget_latency", None)))
+             if value]
+    return ConfigError(f"{' and '.join(given)}: nothing in the space meets "
+                       f"{'this budget' if len(given) == 1 else 'these budgets together'}; raise "
+                       f"{'it' if len(given) == 1 else 'one of them'}")
+
+
 def run_budget(args: argparse.Namespace, fit: LossModel) -> dict[str, Any]:
     """Run the sweet-spot search the options ask for with ``fit``'s law ({} without --budget-mem);
     with ``--emit DIR`` also build the sweet spot's model directory."""
@@ -110,7 +121,7 @@ def run_budget(args: argparse.Namespace, fit: LossModel) -> dict[str, Any]:
                     seed=args.search_seed, level=args.interval_level).to_dict()
     if getattr(args, "emit", None):
         if result["sweet_spot"] is None:
-            raise ConfigError(f"--emit: nothing in the space fits --budget-mem {args.budget_mem}; raise the budget")
+            raise nothing_fits(args)
         from moe_scaling.builder import build, config_from_sweet_spot
 
         spot = result["sweet_spot"]

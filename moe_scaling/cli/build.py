@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from moe_scaling.builder import build, config_from_spec, config_from_sweet_spot
 from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
-from moe_scaling.cli.budget import add_budget_arguments, budget_from_args
+from moe_scaling.cli.budget import add_budget_arguments, budget_from_args, nothing_fits
 from moe_scaling.config import ConfigError, load_model_config
 from moe_scaling.costs import parse_count
 
@@ -79,7 +79,7 @@ def _body(argv: Sequence[str] | None) -> int:
         result = search(fit, budget, ArchSpace(vocab_size=args.vocab), method=args.search_method,
                         seed=args.search_seed, level=args.interval_level)
         if result.sweet_spot is None:
-            raise ConfigError(f"--budget-mem {args.budget_mem}: nothing in the space fits; raise the budget")
+            raise nothing_fits(args)
         prediction = result.sweet_spot
         cfg = config_from_sweet_spot(prediction)
         tokens = prediction["tokens"]
@@ -88,6 +88,8 @@ def _body(argv: Sequence[str] | None) -> int:
     elif source == "active":
         if not (args.active and args.total):
             raise InputError("--active and --total: give both, e.g. --active 922M --total 5.3B")
+        if args.granularity < 1:
+            raise InputError(f"--granularity {args.granularity}: must be a whole number >= 1; e.g. 8")
         match = config_from_spec(args.active, args.total, granularity=args.granularity, shared=args.shared)
         cfg = match.config
         origin = (f"the spec --active {args.active} --total {args.total} --granularity "

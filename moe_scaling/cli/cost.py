@@ -82,6 +82,8 @@ def _body(argv: Sequence[str] | None) -> int:
         raise ConfigError("config: missing; give a ModelConfig YAML/JSON or an HF config.json")
     if args.context < 1:
         raise ConfigError(f"--context = {args.context}: must be >= 1; e.g. --context 4096")
+    if args.prompt is not None and args.prompt < 1:
+        raise ConfigError(f"--prompt = {args.prompt}: must be >= 1; e.g. --prompt 512")
     published = {n: m for n, m in published_models().items() if m.config is not None}
     cfg = published[args.config].config if args.config in published else load_model_config(args.config)
     summary = cost_summary(cfg, weights=args.weights, kv=args.kv, context=args.context,

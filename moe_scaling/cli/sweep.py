@@ -52,6 +52,8 @@ def _parser():
     s.add_argument("--top", type=_positive, default=5, help="how many best runs to list (default 5)")
     s.add_argument("--json", action="store_true", help="print JSON")
     add_sweep_plot_parser(sub)
+    for command in sub.choices.values():   # every subcommand's --help ends with the examples too
+        command.epilog, command.formatter_class = p.epilog, p.formatter_class
     return p
 
 
