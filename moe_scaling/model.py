@@ -74,10 +74,41 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, 
 
 
 def apply_rope(x: jax.Array, cos, sin) -> jax.Array:
-    """Rotate ``x [B, S, heads, head_dim]`` by position (rotate-half convention)."""
+    """Rotate ``x [B, S, heads, head_dim]`` by position (rotate-half convention):
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]`` for the two halves
+    ``x1, x2`` of the head dimension, and ``cos``/``sin`` from :func:`rope_tables`."""
     half = x.shape[-1] // 2
-    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+    return _rotate(x, cos[:, :half], sin[:, :half])
+
+
+@jax.custom_vjp
+def _rotate(x: jax.Array, cos, sin) -> jax.Array:
+    """Each pair ``(x1[i], x2[i])`` rotated by the angle whose cosine and sine are
+    ``cos[s, i]``, ``sin[s, i]`` (``[S, head_dim / 2]``).
+
+    Written as one elementwise pass over ``[..., 2, half]`` that picks the first or second
+    output half per element: a concatenation of the two halves would be a separate copy on
+    XLA:CPU, and its transpose (pads and adds) several more. The backward pass is the inverse
+    rotation (custom VJP), again one pass.
+    """
+    half = x.shape[-1] // 2
+    pair = x.reshape(x.shape[:-1] + (2, half))
+    x1, x2 = pair[..., :1, :], pair[..., 1:, :]
+    c, s = cos[None, :, None, None, :], sin[None, :, None, None, :]
+    first = jax.lax.broadcasted_iota(jnp.int32, (2, 1), 0) == 0
+    return jnp.where(first, x1 * c - x2 * s, x2 * c + x1 * s).reshape(x.shape)
+
+
+def _rotate_fwd(x, cos, sin):
+    return _rotate(x, cos, sin), (cos, sin)
+
+
+def _rotate_bwd(res, g):
+    cos, sin = res
+    return _rotate(g, cos, -sin), None, None
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, dtype) -> jax.Array:

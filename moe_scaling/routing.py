@@ -132,10 +132,63 @@ def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) 
     return max(1, min(c, n_tokens))
 
 
+@jax.custom_vjp
 def swiglu(h: jax.Array) -> jax.Array:
-    """SwiGLU activation of a fused ``[..., 2 f]`` gate/up projection -> ``[..., f]``."""
+    """SwiGLU activation of a fused ``[..., 2 f]`` gate/up projection -> ``[..., f]``:
+    ``silu(gate) * up`` with the gate in the first ``f`` columns.
+
+    Its backward pass (custom VJP) writes the fused ``[..., 2 f]`` gradient in one elementwise
+    pass that selects the gate or the up formula per column, instead of two half-width results
+    and a concatenation (XLA:CPU does not fuse a concatenate with its producers): 2x faster
+    on the training step's largest elementwise op. Only ``h`` is saved for the backward pass.
+    """
     gate, up = jnp.split(h, 2, axis=-1)
-    return jax.nn.silu(gate) * up
+    return gate * jax.nn.sigmoid(gate) * up
+
+
+def _swiglu_fwd(h):
+    return swiglu(h), h
+
+
+def _swiglu_grad(h, dy):
+    """The fused ``[..., 2 f]`` gradient of ``swiglu`` at ``h`` for the output gradient ``dy``."""
+    f = h.shape[-1] // 2
+    pair = h.reshape(h.shape[:-1] + (2, f))        # [..., (gate, up), f]
+    gate, up = pair[..., :1, :], pair[..., 1:, :]  # broadcast over the pair axis
+    dy = dy[..., None, :]
+    s = jax.nn.sigmoid(gate)
+    is_gate = jax.lax.broadcasted_iota(jnp.int32, (2, 1), 0) == 0
+    # d/dgate silu(gate) * up = up * s * (1 + gate * (1 - s));  d/dup = silu(gate)
+    dpair = jnp.where(is_gate, dy * up * (s * (1 + gate * (1 - s))), dy * (gate * s))
+    return dpair.reshape(h.shape)
+
+
+def _swiglu_bwd(h, dy):
+    return (_swiglu_grad(h, dy),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@jax.custom_vjp
+def _swiglu_scaled(h: jax.Array, w: jax.Array) -> jax.Array:
+    """``swiglu(h) * w`` for per-row scales ``w [..., 1]``: the experts' combine weights applied
+    before the down projection (the same function, as the projection is linear). Its gradient
+    is one pass like :func:`swiglu`'s, plus ``dw = sum(dy * swiglu(h))`` over ``f`` columns."""
+    return swiglu(h) * w
+
+
+def _swiglu_scaled_fwd(h, w):
+    return _swiglu_scaled(h, w), (h, w)
+
+
+def _swiglu_scaled_bwd(res, dy):
+    h, w = res
+    dw = jnp.sum(dy * swiglu(h), axis=-1, keepdims=True)
+    return _swiglu_grad(h, dy * w), dw.astype(w.dtype)
+
+
+_swiglu_scaled.defvjp(_swiglu_scaled_fwd, _swiglu_scaled_bwd)
 
 
 # --------------------------------------------------------------------------------------
@@ -233,6 +286,17 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
                           mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
+def _gather_sum(rows: jax.Array, slot: jax.Array, keep: jax.Array) -> jax.Array:
+    """``out[t] = sum_j keep[t, j] * rows[slot[t, j]]``, written as ``k`` row gathers summed
+    elementwise: XLA fuses them into one pass that writes ``[T, d]`` once, where a gather of
+    ``[T, k, d]`` followed by a sum over ``k`` would write and re-read ``k`` times as much."""
+    keep = keep.astype(rows.dtype)
+    out = keep[:, 0, None] * _take(rows, slot[:, 0])
+    for j in range(1, slot.shape[1]):
+        out = out + keep[:, j, None] * _take(rows, slot[:, j])
+    return out
+
+
 @jax.custom_vjp
 def _dispatch(x: jax.Array, slot: jax.Array, keep: jax.Array, token: jax.Array) -> jax.Array:
     """rows[p] = x[token[p]]."""
@@ -247,33 +311,48 @@ def _dispatch_bwd(res, g):
     slot, keep = res
     # dx[t] = sum_j g[slot[t, j]] over the kept choices: every kept row came from one (t, j);
     # padding rows and dropped choices contribute nothing.
-    return jnp.sum(keep.astype(g.dtype)[:, :, None] * _take(g, slot), axis=1), None, None, None
+    return _gather_sum(g, slot, keep), None, None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
 @jax.custom_vjp
-def _combine(rows: jax.Array, weights: jax.Array, lay: Layout) -> jax.Array:
-    """y[t] = sum_j keep[t, j] * weights[t, j] * rows[slot[t, j]]."""
-    w = (weights * lay.keep).astype(rows.dtype)
-    return jnp.sum(w[:, :, None] * _take(rows, lay.slot), axis=1)
+def _row_weights(weights: jax.Array, lay: Layout) -> jax.Array:
+    """w_row[p] = keep * weights of the assignment held by row ``p``; 0 for padding rows."""
+    w_flat = (weights * lay.keep).reshape(-1)
+    return _take(jnp.concatenate([w_flat, jnp.zeros((1,), w_flat.dtype)]), lay.src)
 
 
-def _combine_fwd(rows, weights, lay):
-    return _combine(rows, weights, lay), (rows, weights, lay)
+def _row_weights_fwd(weights, lay):
+    return _row_weights(weights, lay), lay
 
 
-def _combine_bwd(res, dy):
-    rows, weights, lay = res
-    dy_rows = _take(dy, lay.token)                               # dy of each row's token
-    # d rows[p] = keep * w at src[p], times dy[token[p]]  (zero for padding rows)
-    w_flat = (weights * lay.keep).reshape(-1).astype(dy.dtype)
-    w_row = _take(jnp.concatenate([w_flat, jnp.zeros((1,), dy.dtype)]), lay.src)
-    drows = w_row[:, None] * dy_rows
-    # d weights[t, j] = keep * <dy[t], rows[slot[t, j]]>, computed per row and gathered back
-    dw = (lay.keep * _take(jnp.sum(rows * dy_rows, axis=-1), lay.slot)).astype(weights.dtype)
-    return drows, dw, jax.tree.map(lambda _: None, lay)
+def _row_weights_bwd(lay, dw_row):
+    # every kept (t, j) sits in exactly one row: its gradient is that row's
+    return lay.keep * _take(dw_row, lay.slot), jax.tree.map(lambda _: None, lay)
+
+
+_row_weights.defvjp(_row_weights_fwd, _row_weights_bwd)
+
+
+@jax.custom_vjp
+def _combine(rows: jax.Array, slot: jax.Array, keep: jax.Array, token: jax.Array) -> jax.Array:
+    """y[t] = sum_j keep[t, j] * rows[slot[t, j]] (rows already carry their combine weight).
+
+    Backward: ``drows[p] = dy[token[p]]``, a plain gather. A padding row gets ``dy[0]``, which
+    must not matter: :func:`moe_experts` gives padding rows a zero combine weight before the down
+    projection, so nothing upstream of the weighting sees that gradient.
+    """
+    return _gather_sum(rows, slot, keep)
+
+
+def _combine_fwd(rows, slot, keep, token):
+    return _combine(rows, slot, keep, token), token
+
+
+def _combine_bwd(token, dy):
+    return _take(dy, token), None, None, None
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
@@ -325,28 +404,29 @@ def moe_experts(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax
         lay = _capacity_layout(r.experts, n_experts, cap)
         rows = _dispatch(x, lay.slot, lay.keep, lay.token).reshape(n_experts, cap, d)
         h = _dot(rows, w_gate_up, "ecd,edf->ecf", dtype)
-        out = _dot(swiglu(h), w_down, "ecf,efd->ecd", dtype).reshape(n_experts * cap, d)
+        a = _swiglu_scaled(h, _row_weights(r.weights, lay).reshape(n_experts, cap, 1).astype(h.dtype))
+        out = _dot(a, w_down, "ecf,efd->ecd", dtype).reshape(n_experts * cap, d)
         dropped = jnp.sum(jnp.maximum(lay.counts - cap, 0)).astype(jnp.float32) / (t * k)
-        return _combine(out, r.weights, lay), dropped
+        return _combine(out, lay.slot, lay.keep, lay.token), dropped
 
     if method == "dropless":
         if block is None:
             block = int(min(128, max(8, 2 ** round(math.log2(max(1, t * k / n_experts))))))
         lay, block_expert = _block_layout(r.experts, n_experts, block)
-        rows = _dispatch(x, lay.slot, lay.keep, lay.token)
         nb = block_expert.shape[0]
-        rows = rows.reshape(nb, block, d)
+        rows = _dispatch(x, lay.slot, lay.keep, lay.token).reshape(nb, block, d)
         h = _dot(rows, w_gate_up[block_expert], "nbd,ndf->nbf", dtype)
-        out = _dot(swiglu(h), w_down[block_expert], "nbf,nfd->nbd", dtype).reshape(nb * block, d)
-        return _combine(out, r.weights, lay), zero
+        a = _swiglu_scaled(h, _row_weights(r.weights, lay).reshape(nb, block, 1).astype(h.dtype))
+        out = _dot(a, w_down[block_expert], "nbf,nfd->nbd", dtype).reshape(nb * block, d)
+        return _combine(out, lay.slot, lay.keep, lay.token), zero
 
     if method == "ragged":
         lay = _ragged_layout(r.experts, n_experts)
         rows = _dispatch(x, lay.slot, lay.keep, lay.token).astype(dtype)
         h = jax.lax.ragged_dot(rows, w_gate_up.astype(dtype), lay.counts,
                                preferred_element_type=dtype)
-        out = jax.lax.ragged_dot(swiglu(h), w_down.astype(dtype), lay.counts,
-                                 preferred_element_type=dtype)
-        return _combine(out, r.weights, lay), zero
+        a = _swiglu_scaled(h, _row_weights(r.weights, lay)[:, None].astype(h.dtype))
+        out = jax.lax.ragged_dot(a, w_down.astype(dtype), lay.counts, preferred_element_type=dtype)
+        return _combine(out, lay.slot, lay.keep, lay.token), zero
 
     raise ValueError(f"dispatch {method!r}: use one of {', '.join(METHODS)} (resolve auto first)")

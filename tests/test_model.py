@@ -119,3 +119,24 @@ def test_same_seed_same_init_and_dense_twin_runs():
     twin = Transformer(dataclasses.replace(cfg).dense_twin(), rngs=nnx.Rngs(7))
     logits, _ = twin(_tokens(8), dispatch="capacity")
     assert logits.shape == (32, 256)
+
+
+def test_rope_and_its_inverse_rotation_gradient_equal_the_rotate_half_formula():
+    """apply_rope (one select pass, custom VJP) equals x * cos + rotate_half(x) * sin (Hugging
+    Face Llama convention), and its gradient equals autodiff of that formula."""
+    from moe_scaling.model import apply_rope, rope_tables
+
+    def plain(x, cos, sin):
+        half = x.shape[-1] // 2
+        rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+    cos, sin = rope_tables(12, 16, 10000.0)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 12, 3, 16)), jnp.float32)
+    c = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    np.testing.assert_allclose(apply_rope(x, cos, sin), plain(x, cos, sin), rtol=1e-6, atol=1e-6)
+    g_ours = jax.grad(lambda x: jnp.sum(apply_rope(x, cos, sin) * c))(x)
+    g_plain = jax.grad(lambda x: jnp.sum(plain(x, cos, sin) * c))(x)
+    np.testing.assert_allclose(g_ours, g_plain, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(apply_rope(x, cos, sin), x)  # positions > 0 really rotate
