@@ -278,6 +278,11 @@ class TrainConfig:
     ``warmup`` is a fraction of the steps when < 1, else a step count. ``schedule`` is
     ``cosine`` (warmup then cosine to ``min_lr_ratio * lr``), ``wsd`` (warmup, stable, then a
     linear decay over the last ``decay_fraction`` of steps) or ``constant`` (after warmup).
+    ``bias_update_rate`` is the step ``u`` of the auxiliary-loss-free load balancing of MoE
+    layers with a router bias (``model.router_bias``): after every optimiser step each expert's
+    selection bias moves by ``+u`` if it received fewer tokens than the mean in that step's
+    batch, ``-u`` if more (DeepSeek-V3 used 0.001); 0 keeps the bias fixed. Models without a
+    router bias ignore it.
     """
 
     tokens: int = 1_000_000
@@ -294,6 +299,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
+    bias_update_rate: float = 1e-3
     capacity_factor: float = 1.25
     dispatch: str = "auto"
     dtype: str = "float32"
@@ -319,6 +325,7 @@ class TrainConfig:
         _check_number(s, "grad_clip", self.grad_clip, minimum=0.0)
         _check_number(s, "aux_loss_coef", self.aux_loss_coef, minimum=0.0)
         _check_number(s, "z_loss_coef", self.z_loss_coef, minimum=0.0)
+        _check_number(s, "bias_update_rate", self.bias_update_rate, minimum=0.0)
         _check_number(s, "capacity_factor", self.capacity_factor, minimum=0.0, strict_min=True)
         _check_choice(s, "dispatch", self.dispatch, DISPATCHES)
         _check_choice(s, "dtype", self.dtype, ("float32", "bfloat16"))

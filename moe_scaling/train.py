@@ -8,6 +8,12 @@
 * Loss = mean next-token cross-entropy + ``aux_loss_coef`` x Switch balance loss +
   ``z_loss_coef`` x router z-loss (both averaged over the MoE layers). ``train_loss`` in the
   curve is the cross-entropy alone.
+* Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 report sec 2.1.2): in MoE layers
+  with a router bias (``model.router_bias``) each expert's selection bias moves by
+  ``bias_update_rate`` after every optimiser step, up if the expert received fewer tokens than
+  the mean in that step's batch, down if more (:func:`balance_bias_update`). It runs inside the
+  jitted step; the bias gets no gradient and AdamW never sees it. Other models compile to the
+  same step as without it.
 * Eval: mean cross-entropy over a fixed held-out set (``eval_batches`` batches of evenly spaced
   validation windows, :func:`moe_scaling.data.eval_windows`) at step 0, every ``eval_every``
   steps and at the end; MoE layers evaluate ``dropless`` when training uses ``capacity``, so no
@@ -43,7 +49,7 @@ from moe_scaling.model import Transformer
 from moe_scaling.routing import resolve_dispatch
 
 __all__ = ["TrainResult", "train", "load_checkpoint", "lr_schedule", "make_optimizer", "warmup_steps", "loss_fn",
-           "init_state", "make_train_step", "make_eval_step"]
+           "init_state", "make_train_step", "make_eval_step", "balance_bias_update"]
 
 
 @dataclass
@@ -145,11 +151,38 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, steps: int):
     return nnx.split((model, opt))
 
 
-def _train_step(graphdef, kw, state, inputs, targets):
+def balance_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """One auxiliary-loss-free balancing step: ``bias + rate * sign(mean(load) - load)``.
+
+    ``load [..., E]`` is how many tokens each expert received (any non-negative measure; the
+    sign is computed as ``sign(sum(load) - E * load)``, so integer counts compare exactly and an
+    expert at exactly the mean load keeps its bias). Overloaded experts go down by ``rate``,
+    underloaded ones up; the changes sum to zero when as many experts are above the mean as
+    below it.
+    """
+    diff = jnp.sum(load, axis=-1, keepdims=True) - load.shape[-1] * load
+    return bias + jnp.asarray(rate, bias.dtype) * jnp.sign(diff).astype(bias.dtype)
+
+
+def _update_router_biases(model: Transformer, expert_load: jax.Array, n_tokens: int,
+                          rate: float) -> None:
+    """Apply :func:`balance_bias_update` to every MoE layer that has a router bias, from that
+    layer's row of ``expert_load [n_moe_layers, E]`` (fractions of the ``n_tokens * top_k``
+    assignments, turned back into exact counts)."""
+    moe_layers = [block.ffn for block in model.blocks if block.is_moe]
+    for moe, load in zip(moe_layers, expert_load):
+        if moe.router_bias is not None:
+            counts = jnp.round(load * (n_tokens * moe.top_k)).astype(jnp.int32)
+            moe.router_bias[...] = balance_bias_update(moe.router_bias[...], counts, rate)
+
+
+def _train_step(graphdef, kw, bias_update_rate, state, inputs, targets):
     model, opt = nnx.merge(graphdef, state)
     (_, metrics), grads = nnx.value_and_grad(partial(loss_fn, **kw), has_aux=True)(model, inputs, targets)
     metrics["grad_norm"] = optax.tree.norm(grads)
     opt.update(model, grads)
+    if bias_update_rate > 0:
+        _update_router_biases(model, metrics["expert_load"], inputs.size, bias_update_rate)
     return nnx.state((model, opt)), metrics
 
 
@@ -160,11 +193,12 @@ def _eval_step(graphdef, kw, state, inputs, targets):
 
 
 def make_train_step(graphdef, train_cfg: TrainConfig, dispatch: str):
-    """``step(state, inputs, targets) -> (state, metrics)``, jitted, ``state`` donated."""
+    """``step(state, inputs, targets) -> (state, metrics)``, jitted, ``state`` donated: one AdamW
+    step, then the router-bias balancing update (``train_cfg.bias_update_rate``)."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
               dtype=_dtype(train_cfg.dtype), aux_loss_coef=train_cfg.aux_loss_coef,
               z_loss_coef=train_cfg.z_loss_coef)
-    return jax.jit(partial(_train_step, graphdef, kw), donate_argnums=0)
+    return jax.jit(partial(_train_step, graphdef, kw, train_cfg.bias_update_rate), donate_argnums=0)
 
 
 def make_eval_step(graphdef, train_cfg: TrainConfig, dispatch: str):
