@@ -26,8 +26,8 @@ ours                            Hugging Face (``model.layers.{i}.`` prefix; torc
 ``wo [h hd, d]``                ``self_attn.o_proj.weight``
 ``q_norm`` / ``k_norm``         ``self_attn.q_norm.weight`` / ``self_attn.k_norm.weight``
 dense ``w_gate_up [d, 2f]``     ``mlp.gate_proj.weight`` (first ``f`` columns),
-                                ``mlp.up_proj.weight`` (last ``f``); ``w_down`` ->
-                                ``mlp.down_proj.weight``
+                                ``mlp.up_proj.weight`` (last ``f``); ``w_down [d, f]`` ->
+                                ``mlp.down_proj.weight`` (the same layout)
 ``router [d, E]``               ``mlp.gate.weight`` (mixtral: ``block_sparse_moe.gate.weight``)
 ``router_bias [E]``             glm4_moe ``mlp.gate.e_score_correction_bias`` (a buffer that
                                 glm4_moe always has: zeros when ``router_bias`` is off)
@@ -104,10 +104,11 @@ def _pure_params(model_cfg: ModelConfig, params: Any) -> dict:
 
 def _swiglu(prefix: str, w_gate_up: np.ndarray, w_down: np.ndarray,
             names: tuple[str, str, str] = _SWIGLU) -> dict[str, np.ndarray]:
-    """A fused ``[d, 2 f]`` gate/up matrix and ``[f, d]`` down matrix as three torch Linears."""
+    """A fused ``[d, 2 f]`` gate/up matrix and a ``[d, f]`` down matrix (output-major, as
+    :class:`~moe_scaling.model.DenseFFN` stores it) as three torch Linears."""
     gate, up = np.split(w_gate_up, 2, axis=-1)
     return {f"{prefix}{names[0]}.weight": gate.T, f"{prefix}{names[1]}.weight": up.T,
-            f"{prefix}{names[2]}.weight": w_down.T}
+            f"{prefix}{names[2]}.weight": w_down}
 
 
 def _attention(cfg: ModelConfig, prefix: str, a: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -133,7 +134,7 @@ def _moe(cfg: ModelConfig, mt: str, prefix: str, f: Mapping[str, Any]) -> dict[s
         out[f"{p}gate.e_score_correction_bias"] = (
             f["router_bias"] if cfg.router_bias else np.zeros((cfg.n_experts,), np.float32))
     for e in range(cfg.n_experts):
-        out.update(_swiglu(f"{p}experts.{e}.", f["w_gate_up"][e], f["w_down"][e], names))
+        out.update(_swiglu(f"{p}experts.{e}.", f["w_gate_up"][e], f["w_down"][e].T, names))
     if mt == "qwen2_moe":
         out.update(_swiglu(f"{p}shared_expert.", f["shared"]["w_gate_up"], f["shared"]["w_down"]))
         out[f"{p}shared_expert_gate.weight"] = f["shared_gate"].T
@@ -143,7 +144,7 @@ def _moe(cfg: ModelConfig, mt: str, prefix: str, f: Mapping[str, Any]) -> dict[s
         else:  # glm4_moe builds a zero-width shared MLP when n_shared_experts is 0
             d = cfg.d_model
             out.update(_swiglu(f"{p}shared_experts.", np.zeros((d, 0), np.float32),
-                               np.zeros((0, d), np.float32)))
+                               np.zeros((d, 0), np.float32)))
     return out
 
 
