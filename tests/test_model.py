@@ -121,15 +121,15 @@ def test_same_seed_same_init_and_dense_twin_runs():
     assert logits.shape == (32, 256)
 
 
-def test_rope_and_its_inverse_rotation_gradient_equal_the_rotate_half_formula():
-    """apply_rope (one select pass, custom VJP) equals x * cos + rotate_half(x) * sin (Hugging
-    Face Llama convention), and its gradient equals autodiff of that formula."""
+def test_rope_is_the_rotate_half_rotation():
+    """apply_rope equals x * cos + rotate_half(x) * sin written out independently (Hugging Face
+    Llama convention), gradient included, and really rotates."""
     from moe_scaling.model import apply_rope, rope_tables
 
-    def plain(x, cos, sin):
+    def plain(x, cos, sin):  # pairs (x1[i], x2[i]) rotated by the angle of (cos, sin)[:, i]
         half = x.shape[-1] // 2
-        rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+        x1, x2, c, s = x[..., :half], x[..., half:], cos[None, :, None, :half], sin[None, :, None, :half]
+        return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
     cos, sin = rope_tables(12, 16, 10000.0)
     rng = np.random.default_rng(1)
