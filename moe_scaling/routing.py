@@ -26,6 +26,9 @@ Every non-reference algorithm moves rows with gathers only, forward and backward
 dispatch ``x -> rows`` and the combine ``rows -> y`` are a permutation (plus padding and drops),
 so their transposes are gathers by the inverse index (custom VJPs below), never scatter-adds.
 The integer bookkeeping (sort, ranks) carries no gradient, so the backward pass never re-sorts.
+Each row's combine weight multiplies the expert's SwiGLU output before the down projection (the
+same function, the projection being linear), so the combine itself is an unweighted gather-sum
+and its backward a plain gather.
 
 Expert weights are fused: ``w_gate_up[e]`` is ``[d, 2 f]`` with the gate in the first ``f``
 columns and the up projection in the last ``f``; ``w_down[e]`` is ``[f, d]``.
@@ -203,8 +206,8 @@ class Layout(NamedTuple):
     token ``t``'s ``j``-th choice and ``keep[t, j]`` is 0 when that choice was dropped (its slot
     is then 0, a valid row); ``src[p]`` is the assignment index ``t * k + j`` held by row ``p``
     (``T * k`` when the row is padding) and ``token[p]`` its token (0 for padding: a padding row
-    holds a copy of token 0 that nothing reads back, and its gradient is zero). Every index is
-    in bounds, so the gathers need no bounds checks.
+    holds a copy of token 0 whose combine weight is 0, so neither its output nor its gradient
+    reaches anything). Every index is in bounds, so the gathers need no bounds checks.
     """
 
     slot: jax.Array    # [T, k] int32 in [0, P)
