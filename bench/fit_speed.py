@@ -3,7 +3,7 @@
     python bench/fit_speed.py --json          # prints {"chinchilla_grid_s", "bootstrap_1000_s", ...}
     python bench/fit_speed.py --repeat 5 --baseline-starts 0
 
-What is timed (the same code ``moe-fit`` runs, :mod:`moe_scaling.fit`):
+What is timed (the same code ``moe-fit`` runs, :mod:`moe_scaling.laws.fit`):
 
 * ``chinchilla_grid_s``: the Hoffmann grid of 4,500 starts on the 240 Chinchilla points (5
   highest losses dropped, D = C / 6N, Huber delta 1e-3): every start screened in float32, the 8
@@ -32,8 +32,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moe_scaling.fit import bootstrap_refits, canonical_table, fit_starts, make_problem  # noqa: E402
-from moe_scaling.laws import CHINCHILLA  # noqa: E402
+from moe_scaling.laws.fit import bootstrap_refits, canonical_table, fit_starts, make_problem  # noqa: E402
+from moe_scaling.laws.registry import CHINCHILLA  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "chinchilla" / "svg_extracted_data.csv"

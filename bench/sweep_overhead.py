@@ -84,9 +84,9 @@ def overhead(args) -> dict:
 
 
 def estimate(args) -> dict:
-    from moe_scaling.grid import expand_grid, load_grid, resolve_corpus
-    from moe_scaling.sweep import enable_compilation_cache
-    from moe_scaling.train import train
+    from moe_scaling.sweep.grid import expand_grid, load_grid, resolve_corpus
+    from moe_scaling.sweep.runner import enable_compilation_cache
+    from moe_scaling.train.loop import train
 
     spec = load_grid(args.grid)
     runs = expand_grid(spec)
@@ -138,7 +138,7 @@ def main() -> None:
     e.add_argument("--probe-steps", type=int, default=30)
     args = p.parse_args(sys.argv[1:] or ["overhead"])
     result = overhead(args) if args.mode == "overhead" else estimate(args)
-    from moe_scaling.results import code_version
+    from moe_scaling.sweep.results import code_version
 
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                          "python": platform.python_version(), "code_version": code_version(),

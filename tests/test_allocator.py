@@ -1,4 +1,4 @@
-"""moe_scaling.allocator: importing the package stops XLA:CPU from page-faulting its step buffers."""
+"""moe_scaling.runtime: importing the package stops XLA:CPU from page-faulting its step buffers."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 PROBE = r"""
 import json, resource, sys
 import moe_scaling
-from moe_scaling.allocator import keep_freed_memory
+from moe_scaling.runtime import keep_freed_memory
 import jax, jax.numpy as jnp
 
 # a temporary of 4096 x 4096 float32 (64 MiB) per call, freed when the call returns

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_scaling.builder import (build, config_from_spec, config_from_sweet_spot, count_tolerance,
+from moe_scaling.design.builder import (build, config_from_spec, config_from_sweet_spot, count_tolerance,
                                  hf_config, hf_model_type, make_recipe)
 from moe_scaling.config import ConfigError, ModelConfig, load_model_config
 from moe_scaling.costs import param_counts, published_models

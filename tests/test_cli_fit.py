@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from moe_scaling.fit import load_fit
-from moe_scaling.laws import LAWS
+from moe_scaling.laws.fit import load_fit
+from moe_scaling.laws.registry import LAWS
 
 
 @pytest.fixture(scope="module")

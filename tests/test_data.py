@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from moe_scaling.config import ConfigError, DataConfig
-from moe_scaling.data import (EOS, corpus_files, decode, encode, eval_windows, load_tokens,
+from moe_scaling.train.data import (EOS, corpus_files, decode, encode, eval_windows, load_tokens,
                               train_batch)
 
 SHAKESPEARE = SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"

@@ -21,11 +21,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import SHARED_DATA
-from moe_scaling.builder import hf_model_type
+from moe_scaling.design.builder import hf_model_type
 from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from moe_scaling.export import export_checkpoint, export_hf, hf_state_dict
-from moe_scaling.model import Transformer
-from moe_scaling.train import load_checkpoint, train
+from moe_scaling.hf.export import export_checkpoint, export_hf, hf_state_dict
+from moe_scaling.model.transformer import Transformer
+from moe_scaling.train.loop import load_checkpoint, train
 
 # glm4_moe without shared experts has zero-width shared_experts Linears; torch warns when
 # transformers initialises them.

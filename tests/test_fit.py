@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from moe_scaling.fit import (FitError, NoSamplesError, canonical_table, fit_law, holdout_mask, load_fit,
+from moe_scaling.laws.fit import (FitError, NoSamplesError, canonical_table, fit_law, holdout_mask, load_fit,
                              published_fit, select_law)
-from moe_scaling.laws import LAWS
+from moe_scaling.laws.registry import LAWS
 
 # Besiroglu, Erdil, Barnett, You 2024, "Chinchilla Scaling: A replication attempt" (arXiv:2404.10102),
 # as recorded in ../shared/data/chinchilla/README.md: the grid fit (Hoffmann grid, L-BFGS, Huber 1e-3)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from moe_scaling.config import ConfigError
-from moe_scaling.grid import compile_exclude, expand_grid, load_grid, resolve_corpus
+from moe_scaling.sweep.grid import compile_exclude, expand_grid, load_grid, resolve_corpus
 
 ISSUE_EXAMPLE = """
 name: example

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_scaling.builder import build
+from moe_scaling.design.builder import build
 from moe_scaling.config import ModelConfig, load_model_config
 from moe_scaling.costs import param_counts, published_models
 

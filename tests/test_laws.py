@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import SHARED_DATA
-from moe_scaling.laws import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
+from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
 
 RNG = np.random.default_rng(0)
 N = 10 ** RNG.uniform(7, 10, 12)

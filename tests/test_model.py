@@ -10,7 +10,7 @@ from flax import nnx
 
 from moe_scaling.config import ModelConfig
 from moe_scaling.costs import param_counts
-from moe_scaling.model import RouterBias, Transformer, causal_attention
+from moe_scaling.model.transformer import RouterBias, Transformer, causal_attention
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -124,7 +124,7 @@ def test_same_seed_same_init_and_dense_twin_runs():
 def test_rope_is_the_rotate_half_rotation():
     """apply_rope equals x * cos + rotate_half(x) * sin written out independently (Hugging Face
     Llama convention), gradient included, and really rotates."""
-    from moe_scaling.model import apply_rope, rope_tables
+    from moe_scaling.model.transformer import apply_rope, rope_tables
 
     def plain(x, cos, sin):  # pairs (x1[i], x2[i]) rotated by the angle of (cos, sin)[:, i]
         half = x.shape[-1] // 2

@@ -21,7 +21,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.text import Text
 
 from conftest import REPO
-from moe_scaling import plots
+from moe_scaling.plots import figures as plots
 from moe_scaling.costs import param_counts, published_models, weight_bytes
 
 SWEEP = os.environ.get("MOE_SCALING_SWEEP_DIR", str(REPO / "results" / "quickstart"))
@@ -229,8 +229,8 @@ TINY = dict(d_model_min=32, d_model_max=128, d_model_step=32, n_layers_min=1, n_
 def fitted(sweep):
     """The notebook's few-run setting: joint_moe with a, alpha, delta free, the data term removed
     (one token budget) and the rest at the published reference; a small bootstrap."""
-    from moe_scaling.fit import fit_law, load_runs
-    from moe_scaling.laws import get_law
+    from moe_scaling.laws.fit import fit_law, load_runs
+    from moe_scaling.laws.registry import get_law
 
     table, _ = load_runs(SWEEP)
     fixed = {k: v for k, v in get_law("joint_moe").reference.items() if k not in ("a", "alpha", "delta")}
@@ -239,7 +239,7 @@ def fitted(sweep):
 
 @pytest.fixture(scope="module")
 def searched(sweep, fitted):
-    from moe_scaling.optimize import ArchSpace, Budget, search
+    from moe_scaling.design.search import ArchSpace, Budget, search
 
     runs, _ = sweep
     space = ArchSpace(vocab_size=int(runs["vocab_size"].iloc[0]), **TINY)
@@ -311,7 +311,7 @@ def test_sweet_spot_figures(sweep, fitted, searched):
     assert grid["memory"].shape == grid["loss"].shape == (len(grid["G"]), 5)
     # centred on an MoE (the sweep's best MoE run, described on the budget's axes by optimize), the
     # plane at that run's (E, G) is exactly the law's prediction and the cost model's bytes
-    from moe_scaling.optimize import Budget, describe_config
+    from moe_scaling.design.search import Budget, describe_config
 
     runs, _ = sweep
     best = plots.completed(runs).query("n_experts > top_k").sort_values("eval_loss").iloc[0]
@@ -349,8 +349,8 @@ def test_fit_plot_writes_the_standard_set(tmp_path, fitted, searched):
 
 
 def test_published_models_with_a_phone_search():
-    from moe_scaling.fit import load_fit
-    from moe_scaling.optimize import Budget, search
+    from moe_scaling.laws.fit import load_fit
+    from moe_scaling.design.search import Budget, search
 
     law = load_fit(REPO / "fits" / "joint_moe_published.json")
     r = search(law, Budget(memory=2 * 10**9, tokens=1e12))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from moe_scaling import routing as R
+from moe_scaling.model import routing as R
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from conftest import SHARED_DATA
 from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from moe_scaling.train import load_checkpoint, lr_schedule, train
+from moe_scaling.train.loop import load_checkpoint, lr_schedule, train
 
 MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
                     top_k=2, d_expert=32, n_shared=1, max_seq_len=32)

@@ -18,13 +18,13 @@ from typing import Any
 
 from moe_scaling.config import ConfigError
 from moe_scaling.costs import parse_bytes, parse_count
-from moe_scaling.optimize import ArchSpace, Budget, LossModel, search
+from moe_scaling.design.search import ArchSpace, Budget, LossModel, search
 
 __all__ = ["add_budget_arguments", "budget_from_args", "run_budget", "format_budget",
            "parse_latency_ms", "parse_flops"]
 
 BUDGET_HELP = """\
-on-device budget (the sweet-spot search; see moe_scaling.optimize):
+on-device budget (the sweet-spot search; see moe_scaling.design.search):
   --budget-mem 2GB                      weights at --weights + KV cache at --kv for --context tokens
   --budget-flops 2G                     forward FLOPs per token at --context
   --budget-latency 30ms --device NAME   roofline decode time per token on a device profile
@@ -122,7 +122,7 @@ def run_budget(args: argparse.Namespace, fit: LossModel) -> dict[str, Any]:
     if getattr(args, "emit", None):
         if result["sweet_spot"] is None:
             raise nothing_fits(args)
-        from moe_scaling.builder import build, config_from_sweet_spot
+        from moe_scaling.design.builder import build, config_from_sweet_spot
 
         spot = result["sweet_spot"]
         result["emitted"] = build(

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from moe_scaling.builder import build, config_from_spec, config_from_sweet_spot
+from moe_scaling.design.builder import build, config_from_spec, config_from_sweet_spot
 from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
 from moe_scaling.cli.budget import add_budget_arguments, budget_from_args, nothing_fits
 from moe_scaling.config import ConfigError, load_model_config
@@ -66,8 +66,8 @@ def _body(argv: Sequence[str] | None) -> int:
         tokens = float(prediction.get("tokens", tokens)) if not args.tokens else tokens
         origin = f"the sweet spot in {Path(args.sweet_spot).name}"
     elif source == "fit":
-        from moe_scaling.fit import FitError, load_fit
-        from moe_scaling.optimize import ArchSpace, search
+        from moe_scaling.laws.fit import FitError, load_fit
+        from moe_scaling.design.search import ArchSpace, search
 
         budget = budget_from_args(args)
         if budget is None:

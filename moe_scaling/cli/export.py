@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from moe_scaling.cli._common import make_parser, print_json, run_cli
-from moe_scaling.export import DTYPES, export_checkpoint
+from moe_scaling.hf.export import DTYPES, export_checkpoint
 
 EXAMPLES = """\
   moe-export runs/demo --out hf/demo

@@ -2,7 +2,7 @@
 
 INPUT is a sweep directory (its ``runs.parquet``: completed runs, loss = eval_loss), a CSV or parquet
 runs table with canonical columns (``--column canonical=theirs`` maps other names), or a saved fit
-JSON (nothing is fitted; use it with ``--predict``). See :mod:`moe_scaling.fit` for the procedure.
+JSON (nothing is fitted; use it with ``--predict``). See :mod:`moe_scaling.laws.fit` for the procedure.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
 from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
-from moe_scaling.fit import Fit, FitError, fit_law, load_fit, load_runs, select_law
-from moe_scaling.laws import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
+from moe_scaling.laws.fit import Fit, FitError, fit_law, load_fit, load_runs, select_law
+from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
 
 PROG = "moe-fit"
 PREDICTION_LEVEL = 0.9

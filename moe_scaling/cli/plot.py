@@ -3,10 +3,10 @@
 ``moe-sweep plot DIR`` and ``moe-fit ... --plot OUT_DIR`` call the two helpers here:
 
 * :func:`add_sweep_plot_parser` registers ``plot DIR [--out OUT] [--json]`` on a subparsers object
-  and :func:`sweep_plot_main` runs it: the sweep figures of :func:`moe_scaling.plots.sweep_figures`
+  and :func:`sweep_plot_main` runs it: the sweep figures of :func:`moe_scaling.plots.figures.sweep_figures`
   written as PNG + SVG into ``DIR/plots/`` (or ``--out``).
 * :func:`add_fit_plot_argument` adds ``--plot OUT_DIR`` to ``moe-fit`` and :func:`fit_plot` writes
-  the fit figures of :func:`moe_scaling.plots.fit_figures` into that folder.
+  the fit figures of :func:`moe_scaling.plots.figures.fit_figures` into that folder.
 
 Run on its own, ``python -m moe_scaling.cli.plot DIR`` is ``moe-sweep plot DIR``.
 """
@@ -40,7 +40,7 @@ def load_sweep(directory: str | Path):
 
 
 def _write(figures: Mapping[str, Any], out: Path) -> dict[str, list[str]]:
-    from moe_scaling.plots import save_figure
+    from moe_scaling.plots.figures import save_figure
 
     return {name: [str(p) for p in save_figure(fig, out / name)] for name, fig in figures.items()}
 
@@ -59,7 +59,7 @@ def add_sweep_plot_parser(subparsers) -> None:
 def sweep_plot_main(args) -> int:
     """Write the sweep figures of ``args.dir`` into ``args.out`` (default ``DIR/plots``); print
     one line per figure (or JSON ``{"out", "figures": {name: [png, svg]}}`` with ``args.json``)."""
-    from moe_scaling.plots import sweep_figures
+    from moe_scaling.plots.figures import sweep_figures
 
     runs, curves = load_sweep(args.dir)
     out = Path(args.out) if getattr(args, "out", None) else Path(args.dir) / "plots"
@@ -85,7 +85,7 @@ def add_fit_plot_argument(parser) -> None:
 
 def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mapping[str, str] | None = None,
              results: Sequence[Any] = (), heldout: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Write the fit figures (:func:`moe_scaling.plots.fit_figures`) into ``out_dir``.
+    """Write the fit figures (:func:`moe_scaling.plots.figures.fit_figures`) into ``out_dir``.
 
     ``fit`` is a ``fit.Fit``. ``runs`` is the table it was fitted on, or the path ``moe-fit`` was
     given (a sweep folder or table, read with ``fit.load_runs`` and ``columns``; a ``.json`` fit
@@ -94,13 +94,13 @@ def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mappin
     a sweet spot are skipped); ``heldout`` run ids to highlight (default: the fit's own held-out
     runs). Returns ``{figure name: [png path, svg path]}``.
     """
-    from moe_scaling.plots import fit_figures
+    from moe_scaling.plots.figures import fit_figures
 
     if isinstance(runs, (str, Path)):
         if str(runs).lower().endswith(".json"):
             runs = None
         else:
-            from moe_scaling.fit import load_runs
+            from moe_scaling.laws.fit import load_runs
 
             runs = load_runs(runs, columns)[0]
     return _write(fit_figures(fit, runs=runs, results=results, heldout=heldout), Path(out_dir))

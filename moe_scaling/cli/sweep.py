@@ -82,7 +82,7 @@ def _body(argv: Sequence[str] | None) -> int:
 
 def _validate(args) -> int:
     from moe_scaling.costs import param_counts
-    from moe_scaling.sweep import plan_sweep
+    from moe_scaling.sweep.runner import plan_sweep
 
     plan = plan_sweep(args.grid)
     rows = []
@@ -107,7 +107,7 @@ def _validate(args) -> int:
 
 
 def _run(args) -> int:
-    from moe_scaling.sweep import check_storage_url, plan_sweep, run_sweep
+    from moe_scaling.sweep.runner import check_storage_url, plan_sweep, run_sweep
 
     plan = plan_sweep(args.grid)           # a bad grid stops here, before anything is written
     if args.storage:
@@ -180,7 +180,7 @@ def _duration(seconds: float) -> str:
 
 
 def _summary(out: Path, top: int) -> dict[str, Any]:
-    from moe_scaling.results import summarize
+    from moe_scaling.sweep.results import summarize
 
     return summarize(out, top=top)
 

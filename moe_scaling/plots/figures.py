@@ -17,7 +17,7 @@ The visual encoding of runs, shared by the cost-axis figures:
 Memory on device of a measured run is its weight bytes at the chosen precision (default INT4: 4.5
 bits per weight with group-32 fp16 scales, DESIGN.md section 3), computed with
 :func:`moe_scaling.costs.weight_bytes` from the row's ModelConfig fields. Figures of a sweet-spot
-search (:mod:`moe_scaling.optimize`) use the search's own axes: weights plus the KV cache at its
+search (:mod:`moe_scaling.design.search`) use the search's own axes: weights plus the KV cache at its
 precision and context. Byte and FLOP axes pick their unit (KB/MB/GB, kFLOP/.../TFLOP) from the data
 and say it in the label.
 
@@ -695,9 +695,9 @@ def fitted_rows(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> pd.Dat
 
 def fit_heldout(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> list[str]:
     """Run ids of the runs ``fit`` held out for its ``heldout_rmse``, recomputed with the fit's own
-    rule (:func:`moe_scaling.fit.holdout_mask` over its ``heldout_by`` ranking, ``heldout_frac``
+    rule (:func:`moe_scaling.laws.fit.holdout_mask` over its ``heldout_by`` ranking, ``heldout_frac``
     of :func:`fitted_rows`); [] when the fit held nothing out."""
-    from moe_scaling.fit import holdout_mask
+    from moe_scaling.laws.fit import holdout_mask
 
     settings, metrics = getattr(fit, "settings", {}) or {}, getattr(fit, "metrics", {}) or {}
     if metrics.get("heldout_rmse") is None or "heldout_frac" not in settings:
@@ -1180,7 +1180,7 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
     """Iso-loss contours of ``fit`` over (expansion E, granularity G) at the sweet spot's trunk and
     active size and the search's training tokens (:func:`iso_loss_grid`); the sweet spot is the
     red star and the memory budget (weights + KV cache) the dashed line, hatched beyond."""
-    from moe_scaling.optimize import law_reads
+    from moe_scaling.design.search import law_reads
 
     grid = iso_loss_grid(fit, result, expansion_max=expansion_max, granularities=granularities)
     E, G, Z, M, base, s, b = (grid[k] for k in ("E", "G", "loss", "memory", "base", "sweet_spot", "budget"))

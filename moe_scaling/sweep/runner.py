@@ -2,7 +2,7 @@
 
 The work queue is an optuna storage (``sqlite:///DIR/sweep.db`` by default, any optuna RDB URL such
 as ``postgresql://user@host/db`` for workers on many machines). Each resolved run of the grid
-(:mod:`moe_scaling.grid`) is one *enqueued* trial whose user attributes carry its run id and its full
+(:mod:`moe_scaling.sweep.grid`) is one *enqueued* trial whose user attributes carry its run id and its full
 resolved config, so any worker that can reach the storage can run it. The sampler is never used:
 workers claim WAITING trials with the storage's atomic WAITING -> RUNNING transition, and stop when
 nothing is waiting or running.
@@ -25,7 +25,7 @@ Guarantees and how they are kept:
 * **Compilation reuse.** Workers enable JAX's persistent compilation cache in ``DIR/jax_cache`` so
   runs with identical shapes (seeds, learning rates, ...) and restarted sweeps skip recompiling.
 
-Results go to per-run record files and the tables of :mod:`moe_scaling.results`.
+Results go to per-run record files and the tables of :mod:`moe_scaling.sweep.results`.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 import moe_scaling
 from moe_scaling.config import ConfigError, atomic_write_text, save_config
-from moe_scaling.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
-from moe_scaling.results import (MANIFEST_FILE, atomic_write_json, code_version, read_record,
+from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
+from moe_scaling.sweep.results import (MANIFEST_FILE, atomic_write_json, code_version, read_record,
                                  rebuild_tables, run_dir, write_curve, write_record)
 
 __all__ = ["SweepPlan", "plan_sweep", "default_storage", "check_storage_url", "open_study", "prepare",
@@ -400,7 +400,7 @@ def worker_loop(ctx: WorkerContext, report: Report | None = None) -> int:
     """Claim and run trials until none is waiting or running; ``report`` gets progress snapshots.
     Returns the number of runs this worker trained."""
     enable_compilation_cache(ctx.out)
-    from moe_scaling.train import train as train_fn
+    from moe_scaling.train.loop import train as train_fn
     study = open_study(ctx.storage_url, ctx.study_name, ctx.grace_s)
     reporter = Progress(ctx, study, report)
     n = 0

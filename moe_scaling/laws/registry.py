@@ -1,7 +1,7 @@
 """Scaling-law forms: a registry of laws, each with its inputs, parameters, bounds and starting grid.
 
 A :class:`Law` is data plus one formula. The formula is written once, in log space, against an
-array namespace ``xp`` (``numpy`` for :meth:`Law.predict`, ``jax.numpy`` when :mod:`moe_scaling.fit`
+array namespace ``xp`` (``numpy`` for :meth:`Law.predict`, ``jax.numpy`` when :mod:`moe_scaling.laws.fit`
 differentiates it), so prediction and fitting can never disagree.
 
 Parameters live in two coordinate systems:

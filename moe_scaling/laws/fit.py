@@ -3,7 +3,7 @@
 The procedure (DESIGN.md section 5; Besiroglu et al. 2024's reading of Hoffmann et al. 2022):
 
 * residuals ``r = log L - log Lhat`` under a Huber loss (``huber_delta``, default 1e-3), the
-  optimiser moving parameters in log space where they are positive (:mod:`moe_scaling.laws`);
+  optimiser moving parameters in log space where they are positive (:mod:`moe_scaling.laws.registry`);
 * bound-constrained L-BFGS from every start of the law's grid, best kept. All starts run at once:
   :func:`minimize_batch` is a batched projected L-BFGS written in JAX (one objective + autodiff
   gradient evaluation per step for the whole batch, starts refilled into finished slots). The
@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from moe_scaling.config import atomic_write_text
-from moe_scaling.laws import CANONICAL_COLUMNS, LAWS, Law, get_law
+from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, Law, get_law
 
 __all__ = ["Fit", "FitError", "NoSamplesError", "fit_law", "select_law", "load_fit", "published_fit",
            "load_runs", "canonical_table", "prepare", "FitData", "Problem", "make_problem", "fit_starts",
@@ -234,7 +234,7 @@ def holdout_mask(values: np.ndarray, frac: float) -> np.ndarray:
 class Problem:
     """One law on one data set: what the optimiser minimises.
 
-    Parameters are internal coordinates (:mod:`moe_scaling.laws`) in ``law.params`` order; a fixed
+    Parameters are internal coordinates (:mod:`moe_scaling.laws.registry`) in ``law.params`` order; a fixed
     parameter has ``lo == hi`` (the projection pins it, so fixing never recompiles anything).
     ``cols``/``logy`` are the inputs and log losses, ``delta`` the Huber threshold. Build one with
     :func:`make_problem`."""
@@ -480,7 +480,7 @@ class Fit:
     :func:`load_fit`.
 
     Attributes:
-        law: the law's registry name (:data:`moe_scaling.laws.LAWS`).
+        law: the law's registry name (:data:`moe_scaling.laws.registry.LAWS`).
         params: fitted coefficients, natural units.
         intervals: bootstrap percentile interval per coefficient at ``interval_level`` ({} when
             there is no bootstrap); fixed coefficients have a zero-width interval.
@@ -511,7 +511,7 @@ class Fit:
 
     @property
     def law_obj(self) -> Law:
-        """The :class:`~moe_scaling.laws.Law` this fit is of."""
+        """The :class:`~moe_scaling.laws.registry.Law` this fit is of."""
         return get_law(self.law)
 
     @property
@@ -664,7 +664,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
     """Fit ``law`` to a runs table with canonical columns (see the module docstring).
 
     Args:
-        law: a registered law name or :class:`~moe_scaling.laws.Law`.
+        law: a registered law name or :class:`~moe_scaling.laws.registry.Law`.
         data: DataFrame or dict of arrays with ``loss`` and the law's inputs; NaN/inf rows dropped.
         huber_delta: Huber threshold on log residuals.
         fix: natural-unit values of parameters to hold fixed.

@@ -15,13 +15,13 @@
   jitted step; the bias gets no gradient and AdamW never sees it. Other models compile to the
   same step as without it.
 * Eval: mean cross-entropy over a fixed held-out set (``eval_batches`` batches of evenly spaced
-  validation windows, :func:`moe_scaling.data.eval_windows`) at step 0, every ``eval_every``
+  validation windows, :func:`moe_scaling.train.data.eval_windows`) at step 0, every ``eval_every``
   steps and at the end; MoE layers evaluate ``dropless`` when training uses ``capacity``, so no
   eval token is ever dropped.
 * Checkpoints (orbax) every ``ckpt_every`` steps and at the end hold the model, the optimiser
   state (with its step count) and a JSON record (step, curve so far, metrics, configs). The data
   position is the step itself: batch ``s`` is drawn from ``(seed, s)``
-  (:func:`moe_scaling.data.train_batch`), so a resumed run is bit-identical to a straight one.
+  (:func:`moe_scaling.train.data.train_batch`), so a resumed run is bit-identical to a straight one.
 * A non-finite loss ends the run with status ``diverged`` (the step and the last good loss);
   no checkpoint of non-finite parameters is written.
 """
@@ -44,9 +44,9 @@ import optax
 from flax import nnx
 
 from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from moe_scaling.data import eval_windows, load_tokens, tokenizer_vocab_size, train_batch
-from moe_scaling.model import Transformer
-from moe_scaling.routing import resolve_dispatch
+from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_vocab_size, train_batch
+from moe_scaling.model.transformer import Transformer
+from moe_scaling.model.routing import resolve_dispatch
 
 __all__ = ["TrainResult", "train", "load_checkpoint", "lr_schedule", "make_optimizer", "warmup_steps", "loss_fn",
            "init_state", "make_train_step", "make_eval_step", "balance_bias_update"]

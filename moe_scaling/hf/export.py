@@ -1,6 +1,6 @@
 """Export a model to the Hugging Face layout: ``config.json`` + ``model.safetensors``.
 
-:func:`export_checkpoint` takes a run written by :func:`moe_scaling.train.train` (its checkpoint
+:func:`export_checkpoint` takes a run written by :func:`moe_scaling.train.loop.train` (its checkpoint
 folder, or a sweep's ``runs/<id>/`` that holds one in ``ckpt/``) and writes a directory that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads with no missing or unexpected keys
 and that computes the same logits as our model (tests/test_export.py checks every architecture
@@ -8,8 +8,8 @@ against transformers 5.24). :func:`export_hf` does the same for a model in memor
 :func:`hf_state_dict` is the bare tensor mapping. Export needs NumPy and ``safetensors`` only
 (no torch).
 
-The architecture is :func:`moe_scaling.builder.hf_model_type` (``config.json`` is
-:func:`moe_scaling.builder.hf_config`); a config no supported architecture represents is
+The architecture is :func:`moe_scaling.design.builder.hf_model_type` (``config.json`` is
+:func:`moe_scaling.design.builder.hf_config`); a config no supported architecture represents is
 refused with its one-line :class:`ConfigError`. Tensor names follow the checkpoints on the Hub:
 
 ==============================  ==============================================================
@@ -56,10 +56,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moe_scaling.builder import hf_config, hf_model_type
+from moe_scaling.design.builder import hf_config, hf_model_type
 from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from moe_scaling.files import atomic_path, atomic_write_text
-from moe_scaling.model import Transformer
+from moe_scaling.model.transformer import Transformer
 
 __all__ = ["hf_state_dict", "export_hf", "export_checkpoint", "read_run", "DTYPES"]
 
@@ -105,7 +105,7 @@ def _pure_params(model_cfg: ModelConfig, params: Any) -> dict:
 def _swiglu(prefix: str, w_gate_up: np.ndarray, w_down: np.ndarray,
             names: tuple[str, str, str] = _SWIGLU) -> dict[str, np.ndarray]:
     """A fused ``[d, 2 f]`` gate/up matrix and a ``[d, f]`` down matrix (output-major, as
-    :class:`~moe_scaling.model.DenseFFN` stores it) as three torch Linears."""
+    :class:`~moe_scaling.model.transformer.DenseFFN` stores it) as three torch Linears."""
     gate, up = np.split(w_gate_up, 2, axis=-1)
     return {f"{prefix}{names[0]}.weight": gate.T, f"{prefix}{names[1]}.weight": up.T,
             f"{prefix}{names[2]}.weight": w_down}
@@ -287,7 +287,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``config.json``, ``model.safetensors`` and a short ``README.md``; returns the
     :func:`export_hf` summary plus ``run``, ``step`` and ``status``.
     """
-    from moe_scaling.train import load_checkpoint
+    from moe_scaling.train.loop import load_checkpoint
 
     _check_dtype(dtype)
     ckpt, step, record = read_run(run_dir, step=step)
@@ -298,7 +298,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         data_cfg = DataConfig.from_dict(configs["data"])
     except (KeyError, TypeError):
         raise ConfigError(f"run_dir = {str(run_dir)!r}: the checkpoint record holds no configs; "
-                          "export a checkpoint written by moe_scaling.train.train") from None
+                          "export a checkpoint written by moe_scaling.train.loop.train") from None
     mt = hf_model_type(model_cfg)  # refuse before restoring any array
     model, _ = load_checkpoint(ckpt, model_cfg, train_cfg, data_cfg, step=step)
     out = Path(out_dir)

@@ -3,7 +3,7 @@
 :func:`build` writes ``DIR/``:
 
 * ``config.json``: the model as a Hugging Face config (:func:`hf_config`);
-* ``model.yaml``: the same model as our :class:`ModelConfig` (exact, for ``moe_scaling.train``);
+* ``model.yaml``: the same model as our :class:`ModelConfig` (exact, for ``moe_scaling.train.loop``);
 * ``recipe.yaml``: the four training stages that consume it (:func:`make_recipe`);
 * ``costs.json``: :func:`costs.cost_summary` of the model on the chosen precisions and device;
 * ``README.md``: a short model card.
@@ -63,7 +63,7 @@ import yaml
 
 from moe_scaling.config import ConfigError, ModelConfig, atomic_write_text
 from moe_scaling.costs import cost_summary, parse_count, parse_precision
-from moe_scaling.optimize import ArchSpace, expert_line, layouts, trunks, Budget
+from moe_scaling.design.search import ArchSpace, expert_line, layouts, trunks, Budget
 
 __all__ = ["hf_model_type", "hf_config", "config_from_spec", "count_tolerance", "make_recipe",
            "RecipeDefaults", "model_card", "build", "config_from_sweet_spot"]
@@ -78,7 +78,7 @@ def _refuse(cfg: ModelConfig, what: str) -> None:
     kind = ("dense" if not cfg.is_moe else
             f"MoE ({cfg.router} router, {cfg.n_shared} shared{' gated' if cfg.shared_gate else ''})")
     raise ConfigError(f"model: no supported Hugging Face architecture represents a {kind} model "
-                      f"with {what}; see moe_scaling.builder for the supported combinations")
+                      f"with {what}; see moe_scaling.design.builder for the supported combinations")
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
@@ -301,7 +301,7 @@ def make_recipe(cfg: ModelConfig, *, tokens: float, weights: str = "int4", kv: s
               "grad_clip": 1.0, **moe}
     return {
         "model": "model.yaml",
-        "note": "Every value is a stated default (moe_scaling.builder.RecipeDefaults), not a measured optimum.",
+        "note": "Every value is a stated default (moe_scaling.design.builder.RecipeDefaults), not a measured optimum.",
         "stages": [
             {"name": "pretraining", "tokens": float(tokens), "batch_size": d.pretrain_batch,
              "seq_len": d.seq_len, "lr": d.pretrain_lr,

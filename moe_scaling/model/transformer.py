@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from moe_scaling.config import ModelConfig
-from moe_scaling.routing import (expert_load, load_balance_loss, moe_experts, route,
+from moe_scaling.model.routing import (expert_load, load_balance_loss, moe_experts, route,
                                  router_z_loss, swiglu)
 
 __all__ = ["Transformer", "RMSNorm", "Attention", "DenseFFN", "MoE", "Block", "RouterBias",
@@ -242,8 +242,8 @@ class Transformer(nnx.Module):
     ``aux_loss`` (Switch load balance), ``z_loss`` (router z-loss), ``dropped_fraction``; and
     ``expert_load [n_moe_layers, n_experts]`` (fraction of assignments per expert).
 
-    ``dispatch`` is one of :data:`moe_scaling.routing.METHODS` (resolve ``auto`` with
-    :func:`moe_scaling.routing.resolve_dispatch`); ``dtype`` is the matmul compute dtype.
+    ``dispatch`` is one of :data:`moe_scaling.model.routing.METHODS` (resolve ``auto`` with
+    :func:`moe_scaling.model.routing.resolve_dispatch`); ``dtype`` is the matmul compute dtype.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):

@@ -1,0 +1,1 @@
+"""Figures (:mod:`.figures`)."""

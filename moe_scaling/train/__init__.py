@@ -1,0 +1,1 @@
+"""Training one model: corpora and token streams (:mod:`.data`), the optimiser, step and loop (:mod:`.loop`)."""
