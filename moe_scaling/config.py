@@ -12,8 +12,8 @@ one-line message names the field, the value and the fix, e.g.::
 
     model.top_k = 9: must be <= n_experts (8); lower top_k or raise n_experts
 
-Configs round-trip through YAML and JSON (:func:`load_config`, :func:`save_config`), and
-:func:`from_hf_config` imports a Hugging Face ``config.json`` of the supported architectures.
+Configs round-trip through YAML and JSON (:func:`load_config`, :func:`save_config`). Hugging Face
+``config.json`` files are read and written by :mod:`moe_scaling.hf.config`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text
 
 __all__ = [
@@ -37,16 +38,11 @@ __all__ = [
     "TrainConfig",
     "DataConfig",
     "HF_MODEL_TYPES",
-    "from_hf_config",
+    "read_mapping",
     "load_config",
     "load_model_config",
     "save_config",
-    "atomic_write_text",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. ``str(err)`` is one line naming field, value and fix."""
 
 
 def _fail(section: str, name: str, value: Any, problem: str, fix: str) -> None:
@@ -392,93 +388,12 @@ class DataConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Hugging Face import
-# --------------------------------------------------------------------------------------
-
-HF_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "dots1",
-                  "llama", "qwen2", "qwen3", "mistral")
-
-
-def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
-    """Import a Hugging Face ``config.json`` mapping as a :class:`ModelConfig`.
-
-    Supported ``model_type`` values: see :data:`HF_MODEL_TYPES`. Where the HF config names no
-    dense reference width (mixtral, olmoe, granitemoe), ``d_ff`` is set to the expert width so the
-    granularity reads 1.
-    """
-    mt = hf.get("model_type")
-    if mt not in HF_MODEL_TYPES:
-        raise ConfigError(f"config.json model_type = {mt!r}: not supported; "
-                          f"use one of {', '.join(HF_MODEL_TYPES)}")
-
-    def need(key: str) -> Any:
-        if key not in hf:
-            raise ConfigError(f"config.json {key}: missing for model_type {mt}; add {key}")
-        return hf[key]
-
-    d_model = need("hidden_size")
-    n_heads = need("num_attention_heads")
-    common: dict[str, Any] = dict(
-        vocab_size=need("vocab_size"), d_model=d_model, n_layers=need("num_hidden_layers"),
-        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or d_model // n_heads,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-    )
-    if mt in ("llama", "mistral", "qwen2", "qwen3"):
-        return ModelConfig(**common, d_ff=need("intermediate_size"), qk_norm=(mt == "qwen3"),
-                           attn_bias=(mt == "qwen2") or bool(hf.get("attention_bias", False)))
-    if mt == "mixtral":
-        w = need("intermediate_size")
-        return ModelConfig(**common, d_ff=w, d_expert=w, n_experts=need("num_local_experts"),
-                           top_k=need("num_experts_per_tok"), qk_norm=False, router="softmax",
-                           norm_topk=True)
-    if mt == "olmoe":
-        w = need("intermediate_size")
-        return ModelConfig(**common, d_ff=w, d_expert=w, n_experts=need("num_experts"),
-                           top_k=need("num_experts_per_tok"), qk_norm=True, router="softmax",
-                           norm_topk=bool(hf.get("norm_topk_prob", False)))
-    if mt == "granitemoe":
-        w = need("intermediate_size")
-        return ModelConfig(**common, d_ff=w, d_expert=w, n_experts=need("num_local_experts"),
-                           top_k=need("num_experts_per_tok"), qk_norm=False, router="softmax",
-                           norm_topk=True)
-    if mt in ("qwen2_moe", "qwen3_moe"):
-        w = need("moe_intermediate_size")
-        shared = int(hf.get("shared_expert_intermediate_size") or 0) if mt == "qwen2_moe" else 0
-        # Dense layers are representable only as a leading block: mlp_only_layers == [0, .., k-1].
-        dense_layers = list(hf.get("mlp_only_layers") or [])
-        n_dense = len(dense_layers)
-        sparse_step = hf.get("decoder_sparse_step", 1)
-        if sparse_step not in (1, None) or dense_layers != list(range(n_dense)):
-            raise ConfigError(f"config.json mlp_only_layers = {dense_layers} (decoder_sparse_step "
-                              f"{sparse_step}): only leading dense layers are representable; "
-                              "use mlp_only_layers [0, ..., k-1] and decoder_sparse_step 1")
-        return ModelConfig(**common, d_ff=hf.get("intermediate_size") or w, d_expert=w,
-                           n_experts=need("num_experts"), top_k=need("num_experts_per_tok"),
-                           n_shared=1 if shared else 0, d_shared=shared or None,
-                           n_dense_layers=n_dense, qk_norm=(mt == "qwen3_moe"), router="softmax",
-                           norm_topk=bool(hf.get("norm_topk_prob", mt == "qwen3_moe")),
-                           shared_gate=bool(shared), attn_bias=(mt == "qwen2_moe"))
-    # glm4_moe, dots1: sigmoid router with correction bias, ungated shared experts, first-k dense
-    w = need("moe_intermediate_size")
-    n_shared = int(hf.get("n_shared_experts") or 0)
-    return ModelConfig(**common, d_ff=need("intermediate_size"), d_expert=w,
-                       n_experts=need("n_routed_experts"), top_k=need("num_experts_per_tok"),
-                       n_shared=n_shared, d_shared=w if n_shared else None,
-                       n_dense_layers=int(hf.get("first_k_dense_replace", 0)),
-                       qk_norm=bool(hf.get("use_qk_norm", mt == "dots1")), router="sigmoid",
-                       norm_topk=bool(hf.get("norm_topk_prob", True)), router_bias=True,
-                       attn_bias=bool(hf.get("attention_bias", False)))
-
-
-# --------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------
 
 
-def _read_mapping(path: str | os.PathLike) -> dict[str, Any]:
+def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML or JSON file (``.json`` is JSON), or a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; check the path")
@@ -495,11 +410,14 @@ def _read_mapping(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    """Load a :class:`ModelConfig` from our YAML/JSON (top-level or under ``model:``) or an HF
-    ``config.json`` (recognised by its ``model_type`` key)."""
-    data = _read_mapping(path)
+    """Load a :class:`ModelConfig` from our YAML/JSON (top-level or under ``model:``).
+
+    A Hugging Face ``config.json`` (it has a ``model_type`` key) is refused with a pointer to
+    :func:`moe_scaling.hf.config.read_model_config`, which reads both."""
+    data = read_mapping(path)
     if "model_type" in data:
-        return from_hf_config(data)
+        raise ConfigError(f"{path}: a Hugging Face config.json (model_type {data['model_type']!r}); "
+                          "read it with moe_scaling.hf.config.read_model_config")
     if "model" in data and isinstance(data["model"], Mapping):
         data = data["model"]
     return ModelConfig.from_dict(data)
@@ -507,7 +425,7 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
 
 def load_config(path: str | os.PathLike) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     """Load a run file with ``model:``, ``train:`` and ``data:`` sections (train/data optional)."""
-    data = _read_mapping(path)
+    data = read_mapping(path)
     for key in data:
         if key not in ("model", "train", "data"):
             raise ConfigError(f"{path}: unknown section {key!r}; use model, train and data")

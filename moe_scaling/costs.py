@@ -24,16 +24,16 @@ Conventions (DESIGN.md section 3):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from moe_scaling.config import ConfigError, ModelConfig
+from moe_scaling.config import ModelConfig
+from moe_scaling.errors import ConfigError
+from moe_scaling.units import Precision, parse_precision
 
 __all__ = [
     "ParamCounts", "param_counts", "flops_per_token", "Precision", "parse_precision",
@@ -135,45 +135,6 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None, *, training: b
 # Precisions and bytes
 # --------------------------------------------------------------------------------------
 
-_FLOAT_BITS = {"fp32": 32, "f32": 32, "float32": 32, "bf16": 16, "bfloat16": 16, "fp16": 16,
-               "f16": 16, "float16": 16, "fp8": 8}
-_PRECISION_RE = re.compile(r"^int(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-(?P<scale>fp16|bf16|fp32|fp8))?$")
-
-
-@dataclass(frozen=True)
-class Precision:
-    """A weight storage format: ``bits`` per value plus one ``scale_bits`` scale per ``group_size``
-    values (``group_size=None``: no scales, a float format)."""
-
-    name: str
-    bits: int
-    group_size: int | None = None
-    scale_bits: int = 16
-
-    @property
-    def bits_per_value(self) -> float:
-        return self.bits + (self.scale_bits / self.group_size if self.group_size else 0.0)
-
-
-def parse_precision(spec: str, *, field: str = "weights") -> Precision:
-    """Parse ``bf16``, ``fp16``, ``fp32``, ``fp8``, ``int8``, ``int4``, ``int4-g64``, ``int4-g32-bf16``.
-
-    Integer formats default to group size 32 with fp16 scales (INT4 -> 4.5 bits per weight).
-    """
-    s = str(spec).strip().lower()
-    if s in _FLOAT_BITS:
-        return Precision(s, _FLOAT_BITS[s])
-    m = _PRECISION_RE.match(s)
-    if not m:
-        raise ConfigError(f"{field} = {spec!r}: unknown precision; use bf16, fp16, fp32, fp8, int8, "
-                          "int4 or intN-gG[-fp16|bf16|fp32] (e.g. int4-g64)")
-    group = int(m["group"]) if m["group"] else 32
-    if group < 1:
-        raise ConfigError(f"{field} = {spec!r}: group size must be >= 1; e.g. int4-g32")
-    scale = _FLOAT_BITS[m["scale"]] if m["scale"] else 16
-    return Precision(s, int(m["bits"]), group, scale)
-
-
 def weight_bytes(cfg: ModelConfig, weights: str | Precision = "int4", *,
                  embeddings: str | Precision | None = None, router: str | Precision = "bf16",
                  norms: str | Precision = "bf16", active_only: bool = False) -> float:
@@ -212,51 +173,6 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, kv: str | Precision = "bf16")
     values = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context
     scales = 2 * cfg.n_layers * cfg.n_kv_heads * context if p.group_size else 0
     return (values * p.bits + scales * p.scale_bits) / 8.0
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-_BYTES_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)\s*"
-                       r"(?P<unit>[KMGT]i?B|B)?\s*$")
-
-
-def parse_bytes(text: str | int, *, field: str = "budget") -> int:
-    """Parse a memory size exactly: ``2GB`` (1e9), ``1.5GiB`` (2^30), ``800MB``, ``2e9``, ``512 MiB``.
-
-    Units are case-sensitive (``gb`` is refused: it reads as gigabits). The result must be a whole,
-    positive number of bytes.
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = Decimal(text)
-    else:
-        m = _BYTES_RE.match(str(text))
-        if not m:
-            raise ConfigError(f"{field} = {text!r}: not a memory size; write e.g. 2GB, 1.5GiB, 800MB or 2e9")
-        try:
-            value = Decimal(m["num"]) * _UNITS[m["unit"] or ""]
-        except InvalidOperation:  # pragma: no cover - the regex admits only decimals
-            raise ConfigError(f"{field} = {text!r}: not a number; write e.g. 2GB") from None
-    if value <= 0 or value != value.to_integral_value():
-        raise ConfigError(f"{field} = {text!r}: must be a positive whole number of bytes; e.g. 2GB")
-    return int(value)
-
-
-_COUNT_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*(?P<unit>[KMBT])?\s*$")
-_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
-
-
-def parse_count(text: str | int | float, *, field: str = "count") -> float:
-    """Parse a count such as ``0.9B`` (parameters), ``1e12`` or ``300M`` (K/M/B/T = 1e3..1e12)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = _COUNT_RE.match(str(text))
-        if not m:
-            raise ConfigError(f"{field} = {text!r}: not a count; write e.g. 0.9B, 300M or 1e12")
-        value = float(Decimal(m["num"]) * _COUNT_UNITS[m["unit"] or ""])
-    if not value > 0:
-        raise ConfigError(f"{field} = {text!r}: must be positive; e.g. 0.9B")
-    return value
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Keep freed memory in the process so that every XLA:CPU step does not page-fault its buffers in.
+"""Process-level settings: the allocator (:func:`keep_freed_memory`) and JAX's persistent compilation
+cache (:func:`enable_compilation_cache`).
+
+Keep freed memory in the process so that every XLA:CPU step does not page-fault its buffers in.
 
 XLA:CPU allocates each execution's temporary buffers (382 MB for the benchmark's d256 dense
 train step) with ``malloc`` from its worker threads and frees them at the end of the step. glibc
@@ -22,8 +25,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 _TRIM_THRESHOLD = 2**31 - 1
@@ -53,3 +57,27 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
     return _applied
+
+
+def default_cache_dir() -> Path | None:
+    """The user-level compilation cache: ``$MOE_SCALING_JAX_CACHE``, else
+    ``$XDG_CACHE_HOME/moe-scaling/jax`` (``~/.cache/...``); None when the variable is set empty."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-scaling" / "jax"
+    path = os.environ.get("MOE_SCALING_JAX_CACHE", str(default))
+    return Path(path) if path else None
+
+
+def enable_compilation_cache(path: str | os.PathLike | None) -> None:
+    """Point JAX's persistent compilation cache at ``path`` (None: leave it off) and cache every program.
+
+    XLA's own GPU caches are left off: they put the cache folder's path into the compile options
+    and so into every cache key, and a cache copied or moved to another folder would never hit.
+    """
+    if path is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).resolve()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")

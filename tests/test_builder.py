@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from moe_scaling.design.builder import (build, config_from_spec, config_from_sweet_spot, count_tolerance,
-                                 hf_config, hf_model_type, make_recipe)
-from moe_scaling.config import ConfigError, ModelConfig, load_model_config
+                                        make_recipe)
+from moe_scaling.hf.config import hf_config, hf_model_type
+from moe_scaling.config import ModelConfig, load_model_config
+from moe_scaling.errors import ConfigError
 from moe_scaling.costs import param_counts, published_models
 
 MOBILEMOE_L = published_models()["mobilemoe-l"].config

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from moe_scaling.config import (ConfigError, DataConfig, ModelConfig, TrainConfig, from_hf_config,
-                                load_config, load_model_config, save_config)
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig, load_config, load_model_config, save_config
+from moe_scaling.hf.config import from_hf_config, read_model_config
+from moe_scaling.errors import ConfigError
 
 BASE = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4)
 
@@ -191,10 +192,13 @@ def test_hf_unsupported_model_type_names_the_supported_ones():
         from_hf_config({k: v for k, v in HF["mixtral"].items() if k != "num_local_experts"})
 
 
-def test_load_model_config_reads_hf_config_json(tmp_path):
+def test_read_model_config_reads_hf_config_json(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(HF["olmoe"]))
-    assert load_model_config(path).n_experts == 64
+    assert read_model_config(path).n_experts == 64
+    # our own loader reads only our format, and says where HF files are read
+    with pytest.raises(ConfigError, match="read_model_config"):
+        load_model_config(path)
 
 
 def test_package_imports_without_jax_side_effects():

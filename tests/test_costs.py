@@ -7,10 +7,10 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moe_scaling.config import ConfigError, ModelConfig
-from moe_scaling.costs import (flops_per_token, kv_cache_bytes, load_device, param_counts,
-                               parse_bytes, parse_count, parse_precision, published_models, roofline,
-                               weight_bytes)
+from moe_scaling.config import ModelConfig
+from moe_scaling.errors import ConfigError
+from moe_scaling.costs import flops_per_token, kv_cache_bytes, load_device, param_counts, published_models, roofline, weight_bytes
+from moe_scaling.units import parse_bytes, parse_count, parse_precision
 
 # A tiny MoE counted by hand below.
 TINY = ModelConfig(vocab_size=100, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
@@ -232,7 +232,7 @@ def test_cli_json_and_table(tmp_path):
                               "num_local_experts": 8, "num_experts_per_tok": 2,
                               "tie_word_embeddings": False}))
     table = _cli(str(hf), "--weights", "bf16")
-    assert table.returncode == 0 and "46.703B" in table.stdout
+    assert table.returncode == 0 and "46.7B  (46,702,792,704)" in table.stdout
 
 
 @pytest.mark.parametrize("args, needle", [

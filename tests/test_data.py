@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from moe_scaling.config import ConfigError, DataConfig
+from moe_scaling.config import DataConfig
+from moe_scaling.errors import ConfigError
 from moe_scaling.train.data import (EOS, corpus_files, decode, encode, eval_windows, load_tokens,
                               train_batch)
 

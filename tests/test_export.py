@@ -21,8 +21,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import SHARED_DATA
-from moe_scaling.design.builder import hf_model_type
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.hf.config import hf_model_type
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
 from moe_scaling.hf.export import export_checkpoint, export_hf, hf_state_dict
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.train.loop import load_checkpoint, train

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_scaling.config import ConfigError
+from moe_scaling.errors import ConfigError
 from moe_scaling.sweep.grid import compile_exclude, expand_grid, load_grid, resolve_corpus
 
 ISSUE_EXAMPLE = """

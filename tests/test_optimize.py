@@ -8,9 +8,10 @@ import pytest
 
 from moe_scaling.design.builder import config_from_sweet_spot
 from moe_scaling.cli._common import make_parser
-from moe_scaling.cli.budget import (add_budget_arguments, format_budget, parse_flops, parse_latency_ms,
-                                    run_budget)
-from moe_scaling.config import ConfigError, load_model_config
+from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
+from moe_scaling.units import parse_flops, parse_latency_ms
+from moe_scaling.config import load_model_config
+from moe_scaling.errors import ConfigError
 from moe_scaling.costs import (cost_summary, flops_per_token, kv_cache_bytes, param_counts, published_models,
                                roofline, weight_bytes)
 from moe_scaling.laws.fit import Fit, load_fit

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from conftest import SHARED_DATA
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config, save_config
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig, load_config, save_config
+from moe_scaling.errors import ConfigError
 from moe_scaling.train.data import load_tokens, train_batch
 from moe_scaling.model.transformer import RouterBias
 from moe_scaling.train.loop import balance_bias_update, init_state, load_checkpoint, make_train_step, train

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from conftest import SHARED_DATA
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
 from moe_scaling.train.loop import load_checkpoint, lr_schedule, train
 
 MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,

@@ -13,13 +13,10 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
-from moe_scaling.config import ConfigError
+from moe_scaling.errors import InputError, UserError
+from moe_scaling.files import json_default
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-
-
-class InputError(ValueError):
-    """Bad user input that is not a config field (a missing file, a malformed table, ...)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +36,7 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int | None],
     try:
         code = body(argv)
         return EXIT_OK if code is None else int(code)
-    except (ConfigError, InputError) as err:
+    except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
@@ -58,16 +55,4 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int | None],
 
 def print_json(obj: Any) -> None:
     """Print one JSON object (numpy scalars converted) on stdout."""
-    print(json.dumps(obj, indent=2, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    try:
-        import numpy as np
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    print(json.dumps(obj, indent=2, default=json_default))

@@ -13,40 +13,13 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
-from moe_scaling.config import ConfigError
-from moe_scaling.costs import parse_bytes, parse_count
+from moe_scaling.errors import ConfigError
+from moe_scaling.units import format_count, parse_bytes, parse_count, parse_flops, parse_latency_ms
 from moe_scaling.design.search import ArchSpace, Budget, LossModel, search
 
-__all__ = ["add_budget_arguments", "budget_from_args", "run_budget", "format_budget",
-           "parse_latency_ms", "parse_flops"]
-
-BUDGET_HELP = """\
-on-device budget (the sweet-spot search; see moe_scaling.design.search):
-  --budget-mem 2GB                      weights at --weights + KV cache at --kv for --context tokens
-  --budget-flops 2G                     forward FLOPs per token at --context
-  --budget-latency 30ms --device NAME   roofline decode time per token on a device profile
-  --tokens 1e12 | --train-compute 1e21  training tokens, or training FLOPs (tokens = C / 6N)
-"""
-
-
-def parse_latency_ms(text: str) -> float:
-    """``30ms``, ``0.03s`` or ``30`` (milliseconds) -> milliseconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*(ms|s)?\s*", str(text))
-    if not m or float(m[1]) <= 0:
-        raise ConfigError(f"--budget-latency = {text!r}: not a positive duration; write e.g. 30ms or 0.03s")
-    return float(m[1]) * (1000.0 if m[2] == "s" else 1.0)
-
-
-def parse_flops(text: str) -> float:
-    """``2e9``, ``2G``, ``2GFLOPs``, ``500M`` -> FLOPs."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([KMGBT])?(?:FLOPs?)?\s*", str(text))
-    if not m or float(m[1]) <= 0:
-        raise ConfigError(f"--budget-flops = {text!r}: not a positive FLOP count; write e.g. 2e9 or 2G")
-    return float(m[1]) * {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}[m[2]]
-
+__all__ = ["add_budget_arguments", "budget_from_args", "run_budget", "format_budget"]
 
 def add_budget_arguments(parser: argparse.ArgumentParser, *, emit: bool = True) -> None:
     """Add the budget options (one argument group) to ``parser``."""
@@ -134,10 +107,6 @@ def run_budget(args: argparse.Namespace, fit: LossModel) -> dict[str, Any]:
     return result
 
 
-def _count(n: float) -> str:
-    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
-
-
 def _describe(p: dict[str, Any]) -> str:
     arch = (f"d_model {p['d_model']} x {p['n_layers']} layers, {p['n_experts']} experts of width "
             f"{p['d_expert']} top-{p['top_k']}" + (f" + {p['n_shared']} shared of width {p['d_shared']}"
@@ -145,7 +114,7 @@ def _describe(p: dict[str, Any]) -> str:
             if p["n_experts"] > 1 else f"dense, d_model {p['d_model']} x {p['n_layers']} layers, d_ff {p['d_ff']}")
     iv = p.get("predicted_loss_interval")
     loss = f"{p['predicted_loss']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else " (no interval)")
-    return (f"{arch}\n    {_count(p['params_active'])} active / {_count(p['params_total'])} total, "
+    return (f"{arch}\n    {format_count(p['params_active'])} active / {format_count(p['params_total'])} total, "
             f"{p['total_bytes'] / 1e9:.3f} GB, {p['flops_per_token_forward'] / 1e9:.2f} GFLOPs/token, "
             f"{p['tokens']:.3g} tokens, predicted loss {loss}")
 

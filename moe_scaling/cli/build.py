@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from moe_scaling.design.builder import build, config_from_spec, config_from_sweet_spot
-from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+from moe_scaling.cli._common import make_parser, print_json, run_cli
+from moe_scaling.errors import InputError
 from moe_scaling.cli.budget import add_budget_arguments, budget_from_args, nothing_fits
-from moe_scaling.config import ConfigError, load_model_config
-from moe_scaling.costs import parse_count
+from moe_scaling.hf.config import read_model_config
+from moe_scaling.errors import ConfigError
+from moe_scaling.units import parse_count
 
 EXAMPLES = """\
   moe-build --active 922M --total 5.3B --granularity 8 --shared 1 --out configs/mobilemoe-l
@@ -97,7 +99,7 @@ def _body(argv: Sequence[str] | None) -> int:
         note = {"spec_within_tolerance": match.within_tolerance,
                 "spec_candidates_within_tolerance": match.candidates_within_tolerance}
     else:
-        cfg = load_model_config(args.config)
+        cfg = read_model_config(args.config)
         origin = Path(args.config).name
     summary = build(cfg, args.out, name=args.name, weights=args.weights, kv=args.kv,
                     context=args.context, device=args.device, tokens=tokens, source=origin,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from moe_scaling.config import ConfigError, load_model_config
+from moe_scaling.hf.config import read_model_config
+from moe_scaling.errors import ConfigError
 from moe_scaling.costs import cost_summary, list_devices, published_models
+from moe_scaling.units import format_bytes, format_count, format_flops
 from moe_scaling.cli._common import make_parser, print_json, run_cli
 
 EXAMPLES = """\
@@ -17,34 +19,20 @@ EXAMPLES = """\
 """
 
 
-def _fmt_count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3f}{unit}"
-    return f"{n:.0f}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3f} {unit}"
-    return f"{n:.0f} B"
-
-
 def format_table(s: dict[str, Any]) -> str:
     """A readable two-column table of a :func:`cost_summary`."""
     rows = [
-        ("params total", f"{_fmt_count(s['params_total'])}  ({s['params_total']:,})"),
-        ("params active / token", f"{_fmt_count(s['params_active'])}  ({s['params_active']:,})"),
-        ("params embedding", f"{_fmt_count(s['params_embedding'])}  ({s['params_embedding']:,})"),
+        ("params total", f"{format_count(s['params_total'])}  ({s['params_total']:,})"),
+        ("params active / token", f"{format_count(s['params_active'])}  ({s['params_active']:,})"),
+        ("params embedding", f"{format_count(s['params_embedding'])}  ({s['params_embedding']:,})"),
         ("experts (routed, top-k)", f"{s['n_experts']}, top-{s['top_k']}"),
         ("granularity / expansion", f"{s['granularity']:g} / {s['expansion']:g}"),
         ("sparsity / activation ratio", f"{s['sparsity']:.3f} / {s['activation_ratio']:.3f}"),
-        (f"FLOPs/token forward @ {s['context']}", _fmt_count(s["flops_per_token_forward"])),
-        (f"FLOPs/token training @ {s['context']}", _fmt_count(s["flops_per_token_training"])),
-        (f"weights ({s['weights']})", _fmt_bytes(s["weight_bytes"])),
-        (f"KV cache ({s['kv']}, {s['context']} tokens)", _fmt_bytes(s["kv_cache_bytes"])),
-        ("total on device", _fmt_bytes(s["total_bytes"])),
+        (f"FLOPs/token forward @ {s['context']}", format_flops(s["flops_per_token_forward"])),
+        (f"FLOPs/token training @ {s['context']}", format_flops(s["flops_per_token_training"])),
+        (f"weights ({s['weights']})", format_bytes(s["weight_bytes"])),
+        (f"KV cache ({s['kv']}, {s['context']} tokens)", format_bytes(s["kv_cache_bytes"])),
+        ("total on device", format_bytes(s["total_bytes"])),
     ]
     if "device" in s:
         rows += [
@@ -85,7 +73,7 @@ def _body(argv: Sequence[str] | None) -> int:
     if args.prompt is not None and args.prompt < 1:
         raise ConfigError(f"--prompt = {args.prompt}: must be >= 1; e.g. --prompt 512")
     published = {n: m for n, m in published_models().items() if m.config is not None}
-    cfg = published[args.config].config if args.config in published else load_model_config(args.config)
+    cfg = published[args.config].config if args.config in published else read_model_config(args.config)
     summary = cost_summary(cfg, weights=args.weights, kv=args.kv, context=args.context,
                            device=args.device, embeddings=args.embeddings, prompt=args.prompt)
     print_json(summary) if args.json else print(format_table(summary))

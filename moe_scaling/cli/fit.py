@@ -15,10 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+from moe_scaling.cli._common import make_parser, print_json, run_cli
+from moe_scaling.errors import InputError
 from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
 from moe_scaling.laws.fit import Fit, FitError, fit_law, load_fit, load_runs, select_law
+from moe_scaling.runtime import default_cache_dir, enable_compilation_cache
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
 
 PROG = "moe-fit"
@@ -103,7 +105,7 @@ def _fitted(args: argparse.Namespace, columns: dict[str, str]) -> Fit:
     kw: dict[str, Any] = dict(huber_delta=1e-3 if args.huber_delta is None else args.huber_delta,
                               fix=_fixes(args.fix), bootstrap=args.bootstrap, seed=args.seed, kfold=args.kfold,
                               drop_highest_loss=args.drop_highest_loss or 0)
-    _compile_cache()
+    enable_compilation_cache(default_cache_dir())
     law = args.law or "auto"
     if law == "auto":
         fit, _ = select_law(table, **kw)
@@ -111,16 +113,6 @@ def _fitted(args: argparse.Namespace, columns: dict[str, str]) -> Fit:
         fit = fit_law(get_law(law), table, **kw)
     return dataclasses.replace(fit, notes=tuple(notes) + fit.notes,
                                settings={**fit.settings, "input": str(args.input), "columns": columns})
-
-
-def _compile_cache() -> None:
-    """Keep compiled fitting kernels between runs: the JAX persistent compilation cache."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-scaling" / "jax"
-    path = os.environ.get("MOE_SCALING_JAX_CACHE", str(default))
-    if path:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", path)
 
 
 def _predictions(fit: Fit, path: str, columns: dict[str, str]) -> dict[str, Any]:

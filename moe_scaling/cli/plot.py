@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+from moe_scaling.cli._common import make_parser, print_json, run_cli
+from moe_scaling.errors import InputError
 
 PROG = "moe-sweep plot"
 EXAMPLES = """\

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from moe_scaling.cli._common import InputError, make_parser, print_json, run_cli
+from moe_scaling.units import format_count, format_duration
+from moe_scaling.cli._common import make_parser, print_json, run_cli
+from moe_scaling.errors import InputError
 from moe_scaling.cli.plot import add_sweep_plot_parser, sweep_plot_main
 
 PROG = "moe-sweep"
@@ -101,8 +103,8 @@ def _validate(args) -> int:
     for row in rows:
         axes = ", ".join(f"{k}={v}" for k, v in row["axes"].items())
         print(f"  {row['run_id']}  experts {row['n_experts']:>3} top_k {row['top_k']:>2} "
-              f"d_expert {row['d_expert']:>5} shared {row['n_shared']}  active {_count(row['params_active'])} "
-              f"total {_count(row['params_total'])}  steps {row['steps']}  ({axes})")
+              f"d_expert {row['d_expert']:>5} shared {row['n_shared']}  active {format_count(row['params_active'])} "
+              f"total {format_count(row['params_total'])}  steps {row['steps']}  ({axes})")
     return 0
 
 
@@ -168,15 +170,8 @@ class ProgressLine:
                 text += f" {s['tokens_per_s'] / 1e3:.1f}k tok/s"
             parts.append(text)
         if snap.get("eta_s") is not None:
-            parts.append(f"ETA {_duration(snap['eta_s'])}")
+            parts.append(f"ETA {format_duration(snap['eta_s'])}")
         return " | ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _summary(out: Path, top: int) -> dict[str, Any]:
@@ -207,8 +202,8 @@ def _print_status(status: dict[str, Any]) -> None:
               f"{'active':>7}  {'total':>7}")
         for r in status["best"]:
             print(f"  {r['run_id']:<12}  {_num(r['eval_loss']):>9}  {r['n_experts']:>7}  {r['top_k']:>5}  "
-                  f"{r['granularity']:>4g}  {r['n_shared']:>6}  {_count(r['params_active']):>7}  "
-                  f"{_count(r['params_total']):>7}")
+                  f"{r['granularity']:>4g}  {r['n_shared']:>6}  {format_count(r['params_active']):>7}  "
+                  f"{format_count(r['params_total']):>7}")
     for r in status["problems"]:
         detail = (f"at step {r['diverged_step']} (last good loss {_num(r['last_good_loss'])})"
                   if r["status"] == "diverged" else r.get("error") or "")
@@ -217,13 +212,6 @@ def _print_status(status: dict[str, Any]) -> None:
 
 def _num(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,42 +12,8 @@ Configs come from a sweet spot (``moe-fit --budget-mem ... --json`` output), a f
 (runs :func:`optimize.search`), a ModelConfig YAML/JSON, or an explicit spec such as
 ``--active 922M --total 5.3B --granularity 8 --shared 1`` (:func:`config_from_spec`).
 
-ModelConfig -> Hugging Face ``model_type`` (checked against the transformers 5.24 sources; every
-emitted config loads with ``AutoModelForCausalLM`` and has exactly ``costs.param_counts`` parameters):
-
-==========================================  ============  ==============================================
-our model                                   model_type    how the fields map
-==========================================  ============  ==============================================
-dense, QK-norm, no attention bias           ``qwen3``     head_dim given; no sliding window
-dense, no QK-norm, no attention bias        ``llama``     head_dim given
-dense, no QK-norm, q/k/v bias               ``qwen2``     (qwen2 always has q/k/v biases)
-MoE, sigmoid router, ungated shared         ``glm4_moe``  n_routed_experts, moe_intermediate_size =
-experts (or none), QK-norm on or off,                     d_expert, n_shared_experts = n_shared *
-q/k/v bias on or off, first k layers dense                d_shared / d_expert (one SwiGLU of the total
-                                                          shared width: the same function and weights
-                                                          as several summed), use_qk_norm,
-                                                          attention_bias (q/k/v only in glm4_moe),
-                                                          first_k_dense_replace = n_dense_layers with
-                                                          intermediate_size = d_ff, n_group = topk_group
-                                                          = 1, routed_scaling_factor 1, full rotary
-                                                          (partial_rotary_factor 1; glm4_moe's default
-                                                          is 0.5), no MTP layers. The selection bias
-                                                          ``e_score_correction_bias`` is a zero buffer,
-                                                          not a parameter, so router_bias on or off are
-                                                          both this config.
-MoE, softmax router, no shared expert,      ``qwen3_moe`` mlp_only_layers = first n_dense_layers
-QK-norm, no attention bias
-MoE, softmax router, one gated shared       ``qwen2_moe`` shared_expert_intermediate_size = d_shared,
-expert (shared_gate), no QK-norm                          qkv_bias = attn_bias, mlp_only_layers
-MoE, softmax router, no shared expert,      ``mixtral``   intermediate_size = d_expert (mixtral always
-no QK-norm, no bias, renormalised top-k,                  renormalises the top-k weights)
-no dense layers
-==========================================  ============  ==============================================
-
-Anything else (a softmax router with an ungated shared expert, a sigmoid router with a gated one,
-several gated shared experts, a shared width that is not a multiple of d_expert, dense QK-norm
-with biases, ...) is refused with a one-line :class:`ConfigError`. (dots1 is glm4_moe with
-QK-norm always on and an o_proj bias whenever attention_bias is set; glm4_moe covers it.)
+The Hugging Face ``config.json`` comes from :func:`moe_scaling.hf.config.hf_config` (the
+architecture map is documented there).
 """
 
 from __future__ import annotations
@@ -61,104 +27,16 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
-from moe_scaling.config import ConfigError, ModelConfig, atomic_write_text
-from moe_scaling.costs import cost_summary, parse_count, parse_precision
+from moe_scaling.config import ModelConfig
+from moe_scaling.costs import cost_summary
+from moe_scaling.errors import ConfigError
+from moe_scaling.files import atomic_write_text
+from moe_scaling.hf.config import hf_config, hf_model_type
+from moe_scaling.units import format_count, parse_count, parse_precision
 from moe_scaling.design.search import ArchSpace, expert_line, layouts, trunks, Budget
 
-__all__ = ["hf_model_type", "hf_config", "config_from_spec", "count_tolerance", "make_recipe",
+__all__ = ["config_from_spec", "count_tolerance", "make_recipe",
            "RecipeDefaults", "model_card", "build", "config_from_sweet_spot"]
-
-
-# --------------------------------------------------------------------------------------
-# Hugging Face config.json
-# --------------------------------------------------------------------------------------
-
-
-def _refuse(cfg: ModelConfig, what: str) -> None:
-    kind = ("dense" if not cfg.is_moe else
-            f"MoE ({cfg.router} router, {cfg.n_shared} shared{' gated' if cfg.shared_gate else ''})")
-    raise ConfigError(f"model: no supported Hugging Face architecture represents a {kind} model "
-                      f"with {what}; see moe_scaling.design.builder for the supported combinations")
-
-
-def hf_model_type(cfg: ModelConfig) -> str:
-    """The Hugging Face ``model_type`` that represents ``cfg`` exactly (see the module docstring)."""
-    if not cfg.is_moe:
-        if cfg.qk_norm:
-            if cfg.attn_bias:
-                _refuse(cfg, "QK-norm and q/k/v biases")
-            return "qwen3"
-        return "qwen2" if cfg.attn_bias else "llama"
-    shared_width = cfg.n_shared * cfg.d_shared
-    if cfg.router == "sigmoid":
-        if cfg.n_shared and cfg.shared_gate:
-            _refuse(cfg, "a gated shared expert")
-        if shared_width % cfg.d_expert:
-            _refuse(cfg, f"shared width {shared_width} not a multiple of d_expert {cfg.d_expert}")
-        return "glm4_moe"
-    if cfg.n_shared:
-        if not cfg.shared_gate:
-            _refuse(cfg, "an ungated shared expert (use router: sigmoid for glm4_moe)")
-        if cfg.n_shared != 1:
-            _refuse(cfg, f"{cfg.n_shared} gated shared experts (qwen2_moe has one)")
-        if cfg.qk_norm:
-            _refuse(cfg, "QK-norm and a gated shared expert")
-        return "qwen2_moe"
-    if cfg.qk_norm:
-        if cfg.attn_bias:
-            _refuse(cfg, "QK-norm and q/k/v biases")
-        return "qwen3_moe"
-    if cfg.attn_bias or not cfg.norm_topk or cfg.n_dense_layers:
-        _refuse(cfg, "no QK-norm and q/k/v biases, un-renormalised top-k or dense layers")
-    return "mixtral"
-
-
-_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "glm4_moe": "Glm4MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                  "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
-
-
-def hf_config(cfg: ModelConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
-    """``cfg`` as a Hugging Face ``config.json`` mapping (raises :class:`ConfigError` when no
-    supported architecture represents it)."""
-    mt = hf_model_type(cfg)
-    out: dict[str, Any] = {
-        "model_type": mt, "architectures": [_ARCHITECTURES[mt]],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "dtype": dtype,
-    }
-    dense_layers = list(range(cfg.n_dense_layers))
-    if mt in ("qwen3", "llama", "qwen2"):
-        out["intermediate_size"] = cfg.d_ff
-        if mt in ("qwen3", "llama"):
-            out["attention_bias"] = False
-        if mt in ("qwen3", "qwen2"):
-            out["use_sliding_window"] = False
-    elif mt == "glm4_moe":
-        out["rope_parameters"]["partial_rotary_factor"] = 1.0
-        out.update(intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.d_expert,
-                   n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
-                   n_shared_experts=cfg.n_shared * cfg.d_shared // cfg.d_expert,
-                   first_k_dense_replace=cfg.n_dense_layers, norm_topk_prob=cfg.norm_topk,
-                   use_qk_norm=cfg.qk_norm, attention_bias=cfg.attn_bias, n_group=1, topk_group=1,
-                   routed_scaling_factor=1.0, num_nextn_predict_layers=0)
-    elif mt in ("qwen3_moe", "qwen2_moe"):
-        out.update(intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.d_expert,
-                   num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
-                   norm_topk_prob=cfg.norm_topk, decoder_sparse_step=1, mlp_only_layers=dense_layers,
-                   use_sliding_window=False, router_aux_loss_coef=0.01)
-        if mt == "qwen3_moe":
-            out["attention_bias"] = False
-        else:
-            out.update(shared_expert_intermediate_size=cfg.d_shared, qkv_bias=cfg.attn_bias)
-    else:  # mixtral
-        out.update(intermediate_size=cfg.d_expert, num_local_experts=cfg.n_experts,
-                   num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, sliding_window=None)
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -332,10 +210,6 @@ def make_recipe(cfg: ModelConfig, *, tokens: float, weights: str = "int4", kv: s
 # --------------------------------------------------------------------------------------
 
 
-def _count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
 def model_card(name: str, cfg: ModelConfig, costs: Mapping[str, Any], recipe: Mapping[str, Any],
                source: str, prediction: Mapping[str, Any] | None = None) -> str:
     """A short Markdown model card."""
@@ -343,7 +217,7 @@ def model_card(name: str, cfg: ModelConfig, costs: Mapping[str, Any], recipe: Ma
     lines = [f"# {name}", "", f"Generated by `moe-build` from {source}. An untrained architecture: "
              "numbers below are counts and roofline estimates, not measurements.", "",
              "| | |", "|---|---|",
-             f"| parameters | {_count(costs['params_total'])} total, {_count(costs['params_active'])} "
+             f"| parameters | {format_count(costs['params_total'])} total, {format_count(costs['params_active'])} "
              f"active per token ({costs['params_total']:,} / {costs['params_active']:,}; tied "
              f"embeddings count once) |",
              f"| shape | d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads "

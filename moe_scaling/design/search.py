@@ -45,9 +45,10 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from moe_scaling.config import ConfigError, ModelConfig
-from moe_scaling.costs import (cost_summary, flops_per_token, kv_cache_bytes, load_device,
-                               param_counts, parse_precision, published_models, weight_bytes)
+from moe_scaling.config import ModelConfig
+from moe_scaling.errors import ConfigError
+from moe_scaling.costs import cost_summary, flops_per_token, kv_cache_bytes, load_device, param_counts, published_models, weight_bytes
+from moe_scaling.units import format_count, parse_precision
 
 __all__ = [
     "LAW_COLUMNS", "LossModel", "Budget", "ArchSpace", "Trunk", "Layout", "ExpertLine",
@@ -708,10 +709,6 @@ def _published(ev: _Evaluator, level: float) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 
 
-def _b(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
 def budget_table(results: Sequence[SearchResult]) -> str:
     """A Markdown table: one row per budget, the sweet spot beside the best dense model."""
     head = ("| budget | sweet spot (d x layers, experts top-k + shared) | active / total | E | bytes | "
@@ -728,10 +725,10 @@ def budget_table(results: Sequence[SearchResult]) -> str:
                 if s["n_experts"] > 1 else f"{s['d_model']} x {s['n_layers']} dense")
         iv = s["predicted_loss_interval"]
         loss = f"{s['predicted_loss']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
-        dense = (f"{d['d_model']} x {d['n_layers']}", _b(d["params_active"]),
+        dense = (f"{d['d_model']} x {d['n_layers']}", format_count(d["params_active"]),
                  f"{d['predicted_loss']:.4f}") if d else ("-", "-", "-")
-        rows.append(f"| {r.budget.memory / 1e9:g} GB | {arch} | {_b(s['params_active'])} / "
-                    f"{_b(s['params_total'])} | {s['expansion']:g} | {s['total_bytes'] / 1e9:.2f} GB | "
+        rows.append(f"| {r.budget.memory / 1e9:g} GB | {arch} | {format_count(s['params_active'])} / "
+                    f"{format_count(s['params_total'])} | {s['expansion']:g} | {s['total_bytes'] / 1e9:.2f} GB | "
                     f"{s['flops_per_token_forward'] / 1e9:.2f} | {loss} | {', '.join(r.binding)} | "
                     f"{dense[0]} | {dense[1]} | {dense[2]} |")
     return "\n".join(rows)
@@ -745,7 +742,7 @@ def published_table(result: SearchResult) -> str:
             + (f" decode ms/token ({b.device}) |" if ms else "") + " tokens | predicted loss |",
             "|---|---|---|---|---|" + ("---|" if ms else "") + "---|---|"]
     for p in result.published:
-        rows.append(f"| {p['name']} | {_b(p['params_active'])} / {_b(p['params_total'])} | {p['expansion']:g} | "
+        rows.append(f"| {p['name']} | {format_count(p['params_active'])} / {format_count(p['params_total'])} | {p['expansion']:g} | "
                     f"{p['total_bytes'] / 1e9:.2f} GB | {p['flops_per_token_forward'] / 1e9:.2f} |"
                     + (f" {p['decode_ms_per_token']:.1f} |" if ms else "")
                     + f" {p['tokens']:.3g} | {p['predicted_loss']:.4f} |")

@@ -56,8 +56,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moe_scaling.design.builder import hf_config, hf_model_type
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.hf.config import hf_config, hf_model_type
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path, atomic_write_text
 from moe_scaling.model.transformer import Transformer
 

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from moe_scaling.config import atomic_write_text
+from moe_scaling.files import atomic_write_text, json_default
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, Law, get_law
 
 __all__ = ["Fit", "FitError", "NoSamplesError", "fit_law", "select_law", "load_fit", "published_fit",
@@ -554,21 +554,13 @@ class Fit:
         """Write the fit as JSON (atomically; one bootstrap sample per line)."""
         d = self.to_dict()
         samples = d.pop("samples")
-        text = json.dumps(d, indent=1, default=_json_default)[:-2]
+        text = json.dumps(d, indent=1, default=json_default)[:-2]
         if samples is None:
             text += ',\n "samples": null\n}\n'
         else:
             rows = ",\n  ".join(json.dumps(r) for r in samples["values"])
             text += f',\n "samples": {{"params": {json.dumps(samples["params"])}, "values": [\n  {rows}\n ]}}\n}}\n'
         atomic_write_text(path, text)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def load_fit(path: str | Path) -> Fit:

@@ -46,6 +46,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from moe_scaling.config import ModelConfig
 from moe_scaling.costs import flops_per_token, param_counts, published_models, weight_bytes
 from moe_scaling.files import atomic_write_bytes
+from moe_scaling.units import format_bytes, format_count
 
 __all__ = [
     # runs tables
@@ -183,14 +184,6 @@ def _unit(values: Iterable[float], unit: str = "auto",
         return unit, table[unit]
     top = max(values, default=1.0)
     return next(((n, s) for n, s in units if top >= s), units[-1])
-
-
-def _si(v: float) -> str:
-    """A count with an SI suffix: 5k, 20k, 1.5M, 2B."""
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.3g}{suffix}"
-    return f"{v:.3g}"
 
 
 def _log_axis(ax, which: str = "x", fmt=lambda v: f"{v:g}") -> None:
@@ -413,7 +406,7 @@ def published_points(weights: str = "int4", context: int = 4096) -> pd.DataFrame
     ``context``). Count-only models (MobileMoE-S/M) get memory from their published total
     (``params_total`` x bits per weight / 8; router and norms are < 0.1%) and no FLOPs.
     """
-    from moe_scaling.costs import parse_precision
+    from moe_scaling.units import parse_precision
 
     bits = parse_precision(weights).bits_per_value
     rows = []
@@ -455,7 +448,7 @@ def published_models_figure(result: Any = None, *, weights: str = "int4", contex
     y = pts["flops_per_token_forward"].to_numpy(float) / 1e9
     ax.scatter(x, y, s=60, color="tab:blue", edgecolors="black", linewidths=0.6, zorder=3,
                label="published model")
-    names = [f"{n}\n{_si(pa)} active / {_si(pt)} total"
+    names = [f"{n}\n{format_count(pa)} active / {format_count(pt)} total"
              for n, pa, pt in zip(pts["name"], pts["params_active"], pts["params_total"])]
     if frontier is not None and len(frontier):
         sc = ax.scatter(frontier["total_bytes"].to_numpy(float) / 1e9,
@@ -932,16 +925,10 @@ def _memory_label(budget: Mapping[str, Any], unit: str, what: str = "memory on d
             f"at {budget['context']} tokens ({unit}, log scale)")
 
 
-def _bytes_text(n: float) -> str:
-    """``2 GB``, ``100 KB``: a byte count in the largest unit it reaches."""
-    unit, scale = _unit([n])
-    return f"{n / scale:.3g} {unit}"
-
-
 def _tokens_note(budget: Mapping[str, Any]) -> str:
     """Training tokens (or compute) and the budgets beyond memory, for a title."""
     if budget.get("tokens") is not None:
-        note = f"{_si(float(budget['tokens']))} training tokens"
+        note = f"{format_count(float(budget['tokens']))} training tokens"
     else:
         note = f"training compute {float(budget['train_compute']):.3g} FLOPs ({budget['compute_rule']})"
     if budget.get("flops_per_token"):
@@ -953,7 +940,7 @@ def _tokens_note(budget: Mapping[str, Any]) -> str:
 
 def _arch(d: Mapping[str, Any]) -> str:
     """``0.92B active / 5.33B total, E 7.5 G 8 +1 shared`` (or ``dense``) of a described config."""
-    size = f"{_si(d['params_active'])} active / {_si(d['params_total'])} total"
+    size = f"{format_count(d['params_active'])} active / {format_count(d['params_total'])} total"
     if d.get("n_experts", 1) <= 1:
         return f"dense {size}"
     shared = f" +{d['n_shared']} shared" if d.get("n_shared") else ""
@@ -1198,7 +1185,7 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
         over.set_hatchcolor((1.0, 1.0, 1.0, 0.55))     # light enough to read the colours through
         over.set_hatch_linewidth(0.6)
         handles.append(Line2D([], [], color="white", linestyle="--", linewidth=1.8))
-        labels.append(f"memory budget {_bytes_text(b['memory'])} (hatched: over)")
+        labels.append(f"memory budget {format_bytes(b['memory'])} (hatched: over)")
     ax.scatter([s["expansion"]], [s["granularity"]], marker="*", s=260, color="tab:red",
                edgecolors="black", linewidths=0.7, zorder=5)
     handles.append(Line2D([], [], linestyle="none", marker="*", markersize=14, color="tab:red",
@@ -1221,14 +1208,14 @@ def iso_loss_contours(fit: Any, result: Any, *, expansion_max: float = 64.0,
     blind = [k for k in ("granularity",) if not reads.get(k, True)]
     shared = f", {base.n_shared} shared" if base.n_shared else ""
     ax.set_title(f"{_law_name(fit)}: iso-loss at d_model {base.d_model} x {base.n_layers} layers{shared}, "
-                 f"~{_si(s['params_active'])} active, {_si(tokens)} tokens"
+                 f"~{format_count(s['params_active'])} active, {format_count(tokens)} tokens"
                  + ("\n(this law does not read granularity: contours are vertical)" if blind else ""),
                  fontsize="medium")
     return fig
 
 
 def _budget_tag(r: Mapping[str, Any]) -> str:
-    return _bytes_text(r["budget"]["memory"]).replace(" ", "")
+    return format_bytes(r["budget"]["memory"]).replace(" ", "")
 
 
 def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence[Any] = (),

@@ -62,7 +62,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
 
 __all__ = ["GridSpec", "RunSpec", "load_grid", "expand_grid", "run_id", "compile_exclude",
            "DERIVED_AXES", "EXCLUDE_NAMES"]

@@ -31,14 +31,14 @@ from typing import Any, Iterator, Mapping
 import pandas as pd
 
 import moe_scaling
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from moe_scaling.files import atomic_path, atomic_write_text
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
+from moe_scaling.files import atomic_path, atomic_write_text, json_default, write_json
 from moe_scaling.costs import flops_per_token, param_counts
 
 __all__ = ["STATUSES", "RUNS_FILE", "CURVES_FILE", "MANIFEST_FILE", "run_dir", "write_record",
            "read_record", "write_curve", "read_records", "run_row", "runs_table", "curves_table",
-           "rebuild_tables", "tables_lock", "read_manifest", "summarize", "code_version",
-           "atomic_write_json"]
+           "rebuild_tables", "tables_lock", "read_manifest", "summarize", "code_version"]
 
 STATUSES = ("completed", "diverged", "failed", "running")
 RUNS_FILE, CURVES_FILE, MANIFEST_FILE = "runs.parquet", "curves.parquet", "sweep.json"
@@ -55,21 +55,9 @@ def run_dir(out: str | os.PathLike, rid: str) -> Path:
     return Path(out) / "runs" / rid
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):  # numpy / jax scalars
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def write_record(out: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Write ``DIR/runs/<run_id>/record.json`` atomically."""
-    atomic_write_json(run_dir(out, record["run_id"]) / "record.json", dict(record))
+    write_json(run_dir(out, record["run_id"]) / "record.json", dict(record))
 
 
 def read_record(out: str | os.PathLike, rid: str) -> dict[str, Any] | None:
@@ -79,7 +67,7 @@ def read_record(out: str | os.PathLike, rid: str) -> dict[str, Any] | None:
 
 def write_curve(out: str | os.PathLike, rid: str, curve: list[Mapping[str, Any]]) -> None:
     """Write ``DIR/runs/<run_id>/curve.json`` atomically (a list of step records)."""
-    atomic_write_json(run_dir(out, rid) / "curve.json", [dict(p) for p in curve])
+    write_json(run_dir(out, rid) / "curve.json", [dict(p) for p in curve])
 
 
 def read_records(out: str | os.PathLike) -> list[dict[str, Any]]:
@@ -128,7 +116,7 @@ def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row.update(data.to_dict())
     for key, value in (record.get("metrics") or {}).items():
         scalar = isinstance(value, (int, float, str, bool)) or value is None
-        row[key] = value if scalar else json.dumps(value, default=_json_default)
+        row[key] = value if scalar else json.dumps(value, default=json_default)
     row["package_version"] = record.get("package_version", moe_scaling.__version__)
     row["code_version"] = record.get("code_version")
     return row

@@ -54,14 +54,18 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 import moe_scaling
-from moe_scaling.config import ConfigError, atomic_write_text, save_config
+from moe_scaling.files import write_json
+from moe_scaling.runtime import enable_compilation_cache
+from moe_scaling.config import save_config
+from moe_scaling.files import atomic_write_text
+from moe_scaling.errors import ConfigError
 from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
-from moe_scaling.sweep.results import (MANIFEST_FILE, atomic_write_json, code_version, read_record,
+from moe_scaling.sweep.results import (MANIFEST_FILE, code_version, read_record,
                                  rebuild_tables, run_dir, write_curve, write_record)
 
 __all__ = ["SweepPlan", "plan_sweep", "default_storage", "check_storage_url", "open_study", "prepare",
            "run_sweep", "worker_loop", "recover_stale", "claim_next", "sweep_counts", "WorkerContext",
-           "Progress", "snapshot", "read_snapshot", "enable_compilation_cache"]
+           "Progress", "snapshot", "read_snapshot"]
 
 HEARTBEAT_S = 5          # optuna heartbeat interval of a running trial
 DEFAULT_GRACE_S = 60     # a heartbeat older than this marks a trial of another host as dead
@@ -208,7 +212,7 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     ids = [r.run_id for r in plan.runs]
     known = [r for r in (old or {}).get("runs", []) if r not in set(ids)]
-    atomic_write_json(manifest_path, {"name": plan.spec.name, "grid": str(plan.spec.path.resolve()),
+    write_json(manifest_path, {"name": plan.spec.name, "grid": str(plan.spec.path.resolve()),
                                       "storage": _redact(url), "runs": known + ids})
     atomic_write_text(out / "grid.yaml", plan.spec.path.read_text())
     recover_stale(study, grace_s)
@@ -382,24 +386,10 @@ class _Heartbeat:
         self._thread.join()
 
 
-def enable_compilation_cache(out: str | os.PathLike) -> None:
-    """Point JAX's persistent compilation cache at ``out/jax_cache`` and cache every program.
-
-    XLA's own GPU caches are left off: they put the cache folder's path into the compile options
-    and so into every cache key, and a cache copied or moved to another folder would never hit.
-    """
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(Path(out).resolve() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
-
-
 def worker_loop(ctx: WorkerContext, report: Report | None = None) -> int:
     """Claim and run trials until none is waiting or running; ``report`` gets progress snapshots.
     Returns the number of runs this worker trained."""
-    enable_compilation_cache(ctx.out)
+    enable_compilation_cache(Path(ctx.out) / "jax_cache")
     from moe_scaling.train.loop import train as train_fn
     study = open_study(ctx.storage_url, ctx.study_name, ctx.grace_s)
     reporter = Progress(ctx, study, report)
@@ -531,7 +521,7 @@ class Progress:
         self._counts: dict[str, Any] | None = None
 
     def _write(self, event: Any = None) -> None:
-        atomic_write_json(self.path, self.state)
+        write_json(self.path, self.state)
         if self.report is not None:
             if self._counts is None:
                 self._counts = sweep_counts(self.study)
@@ -557,7 +547,7 @@ class Progress:
 
     def idle(self) -> None:
         self.state = {}
-        atomic_write_json(self.path, self.state)
+        write_json(self.path, self.state)
 
 
 def snapshot(ctx: WorkerContext, counts: Mapping[str, Any], states: list[Mapping[str, Any]]) -> dict:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_scaling.config import ConfigError, DataConfig
+from moe_scaling.config import DataConfig
+from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path
 
 __all__ = ["EOS", "BYTE_VOCAB", "load_tokens", "corpus_files", "tokenizer_vocab_size", "encode",

@@ -43,7 +43,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_scaling.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.files import finite_or_none
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
 from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_vocab_size, train_batch
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.model.routing import resolve_dispatch
@@ -232,7 +234,7 @@ class _Checkpoints:
         ocp = self.ocp
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-            record=ocp.args.JsonSave(_jsonable(record))), force=True)
+            record=ocp.args.JsonSave(finite_or_none(record))), force=True)
         self.mngr.wait_until_finished()
 
     def restore(self, step: int, state):
@@ -245,17 +247,6 @@ class _Checkpoints:
 
     def close(self) -> None:
         self.mngr.close()
-
-
-def _jsonable(obj):
-    """Replace non-finite floats by None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _nan_if_none(v) -> float:
@@ -341,7 +332,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     start, record = 0, None
     if ckpt is not None and ckpt.latest() is not None:
         state, record = ckpt.restore(ckpt.latest(), state)
-        if record.get("configs") != _jsonable(configs):
+        if record.get("configs") != finite_or_none(configs):
             ckpt.close()
             raise ConfigError(f"ckpt_dir = {str(ckpt_dir)!r}: holds a checkpoint of different "
                               "configs; use a fresh directory for this run")
