@@ -11,7 +11,7 @@ frontiers of predicted loss vs memory and vs FLOPs, which budget binds, and the 
 on the same cost axes.
 
 The law is anything with ``predict(X) -> array`` (and optionally ``predict_interval(X, level)``)
-over the canonical columns of :data:`LAW_COLUMNS`: ``fit.Fit`` qualifies. ``expansion`` and
+over the canonical columns of :data:`LAW_INPUTS`: ``fit.Fit`` qualifies. ``expansion`` and
 ``granularity`` are the DESIGN.md section 3 quantities of the config (``n_experts / G`` and
 ``d_ff / d_expert``), exactly as the results table records them.
 
@@ -48,17 +48,15 @@ import numpy as np
 from moe_scaling.config import ModelConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.costs import cost_summary, flops_per_token, kv_cache_bytes, load_device, param_counts, published_models, weight_bytes
+from moe_scaling.laws.registry import LAW_INPUTS
 from moe_scaling.units import format_count, parse_precision
 
 __all__ = [
-    "LAW_COLUMNS", "LossModel", "Budget", "ArchSpace", "Trunk", "Layout", "ExpertLine",
+    "LossModel", "Budget", "ArchSpace", "Trunk", "Layout", "ExpertLine",
     "expert_line", "trunks", "layouts", "law_reads", "search", "SearchResult", "describe_config",
     "budget_table", "published_table",
 ]
 
-LAW_COLUMNS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
-               "granularity", "n_shared")
-"""The columns a law's ``predict`` receives, one array each (see :func:`law_columns`)."""
 
 COMPUTE_RULES = ("6N", "3x-forward")
 
@@ -545,7 +543,7 @@ def search(model: LossModel, budget: Budget, space: ArchSpace = ArchSpace(), *,
     if best.line is not None and not binding:
         binding = ["space"]
     law_info = {
-        "reads": reads, "columns": list(LAW_COLUMNS),
+        "reads": reads, "columns": list(LAW_INPUTS),
         "fixed_knobs": ({} if reads["granularity"] and reads["n_shared"] else {
             k: v for k, v in (("granularity", None if reads["granularity"] else space.granularities[0]),
                               ("n_shared", None if reads["n_shared"] else space.shared[0])) if v is not None}),

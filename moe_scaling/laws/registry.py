@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["CANONICAL_COLUMNS", "Law", "LAWS", "get_law", "LawInputError", "CHINCHILLA", "KRAJEWSKI", "JOINT_MOE",
+__all__ = ["CANONICAL_COLUMNS", "LAW_INPUTS", "Law", "LAWS", "get_law", "LawInputError", "CHINCHILLA", "KRAJEWSKI", "JOINT_MOE",
            "CLARK", "ONDEVICE"]
 
 CANONICAL_COLUMNS = ("loss", "params_active", "params_total", "params_embedding", "tokens",
@@ -39,6 +39,11 @@ CANONICAL_COLUMNS = ("loss", "params_active", "params_total", "params_embedding"
 Parameter counts include the embedding (tied embeddings once); ``tokens`` are training tokens;
 ``expansion`` E = n_experts / G and ``granularity`` G = d_ff / d_expert (DESIGN.md section 3);
 ``flops_per_token_forward`` is the forward pass at the training context."""
+
+LAW_INPUTS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
+              "granularity", "n_shared")
+"""The architecture and data columns a law's ``predict`` may read, one array each: what the
+budget search (:mod:`moe_scaling.design.search`) and the fit figures hand every law."""
 
 LOG10 = math.log(10.0)
 

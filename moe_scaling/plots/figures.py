@@ -46,6 +46,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from moe_scaling.config import ModelConfig
 from moe_scaling.costs import flops_per_token, param_counts, published_models, weight_bytes
 from moe_scaling.files import atomic_write_bytes
+from moe_scaling.laws.registry import LAW_INPUTS
 from moe_scaling.units import format_bytes, format_count
 
 __all__ = [
@@ -648,8 +649,6 @@ def sweep_figures(runs: pd.DataFrame, curves: pd.DataFrame | None = None, *,
 # Fitted laws: curves, diagnostics
 # --------------------------------------------------------------------------------------
 
-LAW_INPUTS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
-              "granularity", "n_shared")
 
 
 def law_inputs(table: pd.DataFrame | Mapping[str, Any]) -> dict[str, np.ndarray]:
