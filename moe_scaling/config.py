@@ -41,6 +41,7 @@ __all__ = [
     "read_mapping",
     "load_config",
     "load_model_config",
+    "apply_granularity",
     "save_config",
 ]
 
@@ -107,7 +108,8 @@ class ModelConfig:
 
     Defaults resolved at construction: ``head_dim = d_model // n_heads``,
     ``d_expert = d_ff`` (granularity 1), ``d_shared = d_expert``. ``ModelConfig.from_dict`` also
-    accepts ``granularity: G`` in place of ``d_expert`` (``d_expert = d_ff // G``).
+    accepts ``granularity: G`` in place of ``d_expert``, with the same meaning as in grid files
+    (:func:`apply_granularity`: ``d_expert = d_ff / G`` and ``top_k = G * top_k``).
 
     Attributes beyond the published family knobs:
       shared_gate: each shared expert's output is scaled by ``sigmoid(x @ w_gate)`` (qwen2_moe).
@@ -238,16 +240,7 @@ class ModelConfig:
         _reject_unknown(cls, data, "model", extra=("granularity",))
         data = dict(data)
         if "granularity" in data:
-            g = data.pop("granularity")
-            if data.get("d_expert") is not None:
-                raise ConfigError(f"model.granularity = {g!r}: given together with d_expert; "
-                                  "give only one of granularity and d_expert")
-            _check_number("model", "granularity", g, minimum=0, strict_min=True)
-            d_ff = data.get("d_ff") or 4 * int(data.get("d_model", 0) or 0)
-            if d_ff % g or (d_ff / g) != int(d_ff / g):
-                _fail("model", "granularity", g, f"must divide d_ff ({d_ff}) into whole expert widths",
-                      "pick a divisor of d_ff")
-            data["d_expert"] = int(d_ff // g)
+            apply_granularity(data, data.pop("granularity"))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             if name not in data:
                 raise ConfigError(f"model.{name}: missing required field; add {name}: <integer>")
@@ -255,6 +248,40 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def apply_granularity(model: dict[str, Any], g: Any, where: str = "model") -> None:
+    """Resolve ``granularity: G`` in a model mapping, in place: the one meaning of the key in run
+    files and grid files (docs/design.md, section 3).
+
+    G splits each coarse expert into G experts of width ``d_ff / G`` at fixed active compute:
+    ``d_expert = d_ff / G`` and ``top_k = G * top_k``, where the written ``top_k`` is the coarse
+    top-k at G = 1; shared experts keep the coarse width (``d_shared = d_ff`` unless given). The
+    active FFN width ``top_k * d_expert + n_shared * d_shared`` is therefore the same at every G.
+    ``d_ff`` defaults to ``4 * d_model``. ``where`` prefixes errors (a grid passes its run label).
+    """
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ConfigError(f"{where}.granularity = {g!r}: must be a whole number >= 1; use 1, 2, 4, 8, ...")
+    if model.get("d_expert") is not None:
+        raise ConfigError(f"{where}.granularity = {g!r}: given together with d_expert = "
+                          f"{model['d_expert']!r}; give only one of granularity and d_expert")
+    d_ff = model.get("d_ff")
+    if d_ff is None:
+        d_model = model.get("d_model")
+        if isinstance(d_model, bool) or not isinstance(d_model, int):
+            raise ConfigError(f"{where}.d_model = {d_model!r}: needed as a whole number to resolve "
+                              "granularity; set d_model or d_ff")
+        d_ff = 4 * d_model
+    if isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1:
+        raise ConfigError(f"{where}.d_ff = {d_ff!r}: must be a whole number >= 1; fix d_ff")
+    if d_ff % g:
+        raise ConfigError(f"{where}.granularity = {g!r}: must divide d_ff ({d_ff}) into whole expert "
+                          "widths; pick a divisor of d_ff")
+    top_k = model.get("top_k", 1)
+    if isinstance(top_k, int) and not isinstance(top_k, bool):
+        model["top_k"] = g * top_k
+    model["d_expert"] = d_ff // g
+    model.setdefault("d_shared", d_ff)
 
 
 # --------------------------------------------------------------------------------------

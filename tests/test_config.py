@@ -32,9 +32,27 @@ def test_sparsity_vocabulary_matches_design_definitions():
     assert m.d_active_ffn == 4 * 640 + 2560
 
 
-def test_granularity_key_sets_expert_width():
-    m = ModelConfig.from_dict({**BASE, "d_ff": 256, "n_experts": 16, "top_k": 4, "granularity": 4})
-    assert m.d_expert == 64 and m.granularity == 4 and m.expansion == 4
+def test_granularity_key_splits_experts_at_fixed_active_width():
+    """``granularity`` means the same in a run file as in a grid file: d_expert = d_ff / G and the
+    written top_k (the coarse one) is multiplied by G, so the active FFN width does not change."""
+    coarse = ModelConfig.from_dict({**BASE, "d_ff": 256, "n_experts": 4, "top_k": 1, "n_shared": 1})
+    m = ModelConfig.from_dict({**BASE, "d_ff": 256, "n_experts": 16, "top_k": 1, "n_shared": 1, "granularity": 4})
+    assert (m.d_expert, m.top_k, m.d_shared) == (64, 4, 256)
+    assert m.granularity == 4 and m.expansion == 4
+    assert m.d_active_ffn == coarse.d_active_ffn == 512
+
+
+def test_granularity_means_the_same_in_run_and_grid_files(tmp_path):
+    from moe_scaling.sweep.grid import expand_grid, load_grid
+
+    model = {**BASE, "d_ff": 256, "n_experts": 16, "top_k": 2, "n_shared": 1, "granularity": 2}
+    (tmp_path / "g.yaml").write_text(
+        "name: g\ndata: {corpus: stdlib}\n"
+        f"model: {{vocab_size: {BASE['vocab_size']}, d_model: {BASE['d_model']}, n_layers: {BASE['n_layers']}, "
+        f"n_heads: {BASE['n_heads']}, d_ff: 256, n_experts: 16, top_k: 2, n_shared: 1}}\n"
+        "grid: {granularity: [2]}\n")
+    [run] = expand_grid(load_grid(tmp_path / "g.yaml"), check_corpus=False)
+    assert run.model == ModelConfig.from_dict(model)
 
 
 def test_dense_twin_has_equal_active_width():
@@ -58,6 +76,7 @@ def test_dense_twin_has_equal_active_width():
     ({"rope_theta": 0}, "model.rope_theta"),
     ({"router_bias": True}, "model.router_bias"),      # needs a sigmoid router
     ({"d_ff": 256, "n_experts": 8, "granularity": 3}, "model.granularity"),
+    ({"d_ff": 256, "n_experts": 8, "granularity": 2.5}, "model.granularity"),
     ({"top_kk": 2}, "model.top_kk"),
 ])
 def test_model_validation_names_field_value_and_fix(override, field):
