@@ -279,10 +279,10 @@ def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence
 
     With ``runs`` (the table the law was fitted on: a sweep's runs table, or any table with the
     canonical columns and ``loss``; only :func:`fitted_rows` are drawn): ``predicted_vs_observed``,
-    ``residuals`` (``heldout`` run ids highlighted; default :func:`fit_heldout`) and, when the table carries model configs,
-    ``law_curves``. For each search result (the dict of ``SearchResult.to_dict()`` or
-    ``moe-fit --json``; :func:`moe_scaling.plots.style.search_dict`; those without a sweet spot
-    are skipped): ``frontier_memory_<budget>`` and ``iso_loss_<budget>`` (e.g.
+    ``residuals`` (``heldout`` run ids highlighted; default :func:`fit_heldout`) and, when the
+    table carries model configs, ``law_curves``. For each search result (the dict of
+    ``SearchResult.to_dict()`` or ``moe-fit --json``; :func:`moe_scaling.plots.style.search_dict`;
+    those without a sweet spot are skipped): ``frontier_memory_<budget>`` and ``iso_loss_<budget>`` (e.g.
     ``frontier_memory_2GB``); for the first also ``frontier_flops_<budget>`` and, when its frontier
     is on their scale, ``published_models``; with two or more budgets, ``optimum_vs_budget``.
     """

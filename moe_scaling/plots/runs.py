@@ -300,8 +300,9 @@ def published_models_figure(result: Any = None, *, weights: str = "int4", contex
 
     Without ``result``: memory is the weights at ``weights`` and FLOPs are at ``context``
     (:func:`published_points`). With a search result (the dict of ``SearchResult.to_dict()``, see
-    :func:`moe_scaling.plots.style.search_dict`), the models and the predicted Pareto frontier are drawn on that search's axes (weights + KV cache at its
-    precisions and context), the frontier coloured by predicted loss and the budget marked.
+    :func:`moe_scaling.plots.style.search_dict`), the models and the predicted Pareto frontier are
+    drawn on that search's axes (weights + KV cache at its precisions and context), the frontier
+    coloured by predicted loss and the budget marked.
     """
     if result is None:
         pts = published_points(weights, context)

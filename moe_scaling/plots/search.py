@@ -27,8 +27,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from moe_scaling.plots.runs import config_line, model_config_from_row
-from moe_scaling.plots.style import (BYTE_UNITS, COUNT_UNITS, FLOP_UNITS, axis_unit, budget_note, label_points, law_name,
-                                     log_axis, memory_axis_label, search_dict)
+from moe_scaling.plots.style import (BYTE_UNITS, COUNT_UNITS, FLOP_UNITS, axis_unit, budget_note,
+                                     label_points, law_name, log_axis, memory_axis_label, search_dict)
 from moe_scaling.units import format_bytes, format_count, format_flops
 
 __all__ = ["frontier_figure", "optimum_vs_budget", "iso_loss_grid", "iso_loss_contours", "arch_label",
