@@ -21,7 +21,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.text import Text
 
 from conftest import REPO
-from moe_scaling.plots import figures as plots
+from moe_scaling.plots import fits as fit_plots, runs as run_plots, search as search_plots, style
 from moe_scaling.costs import param_counts, published_models, weight_bytes
 
 SWEEP = os.environ.get("MOE_SCALING_SWEEP_DIR", str(REPO / "results" / "quickstart"))
@@ -73,7 +73,7 @@ def scatter_points(ax):
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 20)), min_size=1, max_size=30))
 def test_pareto_mask_is_the_set_of_undominated_points(points):
     cost, loss = np.array(points, float).T
-    mask = plots.pareto_mask(cost, loss)
+    mask = run_plots.pareto_mask(cost, loss)
     for i in range(len(points)):
         dominated = np.any((cost <= cost[i]) & (loss <= loss[i]) & ((cost < cost[i]) | (loss < loss[i])))
         duplicate_before = np.any((cost[:i] == cost[i]) & (loss[:i] == loss[i]))
@@ -91,20 +91,20 @@ def test_pareto_mask_is_the_set_of_undominated_points(points):
 def test_rows_rebuild_the_exact_model_config(sweep):
     runs, _ = sweep
     for row in runs.to_dict("records"):
-        cfg = plots.model_config_from_row(row)
+        cfg = run_plots.model_config_from_row(row)
         counts = param_counts(cfg)
         assert (counts.total, counts.active) == (row["params_total"], row["params_active"])
-    costed = plots.with_costs(runs)
-    first = plots.model_config_from_row(runs.iloc[0])
+    costed = run_plots.with_costs(runs)
+    first = run_plots.model_config_from_row(runs.iloc[0])
     assert costed["memory_bytes"].iloc[0] == weight_bytes(first, "int4")
 
 
 def test_loss_vs_memory_draws_every_completed_run_and_the_frontier(sweep):
     runs, _ = sweep
-    fig = plots.loss_vs_memory(runs)
+    fig = run_plots.loss_vs_memory(runs)
     ax = fig.axes[0]
-    done = plots.with_costs(plots.completed(runs))
-    unit, scale = plots._unit(done["memory_bytes"])
+    done = run_plots.with_costs(run_plots.completed(runs))
+    unit, scale = style.axis_unit(done["memory_bytes"])
     x = done["memory_bytes"].to_numpy() / scale
     y = done["eval_loss"].to_numpy()
     drawn = scatter_points(ax)
@@ -112,7 +112,7 @@ def test_loss_vs_memory_draws_every_completed_run_and_the_frontier(sweep):
     for xi, yi in zip(x, y):
         assert np.any(np.isclose(drawn[:, 0], xi) & np.isclose(drawn[:, 1], yi))
     step = [l for l in ax.get_lines() if l.get_drawstyle() == "steps-post"][0]
-    front = plots.pareto_mask(x, y)
+    front = run_plots.pareto_mask(x, y)
     assert sorted(step.get_xdata()) == pytest.approx(sorted(x[front]))
     assert ax.get_xscale() == "log"
     assert f"({unit}, log scale)" in ax.get_xlabel() and "INT4" in ax.get_xlabel()
@@ -127,10 +127,10 @@ def test_loss_vs_memory_draws_every_completed_run_and_the_frontier(sweep):
 
 def test_loss_vs_flops_uses_the_tables_forward_flops(sweep):
     runs, _ = sweep
-    fig = plots.loss_vs_flops(runs)
+    fig = run_plots.loss_vs_flops(runs)
     ax = fig.axes[0]
-    done = plots.completed(runs)
-    unit, scale = plots._unit(done["flops_per_token_forward"], units=plots.FLOP_UNITS)
+    done = run_plots.completed(runs)
+    unit, scale = style.axis_unit(done["flops_per_token_forward"], units=style.FLOP_UNITS)
     drawn = scatter_points(ax)
     for xi in done["flops_per_token_forward"] / scale:
         assert np.isclose(drawn[:, 0], xi).any()
@@ -139,7 +139,7 @@ def test_loss_vs_flops_uses_the_tables_forward_flops(sweep):
 
 
 def test_published_models_sit_at_their_exact_costs():
-    fig = plots.published_models_figure()
+    fig = run_plots.published_models_figure()
     ax = fig.axes[0]
     drawn = scatter_points(ax)
     names = {t.get_text().split("\n")[0] for t in ax.texts}
@@ -154,18 +154,18 @@ def test_published_models_sit_at_their_exact_costs():
 
 def test_training_curves_and_expert_load(sweep):
     runs, curves = sweep
-    ids = plots.select_runs(runs, 4)
-    fig = plots.training_curves(curves, runs, ids)
+    ids = run_plots.select_runs(runs, 4)
+    fig = run_plots.training_curves(curves, runs, ids)
     ax = fig.axes[0]
     assert len(ax.get_lines()) == 2 * len(ids)           # train + eval line per run
-    best = plots.completed(runs).sort_values("eval_loss").iloc[0]
+    best = run_plots.completed(runs).sort_values("eval_loss").iloc[0]
     assert ids[0] == best["run_id"]
     assert text_overlaps(fig) == []
 
-    row = plots.balance_run(runs)
+    row = run_plots.balance_run(runs)
     assert row is not None and row["top_k"] < row["n_experts"]
     load = np.array(json.loads(row["expert_load_per_layer"]))
-    fig = plots.expert_load_figure(row)
+    fig = run_plots.expert_load_figure(row)
     ax = fig.axes[0]
     heights = np.array([p.get_height() for p in ax.patches])
     assert heights.sum() == pytest.approx(100.0 * load.shape[0], rel=1e-6)   # each layer sums to 100%
@@ -175,12 +175,12 @@ def test_training_curves_and_expert_load(sweep):
 
 
 def test_save_figure_writes_png_and_reproducible_svg(tmp_path):
-    paths = plots.save_figure(plots.published_models_figure(), tmp_path / "pub")
+    paths = style.save_figure(run_plots.published_models_figure(), tmp_path / "pub")
     assert [p.name for p in paths] == ["pub.png", "pub.svg"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ET.fromstring(paths[1].read_bytes())                      # well-formed SVG
     first = [p.read_bytes() for p in paths]
-    plots.save_figure(plots.published_models_figure(), tmp_path / "pub")   # the same figure again
+    style.save_figure(run_plots.published_models_figure(), tmp_path / "pub")   # the same figure again
     assert [p.read_bytes() for p in paths] == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pub.png", "pub.svg"]   # no temp files left
 
@@ -249,11 +249,11 @@ def searched(sweep, fitted):
 
 def test_expert_lines_are_exact_at_every_run(sweep):
     runs, _ = sweep
-    for row in plots.completed(runs).to_dict("records"):
-        cfg = plots.model_config_from_row(row)
+    for row in run_plots.completed(runs).to_dict("records"):
+        cfg = run_plots.model_config_from_row(row)
         if not cfg.is_moe:   # expert lines are drawn for MoE runs only (a dense run has no expert count)
             continue
-        line = plots._config_line(cfg, np.array([cfg.n_experts, cfg.n_experts + 3]))
+        line = run_plots.config_line(cfg, np.array([cfg.n_experts, cfg.n_experts + 3]))
         counts = param_counts(cfg)
         assert (line["params_total"][0], line["params_active"][0]) == (counts.total, counts.active)
         assert line["weight_bytes"][0] == pytest.approx(weight_bytes(cfg, "int4"), rel=1e-12)
@@ -261,11 +261,11 @@ def test_expert_lines_are_exact_at_every_run(sweep):
 
 def test_law_curves_pass_through_the_laws_prediction_of_each_run(sweep, fitted):
     runs, _ = sweep
-    fig = plots.law_curves(fitted, runs)
+    fig = fit_plots.law_curves(fitted, runs)
     ax = fig.axes[0]
     curves = [l for l in ax.get_lines() if len(l.get_xdata()) > 10]
-    done = plots.completed(runs)
-    pred = fitted.predict(plots.law_inputs(done))
+    done = run_plots.completed(runs)
+    pred = fitted.predict(fit_plots.law_inputs(done))
     moe = done["n_experts"].to_numpy() > 1
     # every MoE run's prediction lies on one of the curves (at its own expansion)
     for e, p in zip(done["expansion"][moe], pred[moe]):
@@ -276,18 +276,18 @@ def test_law_curves_pass_through_the_laws_prediction_of_each_run(sweep, fitted):
 
 def test_diagnostics_mark_the_fits_own_heldout_runs(sweep, fitted):
     runs, _ = sweep
-    held = plots.fit_heldout(fitted, runs)
+    held = fit_plots.fit_heldout(fitted, runs)
     assert len(held) == fitted.metrics["heldout_n"]
-    done = plots.completed(runs)
-    obs, pred = done["eval_loss"].to_numpy(), fitted.predict(plots.law_inputs(done))
-    fig = plots.predicted_vs_observed(fitted, runs, heldout=held)
+    done = run_plots.completed(runs)
+    obs, pred = done["eval_loss"].to_numpy(), fitted.predict(fit_plots.law_inputs(done))
+    fig = fit_plots.predicted_vs_observed(fitted, runs, heldout=held)
     ax = fig.axes[0]
     drawn = np.concatenate([l.get_xydata() for l in ax.get_lines() if l.get_marker() == "o"])
     assert sorted(map(tuple, drawn.round(9))) == sorted(zip(obs.round(9), pred.round(9)))
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert any(f"held-out runs (n={len(held)})" in t and f"{fitted.metrics['heldout_rmse']:.4f}" in t for t in labels)
     assert text_overlaps(fig) == []
-    fig = plots.residuals(fitted, runs, heldout=held)
+    fig = fit_plots.residuals(fitted, runs, heldout=held)
     res = np.concatenate([c.get_offsets()[:, 1] for c in fig.axes[0].collections])
     assert sorted(res) == pytest.approx(sorted(100 * (obs / pred - 1)))
     assert "(%)" in fig.axes[0].get_ylabel() and text_overlaps(fig) == []
@@ -296,9 +296,9 @@ def test_diagnostics_mark_the_fits_own_heldout_runs(sweep, fitted):
 def test_sweet_spot_figures(sweep, fitted, searched):
     r = searched[0]
     s = r.sweet_spot
-    fig = plots.frontier_figure(r, zoom=None)
+    fig = search_plots.frontier_figure(r.to_dict(), zoom=None)
     ax = fig.axes[0]
-    unit, scale = plots._unit([p["total_bytes"] for p in r.frontier] + [r.budget.memory])
+    unit, scale = style.axis_unit([p["total_bytes"] for p in r.frontier] + [r.budget.memory])
     star = [l for l in ax.get_lines() if l.get_marker() == "*"][0]
     assert star.get_xydata()[0] == pytest.approx([s["total_bytes"] / scale, s["predicted_loss"]])
     assert [l for l in ax.get_lines() if l.get_linestyle() == ":"][0].get_xdata()[0] == pytest.approx(
@@ -307,26 +307,26 @@ def test_sweet_spot_figures(sweep, fitted, searched):
     assert text_overlaps(fig) == []
 
     # the iso-loss plane is the law on exact architectures: at the sweet spot it is the sweet spot
-    grid = plots.iso_loss_grid(fitted, r, points=5)
+    grid = search_plots.iso_loss_grid(fitted, r.to_dict(), points=5)
     assert grid["memory"].shape == grid["loss"].shape == (len(grid["G"]), 5)
     # centred on an MoE (the sweep's best MoE run, described on the budget's axes by optimize), the
     # plane at that run's (E, G) is exactly the law's prediction and the cost model's bytes
     from moe_scaling.design.search import Budget, describe_config
 
     runs, _ = sweep
-    best = plots.completed(runs).query("n_experts > top_k").sort_values("eval_loss").iloc[0]
+    best = run_plots.completed(runs).query("n_experts > top_k").sort_values("eval_loss").iloc[0]
     budget = Budget(memory=r.budget.memory, tokens=r.budget.tokens, context=128)
-    moe = {"sweet_spot": describe_config(fitted, plots.model_config_from_row(best), budget),
+    moe = {"sweet_spot": describe_config(fitted, run_plots.model_config_from_row(best), budget),
            "budget": budget.to_dict()}
     m = moe["sweet_spot"]
-    at = plots.iso_loss_grid(fitted, moe, expansions=[m["expansion"]], granularities=[1, 2, 4])
+    at = search_plots.iso_loss_grid(fitted, moe, expansions=[m["expansion"]], granularities=[1, 2, 4])
     i = list(at["G"]).index(m["granularity"])
     assert at["loss"][i, 0] == pytest.approx(m["predicted_loss"], rel=1e-12)
     assert at["memory"][i, 0] == pytest.approx(m["total_bytes"], rel=1e-12)
-    fig = plots.iso_loss_contours(fitted, r)
+    fig = search_plots.iso_loss_contours(fitted, r.to_dict())
     assert text_overlaps(fig) == []
 
-    fig = plots.optimum_vs_budget(searched)
+    fig = search_plots.optimum_vs_budget([x.to_dict() for x in searched])
     top = fig.axes[0]
     spot_line = [l for l in top.get_lines() if l.get_label().startswith("sweet spot")][0]
     assert list(spot_line.get_ydata()) == pytest.approx([x.sweet_spot["predicted_loss"] for x in searched])
@@ -338,14 +338,33 @@ def test_fit_plot_writes_the_standard_set(tmp_path, fitted, searched):
 
     # as moe-fit calls it: the INPUT path (a sweep folder) and its result dicts
     written = fit_plot(fitted, tmp_path, runs=SWEEP, results=[r.to_dict() for r in searched])
-    tags = [plots._budget_tag(r.to_dict()) for r in searched]
+    tags = [search_plots.budget_tag(r.to_dict()) for r in searched]
     searches = {"optimum_vs_budget", f"frontier_flops_{tags[0]}"} | {
         f"{k}_{t}" for t in tags for k in ("frontier_memory", "iso_loss")}
     assert set(written) == {"law_curves", "predicted_vs_observed", "residuals"} | searches
     for png, svg in written.values():
         assert os.path.getsize(png) > 10_000 and os.path.getsize(svg) > 10_000
     # a saved fit as INPUT has no runs: only the search figures
-    assert set(fit_plot(fitted, tmp_path / "json", runs="fits/x.json", results=searched)) == searches
+    assert set(fit_plot(fitted, tmp_path / "json", runs="fits/x.json",
+                        results=[r.to_dict() for r in searched])) == searches
+
+
+def test_search_figures_take_the_result_dict_and_draw_a_saved_one_the_same(tmp_path, searched):
+    from moe_scaling.files import json_default
+
+    live = searched[0].to_dict()
+    saved = json.loads(json.dumps(live, default=json_default))    # as moe-fit --json prints it
+    paths = [style.save_figure(search_plots.frontier_figure(d), tmp_path / name, formats=("svg",))[0]
+             for d, name in ((live, "live"), (saved, "saved"))]
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    # a moe-fit --json dict holds the fit summary too: the extra keys are ignored
+    fig = search_plots.frontier_figure({"law": "joint_moe", "rmse": 0.01, **saved})
+    assert fig.axes[0].get_xlabel() == search_plots.frontier_figure(live).axes[0].get_xlabel()
+    # one shape: the SearchResult object itself is refused, with the fix in the message
+    for draw in (search_plots.frontier_figure, lambda r: search_plots.optimum_vs_budget([r]),
+                 run_plots.published_models_figure):
+        with pytest.raises(TypeError, match="to_dict"):
+            draw(searched[0])
 
 
 def test_published_models_with_a_phone_search():
@@ -354,11 +373,11 @@ def test_published_models_with_a_phone_search():
 
     law = load_fit(REPO / "fits" / "joint_moe_published.json")
     r = search(law, Budget(memory=2 * 10**9, tokens=1e12))
-    fig = plots.published_models_figure(r)
+    fig = run_plots.published_models_figure(r.to_dict())
     ax = fig.axes[0]
     drawn = scatter_points(ax)
     for p in r.published:
         assert np.isclose(drawn[:, 0], p["total_bytes"] / 1e9).any()
     assert "KV cache INT8 at 4096 tokens (GB" in ax.get_xlabel()
     assert text_overlaps(fig) == []
-    assert "published_models" in plots.fit_figures(law, results=[r])
+    assert "published_models" in fit_plots.fit_figures(law, results=[r.to_dict()])

@@ -3,10 +3,10 @@
 ``moe-sweep plot DIR`` and ``moe-fit ... --plot OUT_DIR`` call the two helpers here:
 
 * :func:`add_sweep_plot_parser` registers ``plot DIR [--out OUT] [--json]`` on a subparsers object
-  and :func:`sweep_plot_main` runs it: the sweep figures of :func:`moe_scaling.plots.figures.sweep_figures`
+  and :func:`sweep_plot_main` runs it: the sweep figures of :func:`moe_scaling.plots.runs.sweep_figures`
   written as PNG + SVG into ``DIR/plots/`` (or ``--out``).
 * :func:`add_fit_plot_argument` adds ``--plot OUT_DIR`` to ``moe-fit`` and :func:`fit_plot` writes
-  the fit figures of :func:`moe_scaling.plots.figures.fit_figures` into that folder.
+  the fit figures of :func:`moe_scaling.plots.fits.fit_figures` into that folder.
 
 Run on its own, ``python -m moe_scaling.cli.plot DIR`` is ``moe-sweep plot DIR``.
 """
@@ -41,7 +41,7 @@ def load_sweep(directory: str | Path):
 
 
 def _write(figures: Mapping[str, Any], out: Path) -> dict[str, list[str]]:
-    from moe_scaling.plots.figures import save_figure
+    from moe_scaling.plots.style import save_figure
 
     return {name: [str(p) for p in save_figure(fig, out / name)] for name, fig in figures.items()}
 
@@ -60,7 +60,7 @@ def add_sweep_plot_parser(subparsers) -> None:
 def sweep_plot_main(args) -> int:
     """Write the sweep figures of ``args.dir`` into ``args.out`` (default ``DIR/plots``); print
     one line per figure (or JSON ``{"out", "figures": {name: [png, svg]}}`` with ``args.json``)."""
-    from moe_scaling.plots.figures import sweep_figures
+    from moe_scaling.plots.runs import sweep_figures
 
     runs, curves = load_sweep(args.dir)
     out = Path(args.out) if getattr(args, "out", None) else Path(args.dir) / "plots"
@@ -86,16 +86,17 @@ def add_fit_plot_argument(parser) -> None:
 
 def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mapping[str, str] | None = None,
              results: Sequence[Any] = (), heldout: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Write the fit figures (:func:`moe_scaling.plots.figures.fit_figures`) into ``out_dir``.
+    """Write the fit figures (:func:`moe_scaling.plots.fits.fit_figures`) into ``out_dir``.
 
     ``fit`` is a ``fit.Fit``. ``runs`` is the table it was fitted on, or the path ``moe-fit`` was
     given (a sweep folder or table, read with ``fit.load_runs`` and ``columns``; a ``.json`` fit
-    has no runs, so the data figures are left out). ``results`` holds each budget search's result
-    (``optimize.SearchResult``, its dict, or a ``moe-fit`` result dict holding one; entries without
-    a sweet spot are skipped); ``heldout`` run ids to highlight (default: the fit's own held-out
+    has no runs, so the data figures are left out). ``results`` holds each budget search's result as a
+    dict: ``SearchResult.to_dict()``, or the ``moe-fit --json`` result dict, which holds its keys
+    (a ``SearchResult`` object is refused: call ``.to_dict()``; entries without a sweet spot are
+    skipped); ``heldout`` run ids to highlight (default: the fit's own held-out
     runs). Returns ``{figure name: [png path, svg path]}``.
     """
-    from moe_scaling.plots.figures import fit_figures
+    from moe_scaling.plots.fits import fit_figures
 
     if isinstance(runs, (str, Path)):
         if str(runs).lower().endswith(".json"):
