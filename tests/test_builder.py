@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_scaling.design.builder import (build, config_from_spec, config_from_sweet_spot, count_tolerance,
-                                        make_recipe)
+from moe_scaling.design.builder import build, config_from_spec, count_tolerance, make_recipe
+from moe_scaling.design.candidate import Candidate
 from moe_scaling.hf.config import hf_config, hf_model_type
 from moe_scaling.config import ModelConfig, load_model_config
 from moe_scaling.errors import ConfigError
@@ -159,7 +159,7 @@ def test_build_from_a_sweet_spot_json(tmp_path):
     spot = {**MOBILEMOE_L.to_dict(), "granularity": 8.0, "expansion": 7.5, "params_total": 5_325_706_496,
             "tokens": 2e12, "predicted_loss": 2.25, "predicted_loss_interval": [2.2, 2.3],
             "interval_level": 0.9}
-    assert config_from_sweet_spot({"sweet_spot": spot}) == MOBILEMOE_L
+    assert Candidate.from_dict({"sweet_spot": spot}).config == MOBILEMOE_L
     path = tmp_path / "fit_out.json"
     path.write_text(json.dumps({"sweet_spot": spot, "frontier": []}))
     r = cli("--sweet-spot", path, "--out", tmp_path / "m", "--device", "snapdragon-8-gen-3")

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-from moe_scaling.design.builder import config_from_sweet_spot
 from moe_scaling.cli._common import make_parser
 from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
 from moe_scaling.units import parse_flops, parse_latency_ms
@@ -15,8 +14,10 @@ from moe_scaling.errors import ConfigError
 from moe_scaling.costs import (cost_summary, flops_per_token, kv_cache_bytes, param_counts, published_models,
                                roofline, weight_bytes)
 from moe_scaling.laws.fit import Fit, load_fit
-from moe_scaling.design.search import (ArchSpace, Budget, budget_table, expert_line, law_reads, layouts,
-                                  published_table, search, trunks)
+from moe_scaling.design.candidate import Candidate, FrontierPoint
+from moe_scaling.design.report import budget_table, published_table
+from moe_scaling.design.search import law_reads, search
+from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, trunks
 
 from conftest import REPO
 
@@ -122,7 +123,7 @@ def test_sweet_spot_dense_frontiers_and_binding():
     r = search(LAW, budget, SMALL, frontier_points=25)
     s, d = r.sweet_spot, r.dense
     # the reported numbers are the cost model's, for the reported config
-    cfg = config_from_sweet_spot(s)
+    cfg = s.config
     exact = cost_summary(cfg, weights="int4", kv="int8", context=4096, device="snapdragon-8-gen-3")
     for k in ("params_total", "params_active", "weight_bytes", "kv_cache_bytes", "total_bytes",
               "decode_ms_per_token"):
@@ -211,7 +212,7 @@ def test_run_budget_json_and_emit(tmp_path):
               "params_active", "weight_bytes", "kv_cache_bytes", "predicted_loss", "predicted_loss_interval"):
         assert k in s
     assert isinstance(out["frontier"], list) and out["frontier"]
-    assert load_model_config(tmp_path / "phone" / "model.yaml") == config_from_sweet_spot(s)
+    assert load_model_config(tmp_path / "phone" / "model.yaml") == Candidate.from_dict(out).config
     assert json.loads((tmp_path / "phone" / "costs.json").read_text())["params_total"] == s["params_total"]
     text = format_budget(out)
     assert "sweet spot" in text and "best dense" in text and "law cannot see" in text
