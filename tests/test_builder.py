@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_scaling.design.builder import (build, config_from_spec, config_from_sweet_spot, count_tolerance,
-                                        make_recipe)
+from moe_scaling.design.builder import build, config_from_spec, count_tolerance, make_recipe
+from moe_scaling.design.candidate import Candidate
 from moe_scaling.hf.config import hf_config, hf_model_type
 from moe_scaling.config import ModelConfig, load_model_config
 from moe_scaling.errors import ConfigError
@@ -159,7 +159,7 @@ def test_build_from_a_sweet_spot_json(tmp_path):
     spot = {**MOBILEMOE_L.to_dict(), "granularity": 8.0, "expansion": 7.5, "params_total": 5_325_706_496,
             "tokens": 2e12, "predicted_loss": 2.25, "predicted_loss_interval": [2.2, 2.3],
             "interval_level": 0.9}
-    assert config_from_sweet_spot({"sweet_spot": spot}) == MOBILEMOE_L
+    assert Candidate.from_dict({"sweet_spot": spot}).config == MOBILEMOE_L
     path = tmp_path / "fit_out.json"
     path.write_text(json.dumps({"sweet_spot": spot, "frontier": []}))
     r = cli("--sweet-spot", path, "--out", tmp_path / "m", "--device", "snapdragon-8-gen-3")
@@ -183,6 +183,16 @@ def test_build_from_a_sweet_spot_json(tmp_path):
     (("--active", "lots", "--total", "5.3B"), "not a count"),
     (("--config", "missing.yaml"), "no such file"),
     (("--active", "922M", "--total", "5.3B", "--granularity", "0"), "--granularity 0: must be"),
+    # options the chosen source would ignore
+    (("--active", "922M", "--total", "5.3B", "--budget-latency", "8ms"), "--budget-latency 8ms: only acts with --fit"),
+    (("--config", "x.yaml", "--budget-flops", "2G"), "--budget-flops 2G: only acts with --fit"),
+    (("--active", "922M", "--total", "5.3B", "--train-compute", "1e21"), "--train-compute 1e21: only acts with --fit"),
+    (("--active", "922M", "--total", "5.3B", "--vocab", "32000"), "--vocab 32000: only acts with --fit"),
+    (("--sweet-spot", "s.json", "--search-seed", "3"), "--search-seed 3: only acts with --fit"),
+    (("--config", "x.yaml", "--granularity", "4"), "--granularity 4: only acts with --active/--total"),
+    (("--sweet-spot", "s.json", "--shared", "0"), "--shared 0: only acts with --active/--total"),
+    (("--fit", Path(__file__).resolve().parents[1] / "fits" / "joint_moe_published.json", "--tokens", "1e12"),
+     "--fit: needs a budget"),
     (("--fit", Path(__file__).resolve().parents[1] / "fits" / "joint_moe_published.json", "--tokens", "1e12", "--budget-mem", "2GB",
       "--device", "snapdragon-8-gen-3", "--budget-latency", "0.001ms"),
      "--budget-mem 2GB and --budget-latency 0.001ms: nothing in the space meets these budgets together"),

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-from moe_scaling.design.builder import config_from_sweet_spot
 from moe_scaling.cli._common import make_parser
 from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
 from moe_scaling.units import parse_flops, parse_latency_ms
@@ -15,8 +14,10 @@ from moe_scaling.errors import ConfigError
 from moe_scaling.costs import (cost_summary, flops_per_token, kv_cache_bytes, param_counts, published_models,
                                roofline, weight_bytes)
 from moe_scaling.laws.fit import Fit, load_fit
-from moe_scaling.design.search import (ArchSpace, Budget, budget_table, expert_line, law_reads, layouts,
-                                  published_table, search, trunks)
+from moe_scaling.design.candidate import Candidate, FrontierPoint
+from moe_scaling.design.report import budget_table, published_table
+from moe_scaling.design.search import law_reads, search
+from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, trunks
 
 from conftest import REPO
 
@@ -122,7 +123,7 @@ def test_sweet_spot_dense_frontiers_and_binding():
     r = search(LAW, budget, SMALL, frontier_points=25)
     s, d = r.sweet_spot, r.dense
     # the reported numbers are the cost model's, for the reported config
-    cfg = config_from_sweet_spot(s)
+    cfg = s.config
     exact = cost_summary(cfg, weights="int4", kv="int8", context=4096, device="snapdragon-8-gen-3")
     for k in ("params_total", "params_active", "weight_bytes", "kv_cache_bytes", "total_bytes",
               "decode_ms_per_token"):
@@ -211,7 +212,7 @@ def test_run_budget_json_and_emit(tmp_path):
               "params_active", "weight_bytes", "kv_cache_bytes", "predicted_loss", "predicted_loss_interval"):
         assert k in s
     assert isinstance(out["frontier"], list) and out["frontier"]
-    assert load_model_config(tmp_path / "phone" / "model.yaml") == config_from_sweet_spot(s)
+    assert load_model_config(tmp_path / "phone" / "model.yaml") == Candidate.from_dict(out).config
     assert json.loads((tmp_path / "phone" / "costs.json").read_text())["params_total"] == s["params_total"]
     text = format_budget(out)
     assert "sweet spot" in text and "best dense" in text and "law cannot see" in text
@@ -229,6 +230,86 @@ def test_run_budget_json_and_emit(tmp_path):
 def test_run_budget_bad_input(argv, message):
     with pytest.raises(ConfigError, match=message):
         run_budget(parse(argv), LAW)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tokens", "1e12"], ["--train-compute", "1e21"], ["--weights", "int8"], ["--kv", "int4"],
+    ["--device", "snapdragon-8-gen-3"], ["--context", "2048"], ["--vocab", "32000"],
+    ["--compute-rule", "3x-forward"], ["--search-method", "tpe"], ["--search-seed", "1"],
+    ["--interval-level", "0.8"],
+])
+def test_budget_options_without_budget_mem_are_refused(argv):
+    """Each of these is ignored without a search; giving one alone is a mistake, not a no-op."""
+    with pytest.raises(ConfigError) as err:
+        run_budget(parse(argv), LAW)
+    msg = str(err.value)
+    assert msg.startswith(f"{argv[0]} {argv[1]}:") and "needs --budget-mem" in msg and "\n" not in msg
+
+
+def test_moe_fit_refuses_an_ignored_budget_option_with_exit_2():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "moe_scaling.cli.fit", str(REPO / "fits" / "joint_moe_published.json"),
+                        "--tokens", "1e12", "--json"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert "--tokens 1e12" in r.stderr and "--budget-mem" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_defaults_apply_when_options_are_not_given():
+    """Options default to None (to detect 'given'); the budget still gets the stated defaults."""
+    from moe_scaling.cli.budget import budget_from_args
+
+    b = budget_from_args(parse(["--budget-mem", "2GB"]))
+    assert (b.weights, b.kv, b.context, b.tokens, b.compute_rule) == ("int4", "int8", 4096, 1e12, "6N")
+
+
+# -- typed hand-offs ---------------------------------------------------------------------------
+
+
+def test_candidates_round_trip_through_their_json():
+    r = search(LAW, Budget(memory=2 * 10**9, tokens=1e12, latency_ms=10.0, device="snapdragon-8-gen-3"), SMALL)
+    s = r.sweet_spot
+    assert isinstance(s, Candidate) and isinstance(r.frontier[0], FrontierPoint)
+    d = r.to_dict()
+    assert d["sweet_spot"] == s.to_dict() and d["frontier"][0] == r.frontier[0].to_dict()
+    assert d["moe_advantage"] == r.dense.predicted_loss - s.predicted_loss
+    back = Candidate.from_dict(json.loads(json.dumps(d)))        # a saved moe-fit --json
+    assert back.config == s.config and back.to_dict() == s.to_dict()
+    assert s["predicted_loss"] == s.predicted_loss and dict(s) == s.to_dict()   # reads as its JSON
+    spot = s.to_dict()
+    del spot["predicted_loss"]
+    with pytest.raises(ConfigError, match="missing predicted_loss"):
+        Candidate.from_dict(spot)
+
+
+def test_build_from_fit_costs_each_candidate_once(tmp_path, monkeypatch):
+    """One cost_summary call per described candidate (sweet spot, dense, each published model);
+    the builder reuses the sweet spot's costs for costs.json."""
+    import moe_scaling.design.builder as builder
+    import moe_scaling.design.candidate as candidate
+
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(a[0])
+        return cost_summary(*a, **kw)
+
+    def refuse(*a, **kw):
+        raise AssertionError("build_from_fit recomputed the sweet spot's costs")
+
+    monkeypatch.setattr(candidate, "cost_summary", counting)
+    monkeypatch.setattr(builder, "cost_summary", refuse)
+    budget = Budget(memory=10**9, tokens=1e12, flops_per_token=1.5e9)
+    result, summary = builder.build_from_fit(LAW, budget, tmp_path / "m", space=SMALL)
+    n_published = sum(m.config is not None for m in PUBLISHED.values())
+    assert len(calls) == 2 + n_published
+    assert json.loads((tmp_path / "m" / "costs.json").read_text()) == result.sweet_spot.costs
+    assert load_model_config(tmp_path / "m" / "model.yaml") == result.sweet_spot.config
+    assert summary["params_total"] == result.sweet_spot.costs["params_total"]
+    with pytest.raises(ConfigError, match="nothing in the space"):
+        builder.build_from_fit(LAW, Budget(memory=10**6, tokens=1e12), tmp_path / "none", space=SMALL)
+    assert not (tmp_path / "none").exists()
 
 
 # -- the published joint law on phone budgets (README table) -----------------------------------

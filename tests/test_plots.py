@@ -239,7 +239,8 @@ def fitted(sweep):
 
 @pytest.fixture(scope="module")
 def searched(sweep, fitted):
-    from moe_scaling.design.search import ArchSpace, Budget, search
+    from moe_scaling.design.search import search
+    from moe_scaling.design.space import ArchSpace, Budget
 
     runs, _ = sweep
     space = ArchSpace(vocab_size=int(runs["vocab_size"].iloc[0]), **TINY)
@@ -311,12 +312,13 @@ def test_sweet_spot_figures(sweep, fitted, searched):
     assert grid["memory"].shape == grid["loss"].shape == (len(grid["G"]), 5)
     # centred on an MoE (the sweep's best MoE run, described on the budget's axes by optimize), the
     # plane at that run's (E, G) is exactly the law's prediction and the cost model's bytes
-    from moe_scaling.design.search import Budget, describe_config
+    from moe_scaling.design.candidate import describe
+    from moe_scaling.design.space import Budget
 
     runs, _ = sweep
     best = run_plots.completed(runs).query("n_experts > top_k").sort_values("eval_loss").iloc[0]
     budget = Budget(memory=r.budget.memory, tokens=r.budget.tokens, context=128)
-    moe = {"sweet_spot": describe_config(fitted, run_plots.model_config_from_row(best), budget),
+    moe = {"sweet_spot": describe(fitted, run_plots.model_config_from_row(best), budget).to_dict(),
            "budget": budget.to_dict()}
     m = moe["sweet_spot"]
     at = search_plots.iso_loss_grid(fitted, moe, expansions=[m["expansion"]], granularities=[1, 2, 4])
@@ -369,7 +371,8 @@ def test_search_figures_take_the_result_dict_and_draw_a_saved_one_the_same(tmp_p
 
 def test_published_models_with_a_phone_search():
     from moe_scaling.laws.fit import load_fit
-    from moe_scaling.design.search import Budget, search
+    from moe_scaling.design.search import search
+    from moe_scaling.design.space import Budget
 
     law = load_fit(REPO / "fits" / "joint_moe_published.json")
     r = search(law, Budget(memory=2 * 10**9, tokens=1e12))

@@ -5,9 +5,14 @@
     add_budget_arguments(parser)               # --budget-mem, --budget-flops, --tokens, --emit, ...
     result.update(run_budget(args, fit))       # {} unless --budget-mem was given
 
-``run_budget`` returns :meth:`optimize.SearchResult.to_dict` (``sweet_spot``, ``dense``,
-``frontier``, ``frontier_flops``, ``binding``, ``published``, ``law``, ...) and, with ``--emit DIR``,
-``emitted``: the builder's summary of DIR. :func:`format_budget` renders it for people.
+``run_budget`` returns :meth:`moe_scaling.design.search.SearchResult.to_dict` (``sweet_spot``,
+``dense``, ``frontier``, ``frontier_flops``, ``binding``, ``published``, ``law_scope``, ...) and, with
+``--emit DIR``, ``emitted``: the builder's summary of DIR (:func:`design.builder.build_from_fit`).
+:func:`format_budget` renders it for people.
+
+Every option defaults to None so that one given without ``--budget-mem`` (where the search does
+not run and the option would be ignored) is refused; :data:`DEFAULTS` holds the values used when
+an option is not given (:func:`option`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,34 @@ from typing import Any
 
 from moe_scaling.errors import ConfigError
 from moe_scaling.units import format_count, parse_bytes, parse_count, parse_flops, parse_latency_ms
-from moe_scaling.design.search import ArchSpace, Budget, LossModel, search
+from moe_scaling.design.candidate import LossModel
+from moe_scaling.design.search import NothingFits, search
+from moe_scaling.design.space import ArchSpace, Budget
 
-__all__ = ["add_budget_arguments", "budget_from_args", "run_budget", "format_budget"]
+__all__ = ["DEFAULTS", "SEARCH_ONLY", "add_budget_arguments", "option", "given_options", "budget_from_args",
+           "run_budget", "format_budget", "nothing_fits"]
+
+DEFAULTS = {"compute_rule": "6N", "weights": "int4", "kv": "int8", "context": 4096, "vocab": 128256,
+            "search_method": "auto", "search_seed": 0, "interval_level": 0.9}
+"""The value of each budget option that is not given."""
+
+SEARCH_ONLY = ("budget_mem", "budget_flops", "budget_latency", "train_compute", "compute_rule", "vocab",
+               "search_method", "search_seed", "interval_level")
+"""Options only the search reads (``moe-build`` refuses them without ``--fit``)."""
+
+_ALL = ("budget_flops", "budget_latency", "device", "tokens", "train_compute", "compute_rule", "weights",
+        "kv", "context", "vocab", "search_method", "search_seed", "interval_level", "emit")
+
+
+def option(args: argparse.Namespace, name: str) -> Any:
+    """``args.<name>``, or its :data:`DEFAULTS` value when the option was not given."""
+    value = getattr(args, name, None)
+    return DEFAULTS.get(name) if value is None else value
+
+
+def given_options(args: argparse.Namespace, names) -> list[str]:
+    """The flags (``--budget-flops``, ...) among ``names`` the user gave."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
 
 def add_budget_arguments(parser: argparse.ArgumentParser, *, emit: bool = True) -> None:
     """Add the budget options (one argument group) to ``parser``."""
@@ -35,16 +65,16 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, emit: bool = True) 
     t.add_argument("--tokens", default=None, help="training tokens, e.g. 1e12 (default 1e12)")
     t.add_argument("--train-compute", default=None, metavar="FLOPS",
                    help="training compute; tokens = C / (6 N_active_non_embedding) per architecture")
-    g.add_argument("--compute-rule", default="6N", choices=("6N", "3x-forward"),
+    g.add_argument("--compute-rule", default=None, choices=("6N", "3x-forward"),
                    help="how --train-compute becomes tokens (default 6N)")
-    g.add_argument("--weights", default="int4", help="weight precision on device (default int4 = 4.5 bits)")
-    g.add_argument("--kv", default="int8", help="KV-cache precision (default int8)")
-    g.add_argument("--context", type=int, default=4096, help="context length in tokens (default 4096)")
-    g.add_argument("--vocab", type=int, default=128256, help="vocabulary size (default 128256, as MobileMoE)")
-    g.add_argument("--search-method", default="auto", choices=("auto", "exhaustive", "tpe"),
+    g.add_argument("--weights", default=None, help="weight precision on device (default int4 = 4.5 bits)")
+    g.add_argument("--kv", default=None, help="KV-cache precision (default int8)")
+    g.add_argument("--context", type=int, default=None, help="context length in tokens (default 4096)")
+    g.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 128256, as MobileMoE)")
+    g.add_argument("--search-method", default=None, choices=("auto", "exhaustive", "tpe"),
                    help="exhaustive for small spaces, optuna TPE for large (default auto)")
-    g.add_argument("--search-seed", type=int, default=0, help="seed of the TPE search (default 0)")
-    g.add_argument("--interval-level", type=float, default=0.9,
+    g.add_argument("--search-seed", type=int, default=None, help="seed of the TPE search (default 0)")
+    g.add_argument("--interval-level", type=float, default=None,
                    help="coverage of the bootstrap interval on predicted loss (default 0.9)")
     if emit:
         g.add_argument("--emit", default=None, metavar="DIR",
@@ -52,23 +82,24 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, emit: bool = True) 
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget | None:
-    """The :class:`Budget` the options describe; None without ``--budget-mem``."""
+    """The :class:`Budget` the options describe; None without ``--budget-mem``, where any other
+    budget option given is refused (it would be ignored)."""
     if args.budget_mem is None:
-        for opt in ("budget_flops", "budget_latency", "emit"):
-            if getattr(args, opt, None) is not None:
-                raise ConfigError(f"--{opt.replace('_', '-')}: needs --budget-mem; add e.g. --budget-mem 2GB")
+        for flag in given_options(args, _ALL):
+            raise ConfigError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: only acts with a budget "
+                              "search and needs --budget-mem; add e.g. --budget-mem 2GB or drop it")
         return None
     if args.budget_latency is not None and args.device is None:
         raise ConfigError("--budget-latency: needs --device NAME (moe-cost --list-devices)")
     return Budget(
-        memory=parse_bytes(args.budget_mem, field="--budget-mem"), weights=args.weights, kv=args.kv,
-        context=args.context, device=args.device,
+        memory=parse_bytes(args.budget_mem, field="--budget-mem"), weights=option(args, "weights"),
+        kv=option(args, "kv"), context=option(args, "context"), device=args.device,
         flops_per_token=parse_flops(args.budget_flops) if args.budget_flops else None,
         latency_ms=parse_latency_ms(args.budget_latency) if args.budget_latency else None,
         tokens=(parse_count(args.tokens, field="--tokens") if args.tokens else
                 None if args.train_compute else 1e12),
         train_compute=parse_count(args.train_compute, field="--train-compute") if args.train_compute else None,
-        compute_rule=args.compute_rule)
+        compute_rule=option(args, "compute_rule"))
 
 
 def nothing_fits(args: argparse.Namespace) -> ConfigError:
@@ -84,27 +115,28 @@ def nothing_fits(args: argparse.Namespace) -> ConfigError:
 
 def run_budget(args: argparse.Namespace, fit: LossModel) -> dict[str, Any]:
     """Run the sweet-spot search the options ask for with ``fit``'s law ({} without --budget-mem);
-    with ``--emit DIR`` also build the sweet spot's model directory."""
+    with ``--emit DIR`` also build the sweet spot's model directory (one library call,
+    :func:`design.builder.build_from_fit`)."""
     budget = budget_from_args(args)
     if budget is None:
         return {}
-    if not 0 < args.interval_level < 1:
-        raise ConfigError(f"--interval-level = {args.interval_level}: must be in (0, 1); e.g. 0.9")
-    result = search(fit, budget, ArchSpace(vocab_size=args.vocab), method=args.search_method,
-                    seed=args.search_seed, level=args.interval_level).to_dict()
-    if getattr(args, "emit", None):
-        if result["sweet_spot"] is None:
-            raise nothing_fits(args)
-        from moe_scaling.design.builder import build, config_from_sweet_spot
+    level = option(args, "interval_level")
+    if not 0 < level < 1:
+        raise ConfigError(f"--interval-level = {level}: must be in (0, 1); e.g. 0.9")
+    kw = dict(space=ArchSpace(vocab_size=option(args, "vocab")), method=option(args, "search_method"),
+              seed=option(args, "search_seed"), level=level)
+    if not getattr(args, "emit", None):
+        return search(fit, budget, **kw).to_dict()
+    from moe_scaling.design.builder import build_from_fit
 
-        spot = result["sweet_spot"]
-        result["emitted"] = build(
-            config_from_sweet_spot(spot), args.emit, weights=budget.weights, kv=budget.kv,
-            context=budget.context, device=budget.device, tokens=spot["tokens"],
-            source=f"the sweet spot of a {args.budget_mem} budget ({getattr(fit, 'law', 'fitted')} law)",
-            prediction=spot)
-        result["emitted"].pop("costs")
-    return result
+    try:
+        searched, emitted = build_from_fit(
+            fit, budget, args.emit, **kw,
+            source=f"the sweet spot of a {args.budget_mem} budget ({getattr(fit, 'law', 'fitted')} law)")
+    except NothingFits:
+        raise nothing_fits(args) from None
+    emitted.pop("costs")
+    return {**searched.to_dict(), "emitted": emitted}
 
 
 def _describe(p: dict[str, Any]) -> str:

@@ -1,4 +1,9 @@
-"""``moe-build``: a model directory (HF config.json, model.yaml, recipe.yaml, costs.json, README.md)."""
+"""``moe-build``: a model directory (HF config.json, model.yaml, recipe.yaml, costs.json, README.md).
+
+One source per call: ``--sweet-spot`` (read as a :class:`Candidate`), ``--fit`` plus a budget
+(:func:`design.builder.build_from_fit`), ``--active/--total`` (:func:`design.builder.config_from_spec`)
+or ``--config``. Options the chosen source would ignore are refused (exit 2), not dropped.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from moe_scaling.design.builder import build, config_from_spec, config_from_sweet_spot
 from moe_scaling.cli._common import make_parser, print_json, run_cli
+from moe_scaling.cli.budget import (SEARCH_ONLY, add_budget_arguments, budget_from_args, given_options,
+                                    nothing_fits, option)
+from moe_scaling.design.builder import build, build_from_fit, config_from_spec
+from moe_scaling.design.candidate import Candidate
+from moe_scaling.design.search import NothingFits
+from moe_scaling.design.space import ArchSpace
 from moe_scaling.errors import InputError
-from moe_scaling.cli.budget import add_budget_arguments, budget_from_args, nothing_fits
 from moe_scaling.hf.config import read_model_config
-from moe_scaling.errors import ConfigError
 from moe_scaling.units import parse_count
 
 EXAMPLES = """\
@@ -32,7 +40,7 @@ def _read_json(path: str, what: str) -> Any:
         raise InputError(f"{what} {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def _body(argv: Sequence[str] | None) -> int:
+def _parser():
     parser = make_parser("moe-build", "Write a model directory from a sweet spot, a fit plus a budget, "
                          "a parameter-count spec or a ModelConfig: Hugging Face config.json, model.yaml, "
                          "recipe.yaml (four stages), costs.json and a README.md model card.", EXAMPLES)
@@ -42,15 +50,18 @@ def _body(argv: Sequence[str] | None) -> int:
     src.add_argument("--active", help="active parameters per token, e.g. 922M or 0.9B (with --total)")
     src.add_argument("--total", help="total parameters, e.g. 5.3B (with --active)")
     src.add_argument("--config", metavar="YAML", help="a ModelConfig YAML/JSON or an HF config.json")
-    parser.add_argument("--granularity", type=int, default=8, help="with --active/--total: G (default 8)")
-    parser.add_argument("--shared", type=int, default=1, choices=(0, 1),
+    parser.add_argument("--granularity", type=int, default=None, help="with --active/--total: G (default 8)")
+    parser.add_argument("--shared", type=int, default=None, choices=(0, 1),
                         help="with --active/--total: one shared expert of width d_ff/2 (default 1)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--name", default=None, help="model name for the card (default: DIR's name)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_budget_arguments(parser, emit=False)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _source(args) -> str:
+    """The one source given; refuses options that source would ignore."""
     given = [n for n in ("sweet_spot", "fit", "active", "config") if getattr(args, n)]
     if args.total and "active" not in given:
         given.append("active")
@@ -59,52 +70,59 @@ def _body(argv: Sequence[str] | None) -> int:
     source = given[0]
     if args.budget_mem and source != "fit":
         raise InputError("--budget-mem: only with --fit (the budget is searched with the fit's law)")
+    if source != "fit":
+        for flag in given_options(args, SEARCH_ONLY):
+            raise InputError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: only acts with --fit "
+                             "(it sets the budget search); drop it or build from --fit")
+    if source != "active":
+        for flag in given_options(args, ("granularity", "shared")):
+            raise InputError(f"{flag} {getattr(args, flag[2:])}: only acts with --active/--total; drop it")
+    return source
+
+
+def _from_fit(args) -> dict:
+    from moe_scaling.laws.fit import FitError, load_fit
+
+    if args.budget_mem is None:
+        raise InputError("--fit: needs a budget; add --budget-mem, e.g. --budget-mem 2GB")
+    budget = budget_from_args(args)
+    try:
+        fit = load_fit(args.fit)
+    except FitError as err:
+        raise InputError(str(err)) from None
+    try:
+        result, summary = build_from_fit(
+            fit, budget, args.out, space=ArchSpace(vocab_size=option(args, "vocab")),
+            method=option(args, "search_method"), seed=option(args, "search_seed"),
+            level=option(args, "interval_level"), name=args.name,
+            source=f"the sweet spot of a {args.budget_mem} budget under {Path(args.fit).name}")
+    except NothingFits:
+        raise nothing_fits(args) from None
+    return {**summary, "binding": result.binding, "dense": result.dense.to_dict() if result.dense else None}
+
+
+def _body(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    source = _source(args)
     tokens = parse_count(args.tokens, field="--tokens") if args.tokens else 1e12
     prediction, note = None, {}
-    if source == "sweet_spot":
-        doc = _read_json(args.sweet_spot, "--sweet-spot")
-        cfg = config_from_sweet_spot(doc)
-        prediction = doc.get("sweet_spot", doc)
-        tokens = float(prediction.get("tokens", tokens)) if not args.tokens else tokens
-        origin = f"the sweet spot in {Path(args.sweet_spot).name}"
-    elif source == "fit":
-        from moe_scaling.laws.fit import FitError, load_fit
-        from moe_scaling.design.search import ArchSpace, search
-
-        budget = budget_from_args(args)
-        if budget is None:
-            raise InputError("--fit: needs a budget; add --budget-mem, e.g. --budget-mem 2GB")
-        try:
-            fit = load_fit(args.fit)
-        except FitError as err:
-            raise InputError(str(err)) from None
-        result = search(fit, budget, ArchSpace(vocab_size=args.vocab), method=args.search_method,
-                        seed=args.search_seed, level=args.interval_level)
-        if result.sweet_spot is None:
-            raise nothing_fits(args)
-        prediction = result.sweet_spot
-        cfg = config_from_sweet_spot(prediction)
-        tokens = prediction["tokens"]
-        origin = f"the sweet spot of a {args.budget_mem} budget under {Path(args.fit).name}"
-        note = {"binding": result.binding, "dense": result.dense}
-    elif source == "active":
-        if not (args.active and args.total):
-            raise InputError("--active and --total: give both, e.g. --active 922M --total 5.3B")
-        if args.granularity < 1:
-            raise InputError(f"--granularity {args.granularity}: must be a whole number >= 1; e.g. 8")
-        match = config_from_spec(args.active, args.total, granularity=args.granularity, shared=args.shared)
-        cfg = match.config
-        origin = (f"the spec --active {args.active} --total {args.total} --granularity "
-                  f"{args.granularity} --shared {args.shared}")
-        note = {"spec_within_tolerance": match.within_tolerance,
-                "spec_candidates_within_tolerance": match.candidates_within_tolerance}
+    if source == "fit":
+        summary = _from_fit(args)
     else:
-        cfg = read_model_config(args.config)
-        origin = Path(args.config).name
-    summary = build(cfg, args.out, name=args.name, weights=args.weights, kv=args.kv,
-                    context=args.context, device=args.device, tokens=tokens, source=origin,
-                    prediction=prediction)
-    summary.update(note)
+        if source == "sweet_spot":
+            spot = Candidate.from_dict(_read_json(args.sweet_spot, "--sweet-spot"))
+            cfg, prediction = spot.config, spot.to_dict()
+            tokens = tokens if args.tokens else spot.tokens
+            origin = f"the sweet spot in {Path(args.sweet_spot).name}"
+        elif source == "active":
+            cfg, origin, note = _from_spec(args)
+        else:
+            cfg = read_model_config(args.config)
+            origin = Path(args.config).name
+        summary = build(cfg, args.out, name=args.name, weights=option(args, "weights"),
+                        kv=option(args, "kv"), context=option(args, "context"), device=args.device,
+                        tokens=tokens, source=origin, prediction=prediction)
+        summary.update(note)
     if args.json:
         print_json(summary)
         return 0
@@ -115,6 +133,19 @@ def _body(argv: Sequence[str] | None) -> int:
     if note.get("spec_within_tolerance") is False:
         print("  note: no family member rounds to both counts; this is the closest")
     return 0
+
+
+def _from_spec(args):
+    if not (args.active and args.total):
+        raise InputError("--active and --total: give both, e.g. --active 922M --total 5.3B")
+    G = 8 if args.granularity is None else args.granularity
+    shared = 1 if args.shared is None else args.shared
+    if G < 1:
+        raise InputError(f"--granularity {G}: must be a whole number >= 1; e.g. 8")
+    match = config_from_spec(args.active, args.total, granularity=G, shared=shared)
+    origin = f"the spec --active {args.active} --total {args.total} --granularity {G} --shared {shared}"
+    return match.config, origin, {"spec_within_tolerance": match.within_tolerance,
+                                  "spec_candidates_within_tolerance": match.candidates_within_tolerance}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,8 +8,10 @@
 * ``costs.json``: :func:`costs.cost_summary` of the model on the chosen precisions and device;
 * ``README.md``: a short model card.
 
-Configs come from a sweet spot (``moe-fit --budget-mem ... --json`` output), a fit plus a budget
-(runs :func:`optimize.search`), a ModelConfig YAML/JSON, or an explicit spec such as
+Configs come from a sweet spot (``moe-fit --budget-mem ... --json`` output, read with
+:meth:`moe_scaling.design.candidate.Candidate.from_dict`), a fit plus a budget
+(:func:`build_from_fit`: the search and the build in one call, used by ``moe-fit --emit`` and
+``moe-build --fit``), a ModelConfig YAML/JSON, or an explicit spec such as
 ``--active 922M --total 5.3B --granularity 8 --shared 1`` (:func:`config_from_spec`).
 
 The Hugging Face ``config.json`` comes from :func:`moe_scaling.hf.config.hf_config` (the
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,10 +35,12 @@ from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text
 from moe_scaling.hf.config import hf_config, hf_model_type
 from moe_scaling.units import format_count, parse_count, parse_precision
-from moe_scaling.design.search import ArchSpace, expert_line, layouts, trunks, Budget
+from moe_scaling.design.search import NothingFits, SearchResult, search
+from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, trunks
+from moe_scaling.design.candidate import LossModel
 
-__all__ = ["config_from_spec", "count_tolerance", "make_recipe",
-           "RecipeDefaults", "model_card", "build", "config_from_sweet_spot"]
+__all__ = ["config_from_spec", "count_tolerance", "make_recipe", "RecipeDefaults", "model_card", "build",
+           "build_from_fit"]
 
 
 # --------------------------------------------------------------------------------------
@@ -73,7 +77,7 @@ class SpecMatch:
 def config_from_spec(active: str | float, total: str | float, *, granularity: int = 8,
                      shared: int = 1, space: ArchSpace = ArchSpace(n_layers_max=96),
                      aspect_target: float = 40.0) -> SpecMatch:
-    """The family member (:class:`optimize.ArchSpace` layout) whose parameter counts match a card.
+    """The family member (:class:`moe_scaling.design.space.ArchSpace` layout) whose parameter counts match a card.
 
     Every trunk of ``space`` with the layout (``granularity``, ``shared``) is scanned over its
     expert counts; a model matches when both counts round to the figures given (within
@@ -115,24 +119,6 @@ def config_from_spec(active: str | float, total: str | float, *, granularity: in
     line, i, ok = best
     return SpecMatch(line.config(space, i), int(line.params_active[i]), int(line.params_total[i]),
                      ok, n_match)
-
-
-# --------------------------------------------------------------------------------------
-# From a sweet spot (moe-fit --budget-mem ... --json)
-# --------------------------------------------------------------------------------------
-
-
-def config_from_sweet_spot(doc: Mapping[str, Any]) -> ModelConfig:
-    """The ModelConfig of a ``moe-fit --json`` output (its ``sweet_spot``) or of a sweet spot."""
-    spot = doc.get("sweet_spot", doc) if isinstance(doc, Mapping) else None
-    if not isinstance(spot, Mapping):
-        raise ConfigError("sweet spot: expected a JSON object with 'sweet_spot' (moe-fit --json) "
-                          "or the sweet spot's ModelConfig fields")
-    names = {f.name for f in fields(ModelConfig)}
-    missing = [n for n in ("vocab_size", "d_model", "n_layers", "n_heads") if n not in spot]
-    if missing:
-        raise ConfigError(f"sweet spot: missing {', '.join(missing)}; pass the JSON moe-fit --json wrote")
-    return ModelConfig(**{k: v for k, v in spot.items() if k in names})
 
 
 # --------------------------------------------------------------------------------------
@@ -243,7 +229,7 @@ def model_card(name: str, cfg: ModelConfig, costs: Mapping[str, Any], recipe: Ma
     if prediction:
         iv = prediction.get("predicted_loss_interval")
         lines.append(f"| predicted loss | {prediction['predicted_loss']:.4f}"
-                     + (f" ({prediction.get('interval_level', 0.9):g} interval {iv[0]:.4f}-{iv[1]:.4f})" if iv else "")
+                     + (f" ({prediction.get('interval_level') or 0.9:g} interval {iv[0]:.4f}-{iv[1]:.4f})" if iv else "")
                      + f" after {prediction['tokens']:.3g} tokens, by the fitted law (an extrapolation) |")
     lines += ["", "## Recipe (`recipe.yaml`)", ""]
     for s in recipe["stages"]:
@@ -259,11 +245,17 @@ def model_card(name: str, cfg: ModelConfig, costs: Mapping[str, Any], recipe: Ma
 def build(cfg: ModelConfig, out_dir: str | Path, *, name: str | None = None, weights: str = "int4",
           kv: str = "int8", context: int = 4096, device: str | None = None, tokens: float = 1e12,
           source: str = "an explicit config", prediction: Mapping[str, Any] | None = None,
-          recipe_defaults: RecipeDefaults = RecipeDefaults()) -> dict[str, Any]:
+          recipe_defaults: RecipeDefaults = RecipeDefaults(),
+          costs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write config.json, model.yaml, recipe.yaml, costs.json and README.md into ``out_dir``
-    (atomically, each file). Returns a summary with the paths and the costs."""
+    (atomically, each file). Returns a summary with the paths and the costs.
+
+    ``costs``: :func:`costs.cost_summary` of ``cfg`` at these precisions, context and device when
+    the caller already holds it (a :class:`Candidate`'s costs); computed here otherwise."""
     hf = hf_config(cfg)                           # refuses before anything is written
-    costs = cost_summary(cfg, weights=weights, kv=kv, context=context, device=device)
+    if costs is None:
+        costs = cost_summary(cfg, weights=weights, kv=kv, context=context, device=device)
+    costs = dict(costs)
     recipe = make_recipe(cfg, tokens=tokens, weights=weights, kv=kv, defaults=recipe_defaults)
     out = Path(out_dir)
     name = name or out.name
@@ -280,3 +272,24 @@ def build(cfg: ModelConfig, out_dir: str | Path, *, name: str | None = None, wei
     return {"out": str(out), "files": sorted(files), "model_type": hf["model_type"],
             "params_total": costs["params_total"], "params_active": costs["params_active"],
             "costs": costs}
+
+
+def build_from_fit(fit: LossModel, budget: Budget, out_dir: str | Path, *, space: ArchSpace = ArchSpace(),
+                   method: str = "auto", seed: int = 0, level: float = 0.9, name: str | None = None,
+                   source: str | None = None) -> tuple[SearchResult, dict[str, Any]]:
+    """Search ``budget`` with ``fit``'s law over ``space`` and build the sweet spot into ``out_dir``.
+
+    The model directory is costed on the budget's precisions, context and device, with the sweet
+    spot's training tokens and prediction on the card; its costs are the sweet spot's own (one
+    :func:`costs.cost_summary` call in all). Returns the :class:`SearchResult` and :func:`build`'s
+    summary. Raises :class:`NothingFits` (nothing written) when no architecture meets the budget.
+    """
+    result = search(fit, budget, space, method=method, seed=seed, level=level)
+    spot = result.sweet_spot
+    if spot is None:
+        raise NothingFits("budget: nothing in the space meets it; raise a budget")
+    summary = build(spot.config, out_dir, name=name, weights=budget.weights, kv=budget.kv,
+                    context=budget.context, device=budget.device, tokens=spot.tokens,
+                    source=source or f"the sweet spot of a {budget.memory / 1e9:g} GB budget",
+                    prediction=spot.to_dict(), costs=spot.costs)
+    return result, summary
