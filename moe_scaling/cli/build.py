@@ -68,7 +68,8 @@ def _body(argv: Sequence[str] | None) -> int:
         tokens = float(prediction.get("tokens", tokens)) if not args.tokens else tokens
         origin = f"the sweet spot in {Path(args.sweet_spot).name}"
     elif source == "fit":
-        from moe_scaling.laws.fit import FitError, load_fit
+        from moe_scaling.laws.errors import FitError
+        from moe_scaling.laws.fit import load_fit
         from moe_scaling.design.search import ArchSpace, search
 
         budget = budget_from_args(args)

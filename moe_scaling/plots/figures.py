@@ -687,9 +687,9 @@ def fitted_rows(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> pd.Dat
 
 def fit_heldout(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> list[str]:
     """Run ids of the runs ``fit`` held out for its ``heldout_rmse``, recomputed with the fit's own
-    rule (:func:`moe_scaling.laws.fit.holdout_mask` over its ``heldout_by`` ranking, ``heldout_frac``
+    rule (:func:`moe_scaling.laws.tables.holdout_mask` over its ``heldout_by`` ranking, ``heldout_frac``
     of :func:`fitted_rows`); [] when the fit held nothing out."""
-    from moe_scaling.laws.fit import holdout_mask
+    from moe_scaling.laws.tables import holdout_mask
 
     settings, metrics = getattr(fit, "settings", {}) or {}, getattr(fit, "metrics", {}) or {}
     if metrics.get("heldout_rmse") is None or "heldout_frac" not in settings:
