@@ -39,7 +39,7 @@ CANONICAL_COLUMNS = ("loss", "params_active", "params_total", "params_embedding"
                      "expansion", "granularity", "n_shared", "flops_per_token_forward")
 """Column names every table is mapped to before fitting (``moe-fit --column canonical=theirs``).
 Parameter counts include the embedding (tied embeddings once); ``tokens`` are training tokens;
-``expansion`` E = n_experts / G and ``granularity`` G = d_ff / d_expert (DESIGN.md section 3);
+``expansion`` E = n_experts / G and ``granularity`` G = d_ff / d_expert (docs/design.md, section 3);
 ``flops_per_token_forward`` is the forward pass at the training context."""
 
 LAW_INPUTS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
