@@ -7,7 +7,7 @@ What is timed (the same code ``moe-fit`` runs, :mod:`moe_scaling.laws.fit`):
 
 * ``chinchilla_grid_s``: the Hoffmann grid of 4,500 starts on the 240 Chinchilla points (5
   highest losses dropped, D = C / 6N, Huber delta 1e-3): every start screened in float32, the 8
-  best distinct results polished in float64 (:func:`fit.fit_starts`), best kept;
+  best distinct results polished in float64 (:func:`problem.fit_starts`), best kept;
 * ``bootstrap_1000_s``: 1,000 bootstrap refits from the full-data optimum (:func:`fit.bootstrap_refits`).
 
 Each is the best of ``--repeat`` runs in one process after a first call; the first call, which
@@ -32,7 +32,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moe_scaling.laws.fit import bootstrap_refits, canonical_table, fit_starts, make_problem  # noqa: E402
+from moe_scaling.laws.fit import bootstrap_refits  # noqa: E402
+from moe_scaling.laws.problem import fit_starts, make_problem  # noqa: E402
+from moe_scaling.laws.tables import canonical_table  # noqa: E402
 from moe_scaling.laws.registry import CHINCHILLA  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -142,6 +142,13 @@ BAD = {
     "predict lacks column": (lambda t: [REPO / "fits" / "joint_moe_published.json", "--predict",
                                         _write(t, "p.csv", pd.DataFrame({"params_active": [1e9]}))], "needs column"),
     "negative bootstrap": (lambda t: [_write(t, "b.csv", _chinchilla_runs()), "--bootstrap", "-1"], "must be >= 0"),
+    # fitting flags with a saved fit are refused even at their default values (they were ignored)
+    "seed on saved fit": (lambda t: [REPO / "fits" / "joint_moe_published.json", "--seed", "0"],
+                          "--seed: INPUT"),
+    "bootstrap on saved fit": (lambda t: [REPO / "fits" / "joint_moe_published.json", "--bootstrap", "500"],
+                               "--bootstrap: INPUT"),
+    "kfold on saved fit": (lambda t: [REPO / "fits" / "joint_moe_published.json", "--kfold", "0"],
+                           "--kfold: INPUT"),
 }
 
 
@@ -154,3 +161,33 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(env, tmp_path, case)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moe-fit: error:") and message in lines[0], r.stderr
     assert r.stdout == "" and not out.exists() and "Traceback" not in r.stderr
+
+
+def test_saved_fit_refusal_names_every_fitting_flag_given(env):
+    r = moe_fit(env, REPO / "fits" / "joint_moe_published.json", "--bootstrap", 0, "--kfold", 3, "--seed", 1)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--bootstrap, --kfold, --seed: INPUT" in lines[0] and "is a saved fit" in lines[0]
+
+
+@pytest.mark.parametrize("law, target", [("chinchilla", "fit_law"), ("auto", "select_law")])
+def test_fitting_without_the_flags_uses_the_defaults(monkeypatch, tmp_path, capsys, law, target):
+    from moe_scaling.cli import fit as cli
+    from moe_scaling.laws.fit import published_fit
+
+    seen = {}
+    fake = published_fit("chinchilla", LAWS["chinchilla"].reference, "test")
+
+    def record(*args, **kw):
+        seen.update(kw)
+        return (fake, []) if target == "select_law" else fake
+
+    monkeypatch.setattr(cli, target, record)
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda path: None)
+    assert cli.main([str(_write(tmp_path, "d.csv", _chinchilla_runs())), "--law", law, "--json"]) == 0
+    assert (seen["bootstrap"], seen["kfold"], seen["seed"]) == (200, 5, 0)
+    seen.clear()
+    assert cli.main([str(tmp_path / "d.csv"), "--law", law, "--bootstrap", "7", "--kfold", "0",
+                     "--seed", "3", "--json"]) == 0
+    assert (seen["bootstrap"], seen["kfold"], seen["seed"]) == (7, 0, 3)
+    capsys.readouterr()

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from moe_scaling.laws.fit import (FitError, NoSamplesError, canonical_table, fit_law, holdout_mask, load_fit,
-                             published_fit, select_law)
+from moe_scaling.laws.errors import FitError, NoSamplesError
+from moe_scaling.laws.fit import fit_law, load_fit, published_fit, select_law
+from moe_scaling.laws.tables import canonical_table, holdout_mask
 from moe_scaling.laws.registry import LAWS
 
 # Besiroglu, Erdil, Barnett, You 2024, "Chinchilla Scaling: A replication attempt" (arXiv:2404.10102),

@@ -229,7 +229,8 @@ TINY = dict(d_model_min=32, d_model_max=128, d_model_step=32, n_layers_min=1, n_
 def fitted(sweep):
     """The notebook's few-run setting: joint_moe with a, alpha, delta free, the data term removed
     (one token budget) and the rest at the published reference; a small bootstrap."""
-    from moe_scaling.laws.fit import fit_law, load_runs
+    from moe_scaling.laws.fit import fit_law
+    from moe_scaling.laws.tables import load_runs
     from moe_scaling.laws.registry import get_law
 
     table, _ = load_runs(SWEEP)

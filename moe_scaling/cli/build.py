@@ -81,15 +81,12 @@ def _source(args) -> str:
 
 
 def _from_fit(args) -> dict:
-    from moe_scaling.laws.fit import FitError, load_fit
+    from moe_scaling.laws.fit import load_fit
 
     if args.budget_mem is None:
         raise InputError("--fit: needs a budget; add --budget-mem, e.g. --budget-mem 2GB")
     budget = budget_from_args(args)
-    try:
-        fit = load_fit(args.fit)
-    except FitError as err:
-        raise InputError(str(err)) from None
+    fit = load_fit(args.fit)  # a bad fit file is a FitError: a UserError, exit 2
     try:
         result, summary = build_from_fit(
             fit, budget, args.out, space=ArchSpace(vocab_size=option(args, "vocab")),

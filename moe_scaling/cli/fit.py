@@ -19,12 +19,14 @@ from moe_scaling.cli._common import make_parser, print_json, run_cli
 from moe_scaling.errors import InputError
 from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
-from moe_scaling.laws.fit import Fit, FitError, fit_law, load_fit, load_runs, select_law
+from moe_scaling.laws.fit import Fit, fit_law, load_fit, select_law
+from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, get_law
+from moe_scaling.laws.tables import load_runs
 from moe_scaling.runtime import default_cache_dir, enable_compilation_cache
-from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, LawInputError, get_law
 
 PROG = "moe-fit"
 PREDICTION_LEVEL = 0.9
+BOOTSTRAP, KFOLD, SEED = 200, 5, 0      # fitting defaults (the flags default to None: "not given")
 
 EXAMPLES = """\
   moe-fit results/my-sweep                                  # --law auto: every law, lowest held-out error wins
@@ -78,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the table's column THEIRS as CANONICAL (repeatable)")
     p.add_argument("--drop-highest-loss", type=int, default=None, metavar="K",
                    help="drop the K highest-loss runs first (the Chinchilla replication drops 5)")
-    p.add_argument("--bootstrap", type=int, default=200, metavar="N",
-                   help="bootstrap refits for intervals (default 200; 0: none)")
-    p.add_argument("--kfold", type=int, default=5, metavar="K", help="folds for kfold_rmse (default 5; 0: none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws and folds (default 0)")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                   help=f"bootstrap refits for intervals (default {BOOTSTRAP}; 0: none)")
+    p.add_argument("--kfold", type=int, default=None, metavar="K",
+                   help=f"folds for kfold_rmse (default {KFOLD}; 0: none)")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the bootstrap draws and folds (default {SEED})")
     p.add_argument("--predict", metavar="FILE", help="table of inputs (CSV/parquet): predicted loss per row")
     p.add_argument("--out", metavar="FIT.json", help="write the fit as JSON (e.g. fits/my-sweep.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -90,20 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fitting_only(args: argparse.Namespace) -> list[str]:
+    """The fitting options given on the command line (a flag left at its default is None)."""
+    options = (("--law", args.law), ("--fix", args.fix), ("--huber-delta", args.huber_delta),
+               ("--drop-highest-loss", args.drop_highest_loss), ("--bootstrap", args.bootstrap),
+               ("--kfold", args.kfold), ("--seed", args.seed))
+    return [o for o, v in options if v is not None]
+
+
 def _fitted(args: argparse.Namespace, columns: dict[str, str]) -> Fit:
-    """The fit INPUT asks for: loaded from a fit JSON, or fitted to the runs."""
+    """The fit INPUT asks for: loaded from a fit JSON (refusing the fitting options), or fitted to
+    the runs (flags not given take the defaults ``BOOTSTRAP``, ``KFOLD``, ``SEED``)."""
     if str(args.input).lower().endswith(".json"):
-        given = [o for o, v in (("--law", args.law), ("--fix", args.fix), ("--huber-delta", args.huber_delta),
-                                ("--drop-highest-loss", args.drop_highest_loss)) if v]
+        given = _fitting_only(args)
         if given:
             raise InputError(f"{', '.join(given)}: INPUT {args.input} is a saved fit; these options apply "
-                             "only when fitting runs")
+                             "only when fitting runs (drop them, or give a runs table or sweep folder)")
         return load_fit(args.input)
-    if args.bootstrap < 0 or args.kfold < 0 or (args.drop_highest_loss or 0) < 0:
+    bootstrap = BOOTSTRAP if args.bootstrap is None else args.bootstrap
+    kfold = KFOLD if args.kfold is None else args.kfold
+    seed = SEED if args.seed is None else args.seed
+    if bootstrap < 0 or kfold < 0 or (args.drop_highest_loss or 0) < 0:
         raise InputError("--bootstrap, --kfold and --drop-highest-loss must be >= 0")
     table, notes = load_runs(args.input, columns)
     kw: dict[str, Any] = dict(huber_delta=1e-3 if args.huber_delta is None else args.huber_delta,
-                              fix=_fixes(args.fix), bootstrap=args.bootstrap, seed=args.seed, kfold=args.kfold,
+                              fix=_fixes(args.fix), bootstrap=bootstrap, seed=seed, kfold=kfold,
                               drop_highest_loss=args.drop_highest_loss or 0)
     enable_compilation_cache(default_cache_dir())
     law = args.law or "auto"
@@ -184,13 +198,10 @@ def format_fit(result: dict[str, Any]) -> str:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     columns = dict(_pairs(args.column, "--column"))
-    try:
-        fit = _fitted(args, columns)
-        result = summary(fit)
-        if args.predict:
-            result.update(_predictions(fit, args.predict, columns))
-    except (FitError, LawInputError) as err:
-        raise InputError(str(err)) from None
+    fit = _fitted(args, columns)
+    result = summary(fit)
+    if args.predict:
+        result.update(_predictions(fit, args.predict, columns))
     result.update(run_budget(args, fit))  # sweet spot and frontiers when --budget-mem is given
     if args.out:
         fit.save(args.out)

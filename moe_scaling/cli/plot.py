@@ -102,7 +102,7 @@ def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mappin
         if str(runs).lower().endswith(".json"):
             runs = None
         else:
-            from moe_scaling.laws.fit import load_runs
+            from moe_scaling.laws.tables import load_runs
 
             runs = load_runs(runs, columns)[0]
     return _write(fit_figures(fit, runs=runs, results=results, heldout=heldout), Path(out_dir))

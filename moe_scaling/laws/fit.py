@@ -1,14 +1,15 @@
 """Robust scaling-law fits: multi-start L-BFGS-B, bootstrap intervals, held-out selection.
 
-The procedure (DESIGN.md section 5; Besiroglu et al. 2024's reading of Hoffmann et al. 2022):
+The procedure (docs/design.md, section 5; Besiroglu et al. 2024's reading of Hoffmann et al. 2022):
 
 * residuals ``r = log L - log Lhat`` under a Huber loss (``huber_delta``, default 1e-3), the
-  optimiser moving parameters in log space where they are positive (:mod:`moe_scaling.laws.registry`);
+  optimiser moving parameters in log space where they are positive (:mod:`moe_scaling.laws.registry`;
+  the objective and the fixed parameters: :mod:`moe_scaling.laws.problem`);
 * bound-constrained L-BFGS from every start of the law's grid, best kept. All starts run at once:
-  :func:`minimize_batch` is a batched projected L-BFGS written in JAX (one objective + autodiff
-  gradient evaluation per step for the whole batch, starts refilled into finished slots). The
-  grid is first run in float32 (``screen``), then the best distinct results are polished in
-  float64 to tight tolerances;
+  :func:`~moe_scaling.laws.lbfgs.minimize_batch` is a batched projected L-BFGS written in JAX (one
+  objective + autodiff gradient evaluation per step for the whole batch, starts refilled into
+  finished slots). The grid is first run in float32 (``screen``), then the best distinct results
+  are polished in float64 to tight tolerances (:func:`~moe_scaling.laws.problem.fit_starts`);
 * bootstrap over runs (resampling rows with replacement, refitting from the full-data optimum) for
   percentile intervals on every coefficient and, through the kept parameter samples, on every
   prediction (:meth:`Fit.predict_interval`);
@@ -20,15 +21,13 @@ The procedure (DESIGN.md section 5; Besiroglu et al. 2024's reading of Hoffmann 
 
 The result is a frozen :class:`Fit`: ``predict(X)``, ``predict_interval(X, level)``,
 ``save(path)``; :func:`load_fit` reads one back. ``X`` is a dict of canonical column arrays.
+Run tables are read by :mod:`moe_scaling.laws.tables`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,413 +37,15 @@ import numpy as np
 import pandas as pd
 
 from moe_scaling.files import atomic_write_text, json_default
-from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, Law, get_law
+from moe_scaling.laws.errors import FitError, NoSamplesError
+from moe_scaling.laws.lbfgs import minimize_batch
+from moe_scaling.laws.problem import Problem, fit_starts, make_problem
+from moe_scaling.laws.registry import LAWS, Law, get_law
+from moe_scaling.laws.tables import FitData, holdout_mask
 
-__all__ = ["Fit", "FitError", "NoSamplesError", "fit_law", "select_law", "load_fit", "published_fit",
-           "load_runs", "canonical_table", "prepare", "FitData", "Problem", "make_problem", "fit_starts",
-           "bootstrap_refits", "minimize_batch", "holdout_mask", "FORMAT"]
+__all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "FORMAT"]
 
 FORMAT = "moe-scaling-fit/1"
-_MEMORY = 10                    # L-BFGS history length
-_BUFFER = {"float32": 256, "float64": 64}   # slots per batch: one compiled shape per dtype
-_POSITIVE = ("loss", "params_active", "params_total", "tokens", "expansion", "granularity",
-             "train_compute")
-_NONNEGATIVE = ("params_embedding", "n_shared")
-
-
-class FitError(ValueError):
-    """The data or the request cannot give a fit (one line saying what and how to fix it)."""
-
-
-class NoSamplesError(ValueError):
-    """A fit without bootstrap samples (e.g. published coefficients) was asked for an interval."""
-
-
-# ======================================================================================
-# Tables
-# ======================================================================================
-
-
-def load_runs(path: str | Path, columns: Mapping[str, str] | None = None,
-              strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
-    """Read a runs table and map it to canonical columns; returns (table, notes).
-
-    ``path``: a sweep directory (its ``runs.parquet``), or a CSV (``.csv``, ``.csv.gz``, ``.tsv``) or
-    parquet file. Rows with a ``status`` column keep only ``completed``; without a ``loss`` column
-    ``eval_loss`` is the loss. ``columns`` maps canonical names to the table's own
-    (:func:`canonical_table`, ``strict`` as there).
-    """
-    p = Path(path)
-    notes: list[str] = []
-    if p.is_dir():
-        p = p / "runs.parquet"
-        if not p.is_file():
-            raise FitError(f"{path}: a sweep directory needs runs.parquet; give the sweep folder or a CSV/parquet table")
-    if not p.is_file():
-        raise FitError(f"{path}: no such file or directory")
-    name = p.name.lower()
-    try:
-        if name.endswith(".parquet"):
-            df = pd.read_parquet(p)
-        elif name.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
-            df = pd.read_csv(p, sep="\t" if name.endswith(".tsv") else ",")
-        else:
-            raise FitError(f"{path}: unknown table type; give a .csv, .tsv or .parquet file or a sweep directory")
-    except FitError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
-        raise FitError(f"{path}: cannot read table: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if "status" in df.columns:
-        done = df["status"].astype(str) == "completed"
-        if not done.all():
-            notes.append(f"used the {int(done.sum())} completed of {len(df)} runs (status column)")
-        df = df[done]
-    return canonical_table(df, columns, notes, strict=strict), notes
-
-
-def canonical_table(df: pd.DataFrame, columns: Mapping[str, str] | None = None,
-                    notes: list[str] | None = None, strict: bool = True) -> pd.DataFrame:
-    """A copy of ``df`` with canonical columns: ``columns`` maps canonical -> theirs (with
-    ``strict=False`` a mapping is skipped when the table lacks ``theirs`` but has ``canonical``); ``loss``
-    defaults to ``eval_loss``; ``tokens`` to ``train_compute / (6 params_active)`` (Hoffmann et
-    al.'s D = C / 6N) when only training compute is given. Notes on what was derived go to ``notes``."""
-    notes = notes if notes is not None else []
-    out = df.copy()
-    for canonical, theirs in (columns or {}).items():
-        if canonical not in CANONICAL_COLUMNS + ("train_compute",):
-            raise FitError(f"--column {canonical}={theirs}: {canonical!r} is not a canonical column; "
-                           f"use one of {', '.join(CANONICAL_COLUMNS + ('train_compute',))}")
-        if theirs not in df.columns:
-            if not strict and canonical in df.columns:    # e.g. a --predict table in canonical names
-                continue
-            raise FitError(f"--column {canonical}={theirs}: the table has no column {theirs!r} "
-                           f"(it has {', '.join(map(str, df.columns[:12]))}{', ...' if len(df.columns) > 12 else ''})")
-        out[canonical] = df[theirs]
-    if "loss" not in out.columns and "eval_loss" in out.columns:
-        out["loss"] = out["eval_loss"]
-        notes.append("loss = eval_loss")
-    if "tokens" not in out.columns and {"train_compute", "params_active"} <= set(out.columns):
-        out["tokens"] = pd.to_numeric(out["train_compute"], errors="coerce") / (
-            6.0 * pd.to_numeric(out["params_active"], errors="coerce"))
-        notes.append("tokens = train_compute / (6 params_active)")
-    return out
-
-
-@dataclass(frozen=True)
-class FitData:
-    """The arrays one law is fitted to (:func:`prepare`)."""
-
-    cols: dict[str, np.ndarray]     # the law's input columns
-    loss: np.ndarray
-    compute: np.ndarray             # what "largest compute" ranks runs by
-    compute_rule: str
-    notes: tuple[str, ...]
-    table: pd.DataFrame             # the rows used, in order
-
-    @property
-    def n(self) -> int:
-        return int(self.loss.size)
-
-    def subset(self, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The input columns of the rows in ``mask``."""
-        return {k: v[mask] for k, v in self.cols.items()}
-
-    def hash(self) -> str:
-        """sha256 of the fitted columns (names and float64 bytes)."""
-        h = hashlib.sha256()
-        for name in sorted(self.cols) + ["loss"]:
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(self.loss if name == "loss" else self.cols[name], np.float64).tobytes())
-        return "sha256:" + h.hexdigest()
-
-
-def prepare(law: Law, data: pd.DataFrame | Mapping[str, Any], drop_highest_loss: int = 0) -> FitData:
-    """Check and extract the columns ``law`` needs: rows with NaN/inf in them are dropped (counted
-    in the notes); a missing column, non-positive counts or constant losses raise :class:`FitError`."""
-    df = data if isinstance(data, pd.DataFrame) else pd.DataFrame({k: np.asarray(v) for k, v in data.items()})
-    notes: list[str] = []
-    needed = ["loss", *law.inputs]
-    for c in needed:
-        if c not in df.columns and c not in law.optional_inputs:
-            raise FitError(f"column {c!r} missing: law {law.name} needs {', '.join(needed)}; "
-                           f"map yours with --column {c}=NAME")
-    present = [c for c in needed if c in df.columns]
-    for c in law.optional_inputs:
-        if c not in df.columns:
-            notes.append(f"no {c} column: taken as {law.optional_inputs[c]:g}")
-    vals = df[present].apply(pd.to_numeric, errors="coerce").astype(np.float64)
-    finite = np.isfinite(vals.to_numpy()).all(axis=1)
-    if not finite.all():
-        notes.append(f"dropped {int((~finite).sum())} rows with NaN/inf in {', '.join(present)}")
-    vals, df = vals[finite], df[finite]
-    if drop_highest_loss:
-        keep = (vals["loss"].rank(method="first", ascending=False) > drop_highest_loss).to_numpy()
-        notes.append(f"dropped the {drop_highest_loss} highest-loss rows")
-        vals, df = vals[keep], df[keep]
-    for c in present:
-        bad = (vals[c] < 0) if c in _NONNEGATIVE else (vals[c] <= 0) if c in _POSITIVE else None
-        if bad is not None and bad.any():
-            raise FitError(f"column {c!r}: {int(bad.sum())} values are {'negative' if c in _NONNEGATIVE else '<= 0'} "
-                           f"(first {vals[c][bad].iloc[0]:g}); losses and counts must be positive")
-    cols = law.columns({c: vals[c].to_numpy() for c in law.inputs if c in vals})
-    for count in ("params_active", "params_total"):
-        if count in cols and "params_embedding" in cols and np.any(cols[count] <= cols["params_embedding"]):
-            raise FitError(f"column {count!r}: some rows are <= params_embedding; "
-                           "the law needs non-embedding parameters > 0")
-    loss = vals["loss"].to_numpy()
-    if loss.size and np.ptp(loss) == 0:
-        raise FitError(f"column 'loss' is constant ({loss[0]:g}) over {loss.size} rows: nothing to fit")
-    compute, rule = _compute(df, cols, law)
-    return FitData(cols=cols, loss=loss, compute=compute, compute_rule=rule, notes=tuple(notes),
-                   table=df.reset_index(drop=True))
-
-
-def _compute(df: pd.DataFrame, cols: dict[str, np.ndarray], law: Law) -> tuple[np.ndarray, str]:
-    """Training compute per run for "hold out the largest compute": 3 x forward FLOPs/token x
-    tokens, else 6 x params_active x tokens, else the law's first input (e.g. Clark's N, whose runs
-    all train on the same tokens)."""
-    def col(name):
-        v = pd.to_numeric(df[name], errors="coerce").to_numpy(np.float64) if name in df else None
-        return v if v is not None and np.all(np.isfinite(v)) and np.all(v > 0) else None
-
-    tokens, fpt, active = col("tokens"), col("flops_per_token_forward"), col("params_active")
-    if tokens is not None and fpt is not None:
-        return 3.0 * fpt * tokens, "3 x flops_per_token_forward x tokens"
-    if tokens is not None and active is not None:
-        return 6.0 * active * tokens, "6 x params_active x tokens"
-    first = law.inputs[0]
-    return cols[first], f"{first} (no tokens column)"
-
-
-def holdout_mask(values: np.ndarray, frac: float) -> np.ndarray:
-    """Rows to hold out: the largest ``values``, at least ``max(1, round(frac n))`` rows, ties kept
-    together (every row equal to the smallest held-out value is held out too)."""
-    v = np.asarray(values, np.float64)
-    k = max(1, int(round(frac * v.size)))
-    threshold = np.sort(v)[::-1][min(k, v.size) - 1]
-    return v >= threshold
-
-
-# ======================================================================================
-# The batched optimiser
-# ======================================================================================
-
-
-@dataclass(frozen=True, eq=False)
-class Problem:
-    """One law on one data set: what the optimiser minimises.
-
-    Parameters are internal coordinates (:mod:`moe_scaling.laws.registry`) in ``law.params`` order; a fixed
-    parameter has ``lo == hi`` (the projection pins it, so fixing never recompiles anything).
-    ``cols``/``logy`` are the inputs and log losses, ``delta`` the Huber threshold. Build one with
-    :func:`make_problem`."""
-
-    law: Law
-    lo: np.ndarray
-    hi: np.ndarray
-    cols: dict[str, np.ndarray]
-    logy: np.ndarray
-    delta: float
-
-    @property
-    def free(self) -> tuple[int, ...]:
-        """Indices of the fitted parameters."""
-        return tuple(int(i) for i in np.nonzero(self.lo < self.hi)[0])
-
-    def clip(self, x: np.ndarray) -> np.ndarray:
-        """``x`` inside the bounds (fixed parameters set to their values)."""
-        return np.clip(np.asarray(x, np.float64), self.lo, self.hi)
-
-
-def _bucket(n: int) -> int:
-    """Rows are padded (with weight 0) to a power of two >= 64, so data sets of similar size
-    share one compiled kernel."""
-    return max(64, 1 << (int(n) - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=None)
-def _chunk_fn(law: Law, steps: int):
-    """A jitted function running ``steps`` evaluations of batched projected L-BFGS."""
-    import jax
-    import jax.numpy as jnp
-
-    names = law.internal_names
-
-    def objective(Q, W, cols, logy, delta):
-        q = {n: Q[:, i:i + 1] for i, n in enumerate(names)}
-        r = logy - law.log_form(q, cols, jnp)
-        a = jnp.abs(r)
-        h = jnp.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-        return jnp.sum(W * h, axis=-1) / (delta * jnp.sum(W, axis=-1))
-
-    def value_and_grad(Q, W, cols, logy, delta):
-        f, vjp = jax.vjp(lambda Q_: objective(Q_, W, cols, logy, delta), Q)
-        return f, vjp(jnp.ones_like(f))[0]
-
-    def projected(x, g, lo, hi):
-        return jnp.where(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)), 0.0, g)
-
-    def direction(g, S, Y, rho):
-        """Two-loop recursion; S, Y hold the last _MEMORY pairs, oldest first (rho = 0: empty)."""
-        def back(i, c):
-            q, alphas = c
-            j = _MEMORY - 1 - i
-            a = rho[:, j] * jnp.sum(S[:, j] * q, -1)
-            return q - a[:, None] * Y[:, j], alphas.at[:, j].set(a)
-
-        q, alphas = jax.lax.fori_loop(0, _MEMORY, back, (g, jnp.zeros_like(rho)))
-        has = rho[:, -1] > 0
-        sy, yy = jnp.sum(S[:, -1] * Y[:, -1], -1), jnp.sum(Y[:, -1] ** 2, -1)
-        first = 1.0 / jnp.maximum(jnp.linalg.norm(g, axis=-1), 1e-30)   # unit first step
-        r = jnp.where(has, sy / jnp.where(has, yy, 1.0), first)[:, None] * q
-
-        def forward(j, r):
-            b = rho[:, j] * jnp.sum(Y[:, j] * r, -1)
-            return r + S[:, j] * (alphas[:, j] - b)[:, None]
-
-        return -jax.lax.fori_loop(0, _MEMORY, forward, r)
-
-    def step(_, st, W, lo, hi, cols, logy, delta, ftol, gtol):
-        x, f, g, xt, d, t = st["x"], st["f"], st["g"], st["xt"], st["d"], st["t"]
-        ft, gt = value_and_grad(xt, W, cols, logy, delta)
-        live = ~st["done"]
-        good = jnp.isfinite(ft) & jnp.all(jnp.isfinite(gt), -1)
-        ok = live & good & (ft <= f + 1e-4 * jnp.sum(g * (xt - x), -1))
-        # accepted: update the curvature pairs, test convergence, move
-        s, y = xt - x, (gt - g) * (hi > lo)            # pinned (fixed) parameters carry no curvature
-        sy = jnp.sum(s * y, -1)
-        store = ok & (sy > 1e-10 * jnp.sum(y * y, -1))
-        shift = lambda A, new: jnp.concatenate([A[:, 1:], new[:, None]], 1)  # noqa: E731
-        S = jnp.where(store[:, None, None], shift(st["S"], s), st["S"])
-        Y = jnp.where(store[:, None, None], shift(st["Y"], y), st["Y"])
-        rho = jnp.where(store[:, None], shift(st["rho"], 1.0 / jnp.where(store, sy, 1.0)), st["rho"])
-        pg_new = projected(xt, gt, lo, hi)
-        conv = ok & jnp.isfinite(f) & (((f - ft) <= ftol * jnp.maximum(jnp.abs(f), jnp.abs(ft)))
-                                       | (jnp.max(jnp.abs(pg_new), -1) <= gtol))
-        x = jnp.where(ok[:, None], xt, x)
-        f, g = jnp.where(ok, ft, f), jnp.where(ok[:, None], gt, g)
-        pg = projected(x, g, lo, hi)
-        dn = direction(pg, S, Y, rho) * (pg != 0)
-        descent = jnp.sum(dn * pg, -1) < 0
-        dn = jnp.where(descent[:, None], dn,
-                       -pg / jnp.maximum(jnp.linalg.norm(pg, axis=-1, keepdims=True), 1e-30))
-        rho = jnp.where((ok & ~descent)[:, None], 0.0, rho)             # restart a bad history
-        d = jnp.where(ok[:, None], dn, d)
-        # rejected: backtrack along the projected path (safeguarded quadratic interpolation)
-        gd = jnp.sum(g * d, -1)
-        tq = -gd * t * t / (2.0 * (ft - f - gd * t))
-        tq = jnp.where(jnp.isfinite(tq), jnp.clip(tq, 0.1 * t, 0.5 * t), 0.1 * t)
-        t = jnp.where(ok, 1.0, tq)
-        failed = live & ~ok & (t < 1e-10)
-        xt = jnp.clip(x + t[:, None] * d, lo, hi)
-        return dict(x=x, f=f, g=g, xt=xt, d=d, t=t, S=S, Y=Y, rho=rho,
-                    done=st["done"] | conv | failed, nev=st["nev"] + live.astype(st["nev"].dtype))
-
-    def run(st, W, lo, hi, cols, logy, delta, ftol, gtol):
-        body = functools.partial(step, W=W, lo=lo, hi=hi, cols=cols, logy=logy, delta=delta,
-                                 ftol=ftol, gtol=gtol)
-        return jax.lax.fori_loop(0, steps, body, st)
-
-    return jax.jit(run)
-
-
-def minimize_batch(problem: Problem, X0: np.ndarray, W_in: np.ndarray, task_w: np.ndarray | None = None, *,
-                   dtype: str = "float64", max_evals: int = 2000, ftol: float = 1e-9, gtol: float = 0.0,
-                   chunk: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Minimise the Huber objective from every row of ``X0`` (internal parameters ``(T, n_params)``).
-
-    ``W_in`` holds row weights ``(R, n)`` (1 = fitted, 0 = held out, k = drawn k times); task ``i``
-    uses ``W_in[task_w[i]]`` (default: row 0). Tasks run in a fixed number of slots (256 in
-    float32, 64 in float64) over rows padded to :func:`_bucket` size, so a law compiles once per
-    dtype and row bucket, whatever is fixed or held out; a finished slot
-    (converged, line search failed, or ``max_evals`` objective evaluations) takes the next task.
-    Returns (x ``(T, n_params)``, objective ``(T,)``, evaluations ``(T,)``); a failed start has f = inf.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    X0 = problem.clip(X0)
-    T, k = X0.shape
-    n, n_pad = problem.logy.size, _bucket(problem.logy.size)
-    W_in = np.atleast_2d(np.asarray(W_in, np.float64))
-    W = np.zeros((W_in.shape[0], n_pad))
-    W[:, :n] = W_in
-    task_w = np.zeros(T, int) if task_w is None else np.asarray(task_w, int)
-    B = _BUFFER[dtype]
-    pad = lambda v: np.concatenate([v, np.repeat(v[:1], n_pad - n)])  # noqa: E731 - weight-0 rows
-    run = _chunk_fn(problem.law, chunk)
-    x_out, f_out, n_out = X0.copy(), np.full(T, np.inf), np.zeros(T, int)
-    zeros = lambda *s: np.zeros((B, *s))  # noqa: E731
-    st = dict(x=zeros(k), f=np.full(B, np.inf), g=zeros(k), xt=zeros(k), d=zeros(k), t=np.ones(B),
-              S=zeros(_MEMORY, k), Y=zeros(_MEMORY, k), rho=zeros(_MEMORY), done=np.ones(B, bool),
-              nev=np.zeros(B, np.int32))
-    slot_task, slot_w, nxt = np.full(B, -1), np.ones((B, W.shape[1])), 0
-    with jax.enable_x64(True):
-        c = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-        consts = dict(lo=c(problem.lo), hi=c(problem.hi), cols={m: c(pad(v)) for m, v in problem.cols.items()},
-                      logy=c(pad(problem.logy)), delta=c(problem.delta), ftol=c(ftol), gtol=c(gtol))
-        while True:
-            empty = np.nonzero(slot_task < 0)[0][: T - nxt]
-            if empty.size:                          # refill finished slots with new starts
-                tasks = np.arange(nxt, nxt + empty.size)
-                nxt += empty.size
-                slot_task[empty] = tasks
-                slot_w[empty] = W[task_w[tasks]]
-                for name in ("x", "xt"):
-                    st[name][empty] = X0[tasks]
-                st["f"][empty], st["t"][empty], st["done"][empty], st["nev"][empty] = np.inf, 1.0, False, 0
-                for name in ("g", "d", "S", "Y", "rho"):
-                    st[name][empty] = 0.0
-                w_dev = c(slot_w)
-            if (slot_task < 0).all():
-                break
-            dev = {n: (jnp.asarray(v) if n in ("done", "nev") else c(v)) for n, v in st.items()}
-            st = {n: np.array(v, dtype=np.float64 if v.dtype.kind == "f" else v.dtype)
-                  for n, v in run(dev, w_dev, **consts).items()}
-            finished = (slot_task >= 0) & (st["done"] | (st["nev"] >= max_evals))
-            ids = slot_task[finished]
-            x_out[ids], f_out[ids], n_out[ids] = st["x"][finished], st["f"][finished], st["nev"][finished]
-            slot_task[finished], st["done"][finished] = -1, True
-    f_out[~np.isfinite(f_out)] = np.inf
-    return x_out, f_out, n_out
-
-
-def _distinct(x: np.ndarray, f: np.ndarray, k: int, tol: float = 1e-3) -> np.ndarray:
-    """Indices of the ``k`` best finite rows of ``x`` that differ by more than ``tol``."""
-    keep: list[int] = []
-    for i in np.argsort(f, kind="stable"):
-        if not np.isfinite(f[i]) or len(keep) == k:
-            break
-        if all(np.max(np.abs(x[i] - x[j])) > tol for j in keep):
-            keep.append(int(i))
-    return np.array(keep, int)
-
-
-def fit_starts(problem: Problem, starts: np.ndarray, W: np.ndarray | None = None, polish: int = 8,
-               screen_evals: int = 100) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """The best fit from ``starts`` (internal parameters ``(S, n_params)``) for every row of weights
-    ``W`` (``(R, n)``, default one row of ones): every start is run in float32 for at most
-    ``screen_evals`` evaluations, then the ``polish`` best distinct results of each row are refined
-    in float64 (relative tolerance 1e-10, at most 2,000 evaluations), best kept.
-    Returns (x ``(R, n_params)``, objective ``(R,)``, the distinct polished optima of each row, best first)."""
-    W = np.ones((1, problem.logy.size)) if W is None else np.atleast_2d(W)
-    R, S = W.shape[0], starts.shape[0]
-    xs, fs, _ = minimize_batch(problem, np.tile(starts, (R, 1)), W, np.repeat(np.arange(R), S),
-                               dtype="float32", max_evals=screen_evals, ftol=1e-6, gtol=1e-6)
-    picks = [_distinct(xs[r * S:(r + 1) * S], fs[r * S:(r + 1) * S], polish) + r * S for r in range(R)]
-    idx = np.concatenate(picks)
-    if idx.size == 0:
-        raise FitError(f"law {problem.law.name}: no start gave a finite objective; check the data's units")
-    rows = np.repeat(np.arange(R), [p.size for p in picks])
-    px, pf, _ = minimize_batch(problem, xs[idx], W, rows, dtype="float64", ftol=1e-10)
-    best_x, best_f, optima = np.full((R, starts.shape[1]), np.nan), np.full(R, np.inf), []
-    for r in range(R):
-        m = rows == r
-        order = _distinct(px[m], pf[m], polish)
-        optima.append(px[m][order])
-        if order.size:
-            best_x[r], best_f[r] = px[m][order[0]], pf[m][order[0]]
-    return best_x, best_f, optima
 
 
 def bootstrap_refits(problem: Problem, starts: np.ndarray, reps: int, seed: int) -> np.ndarray:
@@ -457,17 +58,13 @@ def bootstrap_refits(problem: Problem, starts: np.ndarray, reps: int, seed: int)
     W = np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)
     starts = np.atleast_2d(starts)
     S = starts.shape[0]
-    x, f, _ = minimize_batch(problem, np.tile(starts, (reps, 1)), W, np.repeat(np.arange(reps), S),
+    x, f, _ = minimize_batch(problem.objective, np.tile(starts, (reps, 1)), W, np.repeat(np.arange(reps), S),
                              dtype="float64", max_evals=1000)
     f = f.reshape(reps, S)
     out = x.reshape(reps, S, -1)[np.arange(reps), np.argmin(f, axis=1)]
     out[~np.isfinite(f.min(axis=1))] = np.nan
     return out
 
-
-# ======================================================================================
-# The fit
-# ======================================================================================
 
 
 @dataclass(frozen=True, eq=False)
@@ -593,59 +190,83 @@ def load_fit(path: str | Path) -> Fit:
         raise FitError(f"{path}: malformed fit JSON ({type(err).__name__}: {err})") from None
 
 
-def _fixed_params(law: Law, n: int, fix: Mapping[str, float], per_param: float, notes: list[str]) -> dict[str, float]:
-    """Parameters to hold fixed: the user's, plus the law's reference values in its ``fix_order``
-    while there are fewer than ``per_param`` runs per free parameter (noted in ``notes``)."""
-    fixed = {}
-    for name, value in fix.items():
-        if name not in law.params:
-            raise FitError(f"--fix {name}={value}: law {law.name} has no parameter {name!r}; "
-                           f"its parameters are {', '.join(law.params)}")
-        lo, hi = law.bounds[name]
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise FitError(f"--fix {name}={value}: outside the law's bounds [{lo:g}, {hi:g}]")
-        fixed[name] = float(value)
-    n_free = len(law.params) - len(fixed)
-    if n_free == 0:
-        raise FitError(f"--fix: every parameter of law {law.name} is fixed; leave at least one free")
-    if per_param and n < per_param * n_free:
-        if n < per_param:
-            raise FitError(f"too few points for law {law.name}: {n} runs; even with all but one parameter "
-                           f"fixed to reference values a fit needs {per_param:g}; add runs")
-        priors = [p for p in law.fix_order if p not in fixed]
-        take = priors[: n_free - max(1, int(n // per_param))]
-        if n_free - len(take) > n // per_param:
-            raise FitError(f"too few points for law {law.name}: {n} runs for {n_free} free parameters "
-                           f"(want {per_param:g} per parameter); fix parameters with --fix name=value")
-        for p in take:
-            fixed[p] = float(law.reference[p])
-        notes.append(f"only {n} runs for {n_free} free parameters (want >= {per_param:g} per parameter): "
-                     f"fixed {', '.join(f'{p}={fixed[p]:g}' for p in take)} to the law's reference values "
-                     f"({law.citation.split(';')[0].split(',')[0]}) instead of fitting them")
-    return fixed
-
-
-def make_problem(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_delta: float = 1e-3,
-                 fix: Mapping[str, float] | None = None, points_per_param: float = 5.0,
-                 drop_highest_loss: int = 0) -> tuple[Problem, FitData, dict[str, float], list[str]]:
-    """Prepare ``data`` for ``law`` and decide which parameters are fitted.
-    Returns (problem, data, fixed parameters, notes)."""
-    law = get_law(law)
-    if not (huber_delta > 0 and math.isfinite(huber_delta)):
-        raise FitError(f"--huber-delta {huber_delta}: must be a positive number, e.g. 1e-3")
-    d = prepare(law, data, drop_highest_loss)
-    notes = list(d.notes)
-    fixed = _fixed_params(law, d.n, fix or {}, points_per_param, notes)
-    lo, hi = law.internal_bounds()
-    for i, p in enumerate(law.params):
-        if p in fixed:
-            lo[i] = hi[i] = law.to_internal({**law.reference, **fixed})[i]
-    problem = Problem(law=law, lo=lo, hi=hi, cols=d.cols, logy=np.log(d.loss), delta=float(huber_delta))
-    return problem, d, fixed, notes
-
-
 def _rmse(pred: np.ndarray, obs: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(obs)) ** 2)))
+
+
+
+def _weight_rows(d: FitData, n_free: int, *, heldout_frac: float, heldout_by: str, kfold: int, seed: int,
+                 notes: list[str]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One weight row per fit, fitted in one batch: all runs; then, with ``heldout_frac``, all but
+    the largest (by ``heldout_by``; skipped, with a note, when no more than ``n_free`` runs would
+    be left); then the ``kfold`` training folds (seeded permutation; skipped, with a note, below
+    ``2 kfold`` runs). Returns (rows ``(R, n)``, held-out mask or None, fold index per run or None)."""
+    rows, held, fold = [np.ones(d.n)], None, None
+    if heldout_frac > 0:
+        by = d.compute if heldout_by == "compute" else d.cols.get(heldout_by)
+        if by is None and heldout_by in d.table:
+            by = pd.to_numeric(d.table[heldout_by], errors="coerce").to_numpy(np.float64)
+        if by is None:
+            raise FitError(f"heldout_by = {heldout_by!r}: no such column")
+        held = holdout_mask(by, heldout_frac)
+        if (~held).sum() > n_free:
+            rows.append((~held).astype(float))
+        else:
+            held = None
+            notes.append("too few runs to hold out the largest ones: no heldout_rmse")
+    if kfold > 1:
+        if d.n >= 2 * kfold:
+            fold = np.random.default_rng(seed).permutation(d.n) % kfold
+            rows += [(fold != i).astype(float) for i in range(kfold)]
+        else:
+            notes.append(f"too few runs for {kfold}-fold cross-validation: no kfold_rmse")
+    return np.stack(rows), held, fold
+
+
+def _heldout_metrics(law: Law, nat: np.ndarray, d: FitData, held: np.ndarray | None, fold: np.ndarray | None,
+                     kfold: int, heldout_by: str) -> dict[str, Any]:
+    """``heldout_rmse`` (and its run count, rule and run ids) and ``kfold_rmse`` from the natural
+    parameters ``nat`` fitted to the rows of :func:`_weight_rows`, in that order."""
+    metrics: dict[str, Any] = {}
+    r = 1
+    if held is not None:
+        metrics.update(heldout_rmse=_rmse(law.predict(nat[r], d.subset(held)), d.loss[held]),
+                       heldout_n=int(held.sum()),
+                       heldout_rule=f"largest {d.compute_rule if heldout_by == 'compute' else heldout_by}")
+        if "run_id" in d.table:
+            metrics["heldout_run_ids"] = [str(v) for v in d.table["run_id"][held]]
+        r += 1
+    if fold is not None:
+        err = np.empty(d.n)
+        for i in range(kfold):
+            m = fold == i
+            err[m] = law.predict(nat[r + i], d.subset(m)) - d.loss[m]
+        metrics.update(kfold_rmse=float(np.sqrt(np.mean(err ** 2))), kfold=int(kfold))
+    return metrics
+
+
+def _bootstrap_intervals(problem: Problem, optimum: np.ndarray, bootstrap: int, seed: int, level: float,
+                         keep_samples: int, notes: list[str]) -> tuple[dict[str, tuple[float, float]], np.ndarray, int]:
+    """Percentile intervals at ``level`` from ``bootstrap`` refits started at ``optimum``;
+    failed refits are left out (noted). Returns (intervals, the first ``keep_samples`` natural
+    parameter draws, refits that succeeded)."""
+    law = problem.law
+    draws = bootstrap_refits(problem, optimum, bootstrap, seed)
+    ok = np.isfinite(draws).all(axis=1)
+    if not ok.all():
+        notes.append(f"{int((~ok).sum())} of {bootstrap} bootstrap refits failed and were left out")
+    boot = law.to_natural(draws[ok])
+    tail = 100.0 * (1.0 - level) / 2.0
+    intervals = {p: (float(np.percentile(boot[:, i], tail)), float(np.percentile(boot[:, i], 100.0 - tail)))
+                 for i, p in enumerate(law.params)}
+    return intervals, boot[:keep_samples], int(ok.sum())
+
+
+def _bound_notes(law: Law, x: np.ndarray, params: Mapping[str, float], free: Sequence[int]) -> list[str]:
+    """A note for every free parameter within 1e-6 (relative) of a bound of its internal coordinate."""
+    blo, bhi = law.internal_bounds()
+    return [f"{law.params[i]} = {params[law.params[i]]:.6g} is at its bound: the data do not pin it down; "
+            "consider --fix" for i in free if min(x[i] - blo[i], bhi[i] - x[i]) <= 1e-6 * max(1.0, abs(x[i]))]
 
 
 def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_delta: float = 1e-3,
@@ -666,8 +287,8 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
         kfold: folds for ``kfold_rmse`` (0 or 1: none).
         heldout_frac: share of runs held out for ``heldout_rmse``, largest first, ties together
             (0: none).
-        heldout_by: ``compute`` (see :func:`_compute`) or a column, e.g. ``params_active`` for
-            "the largest model size".
+        heldout_by: ``compute`` (training compute, :func:`moe_scaling.laws.tables.prepare`) or a
+            column, e.g. ``params_active`` for "the largest model size".
         points_per_param: below this many runs per free parameter, reference values are fixed.
         starts: internal-coordinate starts ``(S, n_params)``; default the law's grid plus its
             reference point.
@@ -687,27 +308,9 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
         starts = np.vstack([law.start_grid(), law.to_internal(law.reference)[None]])
     starts = np.unique(problem.clip(starts), axis=0)
 
-    # one weight row per fit: all runs, the largest held out, then k folds; fitted in one batch
-    rows, held, fold = [np.ones(d.n)], None, None
-    if heldout_frac > 0:
-        by = d.compute if heldout_by == "compute" else d.cols.get(heldout_by)
-        if by is None and heldout_by in d.table:
-            by = pd.to_numeric(d.table[heldout_by], errors="coerce").to_numpy(np.float64)
-        if by is None:
-            raise FitError(f"heldout_by = {heldout_by!r}: no such column")
-        held = holdout_mask(by, heldout_frac)
-        if (~held).sum() > len(free):
-            rows.append((~held).astype(float))
-        else:
-            held = None
-            notes.append("too few runs to hold out the largest ones: no heldout_rmse")
-    if kfold > 1:
-        if d.n >= 2 * kfold:
-            fold = np.random.default_rng(seed).permutation(d.n) % kfold
-            rows += [(fold != i).astype(float) for i in range(kfold)]
-        else:
-            notes.append(f"too few runs for {kfold}-fold cross-validation: no kfold_rmse")
-    bx, bf, optima = fit_starts(problem, starts, np.stack(rows))
+    rows, held, fold = _weight_rows(d, len(free), heldout_frac=heldout_frac, heldout_by=heldout_by,
+                                    kfold=kfold, seed=seed, notes=notes)
+    bx, bf, optima = fit_starts(problem, starts, rows)
     if not np.isfinite(bf[0]):
         raise FitError(f"law {law.name}: no start converged to a finite objective; check the data's units")
     nat = law.to_natural(bx)                                  # (rows, n_params)
@@ -716,38 +319,12 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
     metrics: dict[str, Any] = {"rmse": _rmse(pred, d.loss), "mae": float(np.mean(np.abs(pred - d.loss))),
                                "huber_objective": float(bf[0]), "n_free": len(free),
                                "heldout_rmse": None, "kfold_rmse": None}
-    r = 1
-    if held is not None:
-        metrics.update(heldout_rmse=_rmse(law.predict(nat[r], d.subset(held)), d.loss[held]),
-                       heldout_n=int(held.sum()),
-                       heldout_rule=f"largest {d.compute_rule if heldout_by == 'compute' else heldout_by}")
-        if "run_id" in d.table:
-            metrics["heldout_run_ids"] = [str(v) for v in d.table["run_id"][held]]
-        r += 1
-    if fold is not None:
-        err = np.empty(d.n)
-        for i in range(kfold):
-            m = fold == i
-            err[m] = law.predict(nat[r + i], d.subset(m)) - d.loss[m]
-        metrics.update(kfold_rmse=float(np.sqrt(np.mean(err ** 2))), kfold=int(kfold))
-
+    metrics.update(_heldout_metrics(law, nat, d, held, fold, kfold, heldout_by))
     intervals, samples = {}, None
     if bootstrap:
-        draws = bootstrap_refits(problem, optima[0][:1], bootstrap, seed)
-        ok = np.isfinite(draws).all(axis=1)
-        if not ok.all():
-            notes.append(f"{int((~ok).sum())} of {bootstrap} bootstrap refits failed and were left out")
-        boot = law.to_natural(draws[ok])
-        tail = 100.0 * (1.0 - level) / 2.0
-        intervals = {p: (float(np.percentile(boot[:, i], tail)), float(np.percentile(boot[:, i], 100.0 - tail)))
-                     for i, p in enumerate(law.params)}
-        samples = boot[:keep_samples]
-        metrics["bootstrap_ok"] = int(ok.sum())
-    x, (blo, bhi) = bx[0], law.internal_bounds()
-    for i in free:
-        if min(x[i] - blo[i], bhi[i] - x[i]) <= 1e-6 * max(1.0, abs(x[i])):
-            notes.append(f"{law.params[i]} = {params[law.params[i]]:.6g} is at its bound: the data do not "
-                         "pin it down; consider --fix")
+        intervals, samples, metrics["bootstrap_ok"] = _bootstrap_intervals(
+            problem, optima[0][:1], bootstrap, seed, level, keep_samples, notes)
+    notes += _bound_notes(law, bx[0], params, free)
     settings = {"huber_delta": problem.delta, "bootstrap": int(bootstrap), "seed": int(seed),
                 "interval_level": level, "kfold": int(kfold), "heldout_frac": float(heldout_frac),
                 "heldout_by": heldout_by, "points_per_param": float(points_per_param),

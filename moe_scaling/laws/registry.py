@@ -1,7 +1,7 @@
 """Scaling-law forms: a registry of laws, each with its inputs, parameters, bounds and starting grid.
 
 A :class:`Law` is data plus one formula. The formula is written once, in log space, against an
-array namespace ``xp`` (``numpy`` for :meth:`Law.predict`, ``jax.numpy`` when :mod:`moe_scaling.laws.fit`
+array namespace ``xp`` (``numpy`` for :meth:`Law.predict`, ``jax.numpy`` when :mod:`moe_scaling.laws.problem`
 differentiates it), so prediction and fitting can never disagree.
 
 Parameters live in two coordinate systems:
@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from moe_scaling.errors import UserError
+
 __all__ = ["CANONICAL_COLUMNS", "LAW_INPUTS", "Law", "LAWS", "get_law", "LawInputError", "CHINCHILLA", "KRAJEWSKI", "JOINT_MOE",
            "CLARK", "ONDEVICE"]
 
@@ -37,7 +39,7 @@ CANONICAL_COLUMNS = ("loss", "params_active", "params_total", "params_embedding"
                      "expansion", "granularity", "n_shared", "flops_per_token_forward")
 """Column names every table is mapped to before fitting (``moe-fit --column canonical=theirs``).
 Parameter counts include the embedding (tied embeddings once); ``tokens`` are training tokens;
-``expansion`` E = n_experts / G and ``granularity`` G = d_ff / d_expert (DESIGN.md section 3);
+``expansion`` E = n_experts / G and ``granularity`` G = d_ff / d_expert (docs/design.md, section 3);
 ``flops_per_token_forward`` is the forward pass at the training context."""
 
 LAW_INPUTS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
@@ -48,8 +50,11 @@ budget search (:mod:`moe_scaling.design.search`) and the fit figures hand every 
 LOG10 = math.log(10.0)
 
 
-class LawInputError(KeyError):
-    """A column a law needs is missing from its inputs."""
+class LawInputError(UserError, KeyError):
+    """A column or parameter a law needs is missing, or an unknown law was named.
+
+    A :class:`~moe_scaling.errors.UserError` (console scripts exit 2 with its one line); also a
+    ``KeyError``, as a lookup that failed."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it one readable line
         return str(self.args[0]) if self.args else ""
