@@ -10,7 +10,9 @@ from flax import nnx
 from conftest import SHARED_DATA
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
-from moe_scaling.train.loop import load_checkpoint, lr_schedule, train
+from moe_scaling.train.checkpoints import load_checkpoint
+from moe_scaling.train.loop import train
+from moe_scaling.train.step import lr_schedule
 
 MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
                     top_k=2, d_expert=32, n_shared=1, max_seq_len=32)
