@@ -97,7 +97,7 @@ def assert_exactly_once(out: Path, storage: str, name: str, statuses: dict[str, 
 
 CLAIMER = """
 import json, sys
-from moe_scaling.sweep.runner import claim_next, open_study
+from moe_scaling.sweep.queue import claim_next, open_study
 study = open_study(sys.argv[1], sys.argv[2])
 claimed = []
 while (trial := claim_next(study)) is not None:
@@ -109,7 +109,7 @@ print(json.dumps(claimed))
 def claim_race(storage: str, name: str, trials: int = 150, processes: int = 3) -> list[int]:
     """Enqueue ``trials`` runs, let ``processes`` processes claim them as fast as they can and
     return every trial number claimed (by anyone)."""
-    from moe_scaling.sweep.runner import open_study
+    from moe_scaling.sweep.queue import open_study
 
     study = open_study(storage, name, create=True)
     for i in range(trials):
