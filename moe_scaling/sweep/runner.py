@@ -63,7 +63,7 @@ from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, Heartbeat, WorkerContext, 
 from moe_scaling.sweep.results import code_version, read_record, rebuild_tables, write_curve, write_record
 from moe_scaling.train.data import corpus_content_hash
 
-__all__ = ["SweepPlan", "plan_sweep", "prepare", "run_sweep", "worker_loop"]
+__all__ = ["SweepPlan", "plan_sweep", "prepare", "check_corpora", "run_sweep", "worker_loop"]
 
 POLL_S = 1.0             # idle workers poll the queue this often while other runs are in flight
 
