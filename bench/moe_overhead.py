@@ -5,7 +5,7 @@
     python bench/moe_overhead.py --torch           # also time a plain PyTorch CPU dense twin
 
 Every row times the full training step (forward, backward, AdamW with clipping: the trainer's
-own jitted step from :mod:`moe_scaling.train.loop`) at batch 16 x 256 tokens, float32, for an MoE
+own jitted step from :mod:`moe_scaling.train.step`) at batch 16 x 256 tokens, float32, for an MoE
 model and for its dense twin (:meth:`ModelConfig.dense_twin`: FFN width
 ``top_k * d_expert + shared``), the two alternating step by step so that load from other
 processes hits both alike. Reported per row:
@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from moe_scaling.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_scaling.costs import flops_per_token  # noqa: E402
 from moe_scaling.model.routing import resolve_dispatch  # noqa: E402
-from moe_scaling.train.loop import init_state, make_train_step  # noqa: E402
+from moe_scaling.train.step import init_state, make_train_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BASE = dict(vocab_size=256, n_layers=2, max_seq_len=256)

@@ -85,7 +85,7 @@ def overhead(args) -> dict:
 
 def estimate(args) -> dict:
     from moe_scaling.sweep.grid import expand_grid, load_grid, resolve_corpus
-    from moe_scaling.sweep.runner import enable_compilation_cache
+    from moe_scaling.runtime import enable_compilation_cache
     from moe_scaling.train.loop import train
 
     spec = load_grid(args.grid)

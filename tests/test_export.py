@@ -26,7 +26,8 @@ from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.hf.export import export_checkpoint, export_hf, hf_state_dict
 from moe_scaling.model.transformer import Transformer
-from moe_scaling.train.loop import load_checkpoint, train
+from moe_scaling.train.checkpoints import load_checkpoint
+from moe_scaling.train.loop import train
 
 # glm4_moe without shared experts has zero-width shared_experts Linears; torch warns when
 # transformers initialises them.

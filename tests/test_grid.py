@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from moe_scaling.errors import ConfigError
-from moe_scaling.sweep.grid import compile_exclude, expand_grid, load_grid, resolve_corpus
+from moe_scaling.sweep.exclude import compile_exclude
+from moe_scaling.sweep.grid import expand_grid, load_grid, resolve_corpus
 
 ISSUE_EXAMPLE = """
 name: example
@@ -181,3 +182,91 @@ def test_shipped_grids_validate():
     assert {r.model.granularity for r in runs} >= {1, 2, 4, 8}
     assert {r.model.n_shared for r in runs} == {0, 1}
     assert len({(r.model.d_model, r.model.n_layers) for r in runs}) >= 3
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("2**2**2**2**2**2 > d_model", "exponent 65536 above 64"),
+    ("9**9**9 > d_model", "exponent 387420489 above 64"),
+    ("(d_model ** 60) ** 60 > 1", "a whole number above 1024 bits"),
+    ("d_model ** 64 * d_model ** 64 * d_model ** 64 > 1", "a whole number above 1024 bits"),
+    ("'a' * 10**9 == ''", "a string longer than 10000 characters"),
+    ("'ab' * n_experts * 10**8 == ''", "a string longer than 10000 characters"),
+    ("10**8 * 'ab' * n_experts == ''", "a string longer than 10000 characters"),
+    ("'%0999999999d' % d_model == ''", "% string formatting is not allowed"),
+    ("router > 1", "not supported between instances"),
+])
+def test_hostile_exclude_values_are_bounded(expr, message):
+    fn = compile_exclude(expr, where="exclude[0]")
+    with pytest.raises(ConfigError) as err:
+        fn({"d_model": 64, "n_experts": 8, "router": "softmax"}, "run 0")
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("run 0: exclude[0] = ") and message in text
+    assert text.endswith("fix the expression")
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("0x" + "f" * 400 + " > d_model", "a whole number above 1024 bits"),
+    ("1" * 900 + " > d_model", "a whole number above 1024 bits"),
+    ("-" * 10_000 + "d_model", "longer than 1000 characters"),
+    ("-" * 900 + "d_model", "nested too deeply"),
+    ("(" * 400 + "d_model" + ")" * 400, "not a valid expression (too many nested parentheses)"),
+    ("+".join(["d_model"] * 120), "nested too deeply (at most 100 levels)"),
+    ("d_model << 100000", "unsafe expression (LShift not allowed)"),
+    ("d_model & 1", "unsafe expression (BitAnd not allowed)"),
+    ("'" + "a" * 10_001 + "' == ''", "longer than 1000 characters"),
+])
+def test_hostile_exclude_syntax_is_rejected_at_load(expr, message):
+    with pytest.raises(ConfigError) as err:
+        compile_exclude(expr, where="exclude[2]")
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("exclude[2] = ") and message in text
+    assert len(text) < 300                                  # the expression is shown shortened
+
+
+_NAMES = ["n_experts", "d_model", "lr", "router", "max_tokens"]
+_ENV = {"n_experts": 8, "d_model": 64, "lr": 0.003, "router": "softmax", "max_tokens": None}
+
+
+def _expressions():
+    from hypothesis import strategies as st
+
+    leaves = st.one_of(
+        st.sampled_from(_NAMES),
+        st.integers(min_value=-(2 ** 70), max_value=2 ** 70).map(str),
+        st.sampled_from(["0", "1", "2", "9", "64", "10**8", "1e308", "0.5", "-1.5", "True", "None",
+                         "'a'", "'ab'", "''"]),
+    )
+
+    def grow(children):
+        binop = st.tuples(children, st.sampled_from(["+", "-", "*", "/", "//", "%", "**"]), children)
+        compare = st.tuples(children, st.sampled_from(["<", "<=", "==", "!=", ">", ">="]), children)
+        boolop = st.tuples(children, st.sampled_from(["and", "or"]), children)
+        return st.one_of(
+            binop.map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+            compare.map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+            boolop.map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+            st.tuples(st.sampled_from(["-", "+", "not "]), children).map(lambda t: f"({t[0]}{t[1]})"),
+        )
+
+    return st.recursive(leaves, grow, max_leaves=12)
+
+
+def test_random_exclude_expressions_give_a_value_or_a_config_error():
+    """Whatever a small expression tree computes, only a value or a one-line ConfigError comes
+    out, quickly (hypothesis' deadline fails a slow example)."""
+    from hypothesis import given, settings
+
+    @settings(max_examples=300, deadline=500)
+    @given(_expressions())
+    def check(expr):
+        try:
+            fn = compile_exclude(expr)
+        except ConfigError as err:
+            assert "\n" not in str(err)
+            return
+        try:
+            fn(_ENV)
+        except ConfigError as err:
+            assert "\n" not in str(err)
+
+    check()

@@ -18,7 +18,9 @@ from moe_scaling.config import DataConfig, ModelConfig, TrainConfig, load_config
 from moe_scaling.errors import ConfigError
 from moe_scaling.train.data import load_tokens, train_batch
 from moe_scaling.model.transformer import RouterBias
-from moe_scaling.train.loop import balance_bias_update, init_state, load_checkpoint, make_train_step, train
+from moe_scaling.train.checkpoints import load_checkpoint
+from moe_scaling.train.loop import train
+from moe_scaling.train.step import balance_bias_update, init_state, make_train_step
 
 E = 8
 MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, n_experts=E, top_k=2,

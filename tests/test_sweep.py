@@ -97,7 +97,7 @@ def assert_exactly_once(out: Path, storage: str, name: str, statuses: dict[str, 
 
 CLAIMER = """
 import json, sys
-from moe_scaling.sweep.runner import claim_next, open_study
+from moe_scaling.sweep.queue import claim_next, open_study
 study = open_study(sys.argv[1], sys.argv[2])
 claimed = []
 while (trial := claim_next(study)) is not None:
@@ -109,7 +109,7 @@ print(json.dumps(claimed))
 def claim_race(storage: str, name: str, trials: int = 150, processes: int = 3) -> list[int]:
     """Enqueue ``trials`` runs, let ``processes`` processes claim them as fast as they can and
     return every trial number claimed (by anyone)."""
-    from moe_scaling.sweep.runner import open_study
+    from moe_scaling.sweep.queue import open_study
 
     study = open_study(storage, name, create=True)
     for i in range(trials):
@@ -291,6 +291,13 @@ def test_a_silent_worker_on_another_machine_is_recovered_after_the_grace_period(
     ("malformed yaml", "name: x\ngrid: {n_experts: [2, 4}\n", r"not valid YAML"),
     ("unsafe exclude", {"grid": {"n_experts": [2]}, "exclude": ["__import__('os').system('touch /tmp/x')"]},
      r"exclude\[0\] = .*unsafe expression \(function call not allowed\)"),
+    ("string bomb in exclude", {"grid": {"n_experts": [2, 4]}, "exclude": ["'ab' * n_experts * 10**8 == ''"]},
+     r"run 0 \(n_experts=2\): exclude\[0\] = .*cannot be evaluated \(a string longer than 10000 "
+     r"characters\); fix the expression"),
+    ("power tower in exclude", {"grid": {"n_experts": [2]}, "exclude": ["2**2**2**2**2**2 > n_experts"]},
+     r"exclude\[0\] = .*cannot be evaluated \(exponent 65536 above 64\)"),
+    ("deep exclude", {"grid": {"n_experts": [2]}, "exclude": ["-" * 10_000 + "n_experts > 0"]},
+     r"exclude\[0\] = '-----.*\(10013 characters\): longer than 1000 characters"),
 ])
 def test_bad_grid_exits_2_with_one_line_and_writes_nothing(tmp_path, case, text, pattern):
     if isinstance(text, str):
@@ -307,3 +314,31 @@ def test_bad_grid_exits_2_with_one_line_and_writes_nothing(tmp_path, case, text,
         assert re.search(pattern, lines[0]), lines[0]
         assert proc.stdout == ""
     assert sorted(tmp_path.rglob("*")) == before                    # not even --out was created
+
+
+def test_resuming_a_run_on_a_changed_corpus_exits_2_and_writes_nothing(tmp_path):
+    """A run recorded as started on other corpus content is not resumed: one line, exit 2."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be " * 2000)
+    grid = write_grid(tmp_path, "moved", data={"corpus": "corpus.txt"}, grid={"n_experts": [2]})
+    out = tmp_path / "out"
+    from moe_scaling.sweep.layout import SweepDir
+    from moe_scaling.sweep.results import write_record
+    from moe_scaling.sweep.runner import plan_sweep
+    from moe_scaling.train.data import corpus_content_hash
+
+    run = plan_sweep(grid).runs[0]
+    started = corpus_content_hash(str(corpus))
+    write_record(out, {"run_id": run.run_id, "status": "running", "config": run.to_dict(),
+                       "corpus_hash": started})
+    SweepDir(out).manifest.write_text(json.dumps({"name": "moved", "runs": [run.run_id]}))
+    corpus.write_text("that is the question " * 2000)
+    now = corpus_content_hash(str(corpus))
+    before = sorted(tmp_path.rglob("*"))
+    proc = run_cli("run", grid, "--out", out, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe-sweep: error: data.corpus = 'corpus.txt': "), lines
+    assert f"hash {started[:8]} then, {now[:8]} now" in lines[0] and run.run_id in lines[0]
+    assert "restore the original corpus files, or start a new --out folder" in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before

@@ -10,7 +10,10 @@ from flax import nnx
 from conftest import SHARED_DATA
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
-from moe_scaling.train.loop import load_checkpoint, lr_schedule, train
+from moe_scaling.train.checkpoints import load_checkpoint
+from moe_scaling.train.data import corpus_content_hash
+from moe_scaling.train.loop import train
+from moe_scaling.train.step import lr_schedule
 
 MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
                     top_k=2, d_expert=32, n_shared=1, max_seq_len=32)
@@ -118,3 +121,26 @@ def test_schedules(schedule):
         assert all(a >= b - 1e-7 for a, b in zip(values[10:], values[11:]))  # never rises
     if schedule == "wsd":
         assert values[49] == pytest.approx(1.0) and values[75] < 1.0
+
+
+def test_resume_on_a_changed_corpus_is_a_config_error_naming_both_hashes(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = (SHARED_DATA / "text" / "tinyshakespeare" / "input.txt").read_text()[:12_000]
+    (corpus / "a.txt").write_text(text[:6_000])
+    (corpus / "b.txt").write_text(text[6_000:])
+    data = DataConfig(corpus=str(corpus), seq_len=32)
+    cfg = _train_cfg(6)
+    first = train(MODEL, cfg, data, ckpt_dir=tmp_path / "ckpt", progress=False, stop_at_step=3)
+    assert first.status == "stopped" and first.steps == 3
+    (corpus / "b.txt").write_text(text[6_000:].upper())          # same size, other content
+    with pytest.raises(ConfigError) as err:
+        train(MODEL, cfg, data, ckpt_dir=tmp_path / "ckpt", progress=False)
+    message = str(err.value)
+    new_hash = corpus_content_hash(str(corpus))
+    assert "\n" not in message and f"data.corpus = {str(corpus)!r}" in message
+    assert first.corpus_hash[:8] in message and new_hash[:8] in message and new_hash != first.corpus_hash
+    assert "restore the original corpus" in message and "new --out" in message
+    # Restoring the corpus resumes the run.
+    (corpus / "b.txt").write_text(text[6_000:])
+    assert train(MODEL, cfg, data, ckpt_dir=tmp_path / "ckpt", progress=False).status == "completed"

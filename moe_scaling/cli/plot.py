@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from moe_scaling.cli._common import make_parser, print_json, run_cli
 from moe_scaling.errors import InputError
+from moe_scaling.sweep.layout import SweepDir
 
 PROG = "moe-sweep plot"
 EXAMPLES = """\
@@ -32,9 +33,10 @@ def load_sweep(directory: str | Path):
     import pandas as pd
 
     directory = Path(directory)
-    runs_path, curves_path = directory / "runs.parquet", directory / "curves.parquet"
+    layout = SweepDir(directory)
+    runs_path, curves_path = layout.runs_table, layout.curves_table
     if not runs_path.is_file():
-        raise InputError(f"{directory}: no runs.parquet; give the --out folder of a moe-sweep run")
+        raise InputError(f"{directory}: no {runs_path.name}; give the --out folder of a moe-sweep run")
     runs = pd.read_parquet(runs_path)
     curves = pd.read_parquet(curves_path) if curves_path.is_file() else None
     return runs, curves
@@ -63,7 +65,7 @@ def sweep_plot_main(args) -> int:
     from moe_scaling.plots.runs import sweep_figures
 
     runs, curves = load_sweep(args.dir)
-    out = Path(args.out) if getattr(args, "out", None) else Path(args.dir) / "plots"
+    out = Path(args.out) if getattr(args, "out", None) else SweepDir(args.dir).plots
     try:
         figures = sweep_figures(runs, curves)
     except ValueError as err:

@@ -109,7 +109,8 @@ def _validate(args) -> int:
 
 
 def _run(args) -> int:
-    from moe_scaling.sweep.runner import check_storage_url, plan_sweep, run_sweep
+    from moe_scaling.sweep.queue import check_storage_url
+    from moe_scaling.sweep.runner import plan_sweep, run_sweep
 
     plan = plan_sweep(args.grid)           # a bad grid stops here, before anything is written
     if args.storage:

@@ -61,6 +61,7 @@ from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path, atomic_write_text
 from moe_scaling.model.transformer import Transformer
+from moe_scaling.train.rundir import RunDir
 
 __all__ = ["hf_state_dict", "export_hf", "export_checkpoint", "read_run", "DTYPES"]
 
@@ -230,11 +231,12 @@ def export_hf(model_cfg: ModelConfig, params: Any, out_dir: str | os.PathLike, *
 
 
 def _checkpoint_dir(run_dir: Path) -> Path:
-    """The orbax folder of a run: ``run_dir`` itself, or ``run_dir/ckpt`` (a sweep's run)."""
+    """The orbax folder of a run (:attr:`moe_scaling.train.rundir.RunDir.checkpoints`): ``run_dir``
+    itself, or its ``ckpt/`` (a sweep's run)."""
     if not run_dir.is_dir():
         raise ConfigError(f"run_dir = {str(run_dir)!r}: no such directory; give the ckpt_dir of a "
                           "train() run or a sweep's runs/<id> folder")
-    return run_dir / "ckpt" if (run_dir / "ckpt").is_dir() else run_dir
+    return RunDir(run_dir).checkpoints
 
 
 def read_run(run_dir: str | os.PathLike, *, step: int | None = None
@@ -288,7 +290,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``config.json``, ``model.safetensors`` and a short ``README.md``; returns the
     :func:`export_hf` summary plus ``run``, ``step`` and ``status``.
     """
-    from moe_scaling.train.loop import load_checkpoint
+    from moe_scaling.train.checkpoints import load_checkpoint
 
     _check_dtype(dtype)
     ckpt, step, record = read_run(run_dir, step=step)

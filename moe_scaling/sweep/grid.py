@@ -17,7 +17,7 @@ any field of ModelConfig, TrainConfig or DataConfig, written plainly (``lr``) or
 (``train.lr``), or one of the derived axes below. A run's id is a hash of its resolved
 (model, train, data) config, seed included; two points that resolve to the same config are one run.
 
-Derived axes (DESIGN.md section 3), usable in ``grid``, ``zip`` or the ``model`` base:
+Derived axes (docs/design.md, section 3), usable in ``grid``, ``zip`` or the ``model`` base:
 
 * ``granularity: G`` (a whole number >= 1) splits each expert into G finer ones at fixed active
   compute: ``d_expert = d_ff / G`` (G must divide d_ff), ``top_k = G * top_k`` (the ``top_k``
@@ -35,8 +35,9 @@ Without ``expansion``, ``n_experts`` is taken literally (the number of experts a
 name (``n_experts``, ``top_k``, ``d_expert``, ``lr``, ``seq_len``, ``seed``, ...) plus ``granularity``,
 ``expansion``, ``sparsity`` and ``activation_ratio``, and may use only names, numbers, strings,
 ``True``/``False``/``None``, comparisons, ``and``/``or``/``not`` and arithmetic (``+ - * / // % **``).
-They are parsed with :mod:`ast` and interpreted here, never passed to ``eval``; anything else
-(calls, attributes, subscripts, lambdas, comprehensions, ...) is rejected as unsafe.
+They are interpreted by :mod:`moe_scaling.sweep.exclude`, never passed to ``eval``, with every
+intermediate value bounded; anything else (calls, attributes, subscripts, lambdas, comprehensions,
+...) is rejected as unsafe.
 
 ``vocab_size`` defaults to the tokenizer's vocabulary (256 for ``byte``). A relative ``corpus`` path
 is resolved against the grid file's folder when the run trains; the run id uses it as written.
@@ -46,36 +47,32 @@ Every resolved run is validated when the grid is expanded; the first bad one rai
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
 import glob
 import hashlib
 import itertools
 import json
 import math
-import operator
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
+from moe_scaling.sweep.exclude import DERIVED_PROPERTIES, compile_exclude, did_you_mean
 
-__all__ = ["GridSpec", "RunSpec", "load_grid", "expand_grid", "run_id", "compile_exclude",
-           "DERIVED_AXES", "EXCLUDE_NAMES"]
+__all__ = ["GridSpec", "RunSpec", "load_grid", "expand_grid", "run_id", "resolve_corpus", "namespace",
+           "DERIVED_AXES"]
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 DERIVED_AXES = ("granularity", "expansion")
-DERIVED_PROPERTIES = ("granularity", "expansion", "sparsity", "activation_ratio")
 TOKENIZER_VOCAB = {"byte": 256}
 TOP_KEYS = ("name", "data", "model", "train", "grid", "zip", "exclude", "seeds")
 
 _FIELD_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}
-EXCLUDE_NAMES = frozenset(_FIELD_SECTION) | frozenset(DERIVED_PROPERTIES)
 
 
 # --------------------------------------------------------------------------------------
@@ -159,7 +156,7 @@ def load_grid(path: str | os.PathLike) -> GridSpec:
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
     for key in doc:
         if key not in TOP_KEYS:
-            raise ConfigError(f"{path}: unknown key {key!r}{_did_you_mean(key, TOP_KEYS)}; "
+            raise ConfigError(f"{path}: unknown key {key!r}{did_you_mean(key, TOP_KEYS)}; "
                               f"use {', '.join(TOP_KEYS)}")
     name = doc.get("name", path.stem)
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -175,7 +172,7 @@ def load_grid(path: str | os.PathLike) -> GridSpec:
         for key in base:
             if key not in {f.name for f in fields(SECTIONS[section])} and key not in allowed:
                 names = [f.name for f in fields(SECTIONS[section])] + list(allowed)
-                raise ConfigError(f"{section}.{key}: unknown field{_did_you_mean(key, names)}")
+                raise ConfigError(f"{section}.{key}: unknown field{did_you_mean(key, names)}")
         bases[section] = dict(base)
 
     axes: dict[str, dict[str, list]] = {}
@@ -220,11 +217,6 @@ def load_grid(path: str | os.PathLike) -> GridSpec:
                     seeds=seeds)
 
 
-def _did_you_mean(key: Any, names) -> str:
-    close = difflib.get_close_matches(str(key), list(names), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _axis_key(kind: str, key: Any) -> str:
     """Canonical axis key: ``section.field`` or a derived axis name."""
     key = str(key)
@@ -238,7 +230,7 @@ def _axis_key(kind: str, key: Any) -> str:
     elif key in _FIELD_SECTION:
         return f"{_FIELD_SECTION[key]}.{key}"
     known = list(_FIELD_SECTION) + list(DERIVED_AXES)
-    raise ConfigError(f"{kind}.{key}: unknown field{_did_you_mean(key.split('.')[-1], known)}")
+    raise ConfigError(f"{kind}.{key}: unknown field{did_you_mean(key.split('.')[-1], known)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -403,98 +395,3 @@ def namespace(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     except (KeyError, TypeError, ZeroDivisionError):
         pass
     return env
-
-
-# --------------------------------------------------------------------------------------
-# Safe exclude expressions
-# --------------------------------------------------------------------------------------
-
-_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-}
-_CMPOPS: dict[type, Callable[[Any, Any], bool]] = {
-    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-    ast.Gt: operator.gt, ast.GtE: operator.ge,
-}
-_UNARY: dict[type, Callable[[Any], Any]] = {ast.Not: operator.not_, ast.USub: operator.neg,
-                                            ast.UAdd: operator.pos}
-_MAX_POW = 64
-
-
-def compile_exclude(expr: str, where: str = "exclude") -> Callable[..., Any]:
-    """Parse ``expr`` and return ``fn(env, label="") -> value`` that interprets it over ``env``.
-
-    Raises :class:`ConfigError` at parse time for a syntax error, a construct outside the allowed
-    set (names, constants, comparisons, and/or/not, arithmetic) or a name that is no known field.
-    """
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError as err:
-        raise ConfigError(f"{where} = {expr!r}: not a valid expression ({err.msg}); "
-                          "write e.g. \"top_k > n_experts\"") from None
-    for node in ast.walk(tree):
-        problem = _unsafe(node)
-        if problem:
-            raise ConfigError(f"{where} = {expr!r}: unsafe expression ({problem} not allowed); use only "
-                              "field names, numbers, comparisons, and/or/not and arithmetic")
-        if isinstance(node, ast.Name) and node.id not in EXCLUDE_NAMES:
-            raise ConfigError(f"{where} = {expr!r}: unknown name {node.id!r}"
-                              f"{_did_you_mean(node.id, EXCLUDE_NAMES)}")
-
-    def fn(env: Mapping[str, Any], label: str = "") -> Any:
-        try:
-            return _eval(tree.body, env)
-        except (ArithmeticError, TypeError, ValueError) as err:
-            prefix = f"{label}: " if label else ""
-            raise ConfigError(f"{prefix}{where} = {expr!r}: cannot be evaluated ({err}); "
-                              "fix the expression") from None
-    return fn
-
-
-def _unsafe(node: ast.AST) -> str | None:
-    allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.BinOp, ast.Compare,
-               ast.Name, ast.Load, ast.Constant, *_BINOPS, *_CMPOPS, *_UNARY)
-    if not isinstance(node, allowed):
-        return {ast.Call: "function call", ast.Attribute: "attribute access", ast.Subscript: "subscript",
-                ast.Lambda: "lambda"}.get(type(node), type(node).__name__)
-    if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, str, bool, type(None))):
-        return f"constant {node.value!r}"
-    return None
-
-
-def _eval(node: ast.AST, env: Mapping[str, Any]) -> Any:
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, ast.BoolOp):
-        if isinstance(node.op, ast.And):
-            result: Any = True
-            for v in node.values:
-                result = _eval(v, env)
-                if not result:
-                    return result
-            return result
-        result = False
-        for v in node.values:
-            result = _eval(v, env)
-            if result:
-                return result
-        return result
-    if isinstance(node, ast.UnaryOp):
-        return _UNARY[type(node.op)](_eval(node.operand, env))
-    if isinstance(node, ast.BinOp):
-        left, right = _eval(node.left, env), _eval(node.right, env)
-        if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > _MAX_POW:
-            raise ValueError(f"exponent {right} above {_MAX_POW}")
-        return _BINOPS[type(node.op)](left, right)
-    if isinstance(node, ast.Compare):
-        left = _eval(node.left, env)
-        for op, comp in zip(node.ops, node.comparators):
-            right = _eval(comp, env)
-            if not _CMPOPS[type(op)](left, right):
-                return False
-            left = right
-        return True
-    raise ValueError(f"unsupported node {type(node).__name__}")  # unreachable after _unsafe

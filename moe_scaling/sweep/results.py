@@ -1,14 +1,7 @@
 """Sweep results: per-run record files and the two tables fit and plots read.
 
-Layout of a sweep folder ``DIR``::
-
-    DIR/sweep.json                 manifest: sweep name, grid file, storage URL, run ids in grid order
-    DIR/runs/<run_id>/config.yaml  the resolved model/train/data config of the run
-    DIR/runs/<run_id>/record.json  status and results of the run (written atomically)
-    DIR/runs/<run_id>/curve.json   its loss curve from step 0 (written when the run ends)
-    DIR/runs/<run_id>/ckpt/        orbax checkpoints (a resumed run continues from here)
-    DIR/runs.parquet               one row per started run (see :func:`run_row` for the columns)
-    DIR/curves.parquet             long table: run_id, step, tokens, train_loss, eval_loss
+Where each file lives in a sweep folder is :class:`moe_scaling.sweep.layout.SweepDir` (its
+docstring is the description of the folder).
 
 The record files are the source of truth; the two parquet tables are rebuilt from all of them by
 :func:`rebuild_tables` under an exclusive ``fcntl`` lock and replaced atomically (written to a
@@ -33,15 +26,15 @@ import pandas as pd
 import moe_scaling
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
-from moe_scaling.files import atomic_path, atomic_write_text, json_default, write_json
+from moe_scaling.files import atomic_path, json_default, write_json
 from moe_scaling.costs import flops_per_token, param_counts
+from moe_scaling.sweep.layout import SweepDir
 
-__all__ = ["STATUSES", "RUNS_FILE", "CURVES_FILE", "MANIFEST_FILE", "run_dir", "write_record",
+__all__ = ["STATUSES", "write_record",
            "read_record", "write_curve", "read_records", "run_row", "runs_table", "curves_table",
            "rebuild_tables", "tables_lock", "read_manifest", "summarize", "code_version"]
 
 STATUSES = ("completed", "diverged", "failed", "running")
-RUNS_FILE, CURVES_FILE, MANIFEST_FILE = "runs.parquet", "curves.parquet", "sweep.json"
 CURVE_COLUMNS = ["run_id", "step", "tokens", "train_loss", "eval_loss"]
 # Result columns first, in this order; every config field and derived count follows.
 LEAD_COLUMNS = ["run_id", "sweep", "status", "eval_loss", "best_eval_loss", "final_train_loss",
@@ -51,29 +44,25 @@ LEAD_COLUMNS = ["run_id", "sweep", "status", "eval_loss", "best_eval_loss", "fin
                 "step_time_s", "tokens_per_s", "diverged_step", "last_good_loss", "error", "attempts"]
 
 
-def run_dir(out: str | os.PathLike, rid: str) -> Path:
-    return Path(out) / "runs" / rid
-
-
 def write_record(out: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Write ``DIR/runs/<run_id>/record.json`` atomically."""
-    write_json(run_dir(out, record["run_id"]) / "record.json", dict(record))
+    write_json(SweepDir(out).run(record["run_id"]).record, dict(record))
 
 
 def read_record(out: str | os.PathLike, rid: str) -> dict[str, Any] | None:
-    path = run_dir(out, rid) / "record.json"
+    path = SweepDir(out).run(rid).record
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_curve(out: str | os.PathLike, rid: str, curve: list[Mapping[str, Any]]) -> None:
     """Write ``DIR/runs/<run_id>/curve.json`` atomically (a list of step records)."""
-    write_json(run_dir(out, rid) / "curve.json", [dict(p) for p in curve])
+    write_json(SweepDir(out).run(rid).curve, [dict(p) for p in curve])
 
 
 def read_records(out: str | os.PathLike) -> list[dict[str, Any]]:
     """Every run record under ``DIR/runs``, sorted by run id."""
-    root = Path(out) / "runs"
-    paths = sorted(root.glob("*/record.json")) if root.is_dir() else []
+    layout = SweepDir(out)
+    paths = sorted(p for p in (layout.run(d.name).record for d in layout.runs.glob("*")) if p.is_file())
     return [json.loads(p.read_text()) for p in paths]
 
 
@@ -136,7 +125,7 @@ def curves_table(out: str | os.PathLike, records: list[Mapping[str, Any]]) -> pd
     """The long curves table for every run whose curve file exists."""
     frames = []
     for r in records:
-        path = run_dir(out, r["run_id"]) / "curve.json"
+        path = SweepDir(out).run(r["run_id"]).curve
         if path.is_file():
             points = json.loads(path.read_text())
             if points:
@@ -151,8 +140,8 @@ def curves_table(out: str | os.PathLike, records: list[Mapping[str, Any]]) -> pd
 
 @contextmanager
 def tables_lock(out: str | os.PathLike) -> Iterator[None]:
-    """Exclusive advisory lock on ``DIR/.tables.lock`` (released on exit or process death)."""
-    with open(Path(out) / ".tables.lock", "a") as fh:
+    """Exclusive advisory lock on ``DIR/.tables.lock`` (:attr:`SweepDir.tables_lock`) (released on exit or process death)."""
+    with open(SweepDir(out).tables_lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -168,12 +157,12 @@ def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
 def rebuild_tables(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rebuild ``runs.parquet`` and ``curves.parquet`` from every record file, atomically, under
     the tables lock. Returns the two tables."""
-    out = Path(out)
+    layout = SweepDir(out)
     with tables_lock(out):
         records = read_records(out)
         runs, curves = runs_table(records), curves_table(out, records)
-        _atomic_parquet(runs, out / RUNS_FILE)
-        _atomic_parquet(curves, out / CURVES_FILE)
+        _atomic_parquet(runs, layout.runs_table)
+        _atomic_parquet(curves, layout.curves_table)
     return runs, curves
 
 
@@ -183,9 +172,9 @@ def rebuild_tables(out: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
-    path = Path(out) / MANIFEST_FILE
+    path = SweepDir(out).manifest
     if not path.is_file():
-        raise ConfigError(f"{out}: not a sweep folder (no {MANIFEST_FILE}); give the --out folder of "
+        raise ConfigError(f"{out}: not a sweep folder (no {path.name}); give the --out folder of "
                           "a moe-sweep run")
     return json.loads(path.read_text())
 

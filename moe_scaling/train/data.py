@@ -39,7 +39,7 @@ from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path
 
 __all__ = ["EOS", "BYTE_VOCAB", "load_tokens", "corpus_files", "tokenizer_vocab_size", "encode",
-           "decode", "train_batch", "eval_windows", "cache_dir"]
+           "decode", "train_batch", "eval_windows", "cache_dir", "corpus_content_hash"]
 
 EOS = 0
 BYTE_VOCAB = 256
@@ -157,8 +157,9 @@ def _read_corpus(corpus: str) -> tuple[str, list[Path], list[bytes]]:
 _HASHES: dict[tuple, str] = {}
 
 
-def _corpus_hash(corpus: str) -> str:
-    """The content hash of :func:`_read_corpus`, reusing this process's earlier result while no
+def corpus_content_hash(corpus: str) -> str:
+    """The 16-hex-digit content hash of a corpus (:func:`_read_corpus`; what :func:`load_tokens`
+    returns and a checkpoint records), reusing this process's earlier result while no
     file of the corpus has changed size or modification time."""
     files = corpus_files(corpus)
     stats = tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),))
@@ -192,7 +193,7 @@ def load_tokens(data_cfg: DataConfig, *, cache: str | os.PathLike | None = None,
     ``tokens-<hash>-<tokenizer>.npy``. Raises :class:`ConfigError` (one line) for a missing or
     unreadable corpus or one too small to hold a training and a validation window.
     """
-    corpus_hash = _corpus_hash(data_cfg.corpus)
+    corpus_hash = corpus_content_hash(data_cfg.corpus)
     path = Path(cache or cache_dir()) / f"tokens-{corpus_hash}-{data_cfg.tokenizer}.npy"
     tokens = None
     if path.is_file():

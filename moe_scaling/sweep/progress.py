@@ -1,0 +1,91 @@
+"""Live progress of a sweep: each worker's state in ``DIR/progress/<worker>.json``
+(:class:`Progress`) and the progress line's numbers (:func:`snapshot`, :func:`read_snapshot`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Mapping
+
+import optuna
+
+from moe_scaling.files import write_json
+from moe_scaling.sweep.layout import SweepDir
+from moe_scaling.sweep.queue import WorkerContext, sweep_counts
+
+__all__ = ["Report", "Progress", "snapshot", "read_snapshot"]
+
+
+Report = Callable[[dict], None]
+
+
+class Progress:
+    """Live progress of one worker: its state (run, step, loss, tokens/s) goes to
+    ``DIR/progress/<worker>.json`` on every log, and, in a single-worker sweep, to ``report`` as a
+    :func:`snapshot` (with ``"event"``: ``"start"`` when a run starts, the run's record when it ends)."""
+
+    def __init__(self, ctx: WorkerContext, study: optuna.Study, report: Report | None = None) -> None:
+        self.ctx, self.study, self.report = ctx, study, report
+        self.path = SweepDir(ctx.out).progress_file(ctx.worker)
+        self.state: dict[str, Any] = {}
+        self._counts: dict[str, Any] | None = None
+
+    def _write(self, event: Any = None) -> None:
+        write_json(self.path, self.state)
+        if self.report is not None:
+            if self._counts is None:
+                self._counts = sweep_counts(self.study)
+            self.report(snapshot(self.ctx, self._counts, [self.state]) | {"event": event})
+
+    def start_run(self, rid: str, label: str) -> None:
+        self._counts = None
+        self.state = {"run_id": rid, "label": label, "step": 0, "steps": None, "loss": None,
+                      "tokens_per_s": None, "started": time.time()}
+        self._write("start")
+
+    def log(self, entry: Mapping[str, Any]) -> None:
+        for key, name in (("step", "step"), ("steps", "steps"), ("loss", "train_loss"),
+                          ("tokens_per_s", "tokens_per_s")):
+            if entry.get(name) is not None:
+                self.state[key] = entry[name]
+        self._write()
+
+    def end_run(self, record: Mapping[str, Any]) -> None:
+        self._counts = None
+        self.state = {}
+        self._write(dict(record))
+
+    def idle(self) -> None:
+        self.state = {}
+        write_json(self.path, self.state)
+
+
+def snapshot(ctx: WorkerContext, counts: Mapping[str, Any], states: list[Mapping[str, Any]]) -> dict:
+    """What a progress line shows: ``total`` runs, ``done``, the ``states`` of the runs in flight
+    (run_id, step, steps, loss, tokens_per_s), ``n_workers`` and ``eta_s`` (None until it can be
+    estimated: the mean wall time of finished runs, else the in-flight runs' pace, times the runs
+    left, over the workers)."""
+    now = time.time()
+    live = [s for s in states if s.get("run_id")]
+    fractions = [(min((s.get("step") or 0) / s["steps"], 1.0), now - s.get("started", now))
+                 for s in live if s.get("steps")]
+    walls = counts["walls"]
+    per_run = sum(walls) / len(walls) if walls else None
+    if per_run is None:
+        rates = [elapsed / f for f, elapsed in fractions if f > 0.05]
+        per_run = sum(rates) / len(rates) if rates else None
+    remaining = max(ctx.total - counts["done"] - sum(f for f, _ in fractions), 0.0)
+    eta = None if per_run is None else remaining * per_run / max(ctx.n_workers, 1)
+    return {"total": ctx.total, "done": counts["done"], "states": live, "n_workers": ctx.n_workers,
+            "eta_s": eta}
+
+
+def read_snapshot(ctx: WorkerContext, study: optuna.Study) -> dict:
+    """A :func:`snapshot` from every worker's progress file and the storage."""
+    states = []
+    for path in sorted(SweepDir(ctx.out).progress.glob("*.json")):
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, ValueError):  # a file being replaced; the next poll reads it
+            continue
+    return snapshot(ctx, sweep_counts(study), states) | {"event": None}

@@ -1,0 +1,75 @@
+"""Checkpoints of a training run: the orbax manager wrapper :class:`Checkpoints` (train state plus
+a JSON record of the run so far) and :func:`load_checkpoint`, which gives back the trained model.
+
+Where the checkpoints live inside a run's folder is :class:`moe_scaling.train.rundir.RunDir`'s
+business.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
+from moe_scaling.files import finite_or_none
+from moe_scaling.model.transformer import Transformer
+from moe_scaling.train.step import init_state
+
+__all__ = ["Checkpoints", "load_checkpoint"]
+
+
+class Checkpoints:
+    """orbax checkpoints of the train state plus a JSON record of the run so far."""
+
+    def __init__(self, directory: str | os.PathLike):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.mngr = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def latest(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, state, record: dict) -> None:
+        ocp = self.ocp
+        self.mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+            record=ocp.args.JsonSave(finite_or_none(record))), force=True)
+        self.mngr.wait_until_finished()
+
+    def restore(self, step: int, state):
+        ocp = self.ocp
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+        got = self.mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+        nnx.replace_by_pure_dict(state, got["state"])
+        return state, got["record"]
+
+    def close(self) -> None:
+        self.mngr.close()
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                    data_cfg: DataConfig, *, step: int | None = None) -> tuple[Transformer, dict]:
+    """The model saved by :func:`moe_scaling.train.loop.train` in ``ckpt_dir`` (latest step, or ``step``) and the run's
+    JSON record (``step``, ``status``, ``curve``, ``metrics``, ``configs``, ...)."""
+    if not Path(ckpt_dir).is_dir():
+        raise ConfigError(f"ckpt_dir = {str(ckpt_dir)!r}: no such directory; train first")
+    ckpt = Checkpoints(ckpt_dir)
+    try:
+        step = ckpt.latest() if step is None else step
+        if step is None:
+            raise ConfigError(f"ckpt_dir = {str(ckpt_dir)!r}: holds no checkpoint; train first")
+        graphdef, state = init_state(model_cfg, train_cfg, train_cfg.steps(data_cfg.seq_len))
+        state, record = ckpt.restore(step, state)
+    finally:
+        ckpt.close()
+    model, _ = nnx.merge(graphdef, state)
+    return model, record
