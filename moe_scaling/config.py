@@ -2,7 +2,7 @@
 
 Three frozen dataclasses carry every setting the rest of the package reads:
 
-* :class:`ModelConfig`: the MobileMoE-style decoder (DESIGN.md section 2) and its sparsity
+* :class:`ModelConfig`: the MobileMoE-style decoder (docs/design.md, section 2) and its sparsity
   vocabulary (section 3): ``granularity``, ``expansion``, ``sparsity``, ``activation_ratio``.
 * :class:`TrainConfig`: optimiser, schedule, token budget, MoE runtime options, checkpoints.
 * :class:`DataConfig`: corpus, tokenizer, sequence length, validation split.
@@ -189,7 +189,7 @@ class ModelConfig:
         if isinstance(self.rope_theta, int):
             object.__setattr__(self, "rope_theta", float(self.rope_theta))
 
-    # -- derived sparsity vocabulary (DESIGN.md section 3) --------------------------------
+    # -- derived sparsity vocabulary (docs/design.md, section 3) --------------------------------
     @property
     def is_moe(self) -> bool:
         """True when the FFN of the non-dense layers is a mixture of experts."""
@@ -250,7 +250,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def apply_granularity(model: dict[str, Any], g: Any, where: str = "model") -> None:
+def apply_granularity(model: dict[str, Any], g: Any, where: str = "model.granularity") -> None:
     """Resolve ``granularity: G`` in a model mapping, in place: the one meaning of the key in run
     files and grid files (docs/design.md, section 3).
 
@@ -258,25 +258,25 @@ def apply_granularity(model: dict[str, Any], g: Any, where: str = "model") -> No
     ``d_expert = d_ff / G`` and ``top_k = G * top_k``, where the written ``top_k`` is the coarse
     top-k at G = 1; shared experts keep the coarse width (``d_shared = d_ff`` unless given). The
     active FFN width ``top_k * d_expert + n_shared * d_shared`` is therefore the same at every G.
-    ``d_ff`` defaults to ``4 * d_model``. ``where`` prefixes errors (a grid passes its run label).
+    ``d_ff`` defaults to ``4 * d_model``. ``where`` names the key in errors (a grid adds its run label).
     """
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-        raise ConfigError(f"{where}.granularity = {g!r}: must be a whole number >= 1; use 1, 2, 4, 8, ...")
+        raise ConfigError(f"{where} = {g!r}: must be a whole number >= 1; use 1, 2, 4, 8, ...")
     if model.get("d_expert") is not None:
-        raise ConfigError(f"{where}.granularity = {g!r}: given together with d_expert = "
-                          f"{model['d_expert']!r}; give only one of granularity and d_expert")
+        raise ConfigError(f"{where} = {g!r}: given together with d_expert = {model['d_expert']!r}; "
+                          "give only one of granularity and d_expert")
     d_ff = model.get("d_ff")
     if d_ff is None:
         d_model = model.get("d_model")
         if isinstance(d_model, bool) or not isinstance(d_model, int):
-            raise ConfigError(f"{where}.d_model = {d_model!r}: needed as a whole number to resolve "
-                              "granularity; set d_model or d_ff")
+            raise ConfigError(f"{where} = {g!r}: needs d_model (now {d_model!r}) as a whole number to "
+                              "resolve; set model.d_model or model.d_ff")
         d_ff = 4 * d_model
     if isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1:
-        raise ConfigError(f"{where}.d_ff = {d_ff!r}: must be a whole number >= 1; fix d_ff")
+        raise ConfigError(f"{where} = {g!r}: needs d_ff (now {d_ff!r}) as a whole number >= 1; fix d_ff")
     if d_ff % g:
-        raise ConfigError(f"{where}.granularity = {g!r}: must divide d_ff ({d_ff}) into whole expert "
-                          "widths; pick a divisor of d_ff")
+        raise ConfigError(f"{where} = {g!r}: must divide d_ff ({d_ff}) into whole expert widths; "
+                          "pick a divisor of d_ff")
     top_k = model.get("top_k", 1)
     if isinstance(top_k, int) and not isinstance(top_k, bool):
         model["top_k"] = g * top_k

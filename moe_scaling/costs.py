@@ -1,6 +1,6 @@
 """The on-device cost model: parameters, FLOPs, bytes and roofline latency of a :class:`ModelConfig`.
 
-Conventions (DESIGN.md section 3):
+Conventions (docs/design.md, section 3):
 
 * **Parameter counts** include every weight: embeddings, attention (and its biases), QK-norm and
   RMSNorm gains, the router, routed and shared experts, shared-expert gates. Tied input/output

@@ -169,7 +169,7 @@ def test_published_fit_has_no_interval():
     assert f.source == "published" and not f.has_samples
     X = {"params_active": np.array([1e9 + 2e8]), "params_embedding": np.array([2e8]), "tokens": np.array([2e10]),
          "expansion": np.array([1.0]), "granularity": np.ones(1), "n_shared": np.zeros(1), "params_total": np.ones(1)}
-    # hand computation from DESIGN.md section 5: Ehat(1) = E_start = 2.0732, N = 1e9 non-embedding
+    # hand computation from docs/design.md, section 5: Ehat(1) = E_start = 2.0732, N = 1e9 non-embedding
     lE = np.log(2.0732)
     want = 35.91 * 2.0732 ** -0.2285 * 1e9 ** (-0.1889 + 0.0098 * lE) + 35.98 * 2.0732 ** 0.5529 * 2e10 ** (-0.1775 - 0.0259 * lE) + 1.3637
     assert f.predict(X)[0] == pytest.approx(want, rel=1e-12)

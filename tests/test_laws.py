@@ -21,7 +21,7 @@ def ehat(E, Es, Em):
 
 
 def reference_loss(name, p, X):
-    """Each law written out directly from DESIGN.md section 5 (no log-space tricks)."""
+    """Each law written out directly from docs/design.md, section 5 (no log-space tricks)."""
     D = X["tokens"]
     if name == "chinchilla":
         return p["E"] + p["A"] / X["params_active"] ** p["alpha"] + p["B"] / D ** p["beta"]

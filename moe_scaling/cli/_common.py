@@ -1,6 +1,6 @@
 """What every console script shares: exit codes and one-line errors.
 
-Exit codes (DESIGN.md section 6): 0 success, 2 bad input (one line naming the field), 1 internal
+Exit codes (docs/design.md, section 6): 0 success, 2 bad input (one line naming the field), 1 internal
 failure (one line; set ``MOE_SCALING_DEBUG=1`` for the traceback).
 """
 

@@ -350,7 +350,7 @@ ONDEVICE = Law(
     log_params=frozenset({"a", "b", "E_start", "E_max", "c"}),
     grid={**_JOINT_GRID, "g": (0.1, 0.5), "eta": (1.0,), "sigma": (0.0,)},
     log_form=_ondevice,
-    citation=("this project (DESIGN.md section 5): Ludziejewski et al. 2025's joint law with a "
+    citation=("this project (docs/design.md, section 5): Ludziejewski et al. 2025's joint law with a "
               "Krajewski et al. 2024-style granularity factor and a shared-expert factor"),
     reference={**_JOINT_REFERENCE, "g": 0.0, "eta": 1.0, "sigma": 0.0},
     fix_order=("sigma", "eta", "g") + _JOINT_FIX_ORDER,

@@ -1,6 +1,6 @@
 """Run tables -> fit inputs: reading runs, canonical columns, the arrays one law is fitted to.
 
-:func:`load_runs` reads a sweep directory (its :data:`~moe_scaling.sweep.results.RUNS_FILE`), a CSV
+:func:`load_runs` reads a sweep directory (its :attr:`~moe_scaling.sweep.layout.SweepDir.runs_table`), a CSV
 or a parquet table; :func:`canonical_table` maps its columns to
 :data:`~moe_scaling.laws.registry.CANONICAL_COLUMNS`; :func:`prepare` checks and extracts the columns
 one law needs (a :class:`FitData`), and ranks runs by training compute for the held-out split
@@ -20,7 +20,7 @@ import pandas as pd
 
 from moe_scaling.laws.errors import FitError
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, Law
-from moe_scaling.sweep.results import RUNS_FILE
+from moe_scaling.sweep.layout import SweepDir
 
 __all__ = ["load_runs", "canonical_table", "FitData", "prepare", "holdout_mask"]
 
@@ -34,7 +34,7 @@ def load_runs(path: str | Path, columns: Mapping[str, str] | None = None,
               strict: bool = True) -> tuple[pd.DataFrame, list[str]]:
     """Read a runs table and map it to canonical columns; returns (table, notes).
 
-    ``path``: a sweep directory (its ``runs.parquet``, :data:`~moe_scaling.sweep.results.RUNS_FILE`),
+    ``path``: a sweep directory (its ``runs.parquet``, :attr:`SweepDir.runs_table`),
     or a CSV (``.csv``, ``.csv.gz``, ``.tsv``) or
     parquet file. Rows with a ``status`` column keep only ``completed``; without a ``loss`` column
     ``eval_loss`` is the loss. ``columns`` maps canonical names to the table's own
@@ -43,9 +43,9 @@ def load_runs(path: str | Path, columns: Mapping[str, str] | None = None,
     p = Path(path)
     notes: list[str] = []
     if p.is_dir():
-        p = p / RUNS_FILE
+        p = SweepDir(p).runs_table
         if not p.is_file():
-            raise FitError(f"{path}: a sweep directory needs {RUNS_FILE}; give the sweep folder or a CSV/parquet table")
+            raise FitError(f"{path}: a sweep directory needs {p.name}; give the sweep folder or a CSV/parquet table")
     if not p.is_file():
         raise FitError(f"{path}: no such file or directory")
     name = p.name.lower()

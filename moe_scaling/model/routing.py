@@ -1,4 +1,4 @@
-"""Routing and dispatch for the mixture-of-experts block (DESIGN.md sections 2 and 4).
+"""Routing and dispatch for the mixture-of-experts block (docs/design.md, section 2 and 4).
 
 A router turns each token's logits over ``E`` experts into ``k`` expert ids and combine weights
 (:func:`route`). A dispatch algorithm then runs every token through its ``k`` experts and sums
@@ -20,7 +20,7 @@ token is dropped; they differ in speed per backend:
     For evaluation and exactness.
 ``ragged``
     :func:`jax.lax.ragged_dot` over the expert-sorted assignments (no padding, no drops). On CPU
-    it lowers to a masked product over every expert (DESIGN.md section 4); use it on GPU/TPU.
+    it lowers to a masked product over every expert (docs/design.md, section 4); use it on GPU/TPU.
 
 Every non-reference algorithm moves rows with gathers only, forward and backward: the
 dispatch ``x -> rows`` and the combine ``rows -> y`` are a permutation (plus padding and drops),

@@ -1,4 +1,4 @@
-"""The MobileMoE-style decoder in Flax NNX (DESIGN.md section 2).
+"""The MobileMoE-style decoder in Flax NNX (docs/design.md, section 2).
 
 Pre-norm blocks: ``x + Attention(RMSNorm(x))`` then ``x + FFN(RMSNorm(x))``. Attention is
 grouped-query with RoPE (rotate-half convention, as in Hugging Face Llama/Qwen) and optional
@@ -9,7 +9,7 @@ plus ``n_shared`` always-on shared experts of width ``d_shared`` (optionally sig
 Input and output embeddings are tied unless ``tie_embeddings`` is false.
 
 Activations stay flat as ``(batch * seq, d_model)`` through every projection and FFN (XLA's CPU
-backward of 2-D matmuls is much faster than of 3-D ones, DESIGN.md section 7). Gate and up
+backward of 2-D matmuls is much faster than of 3-D ones, docs/design.md, section 7). Gate and up
 projections are fused into one ``[d, 2 f]`` matrix (gate first, then up).
 
 Parameters are float32; ``dtype`` sets the compute dtype of the matmuls. The router, norms,

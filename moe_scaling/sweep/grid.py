@@ -60,7 +60,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.config import apply_granularity, DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.sweep.exclude import DERIVED_PROPERTIES, compile_exclude, did_you_mean
 
@@ -294,21 +294,7 @@ def _assign(spec: GridSpec, axes: Mapping[str, Any], seed: int | None,
         model["vocab_size"] = TOKENIZER_VOCAB[tokenizer]
     g = derived.get("granularity")
     if g is not None:
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ConfigError(f"{label}: granularity = {g!r}: must be a whole number >= 1; "
-                              "use 1, 2, 4, 8, ...")
-        if model.get("d_expert") is not None:
-            raise ConfigError(f"{label}: granularity = {g!r}: given together with d_expert = "
-                              f"{model['d_expert']!r}; give only one of them")
-        d_ff = _d_ff(model, label)
-        if d_ff % g:
-            raise ConfigError(f"{label}: granularity = {g!r}: must divide d_ff ({d_ff}) into whole "
-                              "expert widths; pick a divisor of d_ff")
-        top_k = model.get("top_k", 1)
-        if isinstance(top_k, int) and not isinstance(top_k, bool):
-            model["top_k"] = g * top_k
-        model["d_expert"] = d_ff // g
-        model.setdefault("d_shared", d_ff)
+        apply_granularity(model, g, where=f"{label}: granularity")
     e = derived.get("expansion")
     if e is not None:
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
