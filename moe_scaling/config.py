@@ -42,6 +42,7 @@ __all__ = [
     "load_config",
     "load_model_config",
     "apply_granularity",
+    "reference_d_ff",
     "save_config",
 ]
 
@@ -250,6 +251,21 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def reference_d_ff(model: Mapping[str, Any], where: str = "model") -> int:
+    """The dense reference FFN width of a model mapping: ``d_ff``, else ``4 * d_model`` (checked to
+    be a whole number; errors start with ``where``)."""
+    d_ff = model.get("d_ff")
+    if d_ff is None:
+        d_model = model.get("d_model")
+        if isinstance(d_model, bool) or not isinstance(d_model, int):
+            raise ConfigError(f"{where}: model.d_model = {d_model!r}: needed as a whole number to "
+                              "resolve granularity/expansion; set model.d_model or model.d_ff")
+        d_ff = 4 * d_model
+    if isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1:
+        raise ConfigError(f"{where}: model.d_ff = {d_ff!r}: must be a whole number >= 1; fix d_ff")
+    return d_ff
+
+
 def apply_granularity(model: dict[str, Any], g: Any, where: str = "model.granularity") -> None:
     """Resolve ``granularity: G`` in a model mapping, in place: the one meaning of the key in run
     files and grid files (docs/design.md, section 3).
@@ -265,15 +281,7 @@ def apply_granularity(model: dict[str, Any], g: Any, where: str = "model.granula
     if model.get("d_expert") is not None:
         raise ConfigError(f"{where} = {g!r}: given together with d_expert = {model['d_expert']!r}; "
                           "give only one of granularity and d_expert")
-    d_ff = model.get("d_ff")
-    if d_ff is None:
-        d_model = model.get("d_model")
-        if isinstance(d_model, bool) or not isinstance(d_model, int):
-            raise ConfigError(f"{where} = {g!r}: needs d_model (now {d_model!r}) as a whole number to "
-                              "resolve; set model.d_model or model.d_ff")
-        d_ff = 4 * d_model
-    if isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1:
-        raise ConfigError(f"{where} = {g!r}: needs d_ff (now {d_ff!r}) as a whole number >= 1; fix d_ff")
+    d_ff = reference_d_ff(model, where)
     if d_ff % g:
         raise ConfigError(f"{where} = {g!r}: must divide d_ff ({d_ff}) into whole expert widths; "
                           "pick a divisor of d_ff")

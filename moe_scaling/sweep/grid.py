@@ -60,7 +60,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from moe_scaling.config import apply_granularity, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.config import apply_granularity, reference_d_ff, DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.sweep.exclude import DERIVED_PROPERTIES, compile_exclude, did_you_mean
 
@@ -302,26 +302,13 @@ def _assign(spec: GridSpec, axes: Mapping[str, Any], seed: int | None,
         if "n_experts" in explicit:
             raise ConfigError(f"{label}: expansion = {e!r}: given together with n_experts = "
                               f"{model['n_experts']!r}; give only one of them")
-        g_eff = g if g is not None else _d_ff(model, label) / (model.get("d_expert") or _d_ff(model, label))
+        g_eff = g if g is not None else reference_d_ff(model, label) / (model.get("d_expert") or reference_d_ff(model, label))
         n = e * g_eff
         if not math.isclose(n, round(n)) or round(n) < 1:
             raise ConfigError(f"{label}: expansion = {e!r}: expansion * granularity = {n:g} is not a "
                               "whole number of experts; pick values whose product is whole")
         model["n_experts"] = int(round(n))
     return out
-
-
-def _d_ff(model: Mapping[str, Any], label: str) -> int:
-    d_ff = model.get("d_ff")
-    if d_ff is None:
-        d_model = model.get("d_model")
-        if isinstance(d_model, bool) or not isinstance(d_model, int):
-            raise ConfigError(f"{label}: model.d_model = {d_model!r}: needed as a whole number to "
-                              "resolve granularity/expansion; set model.d_model or model.d_ff")
-        d_ff = 4 * d_model
-    if isinstance(d_ff, bool) or not isinstance(d_ff, int) or d_ff < 1:
-        raise ConfigError(f"{label}: model.d_ff = {d_ff!r}: must be a whole number >= 1; fix d_ff")
-    return d_ff
 
 
 def _build(sections: Mapping[str, dict], index: int, axes: Mapping[str, Any], label: str) -> RunSpec:
