@@ -21,6 +21,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.text import Text
 
 from conftest import REPO
+from moe_scaling.plots import published as published_plots
 from moe_scaling.plots import fits as fit_plots, runs as run_plots, search as search_plots, style
 from moe_scaling.costs import param_counts, published_models, weight_bytes
 
@@ -139,7 +140,7 @@ def test_loss_vs_flops_uses_the_tables_forward_flops(sweep):
 
 
 def test_published_models_sit_at_their_exact_costs():
-    fig = run_plots.published_models_figure()
+    fig = published_plots.published_models_figure()
     ax = fig.axes[0]
     drawn = scatter_points(ax)
     names = {t.get_text().split("\n")[0] for t in ax.texts}
@@ -175,12 +176,12 @@ def test_training_curves_and_expert_load(sweep):
 
 
 def test_save_figure_writes_png_and_reproducible_svg(tmp_path):
-    paths = style.save_figure(run_plots.published_models_figure(), tmp_path / "pub")
+    paths = style.save_figure(published_plots.published_models_figure(), tmp_path / "pub")
     assert [p.name for p in paths] == ["pub.png", "pub.svg"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ET.fromstring(paths[1].read_bytes())                      # well-formed SVG
     first = [p.read_bytes() for p in paths]
-    style.save_figure(run_plots.published_models_figure(), tmp_path / "pub")   # the same figure again
+    style.save_figure(published_plots.published_models_figure(), tmp_path / "pub")   # the same figure again
     assert [p.read_bytes() for p in paths] == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pub.png", "pub.svg"]   # no temp files left
 
@@ -365,7 +366,7 @@ def test_search_figures_take_the_result_dict_and_draw_a_saved_one_the_same(tmp_p
     assert fig.axes[0].get_xlabel() == search_plots.frontier_figure(live).axes[0].get_xlabel()
     # one shape: the SearchResult object itself is refused, with the fix in the message
     for draw in (search_plots.frontier_figure, lambda r: search_plots.optimum_vs_budget([r]),
-                 run_plots.published_models_figure):
+                 published_plots.published_models_figure):
         with pytest.raises(TypeError, match="to_dict"):
             draw(searched[0])
 
@@ -377,7 +378,7 @@ def test_published_models_with_a_phone_search():
 
     law = load_fit(REPO / "fits" / "joint_moe_published.json")
     r = search(law, Budget(memory=2 * 10**9, tokens=1e12))
-    fig = run_plots.published_models_figure(r.to_dict())
+    fig = published_plots.published_models_figure(r.to_dict())
     ax = fig.axes[0]
     drawn = scatter_points(ax)
     for p in r.published:

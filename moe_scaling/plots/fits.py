@@ -23,7 +23,7 @@ from matplotlib.ticker import FuncFormatter
 
 from moe_scaling.laws.registry import LAW_INPUTS
 from moe_scaling.plots.runs import completed, config_line, model_config_from_row, with_costs
-from moe_scaling.plots.runs import published_models_figure
+from moe_scaling.plots.published import published_models_figure
 from moe_scaling.plots.search import (budget_tag, frontier_figure, iso_loss_contours, optimum_vs_budget,
                                       published_on_scale)
 from moe_scaling.plots.style import LOSS_LABEL, WIDE, law_name, legend_right, log_axis, search_dict
