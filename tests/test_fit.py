@@ -43,13 +43,18 @@ def test_chinchilla_reproduces_the_epoch_grid_fit(chinchilla_fit):
         assert f.params[name] == pytest.approx(EPOCH_GRID_FIT[name], rel=0.05), name
 
 
-def test_chinchilla_bootstrap_intervals_overlap_epochs(chinchilla_fit):
+def test_chinchilla_cold_bootstrap_intervals_match_epochs(chinchilla_fit):
+    """Every bootstrap refit starts cold (a subset of the grid, never the full-data optimum); the
+    95% intervals then land on Epoch's own 4,000-resample intervals: E, alpha, beta endpoints within
+    0.015 (measured: 0.006, 0.005, 0.014 at most), A and B endpoints within 25%."""
     f = chinchilla_fit
-    assert f.interval_level == 0.95 and f.metrics["bootstrap_ok"] == 200
+    assert f.interval_level == 0.95 and f.metrics["bootstrap_ok"] == 200 and f.settings["bootstrap_starts"] == 16
     for name, (lo, hi) in EPOCH_95.items():
         ours = f.intervals[name]
-        assert ours[0] < f.params[name] < ours[1]
-        assert ours[0] < hi and lo < ours[1], f"{name}: ours {ours} vs Epoch {(lo, hi)}"
+        if name in ("A", "B"):
+            assert ours[0] == pytest.approx(lo, rel=0.25) and ours[1] == pytest.approx(hi, rel=0.25), (name, ours)
+        else:
+            assert ours[0] == pytest.approx(lo, abs=0.015) and ours[1] == pytest.approx(hi, abs=0.015), (name, ours)
     assert f.metrics["heldout_rmse"] > 0 and f.metrics["heldout_n"] == 48
 
 
@@ -70,18 +75,29 @@ def clark_s_base():
                          "expansion": s["num_experts"].to_numpy(float)})
 
 
-def test_clark_fit_at_least_as_good_as_published_with_largest_size_held_out(clark_s_base):
-    law = LAWS["clark"]
-    published = published_fit("clark", law.reference, "Clark et al. 2022 Table 3, S-Base")
-    rmse_published = float(np.sqrt(np.mean((published.predict(clark_s_base) - clark_s_base["loss"]) ** 2)))
-    f = fit_law("clark", clark_s_base, bootstrap=50, kfold=5, heldout_by="params_active", heldout_frac=0.1)
-    assert rmse_published == pytest.approx(0.021, abs=5e-4)
-    assert f.metrics["rmse"] <= rmse_published
-    # the held-out set is the largest model size (1.3B dense-equivalent, 9 runs), and its RMSE is reported
-    assert f.metrics["heldout_n"] == 9 and f.metrics["heldout_rule"] == "largest params_active"
-    assert 0 < f.metrics["heldout_rmse"] < 0.1 and 0 < f.metrics["kfold_rmse"] < 0.1
-    print(f"\nClark S-Base: published RMSE {rmse_published:.4f}, our fit {f.metrics['rmse']:.4f}, "
-          f"held-out 1.3B RMSE {f.metrics['heldout_rmse']:.4f}, 5-fold {f.metrics['kfold_rmse']:.4f}")
+@pytest.fixture(scope="module")
+def clark_auto(clark_s_base):
+    """``--law auto`` on Clark et al.'s S-Base runs as a new user would fit them (tokens = 1.3e11, the
+    paper's training length), the largest size (1.3B, 9 runs) held out."""
+    table = clark_s_base.assign(tokens=1.3e11)
+    return select_law(table, bootstrap=20, kfold=0, heldout_by="params_active", heldout_frac=0.1)
+
+
+def test_clark_held_out_1_3b_beside_the_published_in_sample_error(clark_s_base, clark_auto):
+    """The published S-Base coefficients, fitted on all runs, miss the 1.3B runs by RMSE 0.0107 (in
+    sample). Fitted without them, auto's law predicts them at RMSE 0.0143 (saturating); the clark form
+    alone misses by 0.039. The 0.0107 target is not reached: see the README's Results."""
+    big = (clark_s_base["params_active"] > 1e9).to_numpy()
+    published = published_fit("clark", LAWS["clark"].reference, "Clark et al. 2022 Table 3, S-Base")
+    pub_1_3b = float(np.sqrt(np.mean((published.predict(clark_s_base[big]) - clark_s_base["loss"][big]) ** 2)))
+    fit, report = clark_auto
+    scored = {r["law"]: r["heldout_rmse"] for r in report if "skipped" not in r}
+    assert big.sum() == 9 and pub_1_3b == pytest.approx(0.0107, abs=5e-4)
+    assert fit.metrics["heldout_n"] == 9 and fit.metrics["heldout_rule"] == "largest params_active"
+    assert fit.law == "saturating" and fit.metrics["heldout_rmse"] == pytest.approx(0.0143, abs=1e-3)
+    assert scored["clark"] == pytest.approx(0.039, abs=2e-3)
+    print(f"\nClark S-Base, 1.3B held out: auto ({fit.law}) {fit.metrics['heldout_rmse']:.4f} vs published "
+          f"in-sample {pub_1_3b:.4f}; " + ", ".join(f"{k} {v:.4f}" for k, v in scored.items()))
 
 
 def _grid(**axes):
@@ -90,26 +106,67 @@ def _grid(**axes):
 
 
 N, D = np.geomspace(3e7, 1e9, 5), np.geomspace(1e9, 1e11, 4)
+_JOINT_TRUE = dict(a=60.0, alpha=-0.22, delta=-0.15, gamma=0.005, b=20.0, beta=-0.15, omega=0.3, zeta=-0.015,
+                   E_start=3.0, E_max=150.0, c=1.6)
+# Each law's data are drawn from coefficients away from its reference values (which are never a start)
 SYNTHETIC = {
-    "chinchilla": (_grid(params_active=np.geomspace(3e7, 1e9, 6), tokens=np.geomspace(1e9, 1e11, 5)), {}),
-    "krajewski": (_grid(params_total=N * 4, params_embedding=[1e6], tokens=D, granularity=[1, 2, 4, 8, 16]), {}),
-    "joint_moe": (_grid(params_active=N, params_embedding=[1e6], tokens=D, expansion=[1, 2, 4, 8, 16, 32, 64]), {}),
-    "clark": (_grid(params_active=np.geomspace(1e7, 1.3e9, 6), expansion=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]), {}),
+    "chinchilla": (_grid(params_active=np.geomspace(3e7, 1e9, 6), tokens=np.geomspace(1e9, 1e11, 5)),
+                   dict(E=2.3, A=900.0, B=600.0, alpha=0.42, beta=0.3)),
+    "krajewski": (_grid(params_total=N * 4, params_embedding=[1e6], tokens=D, granularity=[1, 2, 4, 8, 16]),
+                  dict(a=30.0, alpha=0.15, b=15.0, beta=0.12, g=4.0, gamma=0.8, c=0.9)),
+    "joint_moe": (_grid(params_active=N, params_embedding=[1e6], tokens=D, expansion=[1, 2, 4, 8, 16, 32, 64]), _JOINT_TRUE),
+    "clark": (_grid(params_active=np.geomspace(1e7, 1.3e9, 6), expansion=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]),
+              dict(a=-0.07, b=-0.09, c=0.006, d=1.0, E_start=2.5, E_max=200.0)),
+    "saturating": (_grid(params_active=N, params_embedding=[1e6], tokens=D, expansion=[1, 2, 4, 8, 16, 32, 64]),
+                   dict(c=1.6, A=50.0, alpha=0.2, delta=0.1, B=300.0, beta=0.25, E_start=2.5, E_max=200.0)),
     "ondevice": (_grid(params_active=np.geomspace(3e7, 1e9, 4), params_embedding=[1e6], tokens=np.geomspace(1e9, 1e11, 3),
-                       expansion=[1, 2, 8, 32, 64], granularity=[1, 4], n_shared=[0, 1]), dict(g=0.3, eta=1.0, sigma=0.1)),
+                       expansion=[1, 2, 8, 32, 64], granularity=[1, 4], n_shared=[0, 1]),
+                 dict(_JOINT_TRUE, g=0.3, eta=0.8, sigma=0.1)),
 }
+
+
+def test_fits_start_from_the_grid_and_random_draws_never_the_reference(monkeypatch):
+    """The starts handed to the optimiser: the law's grid plus 32 seeded draws over its range; the
+    reference point is not among them."""
+    import moe_scaling.laws.fit as fit_module
+
+    seen = []
+
+    def record(problem, starts, W=None, **kw):
+        seen.append(np.array(starts))
+        raise FitError("recorded")
+
+    monkeypatch.setattr(fit_module, "fit_starts", record)
+    law = LAWS["chinchilla"]
+    X, true = SYNTHETIC["chinchilla"]
+    with pytest.raises(FitError, match="recorded"):
+        fit_law(law, {**X, "loss": law.predict(true, X)}, kfold=0)
+    starts = seen[0]
+    grid = law.start_grid()
+    assert starts.shape == (len(grid) + 32, 5)
+    ref = law.to_internal(law.reference)
+    assert not np.any(np.all(np.isclose(starts, ref, rtol=1e-3, atol=1e-3), axis=1))
+    lo, hi = grid.min(axis=0), grid.max(axis=0)
+    assert np.all((starts >= lo) & (starts <= hi))
+
+
+def test_synthetic_truths_are_away_from_the_references():
+    for name, (_, true) in SYNTHETIC.items():
+        ref = LAWS[name].reference
+        assert set(true) == set(ref)
+        assert all(true[p] != ref[p] for p in ref), name
 
 
 @pytest.mark.parametrize("name", list(SYNTHETIC))
 def test_synthetic_recovery_and_extrapolation(name):
-    """Data drawn from each law (reference coefficients) with 0.3% multiplicative noise is fitted
-    back; predictions at 3x and 10x the largest sizes lie inside the 95% bootstrap interval."""
+    """Data drawn from each law (coefficients away from its reference) with 0.3% multiplicative noise
+    are fitted back from the grid and random starts; predictions at 3x and 10x the largest sizes lie
+    inside the 95% interval of cold-started bootstrap refits."""
     law = LAWS[name]
-    X, extra = SYNTHETIC[name]
-    true = {**law.reference, **extra}
+    X, true = SYNTHETIC[name]
     rng = np.random.default_rng(1)
     loss = law.predict(true, X) * np.exp(rng.normal(0.0, 0.003, X[law.inputs[0]].size))
-    f = fit_law(name, {**X, "loss": loss}, bootstrap=100, kfold=0, seed=1)
+    f = fit_law(name, {**X, "loss": loss}, bootstrap=100, kfold=0, heldout_frac=0.0, seed=1)
     assert not f.fixed, f.notes
     assert f.metrics["rmse"] < 2 * 0.003 * loss.mean()
     sizes = [c for c in ("params_active", "params_total", "tokens") if c in X]
@@ -207,17 +264,17 @@ def test_holdout_mask_keeps_ties_together():
     np.testing.assert_array_equal(holdout_mask(v, 0.5), v >= 4)
 
 
-def test_select_law_reports_every_candidate(clark_s_base):
-    table = clark_s_base.assign(tokens=1.3e11)               # Clark's runs all train on ~130B tokens
-    fit, report = select_law(table, bootstrap=20, kfold=0, heldout_by="params_active", heldout_frac=0.1)
+def test_select_law_reports_every_candidate(clark_auto):
+    fit, report = clark_auto
     laws = {r["law"]: r for r in report}
     assert set(laws) == {n for n, law in LAWS.items() if law.in_auto}
     assert laws["krajewski"]["skipped"] == "no column params_total, granularity"
+    assert laws["ondevice"]["skipped"] == "no column granularity, n_shared"
     scored = {n: r["heldout_rmse"] for n, r in laws.items() if "skipped" not in r}
-    assert set(scored) == {"chinchilla", "joint_moe", "clark"}
+    assert set(scored) == {"chinchilla", "joint_moe", "clark", "saturating"}
     assert fit.law == min(scored, key=scored.get) and fit.interval_level == 0.95
-    # chinchilla cannot tell expert counts apart: both routed laws beat it on the held-out 1.3B runs
-    assert max(scored["clark"], scored["joint_moe"]) < scored["chinchilla"]
+    # chinchilla cannot tell expert counts apart: every routed law with a floor beats it on the held-out 1.3B runs
+    assert max(scored["saturating"], scored["joint_moe"]) < scored["chinchilla"]
     assert fit.metrics["candidates"] == report and any("held-out RMSE" in n for n in fit.notes)
 
 

@@ -34,6 +34,8 @@ def reference_loss(name, p, X):
         return 10 ** (p["a"] * lN + p["b"] * lE + p["c"] * lN * lE + p["d"])
     Eh = ehat(X["expansion"], p["E_start"], p["E_max"])
     Na = X["params_active"] - X["params_embedding"]
+    if name == "saturating":
+        return p["c"] + p["A"] / (Eh ** p["delta"] * Na ** p["alpha"]) + p["B"] / D ** p["beta"]
     n_term = p["a"] * Eh ** p["delta"] * Na ** (p["alpha"] + p["gamma"] * np.log(Eh))
     if name == "ondevice":
         n_term = n_term * (1 + p["g"] * (X["granularity"] ** -p["eta"] - 1)) * (1 + X["n_shared"]) ** -p["sigma"]
@@ -46,6 +48,8 @@ def test_predict_matches_the_formula(name):
     p = dict(law.reference)
     if name == "ondevice":
         p.update(g=0.4, eta=0.8, sigma=0.15)
+    if name == "saturating":
+        p.update(delta=0.2)
     np.testing.assert_allclose(law.predict(p, X), reference_loss(name, p, X), rtol=1e-12)
 
 
@@ -91,6 +95,33 @@ def test_ehat_saturates_between_e_start_and_e_max():
     E = np.array([1.0, 1e9])
     got = law.predict(p, {"params_active": np.ones(2), "expansion": E})
     np.testing.assert_allclose(got, [p["E_start"], p["E_max"]], rtol=1e-6)
+
+
+def test_saturating_nests_chinchilla_and_saturates_in_experts():
+    """delta = 0 is Chinchilla on non-embedding active parameters; the parameter term falls by
+    Ehat^-delta, from E_start^-delta at E = 1 to E_max^-delta as E grows."""
+    sat, chin = LAWS["saturating"], LAWS["chinchilla"]
+    p = dict(c=1.7, A=400.0, alpha=0.33, delta=0.0, B=1500.0, beta=0.3, E_start=2.0, E_max=200.0)
+    Xc = {**X, "params_active": X["params_active"] - X["params_embedding"]}
+    q = dict(E=1.7, A=400.0, B=1500.0, alpha=0.33, beta=0.3)
+    np.testing.assert_allclose(sat.predict(p, X), chin.predict(q, Xc), rtol=1e-12)
+    p["delta"] = 0.5
+    one = {"params_active": np.full(2, 1e9), "params_embedding": np.zeros(2), "tokens": np.full(2, 1e60),
+           "expansion": np.array([1.0, 1e12])}
+    np.testing.assert_allclose(sat.predict(p, one) - 1.7, 400.0 * 1e9 ** -0.33 * np.array([2.0, 200.0]) ** -0.5,
+                               rtol=1e-6)
+
+
+def test_random_starts_cover_the_grid_range_and_are_seeded():
+    law = LAWS["joint_moe"]
+    a = law.random_starts(200, np.random.default_rng(5))
+    grid = law.start_grid()
+    assert a.shape == (200, len(law.params))
+    np.testing.assert_array_equal(a, law.random_starts(200, np.random.default_rng(5)))
+    assert np.all(a >= grid.min(axis=0)) and np.all(a <= grid.max(axis=0))
+    spread = grid.max(axis=0) > grid.min(axis=0)
+    assert np.all(a.std(axis=0)[spread] > 0.2 * (grid.max(axis=0) - grid.min(axis=0))[spread])
+    assert np.all(a[:, ~spread] == grid[0, ~spread])
 
 
 def test_missing_inputs():

@@ -10,7 +10,10 @@ The procedure (docs/design.md, section 5; Besiroglu et al. 2024's reading of Hof
   objective + autodiff gradient evaluation per step for the whole batch, starts refilled into
   finished slots). The grid is first run in float32 (``screen``), then the best distinct results
   are polished in float64 to tight tolerances (:func:`~moe_scaling.laws.problem.fit_starts`);
-* bootstrap over runs (resampling rows with replacement, refitting from the full-data optimum) for
+* starts: the law's grid plus seeded random draws over the grid's range, never the law's reference
+  coefficients (a fit must find the answer, not be handed it);
+* bootstrap over runs (resampling rows with replacement, each refit cold-started from a seeded
+  subset of the same starts, never from the full-data optimum, so intervals are not narrowed) for
   percentile intervals on every coefficient and, through the kept parameter samples, on every
   prediction (:meth:`Fit.predict_interval`);
 * held-out error: the largest-compute runs held out (``heldout_rmse``) and k-fold; all those
@@ -48,23 +51,18 @@ __all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstr
 FORMAT = "moe-scaling-fit/1"
 
 
-def bootstrap_refits(problem: Problem, starts: np.ndarray, reps: int, seed: int) -> np.ndarray:
+def bootstrap_refits(problem: Problem, starts: np.ndarray, reps: int, seed: int, polish: int = 1) -> np.ndarray:
     """``reps`` refits on runs drawn with replacement (multinomial row weights from
-    ``numpy.random.default_rng(seed)``), each from every row of ``starts`` (internal
-    parameters, normally the full-data optimum), best kept. Returns internal parameters
-    ``(reps, n_params)``; a row is NaN where every start failed."""
+    ``numpy.random.default_rng(seed)``), each from every row of ``starts`` (internal parameters:
+    cold starts, never the full-data optimum) through :func:`~moe_scaling.laws.problem.fit_starts`
+    (float32 screen, the ``polish`` best distinct results of each refit polished in float64).
+    Returns internal parameters ``(reps, n_params)``; a row is NaN where every start failed."""
     n = problem.logy.size
     draws = np.random.default_rng(seed).integers(0, n, size=(reps, n))
     W = np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)
-    starts = np.atleast_2d(starts)
-    S = starts.shape[0]
-    x, f, _ = minimize_batch(problem.objective, np.tile(starts, (reps, 1)), W, np.repeat(np.arange(reps), S),
-                             dtype="float64", max_evals=1000)
-    f = f.reshape(reps, S)
-    out = x.reshape(reps, S, -1)[np.arange(reps), np.argmin(f, axis=1)]
-    out[~np.isfinite(f.min(axis=1))] = np.nan
-    return out
-
+    x, f, _ = fit_starts(problem, np.atleast_2d(starts), W, polish=polish)
+    x[~np.isfinite(f)] = np.nan
+    return x
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,13 +243,13 @@ def _heldout_metrics(law: Law, nat: np.ndarray, d: FitData, held: np.ndarray | N
     return metrics
 
 
-def _bootstrap_intervals(problem: Problem, optimum: np.ndarray, bootstrap: int, seed: int, level: float,
+def _bootstrap_intervals(problem: Problem, starts: np.ndarray, bootstrap: int, seed: int, level: float,
                          keep_samples: int, notes: list[str]) -> tuple[dict[str, tuple[float, float]], np.ndarray, int]:
-    """Percentile intervals at ``level`` from ``bootstrap`` refits started at ``optimum``;
-    failed refits are left out (noted). Returns (intervals, the first ``keep_samples`` natural
-    parameter draws, refits that succeeded)."""
+    """Percentile intervals at ``level`` from ``bootstrap`` refits, each cold-started from every row
+    of ``starts``; failed refits are left out (noted). Returns (intervals, the first
+    ``keep_samples`` natural parameter draws, refits that succeeded)."""
     law = problem.law
-    draws = bootstrap_refits(problem, optimum, bootstrap, seed)
+    draws = bootstrap_refits(problem, starts, bootstrap, seed)
     ok = np.isfinite(draws).all(axis=1)
     if not ok.all():
         notes.append(f"{int((~ok).sum())} of {bootstrap} bootstrap refits failed and were left out")
@@ -272,8 +270,8 @@ def _bound_notes(law: Law, x: np.ndarray, params: Mapping[str, float], free: Seq
 def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_delta: float = 1e-3,
             fix: Mapping[str, float] | None = None, bootstrap: int = 200, seed: int = 0,
             level: float = 0.95, kfold: int = 5, heldout_frac: float = 0.2, heldout_by: str = "compute",
-            points_per_param: float = 5.0, starts: np.ndarray | None = None, keep_samples: int = 200,
-            drop_highest_loss: int = 0) -> Fit:
+            points_per_param: float = 5.0, starts: np.ndarray | None = None, random_starts: int = 32,
+            bootstrap_starts: int = 16, keep_samples: int = 200, drop_highest_loss: int = 0) -> Fit:
     """Fit ``law`` to a runs table with canonical columns (see the module docstring).
 
     Args:
@@ -290,8 +288,12 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
         heldout_by: ``compute`` (training compute, :func:`moe_scaling.laws.tables.prepare`) or a
             column, e.g. ``params_active`` for "the largest model size".
         points_per_param: below this many runs per free parameter, reference values are fixed.
-        starts: internal-coordinate starts ``(S, n_params)``; default the law's grid plus its
-            reference point.
+        starts: internal-coordinate starts ``(S, n_params)``; default the law's grid plus
+            ``random_starts`` uniform draws over the grid's range (:meth:`Law.random_starts`, seeded
+            by ``seed``). The law's reference coefficients are never a start.
+        random_starts: random draws added to the default starts.
+        bootstrap_starts: each bootstrap refit is cold-started from this many of the starts (a
+            seeded random subset, the same for every refit), never from the full-data optimum.
         keep_samples: bootstrap draws stored in the fit (for prediction intervals).
         drop_highest_loss: drop this many highest-loss rows first (Besiroglu et al. drop 5).
     """
@@ -304,13 +306,15 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
                                             points_per_param=points_per_param,
                                             drop_highest_loss=drop_highest_loss)
     free = problem.free
+    rng = np.random.default_rng(seed)
     if starts is None:
-        starts = np.vstack([law.start_grid(), law.to_internal(law.reference)[None]])
+        starts = np.vstack([law.start_grid(), law.random_starts(random_starts, rng)])
     starts = np.unique(problem.clip(starts), axis=0)
+    cold = starts[np.sort(rng.permutation(len(starts))[:max(1, bootstrap_starts)])]
 
     rows, held, fold = _weight_rows(d, len(free), heldout_frac=heldout_frac, heldout_by=heldout_by,
                                     kfold=kfold, seed=seed, notes=notes)
-    bx, bf, optima = fit_starts(problem, starts, rows)
+    bx, bf, _ = fit_starts(problem, starts, rows)
     if not np.isfinite(bf[0]):
         raise FitError(f"law {law.name}: no start converged to a finite objective; check the data's units")
     nat = law.to_natural(bx)                                  # (rows, n_params)
@@ -323,12 +327,13 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
     intervals, samples = {}, None
     if bootstrap:
         intervals, samples, metrics["bootstrap_ok"] = _bootstrap_intervals(
-            problem, optima[0][:1], bootstrap, seed, level, keep_samples, notes)
+            problem, cold, bootstrap, seed, level, keep_samples, notes)
     notes += _bound_notes(law, bx[0], params, free)
     settings = {"huber_delta": problem.delta, "bootstrap": int(bootstrap), "seed": int(seed),
                 "interval_level": level, "kfold": int(kfold), "heldout_frac": float(heldout_frac),
                 "heldout_by": heldout_by, "points_per_param": float(points_per_param),
-                "n_starts": int(starts.shape[0]), "drop_highest_loss": int(drop_highest_loss),
+                "n_starts": int(starts.shape[0]), "bootstrap_starts": int(len(cold)),
+                "drop_highest_loss": int(drop_highest_loss),
                 "free": [law.params[i] for i in free]}
     return Fit(law=law.name, params=params, intervals=intervals, interval_level=level if bootstrap else None,
                fixed=fixed, samples=samples, metrics=metrics, n_points=d.n, data_hash=d.hash(),
@@ -369,8 +374,6 @@ def select_law(data: pd.DataFrame | Mapping[str, Any], candidates: Sequence[str]
     winner = min(scored)[1]
     fit = fit_law(winner, data, **kwargs)
     note = f"law chosen by held-out RMSE among {', '.join(n for _, n in sorted(scored))}"
-    if candidates is None:
-        note += "; ondevice is not an auto candidate until it wins on our sweeps (use --law ondevice)"
     fit = dataclasses.replace(fit, metrics={**fit.metrics, "candidates": report}, notes=fit.notes + (note,))
     return fit, report
 

@@ -17,7 +17,9 @@ Inputs are canonical run-table columns (:data:`CANONICAL_COLUMNS`). Laws that us
 counts read ``params_embedding`` and subtract it; when a table has no ``params_embedding`` column
 it is taken as 0 (``Law.optional_inputs``) and the fit says so in its notes.
 
-Registry: ``chinchilla``, ``krajewski``, ``joint_moe``, ``clark`` and ``ondevice`` (our own). ``LAWS``
+Registry: ``chinchilla``, ``krajewski``, ``joint_moe``, ``clark``, and two of our own: ``saturating``
+(an irreducible loss plus Clark's saturating expert count) and ``ondevice`` (joint_moe with granularity
+and shared-expert factors). ``LAWS``
 maps names to laws; :func:`get_law` looks one up with a helpful error.
 """
 
@@ -33,7 +35,7 @@ import numpy as np
 from moe_scaling.errors import UserError
 
 __all__ = ["CANONICAL_COLUMNS", "LAW_INPUTS", "Law", "LAWS", "get_law", "LawInputError", "CHINCHILLA", "KRAJEWSKI", "JOINT_MOE",
-           "CLARK", "ONDEVICE"]
+           "CLARK", "SATURATING", "ONDEVICE"]
 
 CANONICAL_COLUMNS = ("loss", "params_active", "params_total", "params_embedding", "tokens",
                      "expansion", "granularity", "n_shared", "flops_per_token_forward")
@@ -79,8 +81,8 @@ class Law:
         log_form: ``(q, X, xp) -> log L``: ``q`` maps internal names to values (scalars or
             arrays broadcasting against the inputs), ``X`` maps input columns to arrays.
         citation: where the form (and ``reference``) come from.
-        reference: published or reference coefficients (natural units), used as priors when a
-            data set is too small to fit every parameter, and for synthetic tests.
+        reference: published or reference coefficients (natural units), used only as priors when
+            a data set is too small to fit every parameter; never as a start of a fit.
         fix_order: which parameters to fix to ``reference`` first when there are too few points.
         optional_inputs: inputs that default to a constant when a table lacks them.
         in_auto: whether ``--law auto`` considers this law.
@@ -154,6 +156,14 @@ class Law:
         """The starting grid in internal coordinates, shape ``(n_starts, n_params)``."""
         axes = [self.grid[n] for n in self.internal_names]
         return np.array(list(itertools.product(*axes)), dtype=np.float64)
+
+    def random_starts(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` starts drawn uniformly, coordinate by coordinate, over the range the grid spans
+        (``min .. max`` of each internal parameter's grid values; a one-value axis stays at its
+        value). Shape ``(n, n_params)``, internal coordinates. Never uses ``reference``."""
+        lo = np.array([min(self.grid[name]) for name in self.internal_names])
+        hi = np.array([max(self.grid[name]) for name in self.internal_names])
+        return lo + (hi - lo) * rng.random((int(n), lo.size))
 
     # -- inputs and prediction ---------------------------------------------------------
     def columns(self, X: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -232,6 +242,12 @@ def _joint_terms(q, X, xp):
 def _joint_moe(q, X, xp):
     n_term, d_term = _joint_terms(q, X, xp)
     return _lse(xp, n_term, d_term, q["log_c"])
+
+
+def _saturating(q, X, xp):
+    lE = _log_ehat(xp, X["expansion"], q["log_E_start"], q["log_E_max"])
+    logN, logD = _log_nonembedding(xp, X, "params_active"), xp.log(X["tokens"])
+    return _lse(xp, q["log_c"], q["log_A"] - q["delta"] * lE - q["alpha"] * logN, q["log_B"] - q["beta"] * logD)
 
 
 def _clark(q, X, xp):
@@ -340,6 +356,29 @@ CLARK = Law(
     fix_order=("c", "E_max", "E_start", "b", "a"),
 )
 
+SATURATING = Law(
+    name="saturating",
+    formula=("L = c + A / (Ehat^delta N^alpha) + B / D^beta, "
+             f"{_EHAT}   (N = params_active - params_embedding, D = tokens, E = expansion)"),
+    inputs=("params_active", "params_embedding", "tokens", "expansion"),
+    params=("c", "A", "alpha", "delta", "B", "beta", "E_start", "E_max"),
+    bounds=dict(c=(1e-3, 20.0), A=_POS, alpha=(0.0, 4.0), delta=(-1.0, 4.0), B=_POS, beta=(0.0, 4.0),
+                E_start=_E_START, E_max=_E_MAX),
+    log_params=frozenset({"c", "A", "B", "E_start", "E_max"}),
+    grid=dict(log_c=(-0.5, 0.5), log_A=(2.5, 5.0, 10.0), alpha=(0.1, 0.3, 0.6), delta=(0.05, 0.3),
+              log_B=(2.5, 7.5), beta=(0.1, 0.4), log_E_start=(math.log(2.0),),
+              log_E_max=(math.log(100.0), math.log(1000.0))),
+    log_form=_saturating,
+    citation=("this project (docs/design.md, section 5): Hoffmann et al. 2022's irreducible loss and data "
+              "term, with Clark et al. 2022's saturating expert count Ehat dividing the parameter term; "
+              "reference values: Besiroglu et al. 2024's Chinchilla fit, Clark et al.'s S-Base E_start and "
+              "E_max, delta = 0"),
+    reference=dict(c=1.817, A=477.8, alpha=0.3473, delta=0.0, B=2143.0, beta=0.3672, E_start=1.847,
+                   E_max=314.478),
+    fix_order=("E_max", "E_start", "delta", "beta", "alpha", "B", "A"),
+    optional_inputs={"params_embedding": 0.0},
+)
+
 ONDEVICE = Law(
     name="ondevice",
     formula=("the joint_moe law with its N term multiplied by (1 + g (G^-eta - 1)) (1 + n_shared)^-sigma "
@@ -355,12 +394,10 @@ ONDEVICE = Law(
     reference={**_JOINT_REFERENCE, "g": 0.0, "eta": 1.0, "sigma": 0.0},
     fix_order=("sigma", "eta", "g") + _JOINT_FIX_ORDER,
     optional_inputs={"params_embedding": 0.0},
-    # Not a --law auto candidate until it beats joint_moe on held-out error on our own sweeps
-    # (no sweep results exist yet); available by name: --law ondevice.
-    in_auto=False,
+    # An auto candidate since it won held-out error on results/sparsity_granularity (README, Results).
 )
 
-LAWS: dict[str, Law] = {law.name: law for law in (CHINCHILLA, KRAJEWSKI, JOINT_MOE, CLARK, ONDEVICE)}
+LAWS: dict[str, Law] = {law.name: law for law in (CHINCHILLA, KRAJEWSKI, JOINT_MOE, CLARK, SATURATING, ONDEVICE)}
 """Every registered law by name."""
 
 
