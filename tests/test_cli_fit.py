@@ -96,8 +96,10 @@ def test_auto_reports_every_candidate(env, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     cands = {c["law"]: c for c in res["metrics"]["candidates"]}
-    assert res["law"] == "clark" and set(cands) == {"chinchilla", "krajewski", "joint_moe", "clark"}
+    assert res["law"] == "clark" and set(cands) == {"chinchilla", "krajewski", "joint_moe", "clark", "saturating",
+                                                    "ondevice"}
     assert cands["chinchilla"]["skipped"] == "no column tokens" and cands["clark"]["heldout_rmse"] > 0
+    assert cands["saturating"]["skipped"] == "no column tokens"
 
 
 def test_saved_published_fit_predicts_without_interval(env, tmp_path):

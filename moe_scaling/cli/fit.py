@@ -3,6 +3,14 @@
 INPUT is a sweep directory (its ``runs.parquet``: completed runs, loss = eval_loss), a CSV or parquet
 runs table with canonical columns (``--column canonical=theirs`` maps other names), or a saved fit
 JSON (nothing is fitted; use it with ``--predict``). See :mod:`moe_scaling.laws.fit` for the procedure.
+With ``--budget-mem`` and no INPUT the project's default fit (:data:`DEFAULT_FIT`) is used and the
+output says so.
+
+``--budget-mem`` alone (no ``--tokens``, ``--train-compute`` or ``--budget-latency``) asks the
+memory-only question, whose answer depends on how long the model trains: the output (``--json`` key
+``by_compute``) is the sweet spot at each training-compute budget of
+:data:`~moe_scaling.design.search.BY_COMPUTE_DEFAULT` and where dense takes over
+(:func:`moe_scaling.design.search.search_by_compute`). Any of those three options gives one answer.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ import numpy as np
 from moe_scaling.cli._common import make_parser, print_json, run_cli
 from moe_scaling.errors import InputError
 from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
+from moe_scaling.units import format_count
+from moe_scaling.cli.budget import budget_from_args, option
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
+from moe_scaling.design.search import search_by_compute
+from moe_scaling.design.space import ArchSpace
 from moe_scaling.laws.fit import Fit, fit_law, load_fit, select_law
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, get_law
 from moe_scaling.laws.tables import load_runs
@@ -27,6 +39,9 @@ from moe_scaling.runtime import default_cache_dir, enable_compilation_cache
 PROG = "moe-fit"
 PREDICTION_LEVEL = 0.9
 BOOTSTRAP, KFOLD, SEED = 200, 5, 0      # fitting defaults (the flags default to None: "not given")
+DEFAULT_FIT = Path(__file__).resolve().parents[2] / "fits" / "joint_moe_published.json"
+"""The fit ``moe-fit --budget-mem ...`` uses without INPUT: the published Joint-MoE law of
+Ludziejewski et al. 2025 (no bootstrap, so no intervals)."""
 
 EXAMPLES = """\
   moe-fit results/my-sweep                                  # --law auto: every law, lowest held-out error wins
@@ -35,8 +50,10 @@ EXAMPLES = """\
   moe-fit ../shared/data/chinchilla/svg_extracted_data.csv --law chinchilla \\
       --column params_active="Model Size" --column train_compute="Training FLOP" --drop-highest-loss 5
   moe-fit fits/joint_moe_published.json --predict candidates.csv --json
+  moe-fit --budget-mem 2GB                                  # default fit; sweet spot per training compute
+  moe-fit results/my-sweep --budget-mem 2GB --train-compute 1e21   # one sweet spot
 
-laws: """ + ", ".join(LAWS) + """ (auto considers every law except ondevice)
+laws: """ + ", ".join(LAWS) + """ (auto fits every law the table has the columns for)
 canonical columns: """ + ", ".join(CANONICAL_COLUMNS) + """, train_compute
   (tokens = train_compute / (6 params_active) when a table has training compute but no tokens)
 intervals: coefficients at 95% (bootstrap percentiles), predictions at 90%.
@@ -70,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``moe-fit`` parser."""
     p = make_parser(PROG, "Fit a scaling law to training runs: robust multi-start fit, bootstrap "
                           "intervals, held-out error, law selection.", EXAMPLES)
-    p.add_argument("input", metavar="INPUT", help="sweep directory, runs table (.csv/.parquet) or saved fit (.json)")
+    p.add_argument("input", metavar="INPUT", nargs="?", default=None,
+                   help="sweep directory, runs table (.csv/.parquet) or saved fit (.json); may be left out "
+                        "with --budget-mem (then the default fit, fits/joint_moe_published.json)")
     p.add_argument("--law", default=None, metavar="NAME|auto",
                    help=f"law to fit: {', '.join(LAWS)} or auto (default auto)")
     p.add_argument("--huber-delta", type=float, default=None, metavar="X",
@@ -127,6 +146,65 @@ def _fitted(args: argparse.Namespace, columns: dict[str, str]) -> Fit:
         fit = fit_law(get_law(law), table, **kw)
     return dataclasses.replace(fit, notes=tuple(notes) + fit.notes,
                                settings={**fit.settings, "input": str(args.input), "columns": columns})
+
+
+def _default_input(args: argparse.Namespace) -> str | None:
+    """Fill in INPUT when it was left out: the default fit with ``--budget-mem`` (returns the note
+    saying so), else a one-line error."""
+    if args.input is not None:
+        return None
+    if args.budget_mem is None:
+        raise InputError("INPUT: give a sweep directory, runs table or fit JSON (it may be left out only "
+                         "with --budget-mem, which then uses the default fit)")
+    if not DEFAULT_FIT.is_file():
+        raise InputError(f"no INPUT and the default fit {DEFAULT_FIT} is not there; give a fit JSON or runs")
+    args.input = str(DEFAULT_FIT)
+    return (f"no INPUT: used the project's default fit {DEFAULT_FIT.parent.name}/{DEFAULT_FIT.name} "
+            "(published Joint-MoE coefficients, Ludziejewski et al. 2025; no interval)")
+
+
+def by_compute_wanted(args: argparse.Namespace) -> bool:
+    """Whether the options ask the memory-only question: ``--budget-mem`` without ``--tokens``,
+    ``--train-compute`` or ``--budget-latency``."""
+    return (args.budget_mem is not None and args.tokens is None and args.train_compute is None
+            and args.budget_latency is None)
+
+
+def run_by_compute(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
+    """``{"by_compute": ...}``: :func:`search_by_compute` under the budget options given."""
+    if getattr(args, "emit", None):
+        raise InputError("--emit: --budget-mem alone answers per training compute, not with one model; add "
+                         "--train-compute C, --tokens D or --budget-latency T to emit its sweet spot")
+    level = option(args, "interval_level")
+    if not 0 < level < 1:
+        raise InputError(f"--interval-level = {level}: must be in (0, 1); e.g. 0.9")
+    budget = budget_from_args(args)
+    result = search_by_compute(fit, budget, space=ArchSpace(vocab_size=option(args, "vocab")), level=level)
+    return {"by_compute": result.to_dict()}
+
+
+def format_by_compute(bc: dict[str, Any]) -> str:
+    """The ``by_compute`` table for people: one line per training-compute budget."""
+    b = bc["budget"]
+    lines = [f"sweet spot by training compute, {b['memory'] / 1e9:g} GB ({b['weights']} weights, {b['kv']} KV at "
+             f"{b['context']} tokens); tokens = C / {'6 N_active' if b['compute_rule'] == '6N' else '(3 x forward FLOPs)'}",
+             f"  {'compute':>8}  {'best':<5} {'E':>6} {'G':>3} {'shared':>6} {'active / total':>17} {'tokens':>9}  "
+             f"{'loss':<24} {'dense':>7} {'MoE gain':>9}"]
+    for r in bc["rows"]:
+        a, iv = r["architecture"], r["predicted_loss_interval"]
+        loss = f"{r['predicted_loss']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
+        gain = "" if r["moe_advantage"] is None else f"{r['moe_advantage']:+.4f}"
+        lines.append(f"  {r['train_compute']:>8.0e}  {r['winner']:<5} {a['expansion']:>6.3g} {a['granularity']:>3g} "
+                     f"{a['n_shared']:>6d} {format_count(a['params_active']):>7} / {format_count(a['params_total']):<7} "
+                     f"{r['tokens']:>9.3g}  {loss:<24} {r['dense_loss']:>7.4f} {gain:>9}")
+    over = bc["dense_takes_over"]
+    lines.append("dense takes over from " + (f"{over:.0e} FLOPs of training compute" if over is not None else
+                                             "no budget listed: MoE is the sweet spot at the largest")
+                 + "; add --train-compute C (or --tokens, --budget-latency) for one sweet spot with its frontier")
+    law = bc["law_scope"]
+    if law["fixed_knobs"]:
+        lines.append(f"law cannot see {', '.join(k for k in law['fixed_knobs'])}: fixed to {law['fixed_knobs']}")
+    return "\n".join(lines)
 
 
 def _predictions(fit: Fit, path: str, columns: dict[str, str]) -> dict[str, Any]:
@@ -198,11 +276,18 @@ def format_fit(result: dict[str, Any]) -> str:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     columns = dict(_pairs(args.column, "--column"))
+    default_note = _default_input(args)
     fit = _fitted(args, columns)
     result = summary(fit)
+    if default_note:
+        result["notes"] = [default_note] + result["notes"]
+        result["default_fit"] = args.input
     if args.predict:
         result.update(_predictions(fit, args.predict, columns))
-    result.update(run_budget(args, fit))  # sweet spot and frontiers when --budget-mem is given
+    if by_compute_wanted(args):
+        result.update(run_by_compute(args, fit))
+    else:
+        result.update(run_budget(args, fit))  # sweet spot and frontiers when --budget-mem is given
     if args.out:
         fit.save(args.out)
         result["out"] = str(args.out)
@@ -216,6 +301,8 @@ def _main(argv: Sequence[str] | None) -> int:
         budget_text = format_budget(result)
         if budget_text:
             print(budget_text)
+        if "by_compute" in result:
+            print(format_by_compute(result["by_compute"]))
         for name, paths in result.get("plots", {}).items():
             print(f"figure {name}: {', '.join(paths)}")
     return 0

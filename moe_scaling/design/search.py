@@ -42,7 +42,8 @@ from moe_scaling.design.space import ArchSpace, Budget, ExpertLine, Layout, Trun
 from moe_scaling.errors import ConfigError
 from moe_scaling.laws.registry import LAW_INPUTS
 
-__all__ = ["law_reads", "search", "SearchResult", "NothingFits"]
+__all__ = ["law_reads", "search", "SearchResult", "NothingFits", "search_by_compute", "ByCompute", "ComputeRow",
+           "BY_COMPUTE_DEFAULT"]
 
 
 class NothingFits(ConfigError):
@@ -367,3 +368,115 @@ def _published(ev: _Evaluator, level: float) -> list[dict[str, Any]]:
         d = describe(ev.model, m.config, ev.budget, level=level).to_dict()
         out.append({"name": name, "source": m.source, **{k: d[k] for k in keys}})
     return out
+
+
+# --------------------------------------------------------------------------------------
+# The memory-only question: the sweet spot across training-compute budgets
+# --------------------------------------------------------------------------------------
+
+BY_COMPUTE_DEFAULT = tuple(10.0 ** e for e in range(19, 26))
+"""Training-compute budgets (FLOPs) :func:`search_by_compute` scans by default: 1e19 ... 1e25."""
+
+
+def _architecture(c: Candidate) -> dict[str, Any]:
+    """The sparsity vocabulary of a candidate (docs/design.md, section 3)."""
+    cfg = c.config
+    return {"is_moe": cfg.is_moe, "expansion": cfg.expansion, "granularity": cfg.granularity,
+            "n_shared": cfg.n_shared, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
+            "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+            "params_active": int(c.costs["params_active"]), "params_total": int(c.costs["params_total"]),
+            "active_ratio": c.costs["params_active"] / c.costs["params_total"]}
+
+
+@dataclass(frozen=True)
+class ComputeRow:
+    """The answer at one training-compute budget: the best model (``sweet_spot``, MoE or dense),
+    the best MoE and the best dense model under the same memory (and FLOPs) budget."""
+
+    train_compute: float
+    sweet_spot: Candidate
+    best_moe: Candidate | None
+    dense: Candidate | None
+
+    @property
+    def winner(self) -> str:
+        return "moe" if self.sweet_spot.config.is_moe else "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        s, m, d = self.sweet_spot, self.best_moe, self.dense
+        return {"train_compute": self.train_compute, "winner": self.winner, "architecture": _architecture(s),
+                "tokens": s.tokens, "predicted_loss": s.predicted_loss,
+                "predicted_loss_interval": list(s.interval) if s.interval else None,
+                "dense_loss": d.predicted_loss if d else None,
+                "moe_advantage": (d.predicted_loss - m.predicted_loss) if (m and d) else None,
+                "sweet_spot": s.to_dict(), "best_moe": m.to_dict() if m else None,
+                "dense": d.to_dict() if d else None}
+
+
+@dataclass(frozen=True)
+class ByCompute:
+    """:func:`search_by_compute`'s answer: one :class:`ComputeRow` per training-compute budget
+    (ascending), and where dense takes over."""
+
+    budget: Budget
+    rows: tuple[ComputeRow, ...]
+    law: dict[str, Any]
+
+    @property
+    def dense_takes_over(self) -> float | None:
+        """The smallest budget from which dense is the sweet spot at it and every larger budget
+        listed (None when MoE is the sweet spot at the largest)."""
+        out = None
+        for row in reversed(self.rows):
+            if row.winner != "dense":
+                break
+            out = row.train_compute
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        base = {k: v for k, v in self.budget.to_dict().items() if k not in ("tokens", "train_compute")}
+        return {"budget": base, "rows": [r.to_dict() for r in self.rows],
+                "dense_takes_over": self.dense_takes_over, "law_scope": self.law}
+
+
+def search_by_compute(model: LossModel, budget: Budget, computes: Iterable[float] = BY_COMPUTE_DEFAULT,
+                      space: ArchSpace = ArchSpace(), *, level: float = 0.9) -> ByCompute:
+    """The sweet spot under ``budget``'s memory (and FLOPs / latency) limits at each training
+    compute C in ``computes``: tokens per architecture D = C / (6 N) (or the budget's
+    ``compute_rule``), whatever ``budget.tokens`` says.
+
+    At a fixed token count a law spends memory on active parameters; at a fixed training compute
+    more active parameters mean fewer tokens, so MoE (memory in idle experts) wins at small C and
+    dense takes over once C can train the largest dense model that fits (Ludziejewski et al. 2025).
+    Every (trunk, layout) expert line is built once, cut at the memory budget, and scored
+    exhaustively at every C; granularity and shared experts are searched when the law reads them
+    (:func:`law_reads`), else fixed as in :func:`search`."""
+    Cs = sorted(float(c) for c in computes)
+    if not Cs or any(not (math.isfinite(c) and c > 0) for c in Cs):
+        raise ConfigError(f"train_compute budgets {Cs}: need one or more positive numbers")
+    reads = law_reads(model)
+    grans = None if reads["granularity"] else space.granularities[:1]
+    shared = None if reads["n_shared"] else space.shared[:1]
+    lines = []
+    for t in trunks(space):
+        for lay in [None] + layouts(space, t.d_model, grans, shared):
+            line = expert_line(space, t, lay, budget, budget.memory)
+            if line is not None:
+                lines.append(line)
+    rows = []
+    for C in Cs:
+        b = dataclasses.replace(budget, tokens=None, train_compute=C)
+        ev = _Evaluator(model, b, space)
+        best, best_moe, best_dense = _Best(), _Best(), _Best()
+        for line in lines:
+            s = ev.score(line)
+            feasible = np.logical_and.reduce(list(s["ok"].values()))
+            best.offer(line, s["loss"], feasible)
+            (best_moe if line.layout is not None else best_dense).offer(line, s["loss"], feasible)
+        if best.line is None:
+            raise NothingFits(f"budget.memory = {budget.memory}: nothing in the space fits; raise it")
+        rows.append(ComputeRow(train_compute=C, sweet_spot=_describe(ev, best, level),
+                               best_moe=_describe(ev, best_moe, level) if best_moe.line is not None else None,
+                               dense=_describe(ev, best_dense, level) if best_dense.line is not None else None))
+    return ByCompute(budget=budget, rows=tuple(rows), law=_law_scope(reads, space, dataclasses.replace(
+        budget, tokens=None, train_compute=Cs[0])))
