@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FIT.json", help="write the fit as JSON (e.g. fits/my-sweep.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     add_budget_arguments(p)
+    v = p.add_argument_group("closed loop (train what the search predicts)")
+    v.add_argument("--validate", metavar="DIR", default=None,
+                   help="with --budget-mem and --train-compute (at the study's scale, e.g. --budget-mem 2MB "
+                        "--train-compute 5e12 --context 128): train the optimum, two runners-up and named "
+                        "alternatives in the study space and write DIR/validation.json")
+    v.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per candidate with --validate (default 3)")
     add_fit_plot_argument(p)
     return p
 
@@ -181,6 +187,23 @@ def run_by_compute(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
     budget = budget_from_args(args)
     result = search_by_compute(fit, budget, space=ArchSpace(vocab_size=option(args, "vocab")), level=level)
     return {"by_compute": result.to_dict()}
+
+
+def run_validation(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
+    """``{"validation": ...}``: :func:`moe_scaling.design.validate.validate` under the budget given
+    (it needs --budget-mem and --train-compute), in the study space (byte vocabulary unless --vocab)."""
+    from moe_scaling.design.validate import STUDY_SPACE, validate
+
+    if args.budget_mem is None or args.train_compute is None:
+        raise InputError(f"--validate {args.validate}: needs --budget-mem M and --train-compute C at the study's "
+                         "scale, e.g. --budget-mem 2MB --train-compute 5e12 --context 128")
+    if getattr(args, "emit", None):
+        raise InputError("--emit: not with --validate (the closed loop trains study-scale models)")
+    level = option(args, "interval_level")
+    space = STUDY_SPACE if args.vocab is None else dataclasses.replace(STUDY_SPACE, vocab_size=args.vocab)
+    seeds = 3 if args.seeds is None else args.seeds
+    return {"validation": validate(fit, budget_from_args(args), args.validate, seeds=seeds, space=space,
+                                   level=level)}
 
 
 def format_by_compute(bc: dict[str, Any]) -> str:
@@ -284,7 +307,11 @@ def _main(argv: Sequence[str] | None) -> int:
         result["default_fit"] = args.input
     if args.predict:
         result.update(_predictions(fit, args.predict, columns))
-    if by_compute_wanted(args):
+    if args.seeds is not None and not args.validate:
+        raise InputError(f"--seeds {args.seeds}: only acts with --validate DIR; add it or drop --seeds")
+    if args.validate:
+        result.update(run_validation(args, fit))
+    elif by_compute_wanted(args):
         result.update(run_by_compute(args, fit))
     else:
         result.update(run_budget(args, fit))  # sweet spot and frontiers when --budget-mem is given
@@ -303,6 +330,17 @@ def _main(argv: Sequence[str] | None) -> int:
             print(budget_text)
         if "by_compute" in result:
             print(format_by_compute(result["by_compute"]))
+        if "validation" in result:
+            v = result["validation"]
+            for c in v["candidates"]:
+                iv = c["interval"]
+                print(f"  {c['name']:<12} predicted {c['predicted_loss']:.4f}"
+                      + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
+                      + (f"  measured {c['measured_mean']:.4f}" if c["measured_mean"] is not None else "  not measured")
+                      + (f" +- {c['measured_std']:.4f}" if c["measured_std"] is not None else ""))
+            print(f"noise floor {v['noise_floor']}, spearman {v['spearman']}, predicted best is measured best: "
+                  f"{v['predicted_best_is_measured_best']}, within interval: {v['within_interval']}")
+            print(f"wrote {args.validate}/validation.json")
         for name, paths in result.get("plots", {}).items():
             print(f"figure {name}: {', '.join(paths)}")
     return 0

@@ -110,7 +110,8 @@ class ArchSpace:
     aspect_max`` (MobileMoE-L: 1280 / 32 = 40; OLMoE: 128); ``n_heads = d_model / head_dim`` for
     each ``head_dims`` entry; ``n_kv_heads`` from ``kv_heads`` (must divide n_heads). The dense
     reference FFN is ``d_ff = ffn_mult * d_model``. An MoE layout with granularity G has
-    ``d_expert = d_ff / G`` (a multiple of 64); without a shared expert ``top_k = G`` (active FFN
+    ``d_expert = d_ff / G`` (a multiple of ``expert_multiple``, 64 by default; small study-scale
+    spaces lower it); without a shared expert ``top_k = G`` (active FFN
     width d_ff); with one it holds half the active width, ``d_shared = d_ff / 2`` and
     ``top_k = G / 2`` (MobileMoE-L: G = 8, top-4 of width 640 plus a shared 2560). ``n_experts``
     runs from ``max(top_k + 1, G)`` (expansion >= 1) to ``expansion_max * G``. The first entry of ``granularities`` and of
@@ -128,6 +129,7 @@ class ArchSpace:
     head_dims: tuple[int, ...] = (64, 128)
     kv_heads: tuple[int, ...] = (4,)
     ffn_mult: int = 4
+    expert_multiple: int = 64
     granularities: tuple[int, ...] = (8, 1, 2, 4, 16)
     shared: tuple[int, ...] = (1, 0)
     expansion_max: float = 64.0
@@ -139,7 +141,7 @@ class ArchSpace:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model_min", "d_model_max", "d_model_step", "n_layers_min",
-                     "n_layers_max", "ffn_mult"):
+                     "n_layers_max", "ffn_mult", "expert_multiple"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"space.{name} = {v!r}: must be a whole number >= 1")
@@ -206,11 +208,11 @@ def trunks(space: ArchSpace) -> Iterator[Trunk]:
 def layouts(space: ArchSpace, d_model: int, granularities: Sequence[int] | None = None,
             shared: Sequence[int] | None = None) -> list[Layout]:
     """MoE layouts valid at ``d_model`` (hardware-friendly widths), in preference order."""
-    d_ff = space.ffn_mult * d_model
+    d_ff, unit = space.ffn_mult * d_model, space.expert_multiple
     out = []
     for s in (space.shared if shared is None else shared):
         for G in (space.granularities if granularities is None else granularities):
-            if d_ff % G or (d_ff // G) % 64 or (s and (G % 2 or (d_ff // 2) % 64)):
+            if d_ff % G or (d_ff // G) % unit or (s and (G % 2 or (d_ff // 2) % unit)):
                 continue
             out.append((G, s))
     return out

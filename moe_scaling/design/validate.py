@@ -1,0 +1,211 @@
+"""The closed loop: train what the search predicts and check the prediction (``moe-fit --validate``).
+
+:func:`validation_candidates` takes a fitted law and a budget at a study's scale and names the
+architectures worth training: the search's ``optimum``, the two next-best architectures
+(``runner_up_1``, ``runner_up_2``: the best point of the two next-best (trunk, layout) lines), and
+the named alternatives ``best_dense``, ``coarse_g1`` (the best layout with G = 1), ``over_sparse``
+(the best point with more than the optimum's expansion and at least 4x it, or the space's maximum)
+and ``no_shared`` (the best without a shared expert; ``with_shared`` when the optimum has none).
+The optimum and runners-up keep knobs the law cannot read at the space's preferred layout, as
+:func:`~moe_scaling.design.search.search` does; the alternatives may use any layout, so they test
+exactly what the law ignores. An alternative whose model is already listed is not repeated.
+
+:func:`validate` writes them as a grid file (one ``zip`` row per candidate, every ModelConfig field
+explicit, tokens from the budget's training compute rounded to whole steps, ``seeds``), trains it
+with the sweep runner (:func:`moe_scaling.sweep.runner.run_sweep`, so crashes resume) and writes
+``DIR/validation.json``::
+
+    {"budget", "candidates": [{"name", "role", "model", "predicted_loss", "interval", "measured",
+     "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
+     "predicted_best_is_measured_best", "within_interval", "grid", "sweep"}
+
+``measured`` are the final eval losses of the seeds; ``noise_floor`` the pooled seed-to-seed
+standard deviation ``sqrt(mean_i s_i^2)`` over candidates (None with one seed); ``spearman`` the
+rank correlation of predicted loss and measured mean over candidates; ``within_interval`` the share
+of candidates whose measured mean lies in the law's interval (None when the law has none). The
+verdict is the reader's: a law whose best is not the measured best beyond the noise floor failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from moe_scaling.config import ModelConfig
+from moe_scaling.design.candidate import Candidate, LossModel, describe
+from moe_scaling.design.search import NothingFits, _Evaluator, law_reads
+from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, trunks
+from moe_scaling.errors import ConfigError
+from moe_scaling.files import atomic_write_text, json_default
+
+__all__ = ["STUDY_SPACE", "Named", "validation_candidates", "validate"]
+
+STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model_step=16, n_layers_min=2,
+                        n_layers_max=4, aspect_min=8.0, aspect_max=64.0, head_dims=(16,), kv_heads=(2,),
+                        granularities=(4, 2, 1), shared=(1, 0), expansion_max=16.0, expert_multiple=16,
+                        max_seq_len=128, rope_theta=10000.0)
+"""The architectures of this project's CPU studies (byte vocabulary, d_model 32-128, 2-4 layers). Its
+preferred layout (first entries, used when a law cannot see the knob, as in
+:func:`~moe_scaling.design.search.search`) is MobileMoE-like: G = 4 with one shared expert."""
+
+
+@dataclass(frozen=True)
+class Named:
+    """A candidate to train: its name, its role (``optimum``, ``runner_up``, ``alternative``) and
+    the law's description of it."""
+
+    name: str
+    role: str
+    candidate: Candidate
+
+
+def _best_per_line(model: LossModel, budget: Budget,
+                   space: ArchSpace) -> list[tuple[float, ModelConfig, tuple[int, int] | None]]:
+    """The lowest-loss feasible point of every (trunk, layout) line with its layout, best first."""
+    ev = _Evaluator(model, budget, space)
+    out = []
+    for t in trunks(space):
+        for lay in [None] + layouts(space, t.d_model):
+            line = expert_line(space, t, lay, budget, budget.memory)
+            if line is None:
+                continue
+            s = ev.score(line)
+            ok = np.logical_and.reduce(list(s["ok"].values()))
+            loss = np.where(ok, s["loss"], np.inf)
+            i = int(np.argmin(loss))
+            if math.isfinite(loss[i]):
+                out.append((float(loss[i]), line.config(space, i), lay))
+    out.sort(key=lambda p: p[0])
+    return out
+
+
+def validation_candidates(model: LossModel, budget: Budget, space: ArchSpace = STUDY_SPACE, *,
+                          level: float = 0.9) -> list[Named]:
+    """The optimum, two runners-up and the named alternatives under ``budget`` (see the module
+    docstring); raises :class:`NothingFits` when nothing fits."""
+    every = _best_per_line(model, budget, space)
+    reads = law_reads(model)
+    grans = space.granularities if reads["granularity"] else space.granularities[:1]
+    shared = space.shared if reads["n_shared"] else space.shared[:1]
+    # the optimum and runners-up as the search sees them: knobs the law cannot read stay at the
+    # space's preferred layout; the alternatives may use any layout
+    lines = [(loss, cfg) for loss, cfg, lay in every if lay is None or (lay[0] in grans and lay[1] in shared)]
+    if not lines:
+        raise NothingFits(f"budget.memory = {budget.memory}: nothing in the study space fits; raise it")
+    opt = lines[0][1]
+    picks: list[tuple[str, str, ModelConfig]] = [("optimum", "optimum", opt)]
+    picks += [(f"runner_up_{i + 1}", "runner_up", cfg) for i, (_, cfg) in enumerate(lines[1:3])]
+
+    def first(pred):
+        return next((cfg for _, cfg, _ in every if pred(cfg)), None)
+
+    alternatives = [
+        ("best_dense", first(lambda c: not c.is_moe)),
+        ("coarse_g1", first(lambda c: c.is_moe and c.granularity == 1)),
+        ("over_sparse", first(lambda c: c.is_moe and c.expansion >= min(4 * opt.expansion, space.expansion_max)
+                              and c.expansion > opt.expansion)),
+        ("no_shared", first(lambda c: c.is_moe and c.n_shared == 0)) if opt.n_shared else
+        ("with_shared", first(lambda c: c.is_moe and c.n_shared > 0)),
+    ]
+    picks += [(name, "alternative", cfg) for name, cfg in alternatives if cfg is not None]
+    out, seen = [], set()
+    for name, role, cfg in picks:
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        out.append(Named(name, role, describe(model, cfg, budget, level=level)))
+    return out
+
+
+def _grid_doc(named: list[Named], *, name: str, data: Mapping[str, Any], train: Mapping[str, Any],
+              seeds: int) -> dict[str, Any]:
+    """The grid file: one zip row per candidate, every ModelConfig field explicit, tokens rounded
+    to whole steps (at least one)."""
+    step = int(train["batch_size"]) * int(data["seq_len"])
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    zip_ = {f: [getattr(n.candidate.config, f) for n in named] for f in fields}
+    zip_["tokens"] = [max(1, round(n.candidate.tokens / step)) * step for n in named]
+    return {"name": name, "data": dict(data), "train": dict(train), "model": {}, "zip": zip_,
+            "seeds": list(range(seeds))}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return None if not np.isfinite(rho) else float(rho)
+
+
+def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 3,
+             space: ArchSpace = STUDY_SPACE, data: Mapping[str, Any] | None = None,
+             train: Mapping[str, Any] | None = None, level: float = 0.9, name: str = "validation",
+             workers: int = 1) -> dict[str, Any]:
+    """Train :func:`validation_candidates` (``seeds`` seeds each) under ``out`` and write
+    ``out/validation.json`` (see the module docstring). ``budget`` needs ``train_compute`` (the
+    study's compute; tokens follow per architecture). ``data`` and ``train`` are the grid's base
+    sections (defaults: the Gutenberg corpus beside the repository at seq_len 128, batch 16, lr 3e-3)."""
+    import yaml
+
+    from moe_scaling.sweep.runner import run_sweep
+    from moe_scaling.sweep.layout import SweepDir
+    import pandas as pd
+
+    if budget.train_compute is None:
+        raise ConfigError("--validate: needs --train-compute C (the study's training compute), so that "
+                          "tokens follow each architecture")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds {seeds!r}: must be a whole number >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = dict(data or {"corpus": str(Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "gutenberg"),
+                         "seq_len": 128})
+    train = {"batch_size": 16, "lr": 0.003, "eval_every": 200, "eval_batches": 8, "ckpt_every": 200,
+             "log_every": 20, **(train or {})}
+    named = validation_candidates(model, budget, space, level=level)
+    doc = _grid_doc(named, name=name, data=data, train=train, seeds=seeds)
+    grid = out / "grid.yaml"
+    atomic_write_text(grid, yaml.safe_dump(doc, sort_keys=False))
+    sweep_dir = out / "sweep"
+    run_sweep(grid, sweep_dir, workers=workers)
+    runs = pd.read_parquet(SweepDir(sweep_dir).runs_table)
+    runs = runs[runs["status"] == "completed"]
+    rows = []
+    for n, tokens in zip(named, doc["zip"]["tokens"]):
+        c = n.candidate.config
+        m = runs[(runs["d_model"] == c.d_model) & (runs["n_layers"] == c.n_layers)
+                 & (runs["n_experts"] == c.n_experts) & (runs["top_k"] == c.top_k)
+                 & (runs["n_shared"] == c.n_shared) & (runs["tokens"] == tokens)]
+        if c.is_moe:
+            m = m[m["d_expert"] == c.d_expert]
+        measured = sorted(float(v) for v in m["eval_loss"])
+        mean = float(np.mean(measured)) if measured else None
+        std = float(np.std(measured, ddof=1)) if len(measured) > 1 else None
+        iv = n.candidate.interval
+        rows.append({"name": n.name, "role": n.role, "model": c.to_dict(),
+                     "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
+                     "tokens": tokens, "measured": measured, "measured_mean": mean, "measured_std": std,
+                     "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])})
+    done = [r for r in rows if r["measured_mean"] is not None]
+    stds = [r["measured_std"] for r in done if r["measured_std"] is not None]
+    pred = np.array([r["predicted_loss"] for r in done])
+    meas = np.array([r["measured_mean"] for r in done])
+    inside = [r["in_interval"] for r in done if r["in_interval"] is not None]
+    result = {
+        "budget": budget.to_dict(),
+        "candidates": rows,
+        "noise_floor": float(math.sqrt(np.mean(np.square(stds)))) if stds else None,
+        "spearman": _spearman(pred, meas),
+        "predicted_best_is_measured_best": (bool(np.argmin(pred) == np.argmin(meas)) if done else None),
+        "within_interval": (sum(inside) / len(inside)) if inside else None,
+        "grid": str(grid), "sweep": str(sweep_dir),
+    }
+    atomic_write_text(out / "validation.json", json.dumps(result, indent=1, default=json_default) + "\n")
+    return result
