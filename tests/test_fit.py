@@ -291,3 +291,17 @@ def test_load_fit_rejects_malformed_files(tmp_path, content, message):
         load_fit(path)
     with pytest.raises(FitError, match="no such fit file"):
         load_fit(tmp_path / "missing.json")
+
+
+def test_ondevice_won_held_out_error_on_our_sweep_and_is_an_auto_candidate():
+    """fits/sparsity_granularity.json is `moe-fit results/sparsity_granularity` (--law auto, the 13
+    largest-compute runs held out): ondevice has the lowest held-out RMSE of every candidate (0.0092;
+    chinchilla 0.0156, saturating 0.0158, joint_moe 0.0160), which is what makes it an auto candidate,
+    and its granularity coefficient is positive with an interval above 0."""
+    assert LAWS["ondevice"].in_auto
+    fit = load_fit(REPO / "fits" / "sparsity_granularity.json")
+    scored = {c["law"]: c["heldout_rmse"] for c in fit.metrics["candidates"] if "skipped" not in c}
+    assert set(scored) == {n for n, law in LAWS.items() if law.in_auto}
+    assert fit.law == "ondevice" == min(scored, key=scored.get)
+    assert scored["ondevice"] == pytest.approx(0.0092, abs=5e-4) and scored["chinchilla"] == pytest.approx(0.0156, abs=5e-4)
+    assert fit.params["g"] > 0 and fit.intervals["g"][0] > 0 and fit.settings["bootstrap"] == 200
