@@ -11,6 +11,9 @@ memory-only question, whose answer depends on how long the model trains: the out
 ``by_compute``) is the sweet spot at each training-compute budget of
 :data:`~moe_scaling.design.search.BY_COMPUTE_DEFAULT` and where dense takes over
 (:func:`moe_scaling.design.search.search_by_compute`). Any of those three options gives one answer.
+``--validate DIR`` (with ``--budget-mem`` and ``--train-compute`` at a study's scale) trains the
+search's optimum, runners-up and named alternatives and writes ``DIR/validation.json``
+(:mod:`moe_scaling.design.validate`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ EXAMPLES = """\
   moe-fit fits/joint_moe_published.json --predict candidates.csv --json
   moe-fit --budget-mem 2GB                                  # default fit; sweet spot per training compute
   moe-fit results/my-sweep --budget-mem 2GB --train-compute 1e21   # one sweet spot
+  moe-fit results/my-sweep --budget-mem 2MB --train-compute 5e12 --context 128 --validate val/ --seeds 3
 
 laws: """ + ", ".join(LAWS) + """ (auto fits every law the table has the columns for)
 canonical columns: """ + ", ".join(CANONICAL_COLUMNS) + """, train_compute
