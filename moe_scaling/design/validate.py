@@ -44,7 +44,7 @@ from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, tr
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
 
-__all__ = ["STUDY_SPACE", "Named", "validation_candidates", "validate"]
+__all__ = ["STUDY_SPACE", "Named", "validation_candidates", "summarize", "validate"]
 
 STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model_step=16, n_layers_min=2,
                         n_layers_max=4, aspect_min=8.0, aspect_max=64.0, head_dims=(16,), kv_heads=(2,),
@@ -144,6 +144,23 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if not np.isfinite(rho) else float(rho)
 
 
+def summarize(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The verdict numbers over candidate rows (``predicted_loss``, ``measured``, ``in_interval``;
+    rows without measurements are left out): ``noise_floor`` = ``sqrt(mean_i s_i^2)`` over the
+    candidates' seed standard deviations ``s_i`` (ddof 1; None with one seed), ``spearman`` (None
+    below 3 candidates), ``predicted_best_is_measured_best``, ``within_interval`` (share of
+    candidates whose measured mean lies in the law's interval; None without intervals)."""
+    done = [r for r in rows if r["measured"]]
+    stds = [float(np.std(r["measured"], ddof=1)) for r in done if len(r["measured"]) > 1]
+    pred = np.array([r["predicted_loss"] for r in done])
+    meas = np.array([np.mean(r["measured"]) for r in done])
+    inside = [r["in_interval"] for r in done if r.get("in_interval") is not None]
+    return {"noise_floor": float(math.sqrt(np.mean(np.square(stds)))) if stds else None,
+            "spearman": _spearman(pred, meas),
+            "predicted_best_is_measured_best": bool(np.argmin(pred) == np.argmin(meas)) if done else None,
+            "within_interval": (sum(inside) / len(inside)) if inside else None}
+
+
 def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 3,
              space: ArchSpace = STUDY_SPACE, data: Mapping[str, Any] | None = None,
              train: Mapping[str, Any] | None = None, level: float = 0.9, name: str = "validation",
@@ -193,19 +210,7 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
                      "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
                      "tokens": tokens, "measured": measured, "measured_mean": mean, "measured_std": std,
                      "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])})
-    done = [r for r in rows if r["measured_mean"] is not None]
-    stds = [r["measured_std"] for r in done if r["measured_std"] is not None]
-    pred = np.array([r["predicted_loss"] for r in done])
-    meas = np.array([r["measured_mean"] for r in done])
-    inside = [r["in_interval"] for r in done if r["in_interval"] is not None]
-    result = {
-        "budget": budget.to_dict(),
-        "candidates": rows,
-        "noise_floor": float(math.sqrt(np.mean(np.square(stds)))) if stds else None,
-        "spearman": _spearman(pred, meas),
-        "predicted_best_is_measured_best": (bool(np.argmin(pred) == np.argmin(meas)) if done else None),
-        "within_interval": (sum(inside) / len(inside)) if inside else None,
-        "grid": str(grid), "sweep": str(sweep_dir),
-    }
+    result = {"budget": budget.to_dict(), "candidates": rows, **summarize(rows), "grid": str(grid),
+              "sweep": str(sweep_dir)}
     atomic_write_text(out / "validation.json", json.dumps(result, indent=1, default=json_default) + "\n")
     return result
