@@ -224,9 +224,10 @@ def format_by_compute(bc: dict[str, Any]) -> str:
         lines.append(f"  {r['train_compute']:>8.0e}  {r['winner']:<5} {a['expansion']:>6.3g} {a['granularity']:>3g} "
                      f"{a['n_shared']:>6d} {format_count(a['params_active']):>7} / {format_count(a['params_total']):<7} "
                      f"{r['tokens']:>9.3g}  {loss:<24} {r['dense_loss']:>7.4f} {gain:>9}")
-    over = bc["dense_takes_over"]
+    over, cross = bc["dense_takes_over"], bc["crossover"]
     lines.append("dense takes over from " + (f"{over:.0e} FLOPs of training compute" if over is not None else
                                              "no budget listed: MoE is the sweet spot at the largest")
+                 + (f" (best MoE and best dense predictions cross at {cross:.3g} FLOPs)" if cross else "")
                  + "; add --train-compute C (or --tokens, --budget-latency) for one sweet spot with its frontier")
     law = bc["law_scope"]
     if law["fixed_knobs"]:

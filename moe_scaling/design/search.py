@@ -416,11 +416,15 @@ class ComputeRow:
 @dataclass(frozen=True)
 class ByCompute:
     """:func:`search_by_compute`'s answer: one :class:`ComputeRow` per training-compute budget
-    (ascending), and where dense takes over."""
+    (ascending), and where dense takes over: :attr:`dense_takes_over` at the listed budgets and
+    ``crossover``, the compute between the last MoE row and the first dense row where the best
+    dense prediction first matches the best MoE one (bisection in log C to 0.5%; None when the rows
+    do not go from MoE to dense)."""
 
     budget: Budget
     rows: tuple[ComputeRow, ...]
     law: dict[str, Any]
+    crossover: float | None = None
 
     @property
     def dense_takes_over(self) -> float | None:
@@ -436,7 +440,7 @@ class ByCompute:
     def to_dict(self) -> dict[str, Any]:
         base = {k: v for k, v in self.budget.to_dict().items() if k not in ("tokens", "train_compute")}
         return {"budget": base, "rows": [r.to_dict() for r in self.rows],
-                "dense_takes_over": self.dense_takes_over, "law_scope": self.law}
+                "dense_takes_over": self.dense_takes_over, "crossover": self.crossover, "law_scope": self.law}
 
 
 def search_by_compute(model: LossModel, budget: Budget, computes: Iterable[float] = BY_COMPUTE_DEFAULT,
@@ -463,20 +467,33 @@ def search_by_compute(model: LossModel, budget: Budget, computes: Iterable[float
             line = expert_line(space, t, lay, budget, budget.memory)
             if line is not None:
                 lines.append(line)
-    rows = []
-    for C in Cs:
-        b = dataclasses.replace(budget, tokens=None, train_compute=C)
-        ev = _Evaluator(model, b, space)
+
+    def best_at(C: float) -> tuple[_Evaluator, _Best, _Best, _Best]:
+        ev = _Evaluator(model, dataclasses.replace(budget, tokens=None, train_compute=C), space)
         best, best_moe, best_dense = _Best(), _Best(), _Best()
         for line in lines:
             s = ev.score(line)
             feasible = np.logical_and.reduce(list(s["ok"].values()))
             best.offer(line, s["loss"], feasible)
             (best_moe if line.layout is not None else best_dense).offer(line, s["loss"], feasible)
+        return ev, best, best_moe, best_dense
+
+    rows = []
+    for C in Cs:
+        ev, best, best_moe, best_dense = best_at(C)
         if best.line is None:
             raise NothingFits(f"budget.memory = {budget.memory}: nothing in the space fits; raise it")
         rows.append(ComputeRow(train_compute=C, sweet_spot=_describe(ev, best, level),
                                best_moe=_describe(ev, best_moe, level) if best_moe.line is not None else None,
                                dense=_describe(ev, best_dense, level) if best_dense.line is not None else None))
-    return ByCompute(budget=budget, rows=tuple(rows), law=_law_scope(reads, space, dataclasses.replace(
-        budget, tokens=None, train_compute=Cs[0])))
+    crossover = None
+    for lo_row, hi_row in zip(rows, rows[1:]):
+        if lo_row.winner == "moe" and hi_row.winner == "dense":
+            lo, hi = math.log(lo_row.train_compute), math.log(hi_row.train_compute)
+            while hi - lo > 0.005:                       # 0.5% in C
+                mid = 0.5 * (lo + hi)
+                _, _, m, d = best_at(math.exp(mid))
+                lo, hi = (mid, hi) if (m.line is not None and m.loss < d.loss) else (lo, mid)
+            crossover = math.exp(hi)
+    scope = _law_scope(reads, space, dataclasses.replace(budget, tokens=None, train_compute=Cs[0]))
+    return ByCompute(budget=budget, rows=tuple(rows), law=scope, crossover=crossover)
