@@ -32,25 +32,26 @@ def test_candidates_are_the_optimum_runners_up_and_named_alternatives():
 
 
 def test_validate_trains_the_candidates_and_writes_validation_json(tmp_path):
-    """A tiny budget (two candidates, one train step each, one seed): every candidate is really
-    trained and measured, and the file holds the verdict keys."""
+    """A budget that only the dense model fits (one candidate, one train step, one seed; each trained
+    shape costs ~20 s of compilation on this machine): the candidate is really trained through the
+    sweep runner and measured, and the file holds the verdict keys. The ranking of several
+    candidates is tested above; the verdict arithmetic below."""
     space = dataclasses.replace(STUDY_SPACE, d_model_min=32, d_model_max=32, n_layers_max=2, granularities=(1,),
                                 shared=(0,), expansion_max=2.0)
-    budget = Budget(memory=100_000, train_compute=3e8, context=128)
+    budget = Budget(memory=45_000, train_compute=3e8, context=128)
     r = validate(LAW, budget, tmp_path, seeds=1, space=space, data={"corpus": "stdlib", "seq_len": 128},
                  train={"eval_every": 50, "eval_batches": 1, "ckpt_every": 1000, "log_every": 10})
     doc = json.loads((tmp_path / "validation.json").read_text())
     assert doc == json.loads(json.dumps(r))
     assert {"budget", "candidates", "noise_floor", "spearman", "predicted_best_is_measured_best",
-            "within_interval"} <= set(doc)
-    assert [c["name"] for c in doc["candidates"]] == ["optimum", "runner_up_1"]
-    for c in doc["candidates"]:
-        assert {"name", "role", "model", "predicted_loss", "interval", "measured", "measured_mean",
-                "measured_std"} <= set(c)
-        assert len(c["measured"]) == 1 and 1.0 < c["measured_mean"] < 6.0 and c["measured_std"] is None
-    assert doc["noise_floor"] is None and doc["within_interval"] is None       # one seed; no interval
-    means = [c["measured_mean"] for c in doc["candidates"]]
-    assert doc["predicted_best_is_measured_best"] == (int(np.argmin(means)) == 0)
+            "within_interval"} <= set(doc) and doc["budget"]["train_compute"] == 3e8
+    (c,) = doc["candidates"]
+    assert {"name", "role", "model", "predicted_loss", "interval", "measured", "measured_mean",
+            "measured_std"} <= set(c)
+    assert c["name"] == "optimum" and c["model"]["n_experts"] == 1 and c["tokens"] == 2048
+    assert len(c["measured"]) == 1 and 1.0 < c["measured_mean"] < 6.0 and c["measured_std"] is None
+    assert (tmp_path / "grid.yaml").is_file() and (tmp_path / "sweep" / "runs.parquet").is_file()
+    assert doc["noise_floor"] is None and doc["spearman"] is None and doc["within_interval"] is None
 
 
 def test_summary_numbers_follow_from_the_measurements():
