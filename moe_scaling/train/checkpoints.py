@@ -23,7 +23,14 @@ __all__ = ["Checkpoints", "load_checkpoint"]
 
 
 class Checkpoints:
-    """orbax checkpoints of the train state plus a JSON record of the run so far."""
+    """orbax checkpoints of the train state plus a JSON record of the run so far.
+
+    Sharded: each array is written by the processes that hold its shards, and :meth:`restore`
+    reads it into the sharding of the state it is given, so a checkpoint written on one mesh
+    restores on another. Asynchronous: :meth:`save` returns once the arrays are copied off the
+    devices and the files are written in the background (a train step runs meanwhile);
+    :meth:`latest`, :meth:`restore`, :meth:`wait` and :meth:`close` wait for the last save.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         import orbax.checkpoint as ocp
@@ -32,9 +39,14 @@ class Checkpoints:
         self.mngr = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                                 enable_async_checkpointing=False))
+                                                 enable_async_checkpointing=True))
+
+    def wait(self) -> None:
+        """Block until the last :meth:`save` is on disk."""
+        self.mngr.wait_until_finished()
 
     def latest(self) -> int | None:
+        self.wait()
         return self.mngr.latest_step()
 
     def save(self, step: int, state, record: dict) -> None:
@@ -42,10 +54,11 @@ class Checkpoints:
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
             record=ocp.args.JsonSave(finite_or_none(record))), force=True)
-        self.mngr.wait_until_finished()
 
     def restore(self, step: int, state):
+        """``(state, record)`` of ``step``, read into the shapes, dtypes and shardings of ``state``."""
         ocp = self.ocp
+        self.wait()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
         got = self.mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
@@ -53,6 +66,7 @@ class Checkpoints:
         return state, got["record"]
 
     def close(self) -> None:
+        self.wait()
         self.mngr.close()
 
 
