@@ -454,7 +454,9 @@ class DataConfig:
 
     ``corpus`` is ``stdlib`` (the Python standard library's own source, embedded on every
     machine), a path to a ``.txt``/``.jsonl``/``.npy`` file, a directory or a glob of them.
-    ``tokenizer`` is ``byte`` (vocabulary 256, no download). ``valid_fraction`` of the tokens
+    ``tokenizer`` is ``byte`` (vocabulary 256, no download), ``bpe:N`` (a byte-level BPE of N
+    ids trained on the corpus and cached) or the path of a Hugging Face ``tokenizer.json``
+    (:mod:`moe_scaling.train.tokenizers`). ``valid_fraction`` of the tokens
     (taken from the end, deterministically) is held out for evaluation. ``max_tokens`` caps the
     corpus size (the first tokens are kept) for quick runs.
     """
@@ -470,7 +472,11 @@ class DataConfig:
         if not isinstance(self.corpus, str) or not self.corpus:
             _fail(s, "corpus", self.corpus, "must be a non-empty string",
                   "give 'stdlib', a file, a directory or a glob")
-        _check_choice(s, "tokenizer", self.tokenizer, ("byte",))
+        if not isinstance(self.tokenizer, str) or not (
+                self.tokenizer == "byte" or self.tokenizer.endswith(".json")
+                or (re.fullmatch(r"bpe:\d+", self.tokenizer) and int(self.tokenizer[4:]) >= 257)):
+            _fail(s, "tokenizer", self.tokenizer, "must be byte, bpe:N (N >= 257) or a tokenizer.json path",
+                  "write e.g. tokenizer: bpe:8192")
         _check_int(s, "seq_len", self.seq_len, minimum=2)
         _check_number(s, "valid_fraction", self.valid_fraction, minimum=0.0, maximum=0.5,
                       strict_min=True)

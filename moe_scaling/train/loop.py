@@ -38,7 +38,8 @@ from moe_scaling.files import finite_or_none
 from moe_scaling.model.routing import resolve_dispatch
 from moe_scaling.train.checkpoints import Checkpoints
 from moe_scaling.train.mesh import place_run
-from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_vocab_size, train_batch
+from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_for, tokenizer_vocab_size, train_batch
+from moe_scaling.train.tokenizers import check_vocab
 from moe_scaling.train.step import init_state, make_eval_step, make_train_step
 
 __all__ = ["TrainResult", "train"]
@@ -73,6 +74,8 @@ def _nan_if_none(v) -> float:
 
 
 def _check_compatible(model_cfg: ModelConfig, data_cfg: DataConfig, train_tokens, valid_tokens):
+    if data_cfg.tokenizer != "byte":  # a real tokenizer: the embedding table is exactly its vocabulary
+        check_vocab(model_cfg.vocab_size, tokenizer_for(data_cfg))
     top = int(max(train_tokens.max(initial=0), valid_tokens.max(initial=0)))
     if model_cfg.vocab_size <= top:
         raise ConfigError(f"model.vocab_size = {model_cfg.vocab_size}: the corpus holds token id "
