@@ -19,7 +19,7 @@ from moe_scaling.files import finite_or_none
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.train.step import init_state
 
-__all__ = ["Checkpoints", "load_checkpoint"]
+__all__ = ["Checkpoints", "load_checkpoint", "init_model_from"]
 
 
 class Checkpoints:
@@ -65,6 +65,20 @@ class Checkpoints:
         nnx.replace_by_pure_dict(state, got["state"])
         return state, got["record"]
 
+    def restore_model(self, step: int, state):
+        """``state`` with its model part (``state[0]``) replaced by the model saved at ``step``
+        (whatever optimiser that run used); the optimiser part is left as it is."""
+        ocp = self.ocp
+        self.wait()
+        pure = nnx.to_pure_dict(state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, pure[0])
+        got = self.mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={0: abstract}, restore_args=jax.tree.map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), {0: abstract}), partial_restore=True)))
+        pure[0] = got["state"][0]
+        nnx.replace_by_pure_dict(state, pure)
+        return state
+
     def close(self) -> None:
         self.wait()
         self.mngr.close()
@@ -87,3 +101,17 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_c
         ckpt.close()
     model, _ = nnx.merge(graphdef, state)
     return model, record
+
+
+def init_model_from(state, ckpt_dir: str | os.PathLike):
+    """``state`` (of ``(model, optimizer)``) with the model weights of the latest checkpoint in
+    ``ckpt_dir``: how a recipe stage starts from the previous stage's final model. Shapes must
+    match (same ModelConfig up to ``max_seq_len``); a missing checkpoint is a ConfigError."""
+    ckpt = Checkpoints(ckpt_dir)
+    try:
+        step = ckpt.latest()
+        if step is None:
+            raise ConfigError(f"init_from = {str(ckpt_dir)!r}: holds no checkpoint; run the previous stage first")
+        return ckpt.restore_model(step, state)
+    finally:
+        ckpt.close()

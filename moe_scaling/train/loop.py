@@ -36,7 +36,7 @@ from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import finite_or_none
 from moe_scaling.model.routing import resolve_dispatch
-from moe_scaling.train.checkpoints import Checkpoints
+from moe_scaling.train.checkpoints import Checkpoints, init_model_from
 from moe_scaling.train.mesh import place_run
 from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_for, tokenizer_vocab_size, train_batch
 from moe_scaling.train.tokenizers import check_vocab
@@ -261,6 +261,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
           on_log: Callable[[dict], None] | None = None,
           stop_at_step: int | None = None,
           mesh: str | None = None,
+          init_from: str | os.PathLike | None = None,
           ) -> TrainResult:
     """Train ``model_cfg`` on ``data_cfg`` for ``train_cfg.tokens`` tokens.
 
@@ -278,6 +279,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
         as if interrupted; the schedule still follows the full budget.
       mesh: ``data=D,fsdp=F,expert=X`` (default ``train_cfg.mesh``): train on a device mesh
         (:mod:`moe_scaling.train.mesh`); ``None`` is one device, the step of a plain ``jax.jit``.
+      init_from: a checkpoint folder of another run (the previous stage of a recipe) whose final
+        model weights replace the fresh initialisation; the optimiser starts fresh. Ignored when
+        ``ckpt_dir`` holds a checkpoint of this run (it resumes from that).
 
     Returns:
       A :class:`TrainResult`; a NaN/inf loss gives status ``diverged`` (never an exception).
@@ -293,6 +297,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     configs = _configs(model_cfg, train_cfg, data_cfg)
 
     graphdef, state = init_state(model_cfg, train_cfg, steps)
+    if init_from is not None:
+        state = init_model_from(state, init_from)
     placement = place_run(mesh or train_cfg.mesh, model_cfg, batch, state)
     if placement is not None:
         state = placement.put_state(state)
