@@ -80,8 +80,12 @@ def _body(argv: Sequence[str] | None) -> int:
     from moe_scaling.train.mesh import distributed_from_env, initialize_distributed
 
     dist = distributed_from_env(args.coordinator, args.num_processes, args.process_id)
-    if args.mesh is not None:
-        MeshShape.parse(args.mesh, field="--mesh")
+    mesh = MeshShape.parse(args.mesh, field="--mesh")
+    if args.plan and mesh.size > 1:
+        # the plan compiles for XLA:CPU host devices, as many as the mesh has (before JAX starts)
+        import jax
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", mesh.size)
     if args.device_memory and not args.plan:
         raise ConfigError("--device-memory: only with --plan; add --plan or drop it")
     if not args.plan and not args.out:
