@@ -73,7 +73,8 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     curves = json.loads((out / "curves.json").read_text())
     assert {r["stage"] for r in curves} == {"pretraining", "midtraining"}
     mid = [r for r in curves if r["stage"] == "midtraining"]
-    assert [r["step"] for r in mid] == [0, 1, 2, 3]           # one curve across the interruption
+    steps = [r["step"] for r in mid]                          # one curve across the interruption
+    assert steps[0] == 0 and steps[-1] == 3 and steps == sorted(set(steps))
     pre_final = [r for r in curves if r["stage"] == "pretraining"][-1]["eval_loss"]
     assert mid[0]["eval_loss"] == pytest.approx(pre_final, abs=1e-6)   # starts from stage 1's weights
     for stage in ("pretraining", "midtraining"):
@@ -83,3 +84,10 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     assert cfg["train"]["schedule"] == "wsd" and cfg["train"]["decay_fraction"] == 1.0
     assert cfg["train"]["min_lr_ratio"] == 0.0
     assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+    # moe-export writes the run's tokenizer beside the weights
+    from moe_scaling.cli.export import main as export_main
+    hf = tmp_path / "hf"
+    assert export_main([str(out / "stages" / "midtraining"), "--out", str(hf)]) == 0
+    assert (hf / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+    assert json.loads((hf / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
