@@ -15,7 +15,7 @@ MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_head
                     top_k=2, n_shared=1, router="sigmoid", router_bias=True, max_seq_len=32)
 DATA = DataConfig(corpus=str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"), seq_len=32,
                   max_tokens=60_000)
-BF16_TOL = 0.02   # nats; measured 0.002-0.004 over these 8 steps (see the report in the test)
+BF16_TOL = 0.02   # nats; measured: train losses within 0.0021, final eval within 0.0006 (8 steps, CPU)
 
 
 def test_bf16_tracks_f32_with_f32_master_weights(tmp_path):
