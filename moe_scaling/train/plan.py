@@ -15,7 +15,10 @@ Beside it, :func:`analytic_estimate` counts the same from the config: 4 bytes pe
 shard, 8 for the two AdamW moments, 4 for the gradients, and activations kept for the backward
 pass per token and layer (the residual stream, the norms' inputs, q/k/v, the attention output
 and scores, each MoE layer's routed and shared SwiGLU inputs and outputs at ``top_k`` rows per
-token) plus the logits (float32, with their softmax). Compilation happens on CPU host devices
+token) plus the logits (float32, with their softmax), plus, on an ``fsdp`` axis, the all-gathered
+weights: XLA keeps every weight it gathers in the forward pass until the backward pass, so the
+whole model (split only over ``expert``) is resident at the peak. ``total_regathered`` is what a
+schedule that gathers one layer at a time (rematerialising in the backward) would need. Compilation happens on CPU host devices
 when the mesh is larger than the machine (the CLI sets ``--xla_force_host_platform_device_count``
 before JAX starts), so the temporaries are XLA:CPU's; an accelerator's compiler fuses differently.
 """
@@ -65,9 +68,15 @@ def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_
     ffn_dense = cb * 3 * model.d_ff
     act = tokens * (L * per_layer + moe_layers * ffn_moe + dense_layers * ffn_dense)
     logits = tokens * V * 4 * 2
+    # FSDP: XLA (no rematerialisation) keeps every weight it all-gathers in the forward pass alive
+    # until the backward pass has used it, so the whole model (over the expert axis) is resident at
+    # the peak, not one layer at a time; "total_regathered" is the ideal that regathers per layer.
+    full = 4 * (other + routed / mesh.expert)
+    gathered = full - params if mesh.fsdp > 1 else 0
     out = {"params": int(params), "optimizer": int(2 * params), "gradients": int(params),
-           "activations": int(act), "logits": int(logits)}
+           "activations": int(act), "logits": int(logits), "gathered_weights": int(gathered)}
     out["total"] = sum(out.values())
+    out["total_regathered"] = out["total"] - int(gathered) + int(full / max(L, 1))
     return out
 
 
@@ -131,10 +140,11 @@ def format_plan(r: dict[str, Any]) -> str:
              f"  parameters     {format_bytes(x['params']):>10}   {format_bytes(a['params']):>10}",
              f"  optimizer      {format_bytes(x['optimizer']):>10}   {format_bytes(a['optimizer']):>10}",
              f"  temporaries    {format_bytes(x['temporaries']):>10}   "
-             f"{format_bytes(a['gradients'] + a['activations'] + a['logits']):>10}  "
-             f"(gradients + activations + logits)",
+             f"{format_bytes(a['gradients'] + a['activations'] + a['logits'] + a['gathered_weights']):>10}  "
+             f"(gradients + activations + logits + gathered FSDP weights)",
              f"  total          {format_bytes(x['total']):>10}   {format_bytes(a['total']):>10}  "
-             f"(XLA / analytic = {r['xla_over_analytic']:.2f})"]
+             f"(XLA / analytic = {r['xla_over_analytic']:.2f}; "
+             f"{format_bytes(a['total_regathered'])} if FSDP regathered per layer)"]
     if "device_memory" in r:
         lines.append(f"  fits in {format_bytes(r['device_memory'])}: {'yes' if r['fits'] else 'NO'}")
     return "\n".join(lines)
