@@ -22,6 +22,11 @@ Several processes (``jax.distributed``): :func:`initialize_distributed` connects
 builds the same global mesh over every process's devices, and :meth:`Placement.batch` hands each
 process only the rows of the global batch its own devices hold
 (:func:`jax.make_array_from_callback` asks for the addressable shards only).
+
+Limitation: the MoE dispatch sorts every token of the batch by expert, a global operation the
+partitioner does not split over the batch axes; the routed-expert work and buffers are then
+divided only by ``expert`` (bench/mesh_scaling.json; :mod:`moe_scaling.train.plan`). Losses are
+exact; a token-local dispatch under ``shard_map`` in the model is what makes it scale.
 """
 
 from __future__ import annotations
