@@ -23,6 +23,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,13 +38,14 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "DataConfig",
-    "HF_MODEL_TYPES",
     "read_mapping",
     "load_config",
     "load_model_config",
     "apply_granularity",
     "reference_d_ff",
     "save_config",
+    "MeshShape",
+    "MESH_AXES",
 ]
 
 
@@ -296,6 +298,48 @@ def apply_granularity(model: dict[str, Any], g: Any, where: str = "model.granula
 # TrainConfig and DataConfig
 # --------------------------------------------------------------------------------------
 
+MESH_AXES = ("data", "fsdp", "expert")
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """Sizes of the ``data``, ``fsdp`` and ``expert`` axes of a device mesh (``TrainConfig.mesh``,
+    ``--mesh``; how they are used: :mod:`moe_scaling.train.mesh`)."""
+
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None, field: str = "train.mesh") -> "MeshShape":
+        """``"data=2,expert=2"`` -> ``MeshShape(2, 1, 2)``; ``None`` or ``""`` -> one device."""
+        if text is None or str(text).strip() == "":
+            return cls()
+        sizes: dict[str, int] = {}
+        for part in str(text).split(","):
+            m = re.fullmatch(r"\s*([a-z]+)\s*=\s*(\d+)\s*", part)
+            if not m or m[1] not in MESH_AXES:
+                raise ConfigError(f"{field} = {text!r}: {part.strip()!r} is not AXIS=SIZE with AXIS one of "
+                                  f"{', '.join(MESH_AXES)}; write e.g. data=2,fsdp=2,expert=2")
+            if m[1] in sizes:
+                raise ConfigError(f"{field} = {text!r}: axis {m[1]} given twice; give each axis once")
+            if int(m[2]) < 1:
+                raise ConfigError(f"{field} = {text!r}: axis {m[1]} has size 0; sizes are whole numbers >= 1")
+            sizes[m[1]] = int(m[2])
+        return cls(**sizes)
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.expert
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.expert)
+
+    def __str__(self) -> str:
+        return f"data={self.data},fsdp={self.fsdp},expert={self.expert}"
+
+
 DISPATCHES = ("auto", "reference", "capacity", "dropless", "ragged")
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -314,6 +358,13 @@ class TrainConfig:
     selection bias moves by ``+u`` if it received fewer tokens than the mean in that step's
     batch, ``-u`` if more (DeepSeek-V3 used 0.001); 0 keeps the bias fixed. Models without a
     router bias ignore it.
+
+    ``mesh`` places the run on a device mesh, ``data=D,fsdp=F,expert=X`` (missing axes are 1;
+    :mod:`moe_scaling.train.mesh`); ``None`` (the default) is one device. It says where the run
+    computes, not what: a checkpoint restores on any mesh, and :meth:`to_dict` leaves it out
+    while it is ``None`` so that run ids of single-device runs do not change.
+    ``dtype`` is the compute dtype of the matmuls: ``bfloat16`` is mixed precision (parameters,
+    gradients and AdamW moments stay float32; norms, router, softmaxes and logits float32).
     """
 
     tokens: int = 1_000_000
@@ -339,6 +390,7 @@ class TrainConfig:
     ckpt_every: int = 200
     log_every: int = 10
     seed: int = 0
+    mesh: str | None = None
 
     def __post_init__(self) -> None:
         s = "train"
@@ -363,6 +415,15 @@ class TrainConfig:
         for name in ("eval_every", "eval_batches", "ckpt_every", "log_every"):
             _check_int(s, name, getattr(self, name))
         _check_int(s, "seed", self.seed, minimum=0)
+        if self.mesh is not None:
+            if not isinstance(self.mesh, str):
+                _fail(s, "mesh", self.mesh, "must be a string", "write e.g. data=2,fsdp=2,expert=2")
+            MeshShape.parse(self.mesh, field="train.mesh")
+
+    @property
+    def mesh_shape(self) -> "MeshShape":
+        """``mesh`` parsed (one device when ``None``)."""
+        return MeshShape.parse(self.mesh)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -373,7 +434,10 @@ class TrainConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["mesh"] is None:
+            del d["mesh"]
+        return d
 
     def steps(self, seq_len: int) -> int:
         """Number of optimiser steps for this token budget at ``seq_len`` tokens per row."""
@@ -390,7 +454,9 @@ class DataConfig:
 
     ``corpus`` is ``stdlib`` (the Python standard library's own source, embedded on every
     machine), a path to a ``.txt``/``.jsonl``/``.npy`` file, a directory or a glob of them.
-    ``tokenizer`` is ``byte`` (vocabulary 256, no download). ``valid_fraction`` of the tokens
+    ``tokenizer`` is ``byte`` (vocabulary 256, no download), ``bpe:N`` (a byte-level BPE of N
+    ids trained on the corpus and cached) or the path of a Hugging Face ``tokenizer.json``
+    (:mod:`moe_scaling.train.tokenizers`). ``valid_fraction`` of the tokens
     (taken from the end, deterministically) is held out for evaluation. ``max_tokens`` caps the
     corpus size (the first tokens are kept) for quick runs.
     """
@@ -406,7 +472,11 @@ class DataConfig:
         if not isinstance(self.corpus, str) or not self.corpus:
             _fail(s, "corpus", self.corpus, "must be a non-empty string",
                   "give 'stdlib', a file, a directory or a glob")
-        _check_choice(s, "tokenizer", self.tokenizer, ("byte",))
+        if not isinstance(self.tokenizer, str) or not (
+                self.tokenizer == "byte" or self.tokenizer.endswith(".json")
+                or (re.fullmatch(r"bpe:\d+", self.tokenizer) and int(self.tokenizer[4:]) >= 257)):
+            _fail(s, "tokenizer", self.tokenizer, "must be byte, bpe:N (N >= 257) or a tokenizer.json path",
+                  "write e.g. tokenizer: bpe:8192")
         _check_int(s, "seq_len", self.seq_len, minimum=2)
         _check_number(s, "valid_fraction", self.valid_fraction, minimum=0.0, maximum=0.5,
                       strict_min=True)

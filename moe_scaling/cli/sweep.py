@@ -48,6 +48,9 @@ def _parser():
                    help="seconds without a heartbeat after which another host's run counts as dead "
                         "(default 60; dead local processes are noticed at once)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.add_argument("--devices-per-run", type=_positive, default=None, metavar="K",
+                   help="give each worker its own K accelerators (CUDA_VISIBLE_DEVICES, ...; K host "
+                        "devices on CPU); default: workers see every device")
     r.add_argument("--json", action="store_true", help="print the final status as JSON")
     s = sub.add_parser("status", help="status counts and best runs of a sweep folder")
     s.add_argument("out", help="sweep folder given to `run --out`")
@@ -120,7 +123,8 @@ def _run(args) -> int:
         raise InputError(f"--out {out}: exists and is not a folder; give a folder path")
     summary = run_sweep(args.grid, out, workers=args.workers, storage=args.storage,
                         retry_failed=args.retry_failed, grace_s=args.grace_period,
-                        report=None if args.quiet else ProgressLine(), plan=plan)
+                        report=None if args.quiet else ProgressLine(), plan=plan,
+                        devices_per_run=args.devices_per_run)
     status = _summary(out, top=5)
     if args.json:
         print_json(summary | {"status": status})

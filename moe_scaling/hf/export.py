@@ -268,7 +268,7 @@ def _run_card(name: str, mt: str, cfg: ModelConfig, step: int, record: Mapping[s
     evals = [r["eval_loss"] for r in record.get("curve", []) if r.get("eval_loss") is not None]
     loss = f", eval loss {evals[-1]:.4f}" if evals else ""
     tok = ("bytes: token id = byte value (no tokenizer files)" if data.tokenizer == "byte"
-           else data.tokenizer)
+           else f"{data.tokenizer} (tokenizer.json beside the weights)")
     return "\n".join([
         f"# {name}", "",
         f"Exported by `moe-export` from a moe_scaling training run: step {step} "
@@ -307,5 +307,23 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     card = _run_card(out.name, mt, model_cfg, step, record, data_cfg)
     summary = export_hf(model_cfg, model, out, dtype=dtype, card=card)
+    if data_cfg.tokenizer != "byte":
+        summary["files"] = sorted(set(summary["files"]) | set(write_tokenizer_files(model_cfg, data_cfg, out)))
     summary.update(run=str(run_dir), step=step, status=record.get("status"))
     return summary
+
+
+def write_tokenizer_files(model_cfg: ModelConfig, data_cfg: DataConfig, out: Path) -> list[str]:
+    """``tokenizer.json`` and ``tokenizer_config.json`` of the run's tokenizer (a ``bpe:N`` is
+    read from its cache, or trained again on the corpus) beside the weights, so that
+    ``AutoTokenizer.from_pretrained(out)`` loads it (``PreTrainedTokenizerFast``)."""
+    from moe_scaling.files import atomic_write_text
+    from moe_scaling.train.data import tokenizer_for
+
+    tok = tokenizer_for(data_cfg)
+    eos = tok.hf.id_to_token(tok.eos) if tok.eos is not None else None
+    atomic_write_text(out / "tokenizer.json", tok.json_text)
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": None,
+         "model_max_length": model_cfg.max_seq_len, "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json"]

@@ -54,6 +54,7 @@ from moe_scaling.config import save_config
 from moe_scaling.errors import ConfigError, UserError
 from moe_scaling.files import atomic_write_text, write_json
 from moe_scaling.runtime import enable_compilation_cache
+from moe_scaling.sweep.devices import assign_devices, detect_accelerators, worker_env
 from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
 from moe_scaling.sweep.layout import SweepDir
 from moe_scaling.sweep.progress import Progress, Report, read_snapshot
@@ -258,12 +259,15 @@ def _worker_main(ctx: WorkerContext) -> None:
 
 def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1,
               storage: str | None = None, retry_failed: bool = False, grace_s: int = DEFAULT_GRACE_S,
-              report: Report | None = None, plan: SweepPlan | None = None) -> dict[str, Any]:
+              report: Report | None = None, plan: SweepPlan | None = None,
+              devices_per_run: int | None = None) -> dict[str, Any]:
     """Validate the grid, enqueue its runs and work the queue with ``workers`` local processes
     (in this process when 1) until nothing is waiting or running; ``report`` receives progress
     snapshots (see :class:`Progress`). Returns ``{"sweep", "out", "done", "total", "unfinished"}``;
-    rerunning the same call after a crash finishes the sweep."""
+    rerunning the same call after a crash finishes the sweep. ``devices_per_run``: each worker
+    process sees only its own devices (:mod:`moe_scaling.sweep.devices`)."""
     plan = plan or plan_sweep(grid_path)
+    envs = assign_devices(workers, devices_per_run, detect_accelerators()) if devices_per_run else None
     if storage is not None:
         check_storage_url(storage)
     study, url = prepare(plan, out, storage, retry_failed=retry_failed, grace_s=grace_s)
@@ -273,10 +277,10 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
     SweepDir(out).progress.mkdir(exist_ok=True)
     for stale in SweepDir(out).progress.glob("*.json"):
         stale.unlink()
-    if workers == 1:
+    if workers == 1 and envs is None:
         worker_loop(ctx, report)
     else:
-        _run_processes(ctx, study, workers, report)
+        _run_processes(ctx, study, workers, report, envs)
     ids = {r.run_id for r in plan.runs}
     counts = sweep_counts(study, ids)
     rebuild_tables(out)
@@ -284,12 +288,14 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
             "unfinished": len(ids) - counts["done"]}
 
 
-def _run_processes(ctx: WorkerContext, study: optuna.Study, workers: int, report: Report | None) -> None:
+def _run_processes(ctx: WorkerContext, study: optuna.Study, workers: int, report: Report | None,
+                   envs: list[dict[str, str]] | None = None) -> None:
     mp = multiprocessing.get_context("spawn")
     procs = [mp.Process(target=_worker_main, args=(dataclasses.replace(ctx, worker=i),),
                         name=f"moe-sweep-worker-{i}") for i in range(workers)]
-    for p in procs:
-        p.start()
+    for i, p in enumerate(procs):
+        with worker_env(envs[i] if envs else {}):  # a spawned worker's JAX sees only its devices
+            p.start()
     try:
         while any(p.is_alive() for p in procs):
             if report is not None:

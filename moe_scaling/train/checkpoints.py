@@ -19,11 +19,18 @@ from moe_scaling.files import finite_or_none
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.train.step import init_state
 
-__all__ = ["Checkpoints", "load_checkpoint"]
+__all__ = ["Checkpoints", "load_checkpoint", "init_model_from"]
 
 
 class Checkpoints:
-    """orbax checkpoints of the train state plus a JSON record of the run so far."""
+    """orbax checkpoints of the train state plus a JSON record of the run so far.
+
+    Sharded: each array is written by the processes that hold its shards, and :meth:`restore`
+    reads it into the sharding of the state it is given, so a checkpoint written on one mesh
+    restores on another. Asynchronous: :meth:`save` returns once the arrays are copied off the
+    devices and the files are written in the background (a train step runs meanwhile);
+    :meth:`latest`, :meth:`restore`, :meth:`wait` and :meth:`close` wait for the last save.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         import orbax.checkpoint as ocp
@@ -32,9 +39,14 @@ class Checkpoints:
         self.mngr = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                                 enable_async_checkpointing=False))
+                                                 enable_async_checkpointing=True))
+
+    def wait(self) -> None:
+        """Block until the last :meth:`save` is on disk."""
+        self.mngr.wait_until_finished()
 
     def latest(self) -> int | None:
+        self.wait()
         return self.mngr.latest_step()
 
     def save(self, step: int, state, record: dict) -> None:
@@ -42,17 +54,33 @@ class Checkpoints:
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
             record=ocp.args.JsonSave(finite_or_none(record))), force=True)
-        self.mngr.wait_until_finished()
 
     def restore(self, step: int, state):
+        """``(state, record)`` of ``step``, read into the shapes, dtypes and shardings of ``state``."""
         ocp = self.ocp
+        self.wait()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
         got = self.mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
         nnx.replace_by_pure_dict(state, got["state"])
         return state, got["record"]
 
+    def restore_model(self, step: int, state):
+        """``state`` with its model part (``state[0]``) replaced by the model saved at ``step``
+        (whatever optimiser that run used); the optimiser part is left as it is."""
+        ocp = self.ocp
+        self.wait()
+        pure = nnx.to_pure_dict(state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, pure[0])
+        got = self.mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={0: abstract}, restore_args=jax.tree.map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), {0: abstract}), partial_restore=True)))
+        pure[0] = got["state"][0]
+        nnx.replace_by_pure_dict(state, pure)
+        return state
+
     def close(self) -> None:
+        self.wait()
         self.mngr.close()
 
 
@@ -73,3 +101,17 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_c
         ckpt.close()
     model, _ = nnx.merge(graphdef, state)
     return model, record
+
+
+def init_model_from(state, ckpt_dir: str | os.PathLike):
+    """``state`` (of ``(model, optimizer)``) with the model weights of the latest checkpoint in
+    ``ckpt_dir``: how a recipe stage starts from the previous stage's final model. Shapes must
+    match (same ModelConfig up to ``max_seq_len``); a missing checkpoint is a ConfigError."""
+    ckpt = Checkpoints(ckpt_dir)
+    try:
+        step = ckpt.latest()
+        if step is None:
+            raise ConfigError(f"init_from = {str(ckpt_dir)!r}: holds no checkpoint; run the previous stage first")
+        return ckpt.restore_model(step, state)
+    finally:
+        ckpt.close()

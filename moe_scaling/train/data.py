@@ -12,7 +12,8 @@ A corpus (``DataConfig.corpus``) is one of:
   pattern (``**`` allowed) of such files.
 
 The ``byte`` tokenizer maps UTF-8 bytes to ids 0..255; documents are joined with byte 0
-(``EOS``, which plain text never contains). Token arrays are cached as ``.npy`` under
+(``EOS``, which plain text never contains). ``bpe:N`` and ``tokenizer.json`` tokenizers are
+:mod:`moe_scaling.train.tokenizers`. Token arrays are cached as ``.npy`` under
 ``$MOE_SCALING_CACHE`` (default ``~/.cache/moe_scaling``), keyed by the corpus content hash and
 the tokenizer: a changed file changes the hash and so the cache entry.
 
@@ -37,8 +38,9 @@ import numpy as np
 from moe_scaling.config import DataConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path
+from moe_scaling.train.tokenizers import Tokenizer, load_tokenizer, parse_tokenizer
 
-__all__ = ["EOS", "BYTE_VOCAB", "load_tokens", "corpus_files", "tokenizer_vocab_size", "encode",
+__all__ = ["EOS", "BYTE_VOCAB", "load_tokens", "corpus_files", "tokenizer_vocab_size", "tokenizer_for", "encode",
            "decode", "train_batch", "eval_windows", "cache_dir", "corpus_content_hash"]
 
 EOS = 0
@@ -48,10 +50,32 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests"
 
 
 def tokenizer_vocab_size(tokenizer: str) -> int:
-    """Vocabulary size of a tokenizer (``byte``: 256)."""
-    if tokenizer != "byte":
-        raise ConfigError(f"data.tokenizer = {tokenizer!r}: unknown tokenizer; use byte")
-    return BYTE_VOCAB
+    """Vocabulary size of a tokenizer (``byte``: 256; ``bpe:N``: N; a tokenizer.json: its own)."""
+    kind, arg = parse_tokenizer(tokenizer)
+    if kind == "byte":
+        return BYTE_VOCAB
+    if kind == "bpe":
+        return arg
+    return load_tokenizer(tokenizer).vocab_size
+
+
+def tokenizer_for(data_cfg: DataConfig, *, cache: str | os.PathLike | None = None) -> Tokenizer:
+    """The :class:`~moe_scaling.train.tokenizers.Tokenizer` of ``data_cfg`` (a ``bpe:N`` one is
+    trained on the corpus the first time and cached, :mod:`moe_scaling.train.tokenizers`)."""
+    kind, _ = parse_tokenizer(data_cfg.tokenizer)
+    if kind != "bpe":
+        return load_tokenizer(data_cfg.tokenizer)
+    corpus_hash = corpus_content_hash(data_cfg.corpus)
+
+    def docs() -> list[bytes]:
+        _, files, raws = _read_corpus(data_cfg.corpus)
+        if files[0].suffix == ".npy":
+            raise ConfigError(f"data.tokenizer = {data_cfg.tokenizer!r}: the corpus {data_cfg.corpus!r} is "
+                              "already token ids (.npy); use a text corpus or tokenizer: byte")
+        return [d for p, r in zip(files, raws) for d in _documents(p, r, data_cfg.corpus)]
+
+    return load_tokenizer(data_cfg.tokenizer, corpus_hash=corpus_hash, docs=docs,
+                          cache=Path(cache or cache_dir()))
 
 
 def encode(text: str) -> np.ndarray:
@@ -169,14 +193,13 @@ def corpus_content_hash(corpus: str) -> str:
     return _HASHES[key]
 
 
-def _tokenize(files: list[Path], raws: list[bytes], corpus: str, tokenizer: str) -> np.ndarray:
+def _tokenize(files: list[Path], raws: list[bytes], corpus: str, tokenizer: Tokenizer) -> np.ndarray:
     if files[0].suffix == ".npy":
         ids = np.concatenate([_npy_tokens(p, r, corpus) for p, r in zip(files, raws)])
         top = int(ids.max(initial=0))
         return ids.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
-    tokenizer_vocab_size(tokenizer)
     docs = [doc for p, r in zip(files, raws) for doc in _documents(p, r, corpus)]
-    return np.frombuffer(bytes([EOS]).join(docs), dtype=np.uint8).copy()
+    return tokenizer.encode_documents(docs)
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
@@ -194,7 +217,8 @@ def load_tokens(data_cfg: DataConfig, *, cache: str | os.PathLike | None = None,
     unreadable corpus or one too small to hold a training and a validation window.
     """
     corpus_hash = corpus_content_hash(data_cfg.corpus)
-    path = Path(cache or cache_dir()) / f"tokens-{corpus_hash}-{data_cfg.tokenizer}.npy"
+    tok = tokenizer_for(data_cfg, cache=cache)
+    path = Path(cache or cache_dir()) / f"tokens-{corpus_hash}-{tok.key}.npy"
     tokens = None
     if path.is_file():
         try:
@@ -203,8 +227,8 @@ def load_tokens(data_cfg: DataConfig, *, cache: str | os.PathLike | None = None,
             tokens = None  # a damaged cache entry is rebuilt
     if tokens is None:
         corpus_hash, files, raws = _read_corpus(data_cfg.corpus)
-        path = Path(cache or cache_dir()) / f"tokens-{corpus_hash}-{data_cfg.tokenizer}.npy"
-        tokens = _tokenize(files, raws, data_cfg.corpus, data_cfg.tokenizer)
+        path = Path(cache or cache_dir()) / f"tokens-{corpus_hash}-{tok.key}.npy"
+        tokens = _tokenize(files, raws, data_cfg.corpus, tok)
         try:
             _save_npy_atomic(path, tokens)
         except OSError:

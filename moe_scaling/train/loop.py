@@ -36,8 +36,10 @@ from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import finite_or_none
 from moe_scaling.model.routing import resolve_dispatch
-from moe_scaling.train.checkpoints import Checkpoints
-from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_vocab_size, train_batch
+from moe_scaling.train.checkpoints import Checkpoints, init_model_from
+from moe_scaling.train.mesh import place_run
+from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_for, tokenizer_vocab_size, train_batch
+from moe_scaling.train.tokenizers import check_vocab
 from moe_scaling.train.step import init_state, make_eval_step, make_train_step
 
 __all__ = ["TrainResult", "train"]
@@ -72,6 +74,8 @@ def _nan_if_none(v) -> float:
 
 
 def _check_compatible(model_cfg: ModelConfig, data_cfg: DataConfig, train_tokens, valid_tokens):
+    if data_cfg.tokenizer != "byte":  # a real tokenizer: the embedding table is exactly its vocabulary
+        check_vocab(model_cfg.vocab_size, tokenizer_for(data_cfg))
     top = int(max(train_tokens.max(initial=0), valid_tokens.max(initial=0)))
     if model_cfg.vocab_size <= top:
         raise ConfigError(f"model.vocab_size = {model_cfg.vocab_size}: the corpus holds token id "
@@ -82,7 +86,9 @@ def _check_compatible(model_cfg: ModelConfig, data_cfg: DataConfig, train_tokens
 
 
 def _configs(model_cfg, train_cfg, data_cfg) -> dict:
-    return {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_cfg.to_dict()}
+    # The mesh says where a run computes, not what: a checkpoint resumes on any mesh.
+    train = {k: v for k, v in train_cfg.to_dict().items() if k != "mesh"}
+    return {"model": model_cfg.to_dict(), "train": train, "data": data_cfg.to_dict()}
 
 
 
@@ -116,11 +122,13 @@ class _Run:
 
     def __init__(self, state: Any, record: dict | None, *, train_cfg: TrainConfig, seq: int, steps: int,
                  configs: dict, corpus_hash: str, ckpt: Checkpoints | None, eval_step: Callable,
-                 eval_set: list, on_log: Callable[[dict], None] | None) -> None:
+                 eval_set: list, on_log: Callable[[dict], None] | None,
+                 place: Callable = lambda x, y: (x, y)) -> None:
         self.state, self.record, self.train_cfg, self.seq, self.steps = state, record, train_cfg, seq, steps
         self.per_step = train_cfg.batch_size * seq
         self.configs, self.corpus_hash, self.ckpt = configs, corpus_hash, ckpt
         self.eval_step, self.eval_set, self.on_log = eval_step, eval_set, on_log
+        self.place = place  # host batch -> device(s): identity on one device, the mesh's sharding
         self.start = 0 if record is None else int(record["step"])
         self.curve = [] if record is None else [
             {**row, "train_loss": _nan_if_none(row["train_loss"]), "eval_loss": _nan_if_none(row["eval_loss"])}
@@ -164,7 +172,7 @@ class _Run:
         cfg, batch, seq = self.train_cfg, self.train_cfg.batch_size, self.seq
         if self.start >= end_step:
             return "completed", None
-        x, y = train_batch(tokens, batch, seq, cfg.seed, self.start)
+        x, y = self.place(*train_batch(tokens, batch, seq, cfg.seed, self.start))
         t0 = time.perf_counter()
         compiled = train_step.lower(self.state, x, y).compile()
         self.timings["compile_s"] = time.perf_counter() - t0
@@ -177,7 +185,7 @@ class _Run:
             t0 = time.perf_counter()
             self.state, m = compiled(self.state, x, y)
             if s + 1 < end_step:  # prepare the next batch while the step runs
-                x, y = train_batch(tokens, batch, seq, cfg.seed, s + 1)
+                x, y = self.place(*train_batch(tokens, batch, seq, cfg.seed, s + 1))
             m = jax.device_get(m)
             self.step_time += time.perf_counter() - t0
             step = s + 1
@@ -252,6 +260,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
           progress: bool = True,
           on_log: Callable[[dict], None] | None = None,
           stop_at_step: int | None = None,
+          mesh: str | None = None,
+          init_from: str | os.PathLike | None = None,
           ) -> TrainResult:
     """Train ``model_cfg`` on ``data_cfg`` for ``train_cfg.tokens`` tokens.
 
@@ -267,6 +277,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
         ``{"step", "steps", "tokens", "eval_loss"}``.
       stop_at_step: stop (status ``stopped``, checkpoint written) once this many steps are done,
         as if interrupted; the schedule still follows the full budget.
+      mesh: ``data=D,fsdp=F,expert=X`` (default ``train_cfg.mesh``): train on a device mesh
+        (:mod:`moe_scaling.train.mesh`); ``None`` is one device, the step of a plain ``jax.jit``.
+      init_from: a checkpoint folder of another run (the previous stage of a recipe) whose final
+        model weights replace the fresh initialisation; the optimiser starts fresh. Ignored when
+        ``ckpt_dir`` holds a checkpoint of this run (it resumes from that).
 
     Returns:
       A :class:`TrainResult`; a NaN/inf loss gives status ``diverged`` (never an exception).
@@ -282,14 +297,20 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     configs = _configs(model_cfg, train_cfg, data_cfg)
 
     graphdef, state = init_state(model_cfg, train_cfg, steps)
-    eval_set = eval_windows(valid_tokens, batch, seq, train_cfg.eval_batches)
+    if init_from is not None:
+        state = init_model_from(state, init_from)
+    placement = place_run(mesh or train_cfg.mesh, model_cfg, batch, state)
+    if placement is not None:
+        state = placement.put_state(state)
+    place = placement.put_batch if placement is not None else (lambda x, y: (x, y))
+    eval_set = [place(x, y) for x, y in eval_windows(valid_tokens, batch, seq, train_cfg.eval_batches)]
     ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
     state, record = _resume(ckpt, ckpt_dir, state, configs, corpus_hash, data_cfg)
     run = _Run(state, record, train_cfg=train_cfg, seq=seq, steps=steps, configs=configs,
-               corpus_hash=corpus_hash, ckpt=ckpt, eval_step=make_eval_step(graphdef, train_cfg, eval_dispatch),
-               eval_set=eval_set, on_log=on_log)
+               corpus_hash=corpus_hash, ckpt=ckpt, eval_step=make_eval_step(graphdef, train_cfg, eval_dispatch, placement),
+               eval_set=eval_set, on_log=on_log, place=place)
     run.metrics.update(dispatch=dispatch, eval_dispatch=eval_dispatch)
-    train_step = make_train_step(graphdef, train_cfg, dispatch)
+    train_step = make_train_step(graphdef, train_cfg, dispatch, placement)
     if run.start == 0 and not run.curve:
         run.curve.append({"step": 0, "tokens": 0, "train_loss": float("nan"), "eval_loss": run.evaluate(0)})
     status, diverged_step = run.run_steps(train_step, train_tokens, end_step, progress)

@@ -149,17 +149,31 @@ def _eval_step(graphdef, kw, state, inputs, targets):
     return metrics["loss"]
 
 
-def make_train_step(graphdef, train_cfg: TrainConfig, dispatch: str):
+def _shardings(placement, out_state: bool) -> dict:
+    """``jax.jit`` sharding arguments on a mesh (:class:`moe_scaling.train.mesh.Placement`); none
+    without one, so the single-device step is compiled exactly as before."""
+    if placement is None:
+        return {}
+    ins = (placement.state, placement.batch, placement.batch)
+    outs = (placement.state, placement.replicated) if out_state else placement.replicated
+    return {"in_shardings": ins, "out_shardings": outs}
+
+
+def make_train_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=None):
     """``step(state, inputs, targets) -> (state, metrics)``, jitted, ``state`` donated: one AdamW
-    step, then the router-bias balancing update (``train_cfg.bias_update_rate``)."""
+    step, then the router-bias balancing update (``train_cfg.bias_update_rate``). With a
+    ``placement`` (:class:`moe_scaling.train.mesh.Placement`) the step is compiled for its mesh:
+    state and batch sharded as it says, metrics replicated."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
               dtype=_dtype(train_cfg.dtype), aux_loss_coef=train_cfg.aux_loss_coef,
               z_loss_coef=train_cfg.z_loss_coef)
-    return jax.jit(partial(_train_step, graphdef, kw, train_cfg.bias_update_rate), donate_argnums=0)
+    return jax.jit(partial(_train_step, graphdef, kw, train_cfg.bias_update_rate), donate_argnums=0,
+                   **_shardings(placement, out_state=True))
 
 
-def make_eval_step(graphdef, train_cfg: TrainConfig, dispatch: str):
-    """``eval(state, inputs, targets) -> mean cross-entropy``, jitted."""
+def make_eval_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=None):
+    """``eval(state, inputs, targets) -> mean cross-entropy``, jitted (on ``placement``'s mesh
+    when given)."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
               dtype=_dtype(train_cfg.dtype))
-    return jax.jit(partial(_eval_step, graphdef, kw))
+    return jax.jit(partial(_eval_step, graphdef, kw), **_shardings(placement, out_state=False))

@@ -1,0 +1,157 @@
+"""Memory plan of a train step, allocating nothing: ``moe-train TARGET --plan``.
+
+:func:`memory_plan` builds the train state with :func:`flax.nnx.eval_shape` (shapes only), the
+batch as :class:`jax.ShapeDtypeStruct`, places both on the stage's mesh
+(:mod:`moe_scaling.train.mesh`), lowers and compiles the jitted step and reads XLA's memory
+analysis of the partitioned program, i.e. per device:
+
+* ``params`` / ``optimizer``: the shards of the model and of the AdamW state (moments, counts)
+  on one device, from the compiled input shardings;
+* ``temporaries``: XLA's temp buffers (activations kept for the backward pass, gradients,
+  gathered FSDP weights, the dispatch buffers of the MoE layers);
+* ``total``: arguments + outputs not aliased to them (the state is donated) + temporaries.
+
+Beside it, :func:`analytic_estimate` counts the same from the config: 4 bytes per parameter
+shard, 8 for the two AdamW moments, 4 for the gradients, and activations kept for the backward
+pass per token and layer (the residual stream, the norms' inputs, q/k/v, the attention output
+and scores, each MoE layer's routed and shared SwiGLU inputs and outputs at ``top_k`` rows per
+token) plus the logits (float32, with their softmax), plus, on an ``fsdp`` axis, the all-gathered
+weights: XLA keeps every weight it gathers in the forward pass until the backward pass, so the
+whole model (split only over ``expert``) is resident at the peak. ``total_regathered`` is what a
+schedule that gathers one layer at a time (rematerialising in the backward) would need. Compilation happens on CPU host devices
+when the mesh is larger than the machine (the CLI sets ``--xla_force_host_platform_device_count``
+before JAX starts), so the temporaries are XLA:CPU's; an accelerator's compiler fuses differently.
+
+Known gap (measured, MobileMoE-L, batch 64 x 1024 on ``fsdp=16,expert=4``: XLA 57.3 GB per device,
+3.6 x the estimate): the capacity dispatch sorts the assignments of *all* tokens by expert, and
+XLA's partitioner cannot split that global sort over the batch axes, so each device holds the
+routed-expert activations of the whole global batch divided only by ``expert`` (about 43 GB
+there). The estimate assumes token-local dispatch (sort per device, exchange rows with the
+expert owners), which needs a ``shard_map`` in :mod:`moe_scaling.model.routing`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from moe_scaling.config import MeshShape, ModelConfig
+
+__all__ = ["memory_plan", "analytic_estimate", "format_plan"]
+
+
+def _shard_bytes(abstract: Any, shardings: Any) -> int:
+    import jax
+    total = 0
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        total += int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_len: int,
+                      dtype: str = "float32") -> dict[str, int]:
+    """Per-device bytes of a train step from the config (see the module docstring)."""
+    d, L, V = model.d_model, model.n_layers, model.vocab_size
+    hq, hkv, hd = model.n_heads, model.n_kv_heads, model.head_dim
+    attn = d * (hq + 2 * hkv) * hd + hq * hd * d + (2 * hd if model.qk_norm else 0) + 2 * d
+    expert = 3 * d * model.d_expert                         # one routed SwiGLU expert
+    moe_layers, dense_layers = model.n_moe_layers, L - model.n_moe_layers
+    shared = 3 * d * model.n_shared * model.d_shared + d * model.n_experts
+    dense_ffn = 3 * d * model.d_ff
+    embed = V * d * (1 if model.tie_embeddings else 2) + d
+    routed = moe_layers * model.n_experts * expert
+    other = L * attn + moe_layers * shared + dense_layers * dense_ffn + embed
+    params = 4 * (other / mesh.fsdp + routed / (mesh.fsdp * mesh.expert))
+    # activations per device: tokens of this device's batch rows
+    tokens = batch_size * seq_len / mesh.size
+    cb = 2 if dtype == "bfloat16" else 4
+    per_layer = (4 * 4 * d                                  # residual in/out + two norm inputs (f32)
+                 + cb * (hq + 2 * hkv) * hd + cb * hq * hd  # q, k, v and the attention output
+                 + 4 * hq * min(seq_len, seq_len) / 2 * 2)  # causal scores + softmax (f32), half the square
+    ffn_moe = cb * (model.top_k * (d + 3 * model.d_expert) + 3 * model.n_shared * model.d_shared) \
+        + 4 * model.n_experts * 2                             # routed rows in/out, shared SwiGLU; router
+    ffn_dense = cb * 3 * model.d_ff
+    act = tokens * (L * per_layer + moe_layers * ffn_moe + dense_layers * ffn_dense)
+    logits = tokens * V * 4 * 2
+    # FSDP: XLA (no rematerialisation) keeps every weight it all-gathers in the forward pass alive
+    # until the backward pass has used it, so the whole model (over the expert axis) is resident at
+    # the peak, not one layer at a time; "total_regathered" is the ideal that regathers per layer.
+    full = 4 * (other + routed / mesh.expert)
+    gathered = full - params if mesh.fsdp > 1 else 0
+    out = {"params": int(params), "optimizer": int(2 * params), "gradients": int(params),
+           "activations": int(act), "logits": int(logits), "gathered_weights": int(gathered)}
+    out["total"] = sum(out.values())
+    out["total_regathered"] = out["total"] - int(gathered) + int(full / max(L, 1))
+    return out
+
+
+def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, Any]:
+    """Compile ``stage``'s train step (its model, train and data configs, its mesh) on abstract
+    arrays and report per-device bytes, XLA's and the analytic estimate's."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moe_scaling.model.routing import resolve_dispatch
+    from moe_scaling.train.mesh import Placement, check_mesh
+    from moe_scaling.train.step import init_state, make_train_step
+
+    model, train, data = stage.model, stage.train, stage.data
+    shape = MeshShape.parse(train.mesh)
+    check_mesh(shape, n_experts=model.n_experts, batch_size=train.batch_size, n_devices=jax.device_count())
+    steps = max(train.tokens // (train.batch_size * data.seq_len), 1)
+    graphdef, abstract = nnx.eval_shape(lambda: init_state(model, train, steps))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    placement = Placement.create(shape, abstract)
+    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, placement.state)
+    batch = jax.ShapeDtypeStruct((train.batch_size, data.seq_len), jnp.int32, sharding=placement.batch)
+    dispatch = resolve_dispatch(train.dispatch)
+    step = make_train_step(graphdef, train, dispatch, placement if shape.size > 1 else None)
+    compiled = step.lower(state_in, batch, batch).compile()
+    ma = compiled.memory_analysis()
+    params = _shard_bytes(abstract[0] if hasattr(abstract, "__getitem__") else abstract,
+                          placement.state[0])
+    opt = _shard_bytes(abstract[1], placement.state[1])
+    args, outs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
+    xla_total = args + outs - alias + temp
+    est = analytic_estimate(model, shape, train.batch_size, data.seq_len, train.dtype)
+    report = {
+        "model": {"params_total": int(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract[0]))),
+                  "d_model": model.d_model, "n_layers": model.n_layers, "n_experts": model.n_experts,
+                  "vocab_size": model.vocab_size},
+        "mesh": str(shape), "devices": shape.size, "backend": jax.default_backend(), "dispatch": dispatch,
+        "dtype": train.dtype, "batch_size": train.batch_size, "seq_len": data.seq_len,
+        "xla": {"params": params, "optimizer": opt, "arguments": args, "outputs": outs, "aliased": alias,
+                "temporaries": temp, "total": xla_total},
+        "analytic": est,
+        "xla_over_analytic": xla_total / est["total"] if est["total"] else None,
+    }
+    if device_memory is not None:
+        report["device_memory"] = int(device_memory)
+        report["fits"] = bool(xla_total <= device_memory)
+    return report
+
+
+def format_plan(r: dict[str, Any]) -> str:
+    """The plan as a few readable lines."""
+    from moe_scaling.units import format_bytes
+
+    x, a = r["xla"], r["analytic"]
+    lines = [f"{r['model']['params_total']:,} parameters on mesh {r['mesh']} ({r['devices']} {r['backend']} "
+             f"devices), batch {r['batch_size']} x {r['seq_len']}, {r['dtype']}, dispatch {r['dispatch']}",
+             "per device            XLA          analytic",
+             f"  parameters     {format_bytes(x['params']):>10}   {format_bytes(a['params']):>10}",
+             f"  optimizer      {format_bytes(x['optimizer']):>10}   {format_bytes(a['optimizer']):>10}",
+             f"  temporaries    {format_bytes(x['temporaries']):>10}   "
+             f"{format_bytes(a['gradients'] + a['activations'] + a['logits'] + a['gathered_weights']):>10}  "
+             f"(gradients + activations + logits + gathered FSDP weights)",
+             f"  total          {format_bytes(x['total']):>10}   {format_bytes(a['total']):>10}  "
+             f"(XLA / analytic = {r['xla_over_analytic']:.2f}; "
+             f"{format_bytes(a['total_regathered'])} if FSDP regathered per layer)"]
+    if "device_memory" in r:
+        lines.append(f"  fits in {format_bytes(r['device_memory'])}: {'yes' if r['fits'] else 'NO'}")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Sharding over a device mesh: data / fsdp / expert parallel steps equal the single-device step,
+a checkpoint written on one mesh resumes on another, and two processes (jax.distributed, gloo)
+equal one process with the same devices.
+
+Each multi-device scenario runs in its own Python process: XLA's host device count is fixed when
+JAX starts. One process checks every single-process mesh (compilation is most of the time).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from moe_scaling.config import MeshShape, ModelConfig, TrainConfig
+from moe_scaling.errors import ConfigError
+from moe_scaling.train.mesh import check_mesh, param_spec
+
+TOL = 1e-5
+
+SETUP = f"""
+import json, os, sys
+import moe_scaling
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.train.loop import train
+
+MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                    n_experts=4, top_k=2, n_shared=1, router="sigmoid", router_bias=True, max_seq_len=32)
+TRAIN = TrainConfig(tokens=5 * 8 * 32, batch_size=8, lr=3e-3, warmup=1, log_every=1, eval_every=5,
+                    eval_batches=1, ckpt_every=100, seed=0)
+DATA = DataConfig(corpus={str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt")!r}, seq_len=32,
+                  max_tokens=60_000)
+
+def losses(r):
+    return [row["train_loss"] for row in r.curve[1:]] + [r.final_eval_loss]
+"""
+
+SINGLE = SETUP + """
+from moe_scaling.runtime import enable_compilation_cache
+enable_compilation_cache(sys.argv[2])   # the resumed run's step is the data=2,expert=2 step again
+out = {}
+for mesh in (None, "data=2,expert=2", "fsdp=4"):
+    out[str(mesh)] = losses(train(MODEL, TRAIN, DATA, progress=False, mesh=mesh))
+ckpt = sys.argv[1]
+first = train(MODEL, TRAIN, DATA, progress=False, mesh="data=4", ckpt_dir=ckpt, stop_at_step=2)
+assert first.status == "stopped", first.status
+out["resumed"] = losses(train(MODEL, TRAIN, DATA, progress=False, mesh="data=2,expert=2", ckpt_dir=ckpt))
+print("RESULT " + json.dumps(out))
+"""
+
+WORKER = SETUP + """
+from moe_scaling.train.mesh import initialize_distributed
+initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+print("RESULT " + json.dumps(losses(train(MODEL, TRAIN, DATA, progress=False, mesh="data=2,expert=2"))))
+"""
+
+
+def _env(devices: int) -> dict:
+    # Unoptimised XLA:CPU code halves the compile time that dominates these tiny runs; every run
+    # compared in one test is compiled the same way.
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    return env
+
+
+def _result(proc_out: str):
+    lines = [l for l in proc_out.splitlines() if l.startswith("RESULT ")]
+    assert lines, proc_out[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """Every single-process mesh on 4 host devices, in one process."""
+    ckpt, cache = tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("jax_cache")
+    p = subprocess.run([sys.executable, "-c", SINGLE, str(ckpt), str(cache)], env=_env(4), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return _result(p.stdout)
+
+
+def test_meshes_equal_one_device(single_process):
+    ref = single_process["None"]
+    assert len(ref) == 6 and all(np.isfinite(ref))
+    for mesh in ("data=2,expert=2", "fsdp=4"):
+        assert _max_diff(single_process[mesh], ref) <= TOL, (mesh, single_process[mesh], ref)
+
+
+def test_checkpoint_moves_between_meshes(single_process):
+    """Saved at step 2 on data=4, restored on data=2,expert=2 and trained to the end: the losses
+    of an uninterrupted run (on one device)."""
+    assert _max_diff(single_process["resumed"], single_process["None"]) <= TOL
+
+
+def test_two_processes_equal_one(single_process):
+    """2 processes x 2 CPU devices (jax.distributed, gloo collectives) = 1 process x 4 devices."""
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, addr, str(i)], env=_env(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err[-3000:]
+        outs.append(_result(out))
+    assert outs[0] == outs[1]                           # every process sees the same losses
+    assert _max_diff(outs[0], single_process["data=2,expert=2"]) <= TOL
+
+
+def test_partition_rules():
+    m = MeshShape(data=1, fsdp=2, expert=2)
+    expert = ["0", "blocks", "0", "ffn", "w_gate_up", "value"]
+    assert tuple(param_spec(expert, (4, 32, 128), m)) == ("expert", None, "fsdp")
+    moment = ["1", "opt_state", "1", "0", "mu", "blocks", "0", "ffn", "w_down", "value"]
+    assert tuple(param_spec(moment, (4, 64, 32), m)) == ("expert", "fsdp", None)
+    shared = ["0", "blocks", "0", "ffn", "shared", "w_gate_up", "value"]
+    assert tuple(param_spec(shared, (32, 128), m)) == (None, "fsdp")
+    assert tuple(param_spec(["1", "step", "value"], (), m)) == ()
+    assert tuple(param_spec(["0", "final_norm", "scale"], (33,), m)) == (None,)   # nothing divides: replicated
+    assert tuple(param_spec(expert, (4, 32, 128), MeshShape())) == (None, None, None)
+
+
+def test_mesh_errors_are_one_line():
+    for text, fragment in [("data=2,gpu=2", "AXIS=SIZE"), ("data=0", "size 0"), ("data=2,data=2", "twice")]:
+        with pytest.raises(ConfigError, match=fragment):
+            TrainConfig(mesh=text)
+    with pytest.raises(ConfigError, match="needs 8 devices"):
+        check_mesh(MeshShape(data=8), n_experts=4, batch_size=8, n_devices=4)
+    with pytest.raises(ConfigError, match="batch_size = 6"):
+        check_mesh(MeshShape(data=4), n_experts=4, batch_size=6, n_devices=4)
+    with pytest.raises(ConfigError, match="must divide model.n_experts"):
+        check_mesh(MeshShape(expert=3), n_experts=4, batch_size=6, n_devices=4)
+    assert "mesh" not in TrainConfig().to_dict()                  # run ids of 1-device runs unchanged
+    assert TrainConfig.from_dict({"mesh": "fsdp=2"}).mesh_shape == MeshShape(fsdp=2)

@@ -1,0 +1,93 @@
+"""moe-train: a built model through recipe stages 1-2 from the CLI with a bpe: tokenizer, an
+interrupted stage resumed, the run folder's records; bad input is one line and exit 2."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import SHARED_DATA
+from moe_scaling.cli.build import main as build_main
+from moe_scaling.cli.train import main as train_main
+
+CORPUS = str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The smallest model moe-build makes (d_model 512, 4 layers, 2 experts + 1 shared)."""
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    assert build_main(["--active", "20M", "--total", "40M", "--granularity", "2", "--shared", "1",
+                       "--out", str(out)]) == 0
+    return out
+
+
+def test_vocab_mismatch_is_one_line(built, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOE_SCALING_CACHE", str(tmp_path / "cache"))
+    code = train_main([str(built), "--out", str(tmp_path / "run"), "--tokenizer", "bpe:512",
+                       "--tokens", "4096", "--batch-size", "2", "--seq-len", "16", "--data", CORPUS])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "model.vocab_size = 128256" in err and "set model.vocab_size: 512" in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--stages", "instruction_finetuning"], "cannot run in this version"),
+    (["--stages", "pretraining,nope"], "'nope' is not a stage"),
+    (["--data", "sft=x.txt"], "no stage 'sft' runs"),
+    (["--mesh", "data=two"], "--mesh"),
+    (["--tokens", "lots"], "--tokens"),
+    (["--tokenizer", "bpe:12"], "bpe:N (N >= 257)"),
+    (["--device-memory", "80GB"], "only with --plan"),
+])
+def test_bad_input_exit_2(built, tmp_path, capsys, argv, fragment):
+    code = train_main([str(built), "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and fragment in err, err
+
+
+def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOE_SCALING_CACHE", str(tmp_path / "cache"))
+    model = yaml.safe_load((built / "model.yaml").read_text())
+    model["model"]["vocab_size"] = 512          # the fix the mismatch error names
+    (built / "model.yaml").write_text(yaml.safe_dump(model))
+    out = tmp_path / "run"
+    # 10:1 recipe split: pre-training 31 steps, mid-training 3 steps of 1 x 16 tokens
+    argv = [str(built), "--out", str(out), "--tokenizer", "bpe:512", "--tokens", "560", "--batch-size", "1",
+            "--seq-len", "16", "--data", f"pretraining={CORPUS}", "--data", f"midtraining={CORPUS}", "--json"]
+    assert train_main([*argv, "--stop-at-step", "midtraining=1"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [s["status"] for s in first["stages"]] == ["completed", "stopped"]
+    assert first["stages"][1]["steps"] == 1
+
+    assert train_main(argv) == 0                              # the same command resumes
+    cap = capsys.readouterr()
+    second = json.loads(cap.out)
+    assert [s["status"] for s in second["stages"]] == ["completed", "completed"]
+    assert second["stages"][0] == first["stages"][0]          # pre-training not trained again
+    assert second["stages"][1]["steps"] == 3
+    assert set(second) >= {"stages", "mesh", "devices", "processes"}
+    assert set(second["stages"][0]) == {"name", "tokens", "steps", "final_train_loss", "final_eval_loss", "status"}
+    assert "stage midtraining" in cap.err                     # progress on stderr
+
+    curves = json.loads((out / "curves.json").read_text())
+    assert {r["stage"] for r in curves} == {"pretraining", "midtraining"}
+    mid = [r for r in curves if r["stage"] == "midtraining"]
+    steps = [r["step"] for r in mid]                          # one curve across the interruption
+    assert steps[0] == 0 and steps[-1] == 3 and steps == sorted(set(steps))
+    pre_final = [r for r in curves if r["stage"] == "pretraining"][-1]["eval_loss"]
+    assert mid[0]["eval_loss"] == pytest.approx(pre_final, abs=1e-6)   # starts from stage 1's weights
+    for stage in ("pretraining", "midtraining"):
+        assert (out / "stages" / stage / "curve.json").is_file()
+        assert (out / "stages" / stage / "record.json").is_file()
+    cfg = yaml.safe_load((out / "stages" / "midtraining" / "config.yaml").read_text())
+    assert cfg["train"]["schedule"] == "wsd" and cfg["train"]["decay_fraction"] == 1.0
+    assert cfg["train"]["min_lr_ratio"] == 0.0
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+    # moe-export writes the run's tokenizer beside the weights
+    from moe_scaling.cli.export import main as export_main
+    hf = tmp_path / "hf"
+    assert export_main([str(out / "stages" / "midtraining"), "--out", str(hf)]) == 0
+    assert (hf / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+    assert json.loads((hf / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
