@@ -47,6 +47,9 @@ def _parser():
     r.add_argument("--grace-period", type=_positive, default=60, metavar="S",
                    help="seconds without a heartbeat after which another host's run counts as dead "
                         "(default 60; dead local processes are noticed at once)")
+    r.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="train every run on its own (default: runs that differ only in seed, lr, "
+                        "min_lr_ratio or weight_decay train together as one vmapped program)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     r.add_argument("--json", action="store_true", help="print the final status as JSON")
     s = sub.add_parser("status", help="status counts and best runs of a sweep folder")
@@ -120,7 +123,7 @@ def _run(args) -> int:
         raise InputError(f"--out {out}: exists and is not a folder; give a folder path")
     summary = run_sweep(args.grid, out, workers=args.workers, storage=args.storage,
                         retry_failed=args.retry_failed, grace_s=args.grace_period,
-                        report=None if args.quiet else ProgressLine(), plan=plan)
+                        report=None if args.quiet else ProgressLine(), plan=plan, batch=args.batch)
     status = _summary(out, top=5)
     if args.json:
         print_json(summary | {"status": status})

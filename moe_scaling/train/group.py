@@ -7,9 +7,9 @@ record, so a member's checkpoint resumes with ``train()`` and the other way roun
 losses, status and :class:`TrainResult`. The per-member bookkeeping (curve rows, log windows,
 evals, checkpoints, the result) is ``loop._Run``'s, shared with ``train()``.
 
-* **What may differ.** :data:`BATCHED_FIELDS`: ``seed`` (initialisation and data order) and
+* **What may differ.** ``batching.BATCHED_FIELDS``: ``seed`` (initialisation and data order) and
   ``lr``, ``min_lr_ratio``, ``weight_decay``, which enter the optimiser as traced per-member
-  scalars. Every other field of the three configs must be equal (:func:`batch_key`).
+  scalars. Every other field of the three configs must be equal (``batching.batch_key``).
 * **The program.** The nnx states of the members are stacked along a new leading axis; one jitted
   step is :func:`jax.vmap` of one member's AdamW step (:func:`_member_step`) with the stacked state
   donated. A member whose loss is not finite (it diverged) or that has finished keeps its state:
@@ -23,8 +23,8 @@ evals, checkpoints, the result) is ``loop._Run``'s, shared with ``train()``.
 * **Resume.** Each member resumes from its own latest checkpoint. Members may stand at different
   steps (a crash between two members' checkpoint writes): each trains its own remaining steps and
   one that is done waits, masked, until the last one finishes.
-* **Memory.** :func:`group_size` caps the members trained together by a simple estimate of one
-  member's memory (:func:`member_bytes`) against a fraction of the machine's available memory.
+* **Memory.** :func:`moe_scaling.train.batching.group_size` caps the members trained together by
+  a simple estimate of one member's memory against a fraction of the machine's available memory.
 * **Time.** A member's ``step_time_s``, ``wall_s`` and compile time are its share (the group's
   divided by the number of members), so sums over runs stay the sweep's real time; ``metrics``
   holds ``group_size`` and ``group_wall_s``.
@@ -33,13 +33,11 @@ evals, checkpoints, the result) is ``loop._Run``'s, shared with ``train()``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
 import types
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -49,70 +47,18 @@ import optax
 from flax import nnx
 
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
-from moe_scaling.costs import param_counts
 from moe_scaling.errors import ConfigError
 from moe_scaling.model.routing import resolve_dispatch
+from moe_scaling.train.batching import BATCHED_FIELDS, batch_key
 from moe_scaling.train.checkpoints import Checkpoints
 from moe_scaling.train.data import eval_windows, load_tokens, train_batch
 from moe_scaling.train.loop import (TrainResult, _check_compatible, _configs, _resume, _Run, compiled,
                                     eval_program, program_config)
 from moe_scaling.train.step import _dtype, _update_router_biases, init_state, loss_fn, make_optimizer
 
-__all__ = ["BATCHED_FIELDS", "MAX_MEMBERS", "MEMORY_FRACTION", "batch_key", "member_bytes",
-           "available_memory", "group_size", "train_group"]
+__all__ = ["train_group"]
 
-BATCHED_FIELDS = ("seed", "lr", "min_lr_ratio", "weight_decay")
 _TRACED = BATCHED_FIELDS[1:]    # the optimiser's per-member scalars (the seed stays on the host)
-MAX_MEMBERS = 16                # more members rarely gain more throughput and make a crash cost more
-MEMORY_FRACTION = 0.5           # of the available memory, shared by a machine's local workers
-
-
-def batch_key(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
-    """Runs with equal keys can train together: their configs are equal except for
-    :data:`BATCHED_FIELDS`."""
-    train = {k: v for k, v in train_cfg.to_dict().items() if k not in BATCHED_FIELDS}
-    return json.dumps({"model": model_cfg.to_dict(), "train": train, "data": data_cfg.to_dict()},
-                      sort_keys=True)
-
-
-def member_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> int:
-    """A rough upper estimate of the memory one member adds to a group's train step, in bytes:
-    twice (XLA temporaries, the masked copy of the state) the float32 train state (parameters,
-    gradients, two AdamW moments: 16 bytes per parameter) plus the activations kept for the
-    backward pass: per token and layer ``12 d_model`` (norms, q/k/v, attention output, residuals),
-    the FFN (``3 d_ff`` dense; MoE ``capacity_factor * top_k * (3 d_expert + 2 d_model)`` plus
-    ``3 d_shared`` per shared expert) and ``2 n_heads seq_len`` attention scores and
-    probabilities, plus ``3 vocab_size`` for the logits."""
-    m = model_cfg
-    if m.is_moe:
-        ffn = (train_cfg.capacity_factor * m.top_k * (3 * m.d_expert + 2 * m.d_model)
-               + 3 * m.n_shared * m.d_shared)
-    else:
-        ffn = 3 * m.d_ff
-    per_token = m.n_layers * (12 * m.d_model + ffn + 2 * m.n_heads * data_cfg.seq_len) + 3 * m.vocab_size
-    activations = 4 * train_cfg.batch_size * data_cfg.seq_len * per_token
-    return int(2 * (16 * param_counts(m).total + activations))
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new work: ``MemAvailable`` of ``/proc/meminfo``, else the
-    physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def group_size(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, *,
-               workers: int = 1, available: int | None = None) -> int:
-    """How many members of this shape one worker trains together: as many as fit in
-    :data:`MEMORY_FRACTION` of the available memory split over ``workers`` local workers, by
-    :func:`member_bytes`, between 1 and :data:`MAX_MEMBERS`."""
-    budget = MEMORY_FRACTION * (available_memory() if available is None else available) / max(workers, 1)
-    return max(1, min(MAX_MEMBERS, int(budget // member_bytes(model_cfg, train_cfg, data_cfg))))
 
 
 # --------------------------------------------------------------------------------------
