@@ -33,7 +33,8 @@ def _parser():
     p = make_parser(PROG, "Grid sweeps over MoE architectures: every run once, across workers and "
                     "restarts, recorded in DIR/runs.parquet and DIR/curves.parquet.", EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, metavar="{validate,run,status,plot}")
-    v = sub.add_parser("validate", help="check a grid file and list its runs (writes nothing)")
+    v = sub.add_parser("validate", help="check a grid file, list its runs and estimate their time "
+                       "(writes nothing)")
     v.add_argument("grid", help="grid YAML file")
     v.add_argument("--json", action="store_true", help="print the runs as JSON")
     r = sub.add_parser("run", help="run (or continue) a sweep")
@@ -87,6 +88,7 @@ def _body(argv: Sequence[str] | None) -> int:
 
 def _validate(args) -> int:
     from moe_scaling.costs import param_counts
+    from moe_scaling.sweep.estimate import estimate_sweep
     from moe_scaling.sweep.runner import plan_sweep
 
     plan = plan_sweep(args.grid)
@@ -99,8 +101,9 @@ def _validate(args) -> int:
                      "d_expert": run.model.d_expert, "n_shared": run.model.n_shared,
                      "params_total": counts.total, "params_active": counts.active,
                      "steps": run.train.steps(run.data.seq_len)})
+    estimate = estimate_sweep(plan.runs)
     if args.json:
-        print_json({"name": plan.spec.name, "runs": rows})
+        print_json({"name": plan.spec.name, "runs": rows, "estimate": estimate})
         return 0
     print(f"{plan.spec.name}: {len(rows)} runs, valid")
     for row in rows:
@@ -108,6 +111,11 @@ def _validate(args) -> int:
         print(f"  {row['run_id']}  experts {row['n_experts']:>3} top_k {row['top_k']:>2} "
               f"d_expert {row['d_expert']:>5} shared {row['n_shared']}  active {format_count(row['params_active'])} "
               f"total {format_count(row['params_total'])}  steps {row['steps']}  ({axes})")
+    together = (f"{len(rows)} runs as {estimate['groups']} programs: runs that differ only in seed or lr "
+                f"train together, up to {estimate['largest_group']} at a time" if estimate["groups"] < len(rows)
+                else "no runs to train together")
+    print(f"estimated time with one worker on a 2-core CPU: {format_duration(estimate['batched_s'])} "
+          f"({together}); {format_duration(estimate['sequential_s'])} with --no-batch")
     return 0
 
 
