@@ -23,10 +23,14 @@ are :mod:`moe_scaling.train.checkpoints`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from functools import partial
 from typing import Any, Callable
 
@@ -35,7 +39,7 @@ import numpy as np
 
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
-from moe_scaling.files import finite_or_none
+from moe_scaling.files import atomic_write_bytes, finite_or_none
 from moe_scaling.model.routing import resolve_dispatch
 from moe_scaling.train.checkpoints import Checkpoints
 from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_vocab_size, train_batch
@@ -106,13 +110,74 @@ def program_config(train_cfg: TrainConfig, *free: str) -> TrainConfig:
 
 
 def compiled(key: tuple, fn: Any, *args: Any) -> Any:
-    """``fn.lower(*args).compile()``, kept in this process under ``key`` (a tuple naming the
-    program: its configs, step count, dispatch and argument shapes), so that later runs of the same
-    shapes in a sweep worker neither trace nor load it again. The JAX persistent cache (when
-    enabled) still serves the first compilation in each process."""
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = fn.lower(*args).compile()
-    return _PROGRAMS[key]
+    """``fn.lower(*args).compile()`` for the program named by ``key`` (a tuple of its configs, step
+    count, dispatch and argument shapes), from the cheapest place that has it:
+
+    1. this process: later runs of the same shapes in a sweep worker neither trace nor load it;
+    2. when JAX's persistent compilation cache is on (``moe-sweep run``: ``OUT/jax_cache``), the
+       serialized executable in ``<cache>/programs/``, found by ``key`` and
+       :func:`_program_environment` without tracing the program (tracing and lowering were a third
+       of a small run's fixed cost on a warm cache);
+    3. else it is traced and compiled (JAX's cache still serves the compilation) and written to 2.
+    A damaged or unreadable file in 2 is ignored and rewritten. (The files are pickles: the cache
+    folder is trusted as the checkpoints beside it are.)"""
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+    path = _program_path(key)
+    program = None
+    if path is not None and path.is_file():
+        try:
+            program = _load_program(path)
+        except Exception:  # noqa: BLE001 - any unreadable entry is recompiled and replaced
+            program = None
+    if program is None:
+        program = fn.lower(*args).compile()
+        if path is not None:
+            try:
+                _save_program(program, path)
+            except Exception:  # noqa: BLE001 - a cache that cannot be written is not an error
+                pass
+    _PROGRAMS[key] = program
+    return program
+
+
+@functools.cache
+def _program_environment() -> str:
+    """What else decides a compiled program: the JAX and jaxlib versions, the backend and its
+    devices, ``XLA_FLAGS``, the JAX settings that change numerics, and the source of every module
+    the programs are traced from (``moe_scaling/config.py``, ``model/``, ``train/``)."""
+    import jaxlib
+
+    root = Path(__file__).resolve().parents[1]
+    source = hashlib.sha256()
+    for path in sorted([root / "config.py", *(root / "model").glob("*.py"), *(root / "train").glob("*.py")]):
+        source.update(path.name.encode() + b"\0" + path.read_bytes())
+    devices = jax.devices()
+    return repr((jax.__version__, jaxlib.__version__, jax.default_backend(), devices[0].device_kind,
+                 len(devices), os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64,
+                 jax.config.jax_default_matmul_precision, source.hexdigest()))
+
+
+def _program_path(key: tuple) -> Path | None:
+    folder = jax.config.jax_compilation_cache_dir
+    if not folder:
+        return None
+    digest = hashlib.sha256(repr((key, _program_environment())).encode()).hexdigest()[:32]
+    return Path(folder) / "programs" / f"{key[0]}-{digest}.pkl"
+
+
+def _save_program(program: Any, path: Path) -> None:
+    from jax.experimental import serialize_executable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, pickle.dumps(serialize_executable.serialize(program)))
+
+
+def _load_program(path: Path) -> Any:
+    from jax.experimental import serialize_executable
+
+    payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
 
 
 def _eval_losses(graphdef, train_cfg: TrainConfig, dispatch: str, state, inputs, targets):
