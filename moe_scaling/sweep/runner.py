@@ -24,8 +24,19 @@ Guarantees and how they are kept:
 * **Divergence and errors.** A diverged run (``train`` returns status ``diverged``) is COMPLETE in
   the storage (value +inf) and ``diverged`` in the tables; an exception inside one run is recorded as
   ``failed`` with its message (traceback in the run's ``error.txt``) and the sweep goes on.
+* **Seed batching.** By default a worker claims a group: the next waiting run and the waiting runs
+  that differ from it only in ``seed``, ``lr``, ``min_lr_ratio`` or ``weight_decay``
+  (:func:`moe_scaling.train.batching.batch_key`), as many as
+  :func:`moe_scaling.train.batching.group_size` allows, and trains them as one vmapped program
+  (:func:`moe_scaling.train.group.train_group`). Each member keeps its own trial, heartbeat, record,
+  curve and checkpoints and is closed as soon as it ends, so every guarantee above holds per run.
+  Local workers claim under ``DIR/.claim.lock``, so one machine forms whole groups; an interrupted
+  group is re-enqueued whole and resumes as the same program. ``batch=False`` (``--no-batch``)
+  claims and trains one run at a time.
 * **Compilation reuse.** Workers enable JAX's persistent compilation cache in ``DIR/jax_cache`` so
-  runs with identical shapes (seeds, learning rates, ...) and restarted sweeps skip recompiling.
+  runs with identical shapes (seeds, learning rates, ...) and restarted sweeps skip recompiling;
+  compiled programs are also kept in the worker process and, serialized, in
+  ``DIR/jax_cache/programs/`` (:func:`moe_scaling.train.loop.compiled`).
 
 Results go to per-run record files and the tables of :mod:`moe_scaling.sweep.results`.
 """
