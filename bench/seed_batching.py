@@ -18,7 +18,9 @@ an untimed warm-up call first, so neither side pays compilation):
   does);
 * ``speedup`` = sequential_s / batched_s;
 * ``max_abs_loss_diff``: the largest |train loss of a member - train loss of its solo run| over
-  the first 10 steps and every member.
+  the first 10 steps and every member;
+* ``final_eval_loss_diff``: the largest |final eval loss of a member - its solo run's|, beside
+  ``seed_spread``, the range of the solo runs' final eval losses.
 
 Results: bench/seed_batching.json (with --json also printed) and bench/README.md.
 """
@@ -79,9 +81,13 @@ def measure(name, model, train_cfg, data, n: int, tmp: Path) -> dict:
     group = train_group(model, cfgs, data, ckpt_dirs=[folder / f"group{i}" for i in range(n)])
     batched = time.perf_counter() - t0
     diff = max(abs(a - b) for s, g in zip(solo, group) for a, b in zip(_losses(s), _losses(g)))
+    finals = [r.final_eval_loss for r in solo]
+    final_diff = max(abs(s.final_eval_loss - g.final_eval_loss) for s, g in zip(solo, group))
     row = {"name": name, "models": n, "steps": solo[0].steps, "sequential_s": round(sequential, 2),
            "batched_s": round(batched, 2), "speedup": round(sequential / batched, 2),
            "max_abs_loss_diff": float(f"{diff:.3g}"),
+           "final_eval_loss_diff": float(f"{final_diff:.3g}"),
+           "seed_spread": float(f"{max(finals) - min(finals):.3g}"),
            "sequential_step_s": round(sum(r.step_time_s for r in solo), 2),
            "batched_step_s": round(sum(r.step_time_s for r in group), 2)}
     print(json.dumps(row), file=sys.stderr, flush=True)
