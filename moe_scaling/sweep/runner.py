@@ -293,11 +293,12 @@ def _execute(ctx: WorkerContext, study: optuna.Study, trials: list[FrozenTrial],
         return 0
     rebuild_tables(ctx.out)
     first = members[0]
-    label = first.trial.user_attrs.get("label", first.run.run_id)
-    if len(members) > 1:
-        label += f" + {len(members) - 1} more trained together"
-    reporter.start_run(first.run.run_id, label)
     lead = [0]      # the member whose progress is shown: the first one still training
+
+    def show(i: int) -> None:
+        m, others = members[i], sum(not o.ended for o in members) - 1
+        label = m.trial.user_attrs.get("label", m.run.run_id)
+        reporter.start_run(m.run.run_id, label + (f" + {others} more trained together" if others else ""))
 
     def on_log(i: int, entry: dict) -> None:
         if i == lead[0]:
@@ -305,8 +306,13 @@ def _execute(ctx: WorkerContext, study: optuna.Study, trials: list[FrozenTrial],
 
     def on_end(i: int, result: Any) -> None:
         _close(ctx, study, members[i], reporter, result)
-        while lead[0] < len(members) and members[lead[0]].ended:
-            lead[0] += 1
+        if i == lead[0]:
+            while lead[0] < len(members) and members[lead[0]].ended:
+                lead[0] += 1
+            if lead[0] < len(members):
+                show(lead[0])
+
+    show(0)
 
     with Heartbeat(study._storage, [m.trial._trial_id for m in members]):
         try:
