@@ -16,7 +16,8 @@ an untimed warm-up call first, so neither side pays compilation):
   folder (what ``moe-sweep run --no-batch`` does per run);
 * ``batched_s``: wall time of one ``train_group()`` call over the N seeds (what ``moe-sweep run``
   does);
-* ``speedup`` = sequential_s / batched_s;
+* ``speedup`` = sequential_s / batched_s; ``cpu_speedup`` the same for the process's CPU time
+  (user + system), which a machine busy with other work inflates far less than wall time;
 * ``max_abs_loss_diff``: the largest |train loss of a member - train loss of its solo run| over
   the first 10 steps and every member;
 * ``final_eval_loss_diff``: the largest |final eval loss of a member - its solo run's|, beside
@@ -74,12 +75,12 @@ def measure(name, model, train_cfg, data, n: int, tmp: Path) -> dict:
     folder = tmp / f"{name}_{n}"
     train(model, cfgs[0], data, progress=False)                       # warm-up: compile
     train_group(model, cfgs, data)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     solo = [train(model, c, data, ckpt_dir=folder / f"solo{i}", progress=False) for i, c in enumerate(cfgs)]
-    sequential = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    sequential, sequential_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     group = train_group(model, cfgs, data, ckpt_dirs=[folder / f"group{i}" for i in range(n)])
-    batched = time.perf_counter() - t0
+    batched, batched_cpu = time.perf_counter() - t0, time.process_time() - c0
     diff = max(abs(a - b) for s, g in zip(solo, group) for a, b in zip(_losses(s), _losses(g)))
     finals = [r.final_eval_loss for r in solo]
     final_diff = max(abs(s.final_eval_loss - g.final_eval_loss) for s, g in zip(solo, group))
@@ -88,6 +89,8 @@ def measure(name, model, train_cfg, data, n: int, tmp: Path) -> dict:
            "max_abs_loss_diff": float(f"{diff:.3g}"),
            "final_eval_loss_diff": float(f"{final_diff:.3g}"),
            "seed_spread": float(f"{max(finals) - min(finals):.3g}"),
+           "sequential_cpu_s": round(sequential_cpu, 2), "batched_cpu_s": round(batched_cpu, 2),
+           "cpu_speedup": round(sequential_cpu / batched_cpu, 2),
            "sequential_step_s": round(sum(r.step_time_s for r in solo), 2),
            "batched_step_s": round(sum(r.step_time_s for r in group), 2)}
     print(json.dumps(row), file=sys.stderr, flush=True)
