@@ -149,7 +149,7 @@ def test_no_batch_trains_the_same_runs_one_by_one(batched, tmp_path):
     assert (runs["status"] == "completed").all() and len(runs) == 3
     assert "group_size" not in runs or runs["group_size"].isna().all()
     # one worker process: the second and third run reuse the first one's compiled programs
-    assert max(sorted(runs["compile_s"])[:2]) < 1e-3
+    assert max(sorted(runs["compile_s"])[:2]) < 0.05      # a lookup, not a load (>= 0.1 s)
     assert runs["tokens"].tolist() == [STEPS * 8 * 32] * 3
     # solo and batched runs agree closely (not bit for bit: batched matmuls round differently)
     spread = ref["eval_loss"].max() - ref["eval_loss"].min()

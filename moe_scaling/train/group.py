@@ -192,7 +192,9 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
         raise
     stacked = _stack(states)
     del states
+    t0 = time.perf_counter()
     losses = eval_program(graphdef, model_cfg, base, eval_dispatch, stacked, eval_set, members=n)
+    eval_compile_s = time.perf_counter() - t0
     group = _Group([], stacked, losses)
     for i, cfg in enumerate(train_cfgs):
         log = None if on_log is None else partial(on_log, i)
@@ -200,6 +202,7 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
                    configs=_configs(model_cfg, cfg, data_cfg), corpus_hash=corpus_hash, ckpt=ckpts[i],
                    eval_loss=lambda _state, i=i: group.eval_loss(i), on_log=log)
         run.metrics.update(dispatch=dispatch, eval_dispatch=eval_dispatch, group_size=n)
+        run.timings["compile_s"] += eval_compile_s / n
         group.runs.append(run)
     results: list[TrainResult | None] = [None] * n
 
@@ -258,7 +261,7 @@ def _train(group: _Group, graphdef: Any, model_cfg: ModelConfig, cfgs: Sequence[
     compile_s = time.perf_counter() - t0
     step_time = 0.0
     for r in runs:
-        r.timings["compile_s"] = compile_s / n
+        r.timings["compile_s"] += compile_s / n
     while active.any():
         t0 = time.perf_counter()
         group.stacked, metrics = step_fn(hp, active, group.stacked, x, y)

@@ -286,7 +286,7 @@ class _Run:
         x, y = train_batch(tokens, batch, seq, cfg.seed, self.start)
         t0 = time.perf_counter()
         step_fn = train_step(self.state, x, y)
-        self.timings["compile_s"] = time.perf_counter() - t0
+        self.timings["compile_s"] += time.perf_counter() - t0
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -408,11 +408,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     eval_set = eval_windows(valid_tokens, batch, seq, train_cfg.eval_batches)
     ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
     state, record = _resume(ckpt, ckpt_dir, state, configs, corpus_hash, data_cfg)
+    t0 = time.perf_counter()
     losses = eval_program(graphdef, model_cfg, train_cfg, eval_dispatch, state, eval_set)
+    eval_compile_s = time.perf_counter() - t0
     run = _Run(state, record, train_cfg=train_cfg, seq=seq, steps=steps, configs=configs,
                corpus_hash=corpus_hash, ckpt=ckpt, eval_loss=lambda s: float(np.mean(losses(s), dtype=np.float64)),
                on_log=on_log)
     run.metrics.update(dispatch=dispatch, eval_dispatch=eval_dispatch)
+    run.timings["compile_s"] += eval_compile_s
     key = ("train", model_cfg, program_config(train_cfg), steps, dispatch, (batch, seq))
     train_step = partial(compiled, key, make_train_step(graphdef, train_cfg, dispatch))
     if run.start == 0 and not run.curve:
