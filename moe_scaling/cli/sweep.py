@@ -33,7 +33,8 @@ def _parser():
     p = make_parser(PROG, "Grid sweeps over MoE architectures: every run once, across workers and "
                     "restarts, recorded in DIR/runs.parquet and DIR/curves.parquet.", EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, metavar="{validate,run,status,plot}")
-    v = sub.add_parser("validate", help="check a grid file and list its runs (writes nothing)")
+    v = sub.add_parser("validate", help="check a grid file, list its runs and estimate their time "
+                       "(writes nothing)")
     v.add_argument("grid", help="grid YAML file")
     v.add_argument("--json", action="store_true", help="print the runs as JSON")
     r = sub.add_parser("run", help="run (or continue) a sweep")
@@ -47,6 +48,9 @@ def _parser():
     r.add_argument("--grace-period", type=_positive, default=60, metavar="S",
                    help="seconds without a heartbeat after which another host's run counts as dead "
                         "(default 60; dead local processes are noticed at once)")
+    r.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="train every run on its own (default: runs that differ only in seed, lr, "
+                        "min_lr_ratio or weight_decay train together as one vmapped program)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     r.add_argument("--devices-per-run", type=_positive, default=None, metavar="K",
                    help="give each worker its own K accelerators (CUDA_VISIBLE_DEVICES, ...; K host "
@@ -87,6 +91,7 @@ def _body(argv: Sequence[str] | None) -> int:
 
 def _validate(args) -> int:
     from moe_scaling.costs import param_counts
+    from moe_scaling.sweep.estimate import estimate_sweep
     from moe_scaling.sweep.runner import plan_sweep
 
     plan = plan_sweep(args.grid)
@@ -99,8 +104,9 @@ def _validate(args) -> int:
                      "d_expert": run.model.d_expert, "n_shared": run.model.n_shared,
                      "params_total": counts.total, "params_active": counts.active,
                      "steps": run.train.steps(run.data.seq_len)})
+    estimate = estimate_sweep(plan.runs)
     if args.json:
-        print_json({"name": plan.spec.name, "runs": rows})
+        print_json({"name": plan.spec.name, "runs": rows, "estimate": estimate})
         return 0
     print(f"{plan.spec.name}: {len(rows)} runs, valid")
     for row in rows:
@@ -108,6 +114,11 @@ def _validate(args) -> int:
         print(f"  {row['run_id']}  experts {row['n_experts']:>3} top_k {row['top_k']:>2} "
               f"d_expert {row['d_expert']:>5} shared {row['n_shared']}  active {format_count(row['params_active'])} "
               f"total {format_count(row['params_total'])}  steps {row['steps']}  ({axes})")
+    together = (f"{len(rows)} runs as {estimate['groups']} programs: runs that differ only in seed or lr "
+                f"train together, up to {estimate['largest_group']} at a time" if estimate["groups"] < len(rows)
+                else "no runs to train together")
+    print(f"estimated time with one worker on a 2-core CPU: {format_duration(estimate['batched_s'])} "
+          f"({together}); {format_duration(estimate['sequential_s'])} with --no-batch")
     return 0
 
 
@@ -123,7 +134,7 @@ def _run(args) -> int:
         raise InputError(f"--out {out}: exists and is not a folder; give a folder path")
     summary = run_sweep(args.grid, out, workers=args.workers, storage=args.storage,
                         retry_failed=args.retry_failed, grace_s=args.grace_period,
-                        report=None if args.quiet else ProgressLine(), plan=plan,
+                        report=None if args.quiet else ProgressLine(), plan=plan, batch=args.batch,
                         devices_per_run=args.devices_per_run)
     status = _summary(out, top=5)
     if args.json:

@@ -51,8 +51,11 @@ class Progress:
         self._write()
 
     def end_run(self, record: Mapping[str, Any]) -> None:
+        """A run ended; the state shown is cleared when it was this run's (a member of a group
+        that ends before the member shown leaves it in place)."""
         self._counts = None
-        self.state = {}
+        if self.state.get("run_id") == record.get("run_id"):
+            self.state = {}
         self._write(dict(record))
 
     def idle(self) -> None:

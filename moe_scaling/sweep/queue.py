@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import optuna
 import sqlalchemy
@@ -36,7 +36,7 @@ from moe_scaling.errors import ConfigError
 
 __all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "WorkerContext", "check_storage_url",
            "open_study", "enqueue_run", "trials_by_run", "needs_enqueue", "redact", "recover_stale",
-           "claim_next", "superseded", "finish_trial", "sweep_counts", "Heartbeat",
+           "claim_next", "claim_group", "superseded", "finish_trial", "sweep_counts", "Heartbeat",
            "no_experimental_warning"]
 
 HEARTBEAT_S = 5          # optuna heartbeat interval of a running trial
@@ -58,6 +58,7 @@ class WorkerContext:
     grace_s: int = DEFAULT_GRACE_S
     worker: int = 0
     n_workers: int = 1
+    batch: bool = True          # train runs that differ only in seed/lr together (train/group.py)
 
 
 def check_storage_url(url: str) -> None:
@@ -244,18 +245,50 @@ def recover_stale(study: optuna.Study, grace_s: int = DEFAULT_GRACE_S) -> int:
     return n
 
 
+def _claim(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
+    """Atomically move one WAITING trial to RUNNING for this process; None when another process
+    claimed it first."""
+    storage = study._storage
+    try:
+        if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+            storage.record_heartbeat(trial._trial_id)
+            storage.set_trial_user_attr(trial._trial_id, "worker", _identity())
+            return storage.get_trial(trial._trial_id)
+    except UpdateFinishedTrialError:
+        pass
+    return None
+
+
 def claim_next(study: optuna.Study) -> FrozenTrial | None:
     """Atomically move the lowest-numbered WAITING trial to RUNNING and return it (None if none)."""
-    storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                storage.record_heartbeat(t._trial_id)
-                storage.set_trial_user_attr(t._trial_id, "worker", _identity())
-                return storage.get_trial(t._trial_id)
-        except UpdateFinishedTrialError:
-            continue
+        claimed = _claim(study, t)
+        if claimed is not None:
+            return claimed
     return None
+
+
+def claim_group(study: optuna.Study, group_key: Callable[[FrozenTrial], str | None],
+                limit: Callable[[FrozenTrial], int]) -> list[FrozenTrial]:
+    """Claim the lowest-numbered WAITING trial (as :func:`claim_next`), then, in trial order, the
+    other WAITING trials with the same ``group_key`` (None: a trial that trains alone), up to
+    ``limit(first)`` trials in all. Each claim is atomic, so a trial is never claimed twice; two
+    processes claiming at once may split a group between them (the runner serialises its local
+    workers' claims, so one machine forms whole groups). Returns the claimed trials, first one
+    first (empty when nothing is waiting)."""
+    first = claim_next(study)
+    if first is None:
+        return []
+    key, size = group_key(first), limit(first)
+    claimed = [first]
+    if key is None or size <= 1:
+        return claimed
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if len(claimed) >= size:
+            break
+        if group_key(t) == key and (got := _claim(study, t)) is not None:
+            claimed.append(got)
+    return claimed
 
 
 def superseded(study: optuna.Study, mine: FrozenTrial) -> bool:
@@ -301,19 +334,22 @@ def finish_trial(study: optuna.Study, trial: FrozenTrial, state: TrialState, rec
 
 
 class Heartbeat:
-    """Records an optuna heartbeat for one trial every HEARTBEAT_S seconds in a daemon thread."""
+    """Records an optuna heartbeat for each of ``trial_ids`` (one id or a list: the members of a
+    group) every HEARTBEAT_S seconds in a daemon thread."""
 
-    def __init__(self, storage: Any, trial_id: int) -> None:
-        self._storage, self._trial_id = storage, trial_id
+    def __init__(self, storage: Any, trial_ids: int | Sequence[int]) -> None:
+        self._storage = storage
+        self._trial_ids = [trial_ids] if isinstance(trial_ids, int) else list(trial_ids)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except Exception:  # noqa: BLE001 - a missed beat is retried; the grace period absorbs it
-                pass
+            for trial_id in self._trial_ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried; the grace period absorbs it
+                    pass
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()

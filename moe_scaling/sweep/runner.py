@@ -24,15 +24,28 @@ Guarantees and how they are kept:
 * **Divergence and errors.** A diverged run (``train`` returns status ``diverged``) is COMPLETE in
   the storage (value +inf) and ``diverged`` in the tables; an exception inside one run is recorded as
   ``failed`` with its message (traceback in the run's ``error.txt``) and the sweep goes on.
+* **Seed batching.** By default a worker claims a group: the next waiting run and the waiting runs
+  that differ from it only in ``seed``, ``lr``, ``min_lr_ratio`` or ``weight_decay``
+  (:func:`moe_scaling.train.batching.batch_key`), as many as
+  :func:`moe_scaling.train.batching.group_size` allows, and trains them as one vmapped program
+  (:func:`moe_scaling.train.group.train_group`). Each member keeps its own trial, heartbeat, record,
+  curve and checkpoints and is closed as soon as it ends, so every guarantee above holds per run.
+  Local workers claim under ``DIR/.claim.lock``, so one machine forms whole groups; an interrupted
+  group is re-enqueued whole and resumes as the same program. ``batch=False`` (``--no-batch``)
+  claims and trains one run at a time.
 * **Compilation reuse.** Workers enable JAX's persistent compilation cache in ``DIR/jax_cache`` so
-  runs with identical shapes (seeds, learning rates, ...) and restarted sweeps skip recompiling.
+  runs with identical shapes (seeds, learning rates, ...) and restarted sweeps skip recompiling;
+  compiled programs are also kept in the worker process and, serialized, in
+  ``DIR/jax_cache/programs/`` (:func:`moe_scaling.train.loop.compiled`).
 
 Results go to per-run record files and the tables of :mod:`moe_scaling.sweep.results`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import multiprocessing
@@ -42,9 +55,10 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Iterator, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -59,14 +73,16 @@ from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, re
 from moe_scaling.sweep.layout import SweepDir
 from moe_scaling.sweep.progress import Progress, Report, read_snapshot
 from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, Heartbeat, WorkerContext, check_storage_url,
-                                     claim_next, enqueue_run, finish_trial, needs_enqueue, open_study,
+                                     claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue, open_study,
                                      recover_stale, redact, superseded, sweep_counts, trials_by_run)
 from moe_scaling.sweep.results import code_version, read_record, rebuild_tables, write_curve, write_record
 from moe_scaling.train.data import corpus_content_hash
+from moe_scaling.train.batching import batch_key, group_size
 
 __all__ = ["SweepPlan", "plan_sweep", "prepare", "check_corpora", "run_sweep", "worker_loop"]
 
 POLL_S = 1.0             # idle workers poll the queue this often while other runs are in flight
+CLAIM_LOCK = ".claim.lock"   # in the sweep folder: local workers claim one after the other
 
 
 @dataclass(frozen=True)
@@ -150,32 +166,83 @@ def _content_hash(corpus: str) -> str | None:
 
 def worker_loop(ctx: WorkerContext, report: Report | None = None) -> int:
     """Claim and run trials until none is waiting or running; ``report`` gets progress snapshots.
-    Returns the number of runs this worker trained."""
+    With ``ctx.batch`` a claim takes a whole group (runs that differ only in
+    :data:`moe_scaling.train.group.BATCHED_FIELDS`, as many as :func:`group_size` allows) and trains
+    it as one program. Returns the number of runs this worker trained."""
     enable_compilation_cache(SweepDir(ctx.out).jax_cache)
-    from moe_scaling.train.loop import train as train_fn
     study = open_study(ctx.storage_url, ctx.study_name, ctx.grace_s)
     reporter = Progress(ctx, study, report)
     n = 0
     while True:
         recover_stale(study, ctx.grace_s)
-        trial = claim_next(study)
-        if trial is None:
+        trials = _claim(ctx, study)
+        if not trials:
             if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                 break
             reporter.idle()
             time.sleep(POLL_S)
             continue
-        n += _execute(ctx, study, trial, train_fn, reporter)
+        n += _execute(ctx, study, trials, reporter)
     reporter.idle()
     return n
 
 
-def _execute(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial,
-             train_fn: Callable[..., Any], reporter: Progress) -> int:
-    """Run one claimed trial to its end state; returns 1 when it trained, else 0."""
+def _claim(ctx: WorkerContext, study: optuna.Study) -> list[FrozenTrial]:
+    """The next trial, or with ``ctx.batch`` the next group of trials, claimed under this sweep
+    folder's claim lock so that the local workers form whole groups."""
+    if not ctx.batch:
+        trial = claim_next(study)
+        return [] if trial is None else [trial]
+    with _claim_lock(ctx.out):
+        return claim_group(study, _group_key, partial(_group_limit, ctx.n_workers))
+
+
+@contextlib.contextmanager
+def _claim_lock(out: str) -> Iterator[None]:
+    """Exclusive ``fcntl`` lock on ``OUT/.claim.lock`` (released on exit or process death)."""
+    with open(Path(out) / CLAIM_LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _trial_run(trial: FrozenTrial) -> RunSpec | None:
+    try:
+        return RunSpec.from_dict(trial.user_attrs["config"])
+    except (KeyError, TypeError, ValueError, UserError):
+        return None          # _execute reports it as the run's failure
+
+
+def _group_key(trial: FrozenTrial) -> str | None:
+    run = _trial_run(trial)
+    return None if run is None else batch_key(run.model, run.train, run.data)
+
+
+def _group_limit(workers: int, trial: FrozenTrial) -> int:
+    run = _trial_run(trial)
+    return 1 if run is None else group_size(run.model, run.train, run.data, workers=workers)
+
+
+@dataclass
+class _Member:
+    """One claimed run on its way through :func:`_execute`."""
+
+    trial: FrozenTrial
+    run: RunSpec
+    rdir: Any
+    data: Any
+    record: dict[str, Any]
+    ended: bool = False
+
+
+def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Member | None:
+    """Check a claimed trial and write its ``running`` record; None when there is nothing to train
+    (a duplicate trial, or a run whose record already says completed/diverged: closed here)."""
     if superseded(study, trial):
         finish_trial(study, trial, TrialState.PRUNED, {"status": "duplicate"})
-        return 0
+        return None
     run = RunSpec.from_dict(trial.user_attrs["config"], index=trial.user_attrs.get("index", 0))
     rid = trial.user_attrs["run_id"]
     if run.run_id != rid:
@@ -184,7 +251,7 @@ def _execute(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial,
     if previous and previous["status"] in ("completed", "diverged"):
         finish_trial(study, trial, TrialState.COMPLETE, previous, _objective(previous))
         rebuild_tables(ctx.out)
-        return 0
+        return None
     rdir = SweepDir(ctx.out).run(rid)
     save_config(rdir.config, run.model, run.train, run.data)
     data = dataclasses.replace(run.data, corpus=resolve_corpus(run.data.corpus, ctx.grid_dir))
@@ -195,28 +262,76 @@ def _execute(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial,
         "config": run.to_dict(), "corpus_hash": _content_hash(data.corpus),
         "package_version": moe_scaling.__version__, "code_version": code_version()}
     write_record(ctx.out, record)
-    rebuild_tables(ctx.out)
-    reporter.start_run(rid, trial.user_attrs.get("label", rid))
-    with Heartbeat(study._storage, trial._trial_id):
-        try:
-            result = train_fn(run.model, run.train, data, ckpt_dir=rdir.ckpt, progress=False,
-                              on_log=reporter.log)
-        except Exception as err:  # noqa: BLE001 - one run's exception is its result, not the sweep's
-            atomic_write_text(rdir.error, traceback.format_exc())
-            message = " ".join(str(err).split())[:500]
-            record.update(status="failed", error=f"{type(err).__name__}: {message}", finished_at=_now())
-            write_record(ctx.out, record)
-            rebuild_tables(ctx.out)
-            finish_trial(study, trial, TrialState.FAIL, record)
-            reporter.end_run(record)
-            return 1
-    record.update(_result_fields(result), finished_at=_now())
-    write_curve(ctx.out, rid, result.curve)
+    return _Member(trial, run, rdir, data, record)
+
+
+def _close(ctx: WorkerContext, study: optuna.Study, member: _Member, reporter: Progress,
+           result: Any = None, error: BaseException | None = None) -> None:
+    """Record a member's end (its result, or the exception that ended it) and close its trial."""
+    record, rid = member.record, member.run.run_id
+    if error is not None:
+        atomic_write_text(member.rdir.error, "".join(traceback.format_exception(error)))
+        message = " ".join(str(error).split())[:500]
+        record.update(status="failed", error=f"{type(error).__name__}: {message}", finished_at=_now())
+        state, value = TrialState.FAIL, None
+    else:
+        record.update(_result_fields(result), finished_at=_now())
+        write_curve(ctx.out, rid, result.curve)
+        state, value = TrialState.COMPLETE, _objective(record)
     write_record(ctx.out, record)
     rebuild_tables(ctx.out)
-    finish_trial(study, trial, TrialState.COMPLETE, record, _objective(record))
+    finish_trial(study, member.trial, state, record, value)
+    member.ended = True
     reporter.end_run(record)
-    return 1
+
+
+def _execute(ctx: WorkerContext, study: optuna.Study, trials: list[FrozenTrial], reporter: Progress) -> int:
+    """Run the claimed trials (one run, or a group trained together) to their end states; returns
+    how many runs trained. One run's exception is that run's result; a group's exception is
+    each unfinished member's."""
+    members = [m for m in (_open(ctx, study, t) for t in trials) if m is not None]
+    if not members:
+        return 0
+    rebuild_tables(ctx.out)
+    first = members[0]
+    lead = [0]      # the member whose progress is shown: the first one still training
+
+    def show(i: int) -> None:
+        m, others = members[i], sum(not o.ended for o in members) - 1
+        label = m.trial.user_attrs.get("label", m.run.run_id)
+        reporter.start_run(m.run.run_id, label + (f" + {others} more trained together" if others else ""))
+
+    def on_log(i: int, entry: dict) -> None:
+        if i == lead[0]:
+            reporter.log(entry)
+
+    def on_end(i: int, result: Any) -> None:
+        _close(ctx, study, members[i], reporter, result)
+        if i == lead[0]:
+            while lead[0] < len(members) and members[lead[0]].ended:
+                lead[0] += 1
+            if lead[0] < len(members):
+                show(lead[0])
+
+    show(0)
+
+    with Heartbeat(study._storage, [m.trial._trial_id for m in members]):
+        try:
+            if len(members) == 1:
+                from moe_scaling.train.loop import train
+
+                on_end(0, train(first.run.model, first.run.train, first.data, ckpt_dir=first.rdir.ckpt,
+                                progress=False, on_log=partial(on_log, 0)))
+            else:
+                from moe_scaling.train.group import train_group
+
+                train_group(first.run.model, [m.run.train for m in members], first.data,
+                            ckpt_dirs=[m.rdir.ckpt for m in members], on_log=on_log, on_end=on_end)
+        except Exception as err:  # noqa: BLE001 - the runs' exception is their result, not the sweep's
+            for m in members:
+                if not m.ended:
+                    _close(ctx, study, m, reporter, error=err)
+    return len(members)
 
 
 def _result_fields(result: Any) -> dict[str, Any]:
@@ -260,12 +375,14 @@ def _worker_main(ctx: WorkerContext) -> None:
 def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1,
               storage: str | None = None, retry_failed: bool = False, grace_s: int = DEFAULT_GRACE_S,
               report: Report | None = None, plan: SweepPlan | None = None,
-              devices_per_run: int | None = None) -> dict[str, Any]:
+              batch: bool = True, devices_per_run: int | None = None) -> dict[str, Any]:
     """Validate the grid, enqueue its runs and work the queue with ``workers`` local processes
     (in this process when 1) until nothing is waiting or running; ``report`` receives progress
-    snapshots (see :class:`Progress`). Returns ``{"sweep", "out", "done", "total", "unfinished"}``;
-    rerunning the same call after a crash finishes the sweep. ``devices_per_run``: each worker
-    process sees only its own devices (:mod:`moe_scaling.sweep.devices`)."""
+    snapshots (see :class:`Progress`). With ``batch`` (the default) runs that differ only in seed
+    or lr train together (:func:`worker_loop`); ``batch=False`` trains them one by one.
+    ``devices_per_run``: each worker process sees only its own devices
+    (:mod:`moe_scaling.sweep.devices`). Returns ``{"sweep", "out", "done", "total", "unfinished"}``;
+    rerunning the same call after a crash finishes the sweep."""
     plan = plan or plan_sweep(grid_path)
     envs = assign_devices(workers, devices_per_run, detect_accelerators()) if devices_per_run else None
     if storage is not None:
@@ -273,7 +390,7 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
     study, url = prepare(plan, out, storage, retry_failed=retry_failed, grace_s=grace_s)
     ctx = WorkerContext(out=str(Path(out).resolve()), storage_url=url, study_name=plan.spec.name,
                         grid_dir=str(plan.spec.path.resolve().parent), total=len(plan.runs),
-                        grace_s=grace_s, n_workers=workers)
+                        grace_s=grace_s, n_workers=workers, batch=batch)
     SweepDir(out).progress.mkdir(exist_ok=True)
     for stale in SweepDir(out).progress.glob("*.json"):
         stale.unlink()

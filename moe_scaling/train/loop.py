@@ -23,10 +23,15 @@ are :mod:`moe_scaling.train.checkpoints`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -34,7 +39,7 @@ import numpy as np
 
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
-from moe_scaling.files import finite_or_none
+from moe_scaling.files import atomic_write_bytes, finite_or_none
 from moe_scaling.model.routing import resolve_dispatch
 from moe_scaling.train.checkpoints import Checkpoints, init_model_from
 from moe_scaling.train.mesh import place_run
@@ -42,7 +47,7 @@ from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_for, tok
 from moe_scaling.train.tokenizers import check_vocab
 from moe_scaling.train.step import init_state, make_eval_step, make_train_step
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "train", "compiled", "program_config", "eval_program"]
 
 
 
@@ -91,6 +96,119 @@ def _configs(model_cfg, train_cfg, data_cfg) -> dict:
     return {"model": model_cfg.to_dict(), "train": train, "data": data_cfg.to_dict()}
 
 
+# --------------------------------------------------------------------------------------
+# Compiled programs, kept for the life of the process
+# --------------------------------------------------------------------------------------
+
+# Fields of TrainConfig that never enter a compiled program (the token budget enters only as the
+# step count, which program keys carry separately).
+_HOST_FIELDS = ("tokens", "seed", "eval_every", "eval_batches", "ckpt_every", "log_every")
+
+_PROGRAMS: dict[tuple, Any] = {}
+
+
+def program_config(train_cfg: TrainConfig, *free: str) -> TrainConfig:
+    """``train_cfg`` with the fields that do not change a compiled program set to their defaults
+    (the host-side fields above plus ``free``, fields a program takes as arguments): equal results
+    mean the same program."""
+    defaults = TrainConfig()
+    return dataclasses.replace(train_cfg, **{f: getattr(defaults, f) for f in _HOST_FIELDS + free})
+
+
+def compiled(key: tuple, fn: Any, *args: Any) -> Any:
+    """``fn.lower(*args).compile()`` for the program named by ``key`` (a tuple of its configs, step
+    count, dispatch and argument shapes), from the cheapest place that has it:
+
+    1. this process: later runs of the same shapes in a sweep worker neither trace nor load it;
+    2. when JAX's persistent compilation cache is on (``moe-sweep run``: ``OUT/jax_cache``), the
+       serialized executable in ``<cache>/programs/``, found by ``key`` and
+       :func:`_program_environment` without tracing the program (tracing and lowering were a third
+       of a small run's fixed cost on a warm cache);
+    3. else it is traced and compiled (JAX's cache still serves the compilation) and written to 2.
+    A damaged or unreadable file in 2 is ignored and rewritten. (The files are pickles: the cache
+    folder is trusted as the checkpoints beside it are.)"""
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+    path = _program_path(key)
+    program = None
+    if path is not None and path.is_file():
+        try:
+            program = _load_program(path)
+        except Exception:  # noqa: BLE001 - any unreadable entry is recompiled and replaced
+            program = None
+    if program is None:
+        program = fn.lower(*args).compile()
+        if path is not None:
+            try:
+                _save_program(program, path)
+            except Exception:  # noqa: BLE001 - a cache that cannot be written is not an error
+                pass
+    _PROGRAMS[key] = program
+    return program
+
+
+@functools.cache
+def _program_environment() -> str:
+    """What else decides a compiled program: the JAX and jaxlib versions, the backend and its
+    devices, ``XLA_FLAGS``, the JAX settings that change numerics, and the source of every module
+    the programs are traced from (``moe_scaling/config.py``, ``model/``, ``train/``)."""
+    import jaxlib
+
+    root = Path(__file__).resolve().parents[1]
+    source = hashlib.sha256()
+    for path in sorted([root / "config.py", *(root / "model").glob("*.py"), *(root / "train").glob("*.py")]):
+        source.update(path.name.encode() + b"\0" + path.read_bytes())
+    devices = jax.devices()
+    return repr((jax.__version__, jaxlib.__version__, jax.default_backend(), devices[0].device_kind,
+                 len(devices), os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64,
+                 jax.config.jax_default_matmul_precision, source.hexdigest()))
+
+
+def _program_path(key: tuple) -> Path | None:
+    folder = jax.config.jax_compilation_cache_dir
+    if not folder:
+        return None
+    digest = hashlib.sha256(repr((key, _program_environment())).encode()).hexdigest()[:32]
+    return Path(folder) / "programs" / f"{key[0]}-{digest}.pkl"
+
+
+def _save_program(program: Any, path: Path) -> None:
+    from jax.experimental import serialize_executable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, pickle.dumps(serialize_executable.serialize(program)))
+
+
+def _load_program(path: Path) -> Any:
+    from jax.experimental import serialize_executable
+
+    payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+
+
+def _eval_losses(graphdef, train_cfg: TrainConfig, dispatch: str, state, inputs, targets):
+    """Cross-entropy of each eval batch, ``inputs/targets [n_batches, B, S]`` -> ``[n_batches]``:
+    the whole eval set in one call."""
+    one = make_eval_step(graphdef, train_cfg, dispatch)
+    return jax.lax.map(lambda xy: one(state, *xy), (inputs, targets))
+
+
+def eval_program(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, dispatch: str,
+                 state, eval_set: list, members: int | None = None) -> Callable[[Any], np.ndarray]:
+    """``losses(state)``: the per-batch eval losses of ``state`` (``[n_batches]``, or
+    ``[members, n_batches]`` for a stacked state of ``members`` models), compiled once per
+    process and shape."""
+    xs = np.stack([x for x, _ in eval_set])
+    ys = np.stack([y for _, y in eval_set])
+    fn = partial(_eval_losses, graphdef, train_cfg, dispatch)
+    if members is not None:
+        fn = jax.vmap(fn, in_axes=(0, None, None))
+    key = ("eval", model_cfg, program_config(train_cfg, "lr", "min_lr_ratio", "weight_decay"),
+           dispatch, members, xs.shape)
+    run = compiled(key, jax.jit(fn), state, xs, ys)
+    return lambda s: np.asarray(jax.device_get(run(s, xs, ys)))
+
+
 
 def _resume(ckpt: Checkpoints | None, ckpt_dir: Any, state: Any, configs: dict, corpus_hash: str,
             data_cfg: DataConfig) -> tuple[Any, dict | None]:
@@ -121,13 +239,13 @@ class _Run:
     the step loop and the end of the run. The order of work is exactly that of a straight loop."""
 
     def __init__(self, state: Any, record: dict | None, *, train_cfg: TrainConfig, seq: int, steps: int,
-                 configs: dict, corpus_hash: str, ckpt: Checkpoints | None, eval_step: Callable,
-                 eval_set: list, on_log: Callable[[dict], None] | None,
+                 configs: dict, corpus_hash: str, ckpt: Checkpoints | None,
+                 eval_loss: Callable[[Any], float], on_log: Callable[[dict], None] | None,
                  place: Callable = lambda x, y: (x, y)) -> None:
         self.state, self.record, self.train_cfg, self.seq, self.steps = state, record, train_cfg, seq, steps
         self.per_step = train_cfg.batch_size * seq
         self.configs, self.corpus_hash, self.ckpt = configs, corpus_hash, ckpt
-        self.eval_step, self.eval_set, self.on_log = eval_step, eval_set, on_log
+        self.eval_loss, self.on_log = eval_loss, on_log
         self.place = place  # host batch -> device(s): identity on one device, the mesh's sharding
         self.start = 0 if record is None else int(record["step"])
         self.curve = [] if record is None else [
@@ -147,7 +265,7 @@ class _Run:
 
     def evaluate(self, step: int) -> float:
         t0 = time.perf_counter()
-        loss = float(np.mean([float(self.eval_step(self.state, x, y)) for x, y in self.eval_set]))
+        loss = self.eval_loss(self.state)
         self.timings["eval_s"] += time.perf_counter() - t0
         self.last_eval = loss
         if math.isfinite(loss):
@@ -166,16 +284,17 @@ class _Run:
                                           "metrics": self.metrics})
         self.timings["ckpt_s"] += time.perf_counter() - t0
 
-    def run_steps(self, train_step: Any, tokens: np.ndarray, end_step: int,
+    def run_steps(self, train_step: Callable[..., Any], tokens: np.ndarray, end_step: int,
                   progress: bool) -> tuple[str, int | None]:
-        """Train from ``start`` to ``end_step``: ``(status, diverged_step)``."""
+        """Train from ``start`` to ``end_step``: ``(status, diverged_step)``. ``train_step(state,
+        x, y)`` gives the compiled step (called once, its time is ``compile_s``)."""
         cfg, batch, seq = self.train_cfg, self.train_cfg.batch_size, self.seq
         if self.start >= end_step:
             return "completed", None
         x, y = self.place(*train_batch(tokens, batch, seq, cfg.seed, self.start))
         t0 = time.perf_counter()
-        compiled = train_step.lower(self.state, x, y).compile()
-        self.timings["compile_s"] = time.perf_counter() - t0
+        step_fn = train_step(self.state, x, y)
+        self.timings["compile_s"] += time.perf_counter() - t0
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -183,7 +302,7 @@ class _Run:
         status, diverged_step = "completed", None
         for s in range(self.start, end_step):
             t0 = time.perf_counter()
-            self.state, m = compiled(self.state, x, y)
+            self.state, m = step_fn(self.state, x, y)
             if s + 1 < end_step:  # prepare the next batch while the step runs
                 x, y = self.place(*train_batch(tokens, batch, seq, cfg.seed, s + 1))
             m = jax.device_get(m)
@@ -191,9 +310,7 @@ class _Run:
             step = s + 1
             loss = float(m["loss"])
             if not (math.isfinite(loss) and math.isfinite(float(m["total_loss"]))):
-                status, diverged_step = "diverged", step
-                self.curve.append({"step": step, "tokens": step * self.per_step, "train_loss": loss,
-                                   "eval_loss": float("nan")})
+                status, diverged_step = "diverged", self.diverge(step, loss)
                 break
             self._logged(step, loss, m, bar)
             if bar is not None:
@@ -203,6 +320,12 @@ class _Run:
         if bar is not None:
             bar.close()
         return status, diverged_step
+
+    def diverge(self, step: int, loss: float) -> int:
+        """Record the non-finite loss of ``step`` as the curve's last row; returns ``step``."""
+        self.curve.append({"step": step, "tokens": step * self.per_step, "train_loss": loss,
+                           "eval_loss": float("nan")})
+        return step
 
     def _logged(self, step: int, loss: float, m: dict, bar: Any) -> None:
         """Add a finite step's loss to the window; on a log or eval step, write the curve row."""
@@ -306,11 +429,22 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     eval_set = [place(x, y) for x, y in eval_windows(valid_tokens, batch, seq, train_cfg.eval_batches)]
     ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
     state, record = _resume(ckpt, ckpt_dir, state, configs, corpus_hash, data_cfg)
+    t0 = time.perf_counter()
+    if placement is None:
+        losses = eval_program(graphdef, model_cfg, train_cfg, eval_dispatch, state, eval_set)
+        eval_loss = lambda s: float(np.mean(losses(s), dtype=np.float64))  # noqa: E731
+        key = ("train", model_cfg, program_config(train_cfg), steps, dispatch, (batch, seq))
+        train_step = partial(compiled, key, make_train_step(graphdef, train_cfg, dispatch))
+    else:  # on a mesh the programs depend on the device layout: compiled for this run, not kept
+        eval_step = make_eval_step(graphdef, train_cfg, eval_dispatch, placement)
+        eval_loss = lambda s: float(np.mean([float(eval_step(s, x, y)) for x, y in eval_set]))  # noqa: E731
+        mesh_step = make_train_step(graphdef, train_cfg, dispatch, placement)
+        train_step = lambda *args: mesh_step.lower(*args).compile()  # noqa: E731
+    eval_compile_s = time.perf_counter() - t0
     run = _Run(state, record, train_cfg=train_cfg, seq=seq, steps=steps, configs=configs,
-               corpus_hash=corpus_hash, ckpt=ckpt, eval_step=make_eval_step(graphdef, train_cfg, eval_dispatch, placement),
-               eval_set=eval_set, on_log=on_log, place=place)
+               corpus_hash=corpus_hash, ckpt=ckpt, eval_loss=eval_loss, on_log=on_log, place=place)
     run.metrics.update(dispatch=dispatch, eval_dispatch=eval_dispatch)
-    train_step = make_train_step(graphdef, train_cfg, dispatch, placement)
+    run.timings["compile_s"] += eval_compile_s
     if run.start == 0 and not run.curve:
         run.curve.append({"step": 0, "tokens": 0, "train_loss": float("nan"), "eval_loss": run.evaluate(0)})
     status, diverged_step = run.run_steps(train_step, train_tokens, end_step, progress)
