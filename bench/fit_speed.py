@@ -8,7 +8,11 @@ What is timed (the same code ``moe-fit`` runs, :mod:`moe_scaling.laws.fit`):
 * ``chinchilla_grid_s``: the Hoffmann grid of 4,500 starts on the 240 Chinchilla points (5
   highest losses dropped, D = C / 6N, Huber delta 1e-3): every start screened in float32, the 8
   best distinct results polished in float64 (:func:`problem.fit_starts`), best kept;
-* ``bootstrap_1000_s``: 1,000 bootstrap refits from the full-data optimum (:func:`fit.bootstrap_refits`).
+* ``bootstrap_1000_s``: 1,000 bootstrap refits as ``moe-fit`` runs them (:func:`fit.bootstrap_refits`):
+  each refit cold-started from the same 16 starts that :func:`fit.fit_starts_and_cold` picks for
+  ``moe-fit``'s defaults (a seeded subset of the grid plus 32 random draws, seed 0), never from the
+  full-data optimum; float32 screen, the best result of each refit polished in float64. Their 95%
+  percentile intervals are in ``bootstrap_95`` (compare Epoch's, ``../shared/data/chinchilla/README.md``).
 
 Each is the best of ``--repeat`` runs in one process after a first call; the first call, which
 includes XLA compilation of the batched optimiser, is reported as ``*_first_call_s``.
@@ -32,7 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moe_scaling.laws.fit import bootstrap_refits  # noqa: E402
+from moe_scaling.laws.fit import bootstrap_refits, fit_starts_and_cold  # noqa: E402
 from moe_scaling.laws.problem import fit_starts, make_problem  # noqa: E402
 from moe_scaling.laws.tables import canonical_table  # noqa: E402
 from moe_scaling.laws.registry import CHINCHILLA  # noqa: E402
@@ -79,15 +83,20 @@ def main(argv=None) -> int:
     grid = CHINCHILLA.start_grid()
     first_grid, (best, _, _) = _timed(lambda: fit_starts(problem, grid))
     grid_s = min(_timed(lambda: fit_starts(problem, grid))[0] for _ in range(args.repeat))
-    start = best[:1]
-    first_boot, draws = _timed(lambda: bootstrap_refits(problem, start, 1000, seed=0))
-    boot_s = min(_timed(lambda: bootstrap_refits(problem, start, 1000, seed=0))[0] for _ in range(args.repeat))
+    _, cold = fit_starts_and_cold(problem, seed=0)      # what moe-fit's bootstrap starts from (its defaults)
+    first_boot, draws = _timed(lambda: bootstrap_refits(problem, cold, 1000, seed=0))
+    boot_s = min(_timed(lambda: bootstrap_refits(problem, cold, 1000, seed=0))[0] for _ in range(args.repeat))
+    ok = np.isfinite(draws).all(axis=1)
+    boot = CHINCHILLA.to_natural(draws[ok])
     fitted = dict(zip(CHINCHILLA.params, CHINCHILLA.to_natural(best[0]).round(6).tolist()))
     result = {
         "chinchilla_grid_s": round(grid_s, 3), "bootstrap_1000_s": round(boot_s, 3),
         "chinchilla_grid_first_call_s": round(first_grid, 3), "bootstrap_1000_first_call_s": round(first_boot, 3),
         "n_starts": int(grid.shape[0]), "n_points": data.n, "params": fitted,
-        "bootstrap_failed": int((~np.isfinite(draws).all(axis=1)).sum()),
+        "bootstrap_starts": int(len(cold)), "bootstrap_start": "cold (moe-fit's seeded subset of its starts)",
+        "bootstrap_failed": int((~ok).sum()),
+        "bootstrap_95": {k: [round(float(np.percentile(boot[:, i], q)), 4) for q in (2.5, 97.5)]
+                         for i, k in enumerate(CHINCHILLA.params)},
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
                     "python": platform.python_version(), "platform": platform.platform()},
     }

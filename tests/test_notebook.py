@@ -19,7 +19,7 @@ EXPECTED = {
     "law_curves", "predicted_vs_observed", "residuals",                                  # the fit
     "frontier_sweep", "iso_loss_sweep", "optimum_vs_budget_sweep",                       # sweep scale
     "frontier_phone", "frontier_flops_phone", "published_models", "iso_loss_phone",      # phone scale
-    "optimum_vs_budget_phone",
+    "optimum_vs_budget_phone", "by_compute_phone",
 }
 
 

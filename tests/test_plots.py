@@ -386,3 +386,80 @@ def test_published_models_with_a_phone_search():
     assert "KV cache INT8 at 4096 tokens (GB" in ax.get_xlabel()
     assert text_overlaps(fig) == []
     assert "published_models" in fit_plots.fit_figures(law, results=[r.to_dict()])
+
+
+# ----------------------------------------------------------------------------------------
+# The memory-only answer: best MoE and best dense across training-compute budgets
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def by_compute(fitted):
+    """search_by_compute at the sweep's scale (250 KB): the published Joint-MoE law, under which
+    dense takes over between 1e14 and 1e15 FLOPs here, and the quickstart fit, which has bootstrap
+    intervals. Returned as moe-fit --json prints them (and the published one's ByCompute object)."""
+    from moe_scaling.design.search import search_by_compute
+    from moe_scaling.design.space import ArchSpace, Budget
+    from moe_scaling.files import json_default
+    from moe_scaling.laws.fit import load_fit
+
+    space = ArchSpace(vocab_size=256, **TINY)
+    budget = Budget(memory=250_000, tokens=1e6, context=128)       # tokens: ignored, C sets them
+    law = load_fit(REPO / "fits" / "joint_moe_published.json")
+    obj = search_by_compute(law, budget, [1e12, 1e13, 1e14, 1e15, 1e16], space)
+    ours = search_by_compute(fitted, budget, [1e12, 1e14], space)
+    as_json = lambda r: json.loads(json.dumps(r.to_dict(), default=json_default))
+    return as_json(obj), as_json(ours), obj
+
+
+def test_by_compute_figure_draws_the_table_and_marks_the_takeover(by_compute):
+    from matplotlib.collections import PolyCollection
+
+    pub, _, _ = by_compute
+    assert [r["winner"] for r in pub["rows"]] == ["moe", "moe", "moe", "dense", "dense"]
+    cross = pub["crossover"]
+    assert 1e14 < cross < 1e15 and pub["dense_takes_over"] == 1e15
+    # the whole moe-fit --json output is accepted (its by_compute value is drawn)
+    fig = search_plots.by_compute_figure({"law": "joint_moe", "by_compute": pub})
+    top, bottom = fig.axes
+    rows = pub["rows"]
+    C = [r["train_compute"] for r in rows]
+    lines = {l.get_label(): l for l in top.get_lines()}
+    assert list(lines["best MoE"].get_xdata()) == C and list(lines["best dense"].get_xdata()) == C
+    assert list(lines["best MoE"].get_ydata()) == pytest.approx([r["best_moe"]["predicted_loss"] for r in rows])
+    assert list(lines["best dense"].get_ydata()) == pytest.approx([r["dense_loss"] for r in rows])
+    # the sweet spot at each compute is ringed; the advantage panel is dense - best MoE
+    assert np.allclose(scatter_points(top), [[c, r["predicted_loss"]] for c, r in zip(C, rows)], rtol=1e-12)
+    adv = [l for l in bottom.get_lines() if l.get_marker() == "o"][0]
+    assert list(adv.get_ydata()) == pytest.approx([r["moe_advantage"] for r in rows])
+    for ax in (top, bottom):                     # the takeover: a dotted line at the crossover
+        assert [l.get_xdata()[0] for l in ax.get_lines() if l.get_linestyle() == ":"] == pytest.approx([cross])
+    assert f"dense takes over: {cross:.2g} FLOPs" in " ".join(t.get_text() for t in top.get_legend().get_texts())
+    assert top.get_xscale() == "log" and "training compute" in bottom.get_xlabel()
+    assert not [c for c in top.collections if isinstance(c, PolyCollection)]   # published law: no band
+    assert text_overlaps(fig) == []
+
+
+def test_by_compute_bands_are_the_intervals_and_moe_fit_plot_writes_it(tmp_path, fitted, by_compute):
+    from matplotlib.collections import PolyCollection
+
+    pub, ours, obj = by_compute
+    # a fit with a bootstrap: each curve's band runs through its rows' intervals
+    fig = search_plots.by_compute_figure(ours)
+    bands = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2 and "bootstrap interval" in fig.axes[0].get_title()
+    for band, key in zip(bands, ("best_moe", "dense")):
+        v = band.get_paths()[0].vertices
+        for r in ours["rows"]:
+            lo, hi = r[key]["predicted_loss_interval"]
+            at = v[np.isclose(v[:, 0], r["train_compute"]), 1]
+            assert np.isclose(at, lo).any() and np.isclose(at, hi).any()
+
+    # one shape: the ByCompute object is refused with the fix; moe-fit --plot writes the figure
+    with pytest.raises(TypeError, match="to_dict"):
+        search_plots.by_compute_figure(obj)
+    from moe_scaling.cli.plot import fit_plot
+
+    written = fit_plot(fitted, tmp_path, runs="fits/x.json", by_compute=pub)
+    assert set(written) == {"by_compute_250KB"}
+    assert all(os.path.getsize(p) > 10_000 for p in written["by_compute_250KB"])

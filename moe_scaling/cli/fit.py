@@ -325,7 +325,8 @@ def _main(argv: Sequence[str] | None) -> int:
         result["out"] = str(args.out)
     if args.plot:
         result["plots"] = fit_plot(fit, args.plot, runs=args.input, columns=columns,
-                                   results=[result] if "sweet_spot" in result else [])
+                                   results=[result] if "sweet_spot" in result else [],
+                                   by_compute=result.get("by_compute"))
     if args.json:
         print_json(result)
     else:

@@ -83,11 +83,13 @@ def add_fit_plot_argument(parser) -> None:
     """Add ``--plot OUT_DIR`` to the ``moe-fit`` parser."""
     parser.add_argument("--plot", default=None, metavar="OUT_DIR",
                         help="write the fit's figures (law vs runs, predicted vs observed, residuals; "
-                             "with a budget: frontiers, iso-loss, published models) as PNG + SVG")
+                             "with a budget: frontiers, iso-loss, published models; with --budget-mem "
+                             "alone: best MoE and best dense by training compute) as PNG + SVG")
 
 
 def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mapping[str, str] | None = None,
-             results: Sequence[Any] = (), heldout: Sequence[str] | None = None) -> dict[str, list[str]]:
+             results: Sequence[Any] = (), heldout: Sequence[str] | None = None,
+             by_compute: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
     """Write the fit figures (:func:`moe_scaling.plots.fits.fit_figures`) into ``out_dir``.
 
     ``fit`` is a ``fit.Fit``. ``runs`` is the table it was fitted on, or the path ``moe-fit`` was
@@ -96,7 +98,9 @@ def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mappin
     dict: ``SearchResult.to_dict()``, or the ``moe-fit --json`` result dict, which holds its keys
     (a ``SearchResult`` object is refused: call ``.to_dict()``; entries without a sweet spot are
     skipped); ``heldout`` run ids to highlight (default: the fit's own held-out
-    runs). Returns ``{figure name: [png path, svg path]}``.
+    runs); ``by_compute`` the memory-only answer (``ByCompute.to_dict()``, the ``by_compute`` value of
+    ``moe-fit --budget-mem M --json``): adds ``by_compute_<budget>``. Returns ``{figure name: [png
+    path, svg path]}``.
     """
     from moe_scaling.plots.fits import fit_figures
 
@@ -107,7 +111,8 @@ def fit_plot(fit: Any, out_dir: str | Path, *, runs: Any = None, columns: Mappin
             from moe_scaling.laws.tables import load_runs
 
             runs = load_runs(runs, columns)[0]
-    return _write(fit_figures(fit, runs=runs, results=results, heldout=heldout), Path(out_dir))
+    return _write(fit_figures(fit, runs=runs, results=results, heldout=heldout, by_compute=by_compute),
+                  Path(out_dir))
 
 
 def _body(argv: Sequence[str] | None) -> int:

@@ -46,7 +46,8 @@ from moe_scaling.laws.problem import Problem, fit_starts, make_problem
 from moe_scaling.laws.registry import LAWS, Law, get_law
 from moe_scaling.laws.tables import FitData, holdout_mask
 
-__all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "FORMAT"]
+__all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "fit_starts_and_cold",
+           "FORMAT"]
 
 FORMAT = "moe-scaling-fit/1"
 
@@ -63,6 +64,23 @@ def bootstrap_refits(problem: Problem, starts: np.ndarray, reps: int, seed: int,
     x, f, _ = fit_starts(problem, np.atleast_2d(starts), W, polish=polish)
     x[~np.isfinite(f)] = np.nan
     return x
+
+
+def fit_starts_and_cold(problem: Problem, seed: int, *, starts: np.ndarray | None = None, random_starts: int = 32,
+                        bootstrap_starts: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The starts :func:`fit_law` uses, in internal coordinates: ``(starts, cold)``. ``starts``
+    (default: the law's grid plus ``random_starts`` uniform draws over its range from
+    ``numpy.random.default_rng(seed)``; never the reference coefficients), clipped to the bounds
+    and deduplicated, for the full-data and held-out fits; ``cold``, a seeded subset of
+    ``bootstrap_starts`` of them (the same for every refit), from which each bootstrap refit
+    starts (:func:`bootstrap_refits`). ``bench/fit_speed.py`` times refits from exactly these."""
+    law = problem.law
+    rng = np.random.default_rng(seed)
+    if starts is None:
+        starts = np.vstack([law.start_grid(), law.random_starts(random_starts, rng)])
+    starts = np.unique(problem.clip(starts), axis=0)
+    cold = starts[np.sort(rng.permutation(len(starts))[:max(1, bootstrap_starts)])]
+    return starts, cold
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,11 +324,8 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
                                             points_per_param=points_per_param,
                                             drop_highest_loss=drop_highest_loss)
     free = problem.free
-    rng = np.random.default_rng(seed)
-    if starts is None:
-        starts = np.vstack([law.start_grid(), law.random_starts(random_starts, rng)])
-    starts = np.unique(problem.clip(starts), axis=0)
-    cold = starts[np.sort(rng.permutation(len(starts))[:max(1, bootstrap_starts)])]
+    starts, cold = fit_starts_and_cold(problem, seed, starts=starts, random_starts=random_starts,
+                                       bootstrap_starts=bootstrap_starts)
 
     rows, held, fold = _weight_rows(d, len(free), heldout_frac=heldout_frac, heldout_by=heldout_by,
                                     kfold=kfold, seed=seed, notes=notes)

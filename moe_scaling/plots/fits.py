@@ -24,7 +24,7 @@ from matplotlib.ticker import FuncFormatter
 from moe_scaling.laws.registry import LAW_INPUTS
 from moe_scaling.plots.runs import completed, config_line, model_config_from_row, with_costs
 from moe_scaling.plots.published import published_models_figure
-from moe_scaling.plots.search import (budget_tag, frontier_figure, iso_loss_contours, optimum_vs_budget,
+from moe_scaling.plots.search import (budget_tag, by_compute_dict, by_compute_figure, frontier_figure, iso_loss_contours, optimum_vs_budget,
                                       published_on_scale)
 from moe_scaling.plots.style import LOSS_LABEL, WIDE, law_name, legend_right, log_axis, search_dict
 from moe_scaling.units import format_count
@@ -274,7 +274,7 @@ def residuals(fit: Any, runs: pd.DataFrame, *, heldout: Sequence[str] | None = N
 
 
 def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence[Any] = (),
-                heldout: Sequence[str] | None = None) -> dict[str, Figure]:
+                heldout: Sequence[str] | None = None, by_compute: Mapping[str, Any] | None = None) -> dict[str, Figure]:
     """The standard figures of a fit and its sweet-spot searches.
 
     With ``runs`` (the table the law was fitted on: a sweep's runs table, or any table with the
@@ -285,6 +285,8 @@ def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence
     those without a sweet spot are skipped): ``frontier_memory_<budget>`` and ``iso_loss_<budget>`` (e.g.
     ``frontier_memory_2GB``); for the first also ``frontier_flops_<budget>`` and, when its frontier
     is on their scale, ``published_models``; with two or more budgets, ``optimum_vs_budget``.
+    With ``by_compute`` (``ByCompute.to_dict()``, the memory-only answer of ``moe-fit --budget-mem M``):
+    ``by_compute_<budget>`` (:func:`moe_scaling.plots.search.by_compute_figure`).
     """
     figs: dict[str, Figure] = {}
     loss = "eval_loss" if runs is not None and "eval_loss" in runs else "loss"
@@ -311,4 +313,7 @@ def fit_figures(fit: Any, *, runs: pd.DataFrame | None = None, results: Sequence
         figs[f"iso_loss_{tag}"] = iso_loss_contours(fit, r)
     if len(rs) >= 2:
         figs["optimum_vs_budget"] = optimum_vs_budget(rs)
+    if by_compute is not None:
+        bc = by_compute_dict(by_compute)
+        figs[f"by_compute_{budget_tag(bc)}"] = by_compute_figure(bc)
     return figs

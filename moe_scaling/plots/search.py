@@ -1,15 +1,18 @@
 """Figures of a sweet-spot search (:mod:`moe_scaling.design.search`): predicted frontiers and optima.
 
 Owns :func:`frontier_figure` (predicted loss vs memory or FLOPs per token), :func:`optimum_vs_budget`
-(the sweet spot across budgets), :func:`iso_loss_grid` and :func:`iso_loss_contours` (the law over
-expansion and granularity at the sweet spot), and the search helpers :func:`arch_label`,
-:func:`budget_tag` and :func:`published_on_scale`.
+(the sweet spot across budgets), :func:`by_compute_figure` (the memory-only answer: best MoE and
+best dense across training-compute budgets), :func:`iso_loss_grid` and :func:`iso_loss_contours`
+(the law over expansion and granularity at the sweet spot), and the search helpers
+:func:`arch_label`, :func:`budget_tag`, :func:`by_compute_dict` and :func:`published_on_scale`.
 
 One input shape: every function here takes a search result as the dict that
 ``SearchResult.to_dict()`` returns, which is also what ``moe-fit ... --json`` prints (extra keys
 of that output are ignored), so a saved result and a live one draw the same figure. A caller
 holding a ``SearchResult`` calls ``.to_dict()`` first; passing the object is a TypeError
-(:func:`moe_scaling.plots.style.search_dict`).
+(:func:`moe_scaling.plots.style.search_dict`). Likewise :func:`by_compute_figure` takes
+``ByCompute.to_dict()`` (the ``by_compute`` value of ``moe-fit --budget-mem M --json``, or that
+whole output).
 
 The figures use the search's own axes: memory on device is weights plus the KV cache at the
 budget's precisions and context, FLOPs are forward FLOPs per token at that context.
@@ -31,8 +34,8 @@ from moe_scaling.plots.style import (BYTE_UNITS, COUNT_UNITS, FLOP_UNITS, axis_u
                                      label_points, law_name, log_axis, memory_axis_label, search_dict)
 from moe_scaling.units import format_bytes, format_count, format_flops
 
-__all__ = ["frontier_figure", "optimum_vs_budget", "iso_loss_grid", "iso_loss_contours", "arch_label",
-           "budget_tag", "published_on_scale"]
+__all__ = ["frontier_figure", "optimum_vs_budget", "by_compute_figure", "iso_loss_grid", "iso_loss_contours",
+           "arch_label", "budget_tag", "by_compute_dict", "published_on_scale"]
 
 
 # --------------------------------------------------------------------------------------
@@ -243,6 +246,89 @@ def optimum_vs_budget(results: Sequence[Mapping[str, Any]]) -> Figure:
     bottom.set_xlabel(memory_axis_label(rs[0]["budget"], unit, "memory budget"))
     for ax in (top, bottom):
         ax.grid(True, which="both", alpha=0.2)
+    return fig
+
+
+def by_compute_dict(result: Any) -> Mapping[str, Any]:
+    """``result`` when it is the dict of ``ByCompute.to_dict()`` (:func:`moe_scaling.design.search.
+    search_by_compute`), or the ``by_compute`` value of a ``moe-fit --budget-mem M --json`` output
+    given whole. The ``ByCompute`` object itself is a TypeError (call ``.to_dict()``)."""
+    if isinstance(result, Mapping) and isinstance(result.get("by_compute"), Mapping):
+        result = result["by_compute"]
+    r = search_dict(result)
+    if "rows" not in r:
+        raise ValueError("not a by-compute result: no 'rows' key (give ByCompute.to_dict() or the "
+                         "moe-fit --budget-mem M --json output without --tokens / --train-compute)")
+    if not r["rows"]:
+        raise ValueError("the by-compute result has no rows")
+    return r
+
+
+def _takeover(r: Mapping[str, Any]) -> float | None:
+    """Where dense takes over in a by-compute result: the compute where the best MoE and best dense
+    predictions cross (``crossover``) when known, else the smallest listed budget from which dense
+    is the sweet spot (``dense_takes_over``); None when MoE wins at the largest budget."""
+    return r.get("crossover") or r.get("dense_takes_over")
+
+
+def by_compute_figure(result: Mapping[str, Any]) -> Figure:
+    """The memory-only answer (:func:`moe_scaling.design.search.search_by_compute`): across
+    training-compute budgets (log x), the predicted loss of the best MoE (red) and of the best dense
+    model (black, dashed) under the same memory budget, with their bootstrap bands where the fit has
+    them (top); the MoE advantage, best dense minus best MoE, in nats/token (bottom, point
+    predictions). A vertical dotted line marks where dense takes over (``crossover``, else ``dense_takes_over``), the
+    region beyond it shaded; each listed budget's sweet spot is ringed."""
+    r = by_compute_dict(result)
+    b, rows = r["budget"], sorted(r["rows"], key=lambda row: row["train_compute"])
+    C = np.array([row["train_compute"] for row in rows], float)
+    fig = Figure(figsize=(7.2, 6.4), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    banded = False
+    for key, colour, style, name in (("best_moe", "tab:red", "-", "best MoE"), ("dense", "black", "--", "best dense")):
+        keep = np.array([row.get(key) is not None for row in rows])
+        if not keep.any():
+            continue
+        pts = [row[key] for row in rows if row.get(key) is not None]
+        top.plot(C[keep], [p["predicted_loss"] for p in pts], style, color=colour, marker="o", markersize=5,
+                 label=name)
+        ivs = [p.get("predicted_loss_interval") for p in pts]
+        if all(ivs):
+            iv = np.array(ivs, float)
+            top.fill_between(C[keep], iv[:, 0], iv[:, 1], color=colour, alpha=0.15, linewidth=0)
+            banded = True
+    top.scatter(C, [row["predicted_loss"] for row in rows], s=130, facecolors="none", edgecolors="tab:blue",
+                linewidths=1.2, zorder=4, label="sweet spot at that compute")
+    adv = [(c, row["moe_advantage"]) for c, row in zip(C, rows) if row.get("moe_advantage") is not None]
+    if adv:
+        ax_, ay_ = np.array(adv).T
+        bottom.plot(ax_, ay_, "-", color="tab:red", marker="o", markersize=5)
+    bottom.axhline(0.0, color="0.4", linewidth=0.8)
+    over = _takeover(r)
+    for ax in (top, bottom):
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.2)
+    lo, hi = C[0] / 2.0, C[-1] * 2.0
+    bottom.set_xlim(lo, hi)
+    handles, labels = top.get_legend_handles_labels()
+    if over is not None:
+        for ax in (top, bottom):
+            ax.axvline(over, color="tab:blue", linestyle=":", linewidth=1.4)
+            ax.axvspan(over, hi, color="0.5", alpha=0.08, linewidth=0)
+        handles.append(Line2D([], [], color="tab:blue", linestyle=":"))
+        labels.append(f"dense takes over: {over:.2g} FLOPs (predictions cross)" if r.get("crossover") else
+                      f"dense is the sweet spot from {over:.2g} FLOPs on")
+    top.set_ylabel("predicted loss (nats/token)")
+    top.legend(handles, labels, loc="upper right", fontsize="small")
+    bottom.set_ylabel("MoE advantage\n(dense - MoE, nats/token)")
+    bottom.set_xticks(C)
+    bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}".replace("e+", "e")))
+    bottom.xaxis.set_minor_formatter(NullFormatter())
+    rule = "6 N_active" if b.get("compute_rule") == "6N" else "(3 x forward FLOPs/token)"
+    bottom.set_xlabel(f"training compute C (FLOPs, log scale); tokens = C / {rule}")
+    verdict = "" if over is not None else "; MoE is the sweet spot at the largest budget listed"
+    top.set_title(f"Sweet spot by training compute under {format_bytes(b['memory'])}\n(weights "
+                  f"{b['weights'].upper()} + KV cache {b['kv'].upper()} at {b['context']} tokens"
+                  + ("; bands: bootstrap interval" if banded else "") + verdict + ")", fontsize="medium")
     return fig
 
 
