@@ -30,8 +30,9 @@ processes hits both alike. Reported per row:
   of other processes hits all alike. ``peer_tokens_per_s`` is from the peer's median step,
   ``median_tokens_per_s`` is ours likewise, and ``speedup_over_peer`` is the median over the
   interleaved repeats ``i`` of ``peer_step_i / our_step_i``. ``--peer-experts`` picks the
-  transformers experts implementation(s) (``grouped_mm``, the default of transformers 5.24 and
-  the fastest of those that run on CPU; ``eager``, a Python loop over the experts hit;
+  transformers experts implementation(s) (``grouped_mm``, the default of transformers 5.24: on
+  the coarse row, under load, tied with ``eager`` by median step and 1.6x faster by best step;
+  ``eager``, a Python loop over the experts hit;
   ``batched_mm``, which gathers a weight matrix per (token, expert) pair: 8.6 GB at these shapes);
   with several, each row's fastest by median is the peer (``peer_tokens_per_s_by_experts`` keeps
   them all). Note that our dispatch is the trainer's (``capacity``: it may drop tokens,
