@@ -3,6 +3,7 @@
     python bench/moe_overhead.py --json            # all rows, prints {"results": [...]}
     python bench/moe_overhead.py --only d256_e64_k8_fine --steps 5
     python bench/moe_overhead.py --torch           # also time a plain PyTorch CPU dense twin
+    python bench/moe_overhead.py --peer --json     # also time transformers' qwen3_moe (the peer)
 
 Every row times the full training step (forward, backward, AdamW with clipping: the trainer's
 own jitted step from :mod:`moe_scaling.train.step`) at batch 16 x 256 tokens, float32, for an MoE
@@ -20,6 +21,22 @@ processes hits both alike. Reported per row:
 * with ``--torch``: the dense twin's ``torch_tokens_per_s`` (PyTorch eager, same model, run in a
   child process so that XLA's threads do not compete with PyTorch's) and
   ``jax_speedup_over_torch``.
+* with ``--peer`` (MoE rows): the same model in Hugging Face transformers, ``Qwen3MoeForCausalLM``
+  built from our exported ``config.json`` (:func:`moe_scaling.hf.config.hf_config`: same layers,
+  widths, QK-norm, RoPE, tied embeddings, softmax top-k router with renormalised weights), float32,
+  SDPA attention, its router load-balancing loss on, AdamW with clipping: one full training step,
+  at the same batch. It runs in a child process that waits on a pipe between steps, and its steps
+  are interleaved with ours (dense twin, ours, peer, repeated ``--steps`` times), so that the load
+  of other processes hits all alike. ``peer_tokens_per_s`` is from the peer's median step,
+  ``median_tokens_per_s`` is ours likewise, and ``speedup_over_peer`` is the median over the
+  interleaved repeats ``i`` of ``peer_step_i / our_step_i``. ``--peer-experts`` picks the
+  transformers experts implementation(s) (``grouped_mm``, the default of transformers 5.24: on
+  the coarse row, under load, tied with ``eager`` by median step and 1.6x faster by best step;
+  ``eager``, a Python loop over the experts hit;
+  ``batched_mm``, which gathers a weight matrix per (token, expert) pair: 8.6 GB at these shapes);
+  with several, each row's fastest by median is the peer (``peer_tokens_per_s_by_experts`` keeps
+  them all). Note that our dispatch is the trainer's (``capacity``: it may drop tokens,
+  ``dropped_fraction``), the peer's is dropless.
 
 Rows: ``d256_e8_k2`` (8 experts of width 512, top 2), ``d256_e64_k8_fine`` (64 experts of
 width 128, top 8: the fine-grained case), ``d128_e32_k4``, each with its ``dense_*`` twin, and
@@ -48,6 +65,7 @@ import numpy as np  # noqa: E402
 
 from moe_scaling.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_scaling.costs import flops_per_token  # noqa: E402
+from moe_scaling.hf.config import hf_config  # noqa: E402
 from moe_scaling.model.routing import resolve_dispatch  # noqa: E402
 from moe_scaling.train.step import init_state, make_train_step  # noqa: E402
 
@@ -207,6 +225,94 @@ def torch_times_subprocess(name: str, args) -> list[float]:
     return json.loads(out.stdout.strip().splitlines()[-1])["times"]
 
 
+# --------------------------------------------------------------------------------------
+# The peer: transformers' own qwen3_moe model, in a child process
+# --------------------------------------------------------------------------------------
+
+PEER_IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")  # transformers 5.24's CPU experts
+
+
+def peer_child(hf_cfg: dict, *, batch: int, seq: int, experts: str, lr: float = 3e-3) -> int:
+    """Serve training steps of transformers' ``Qwen3MoeForCausalLM`` built from ``hf_cfg`` (float32,
+    SDPA attention, ``experts_implementation=experts``, the router's load-balancing loss on, AdamW
+    with clipping at 1.0) over stdin/stdout: after one warm-up step it prints ``{"ready": ...}``;
+    then for every line ``n`` it reads, it runs ``n`` steps and prints their seconds as JSON."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
+    config.output_router_logits = True  # the aux loss, as our step has
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                             experts_implementation=experts, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, hf_cfg["vocab_size"], (batch, seq)))
+    y = torch.from_numpy(rng.integers(0, hf_cfg["vocab_size"], (batch, seq)))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=y).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return time.perf_counter() - t0
+
+    step()
+    print(json.dumps({"ready": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "experts_implementation": experts,
+                                "n_params": sum(p.numel() for p in model.parameters())}}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps([step() for _ in range(int(line))]), flush=True)
+    return 0
+
+
+class Peer:
+    """The peer's training step for one of our configs, in a child process that waits (blocked
+    on a pipe, using no CPU) between calls, so that its steps can be interleaved with ours."""
+
+    def __init__(self, cfg: ModelConfig, *, batch: int, seq: int, experts: str):
+        spec = json.dumps({"hf": hf_config(cfg, dtype="float32"), "batch": batch, "seq": seq,
+                           "experts": experts})
+        self.proc = subprocess.Popen([sys.executable, __file__, "--peer-child", spec], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the peer child ({experts}) exited with {self.proc.wait()}")
+        self.info = json.loads(line)["ready"]
+        self.times: list[float] = []
+
+    def run(self, n: int = 1) -> None:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        self.times += json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def peer_result(ours: list[float], peers: list[Peer], tokens: int) -> dict:
+    """The peer columns of a row: the fastest experts implementation by median step time;
+    ``speedup_over_peer`` = median over the interleaved steps ``i`` of ``peer_i / ours_i``."""
+    if not peers:
+        return {}
+    best = min(peers, key=lambda p: statistics.median(p.times))
+    return {"peer_tokens_per_s": tokens / statistics.median(best.times),
+            "median_tokens_per_s": tokens / statistics.median(ours),
+            "speedup_over_peer": statistics.median(p / o for p, o in zip(best.times, ours)),
+            "peer_experts": best.info["experts_implementation"],
+            "peer_tokens_per_s_by_experts": {p.info["experts_implementation"]: tokens / statistics.median(p.times)
+                                             for p in peers}}
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
 def _torch_version() -> str:
     import torch
     return torch.__version__
@@ -223,9 +329,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--capacity-factor", type=float, default=TrainConfig().capacity_factor)
     p.add_argument("--torch", action="store_true", help="also time a PyTorch CPU dense twin")
+    p.add_argument("--peer", action="store_true",
+                   help="also time transformers' qwen3_moe at the same shapes, interleaved with ours")
+    p.add_argument("--peer-experts", default="grouped_mm",
+                   help=f"experts implementation(s) of the peer, comma-separated (of {', '.join(PEER_IMPLEMENTATIONS)}); "
+                        "with several, each row's fastest (median step) is the peer")
     p.add_argument("--out", default=str(HERE / "moe_overhead.json"), help="results file ('' = none)")
     p.add_argument("--torch-only", metavar="NAME", help=argparse.SUPPRESS)
+    p.add_argument("--peer-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.peer_child:  # the child process of Peer
+        spec = json.loads(args.peer_child)
+        return peer_child(spec["hf"], batch=spec["batch"], seq=spec["seq"], experts=spec["experts"])
     if args.torch_only:  # the child process of torch_times_subprocess
         step = torch_step_timer(CONFIGS[args.torch_only].dense_twin(), batch=args.batch, seq=args.seq)
         print(json.dumps({"times": [step() for _ in range(args.steps)]}))
@@ -239,22 +354,29 @@ def main(argv=None) -> int:
     dense_timers: dict[ModelConfig, StepTimer] = {}  # twins shared by several MoE rows
     torch_times: dict[ModelConfig, list[float]] = {}
     rows = []
+    tokens = args.batch * args.seq
+    peer_experts = args.peer_experts.split(",") if args.peer else []
     for name in args.only or list(CONFIGS):
         cfg, cf = CONFIGS[name], CAPACITY.get(name, args.capacity_factor)
         twin = cfg.dense_twin()
         if twin not in dense_timers:
             dense_timers[twin] = StepTimer(twin, **kw)
         dense, moe = dense_timers[twin], StepTimer(cfg, capacity_factor=cf, **kw)
+        peers = [Peer(cfg, batch=args.batch, seq=args.seq, experts=e) for e in peer_experts]
         for _ in range(args.steps):  # alternate, so that load changes hit every model alike
             dense.run()
             moe.run()
-        rows.append((name, cfg, cf, moe.result(), twin))
+            for peer in peers:
+                peer.run()
+        for peer in peers:
+            peer.close()
+        rows.append((name, cfg, cf, moe.result(), twin, peer_result(moe.times, peers, tokens)))
         del moe
         if args.torch and twin not in torch_times:
             torch_times[twin] = torch_times_subprocess(name, args)
     peak = max(peak, matmul_peak(dtype=dt))  # best of the start and the end of the run
     results, done = [], set()
-    for name, cfg, cf, timing, twin in rows:
+    for name, cfg, cf, timing, twin, peer in rows:
         d = dense_timers[twin].result()
         if twin not in done:
             done.add(twin)
@@ -264,17 +386,21 @@ def main(argv=None) -> int:
                 r.update(torch_tokens_per_s=args.batch * args.seq / t, torch_step_ms=1e3 * t,
                          jax_speedup_over_torch=t / d["step_s"])
             results.append(r)
-        results.append(row(name, cfg, timing, peak=peak, dense=d, capacity_factor=cf, **rk))
+        results.append(row(name, cfg, timing, peak=peak, dense=d, capacity_factor=cf, **rk) | peer)
     if not args.json:
         for r in results:
             extra = f"  torch x{r['jax_speedup_over_torch']:.2f}" if "jax_speedup_over_torch" in r else ""
+            if "speedup_over_peer" in r:
+                extra += (f"  peer {r['peer_tokens_per_s']:,.0f} tok/s ({r['peer_experts']}):"
+                          f" x{r['speedup_over_peer']:.2f}")
             print(f"{r['name']:>26}  overhead {r['overhead_ratio']:.2f}x (cpu {r['overhead_ratio_cpu']:.2f}x)"
                   f"  mfu {r['mfu']:.1%}  {r['tokens_per_s']:,.0f} tok/s  ({r['step_ms']:.0f} ms/step){extra}")
     doc = {"results": results,
            "setup": {"backend": jax.default_backend(), "dispatch": resolve_dispatch(args.dispatch),
                      "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
                      "n_layers": BASE["n_layers"], "capacity_factor": args.capacity_factor,
-                     "matmul_peak_gflops": peak / 1e9, "torch": _torch_version() if args.torch else None, "jax": jax.__version__,
+                     "matmul_peak_gflops": peak / 1e9, "torch": _torch_version() if args.torch or args.peer else None,
+                     "transformers": _transformers_version() if args.peer else None, "jax": jax.__version__,
                      "cpu_count": os.cpu_count(), "machine": platform.machine(),
                      "load_avg_1m": os.getloadavg()[0], "bench_s": time.perf_counter() - t_start}}
     if args.out:
