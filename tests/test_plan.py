@@ -38,16 +38,3 @@ def test_plan_small_model_on_8_devices(tmp_path):
     assert x["optimizer"] == pytest.approx(a["optimizer"], rel=0.01)
     assert x["temporaries"] > 0 and x["total"] >= x["params"] + x["optimizer"]
     assert r["fits"] is False and r["device_memory"] == 1_000_000
-
-
-@pytest.mark.skipif(not os.environ.get("MOE_SCALING_SLOW_TESTS"), reason="compiles MobileMoE-L (minutes); "
-                    "set MOE_SCALING_SLOW_TESTS=1")
-def test_plan_mobilemoe_l_on_8_devices(tmp_path):
-    from moe_scaling.cli.build import main as build_main
-    assert build_main(["--active", "922M", "--total", "5.3B", "--granularity", "8", "--shared", "1",
-                       "--out", str(tmp_path / "l")]) == 0
-    r = _plan([str(tmp_path / "l"), "--mesh", "fsdp=8", "--batch-size", "8", "--seq-len", "1024",
-               "--dispatch", "capacity", "--device-memory", "80GB"], timeout=3600)
-    assert r["model"]["params_total"] == 5_325_706_496
-    # measured: XLA 35.6 GB per device = 0.97 x the estimate (505 s to compile on the 2-core machine)
-    assert 0.8 <= r["xla_over_analytic"] <= 1.2, r
