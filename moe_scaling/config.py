@@ -7,6 +7,10 @@ Three frozen dataclasses carry every setting the rest of the package reads:
 * :class:`TrainConfig`: optimiser, schedule, token budget, MoE runtime options, checkpoints.
 * :class:`DataConfig`: corpus, tokenizer, sequence length, validation split.
 
+(plus :class:`MeshShape`, the ``train.mesh`` value). The module is long (~550 lines) on purpose: it
+is the one place that says what a run file means, and every validator sits beside its field; the
+helpers that derive configs (``apply_granularity``, ``reference_d_ff``) belong to the same meaning.
+
 Every config is validated when it is built. A bad value raises :class:`ConfigError` whose
 one-line message names the field, the value and the fix, e.g.::
 

@@ -43,7 +43,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
@@ -54,7 +53,7 @@ from moe_scaling.train.checkpoints import Checkpoints
 from moe_scaling.train.data import eval_windows, load_tokens, train_batch
 from moe_scaling.train.loop import (TrainResult, _check_compatible, _configs, _resume, _Run, compiled,
                                     eval_program, program_config)
-from moe_scaling.train.step import _dtype, _update_router_biases, init_state, loss_fn, make_optimizer
+from moe_scaling.train.step import _dtype, apply_step, init_state, make_optimizer
 
 __all__ = ["train_group"]
 
@@ -74,11 +73,7 @@ def _member_step(graphdef, kw, bias_update_rate, base: TrainConfig, steps: int, 
     replaced stands in for the config."""
     model, opt = nnx.merge(graphdef, state)
     opt.tx = make_optimizer(types.SimpleNamespace(**(base.to_dict() | hp)), steps)
-    (_, metrics), grads = nnx.value_and_grad(partial(loss_fn, **kw), has_aux=True)(model, inputs, targets)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    opt.update(model, grads)
-    if bias_update_rate > 0:
-        _update_router_biases(model, metrics["expert_load"], inputs.size, bias_update_rate)
+    metrics = apply_step(model, opt, kw, bias_update_rate, inputs, targets)
     return nnx.state((model, opt)), metrics
 
 

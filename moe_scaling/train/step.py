@@ -28,7 +28,7 @@ from flax import nnx
 from moe_scaling.config import ModelConfig, TrainConfig
 from moe_scaling.model.transformer import Transformer
 
-__all__ = ["lr_schedule", "make_optimizer", "warmup_steps", "loss_fn", "init_state", "make_train_step",
+__all__ = ["lr_schedule", "make_optimizer", "warmup_steps", "loss_fn", "init_state", "apply_step", "make_train_step",
            "make_eval_step", "balance_bias_update"]
 
 
@@ -133,13 +133,21 @@ def _update_router_biases(model: Transformer, expert_load: jax.Array, n_tokens: 
             moe.router_bias[...] = balance_bias_update(moe.router_bias[...], counts, rate)
 
 
-def _train_step(graphdef, kw, bias_update_rate, state, inputs, targets):
-    model, opt = nnx.merge(graphdef, state)
+def apply_step(model: Transformer, opt: nnx.Optimizer, kw: dict, bias_update_rate: float,
+               inputs: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """One AdamW step of ``model`` in place (then the router-bias update); returns the metrics.
+    Shared by the single-run step and the group step (:mod:`moe_scaling.train.group`)."""
     (_, metrics), grads = nnx.value_and_grad(partial(loss_fn, **kw), has_aux=True)(model, inputs, targets)
     metrics["grad_norm"] = optax.tree.norm(grads)
     opt.update(model, grads)
     if bias_update_rate > 0:
         _update_router_biases(model, metrics["expert_load"], inputs.size, bias_update_rate)
+    return metrics
+
+
+def _train_step(graphdef, kw, bias_update_rate, state, inputs, targets):
+    model, opt = nnx.merge(graphdef, state)
+    metrics = apply_step(model, opt, kw, bias_update_rate, inputs, targets)
     return nnx.state((model, opt)), metrics
 
 
