@@ -69,8 +69,29 @@ def test_summary_numbers_follow_from_the_measurements():
 @pytest.mark.parametrize("argv, message", [
     (["fits/joint_moe_published.json", "--budget-mem", "2MB", "--validate", "d"], "needs --budget-mem M and --train-compute C"),
     (["fits/joint_moe_published.json", "--seeds", "3"], "--seeds 3: only acts with --validate"),
+    (["fits/joint_moe_published.json", "--workers", "4"], "--workers 4: only acts with --validate"),
+    (["fits/joint_moe_published.json", "--budget-mem", "2MB", "--train-compute", "5e12", "--validate", "d",
+      "--workers", "0"], "--workers 0: must be at least 1"),
 ])
 def test_validate_bad_input_is_one_line(capsys, argv, message):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_validation_runs_train_like_the_isoflop_study():
+    """The closed loop trains its candidates with the study's settings (norm_topk, dispatch, capacity
+    factor), so a measured loss is comparable with the runs the law was fitted to on any backend; the
+    grid file carries them and every other ModelConfig field comes from the candidate."""
+    import yaml
+    from pathlib import Path
+
+    from moe_scaling.design.validate import STUDY_MODEL, STUDY_TRAIN, _grid_doc
+
+    grid = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "ondevice_isoflop.yaml").read_text())
+    assert {k: grid["model"][k] for k in STUDY_MODEL} == STUDY_MODEL
+    assert {k: grid["train"][k] for k in STUDY_TRAIN} == STUDY_TRAIN
+    named = validation_candidates(LAW, Budget(memory=2_000_000, train_compute=5e12, context=128))
+    doc = _grid_doc(named, name="v", data={"corpus": "stdlib", "seq_len": 128}, train={"batch_size": 16}, seeds=2)
+    assert doc["model"] == STUDY_MODEL and not set(STUDY_MODEL) & set(doc["zip"])
+    assert doc["zip"]["d_model"] == [n.candidate.config.d_model for n in named]

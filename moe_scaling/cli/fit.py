@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--train-compute 5e12 --context 128): train the optimum, two runners-up and named "
                         "alternatives in the study space and write DIR/validation.json")
     v.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per candidate with --validate (default 3)")
+    v.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local worker processes training the candidates with --validate (default 1)")
     add_fit_plot_argument(p)
     return p
 
@@ -206,8 +208,11 @@ def run_validation(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
     level = option(args, "interval_level")
     space = STUDY_SPACE if args.vocab is None else dataclasses.replace(STUDY_SPACE, vocab_size=args.vocab)
     seeds = 3 if args.seeds is None else args.seeds
+    workers = 1 if args.workers is None else args.workers
+    if workers < 1:
+        raise InputError(f"--workers {workers}: must be at least 1")
     return {"validation": validate(fit, budget_from_args(args), args.validate, seeds=seeds, space=space,
-                                   level=level)}
+                                   level=level, workers=workers)}
 
 
 def format_by_compute(bc: dict[str, Any]) -> str:
@@ -314,6 +319,8 @@ def _main(argv: Sequence[str] | None) -> int:
         result.update(_predictions(fit, args.predict, columns))
     if args.seeds is not None and not args.validate:
         raise InputError(f"--seeds {args.seeds}: only acts with --validate DIR; add it or drop --seeds")
+    if args.workers is not None and not args.validate:
+        raise InputError(f"--workers {args.workers}: only acts with --validate DIR; add it or drop --workers")
     if args.validate:
         result.update(run_validation(args, fit))
     elif by_compute_wanted(args):

@@ -44,7 +44,7 @@ from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, tr
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
 
-__all__ = ["STUDY_SPACE", "Named", "validation_candidates", "summarize", "validate"]
+__all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "Named", "validation_candidates", "summarize", "validate"]
 
 STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model_step=16, n_layers_min=2,
                         n_layers_max=4, aspect_min=8.0, aspect_max=64.0, head_dims=(16,), kv_heads=(2,),
@@ -53,6 +53,14 @@ STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model
 """The architectures of this project's CPU studies (byte vocabulary, d_model 32-128, 2-4 layers). Its
 preferred layout (first entries, used when a law cannot see the knob, as in
 :func:`~moe_scaling.design.search.search`) is MobileMoE-like: G = 4 with one shared expert."""
+
+STUDY_MODEL: dict[str, Any] = {"norm_topk": False}
+STUDY_TRAIN: dict[str, Any] = {"dispatch": "capacity", "capacity_factor": 1.25}
+"""Settings shared by the study grids (``sweeps/ondevice_isoflop.yaml``'s ``model`` and ``train``
+sections) and the validation runs, so that both train alike on any backend: top-k weights not
+renormalised (a renormalised top-1 weight is always 1 and the router would learn from the balance
+loss alone), and the capacity dispatch (``auto`` picks the dropless ``ragged`` one on accelerators,
+which drops no token and so trains a different model than the CPU's)."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +133,13 @@ def validation_candidates(model: LossModel, budget: Budget, space: ArchSpace = S
 
 def _grid_doc(named: list[Named], *, name: str, data: Mapping[str, Any], train: Mapping[str, Any],
               seeds: int) -> dict[str, Any]:
-    """The grid file: one zip row per candidate, every ModelConfig field explicit, tokens rounded
-    to whole steps (at least one)."""
+    """The grid file: the :data:`STUDY_MODEL` settings as its ``model`` section, one zip row per
+    candidate with every other ModelConfig field explicit, tokens rounded to whole steps (at least one)."""
     step = int(train["batch_size"]) * int(data["seq_len"])
-    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in STUDY_MODEL]
     zip_ = {f: [getattr(n.candidate.config, f) for n in named] for f in fields}
     zip_["tokens"] = [max(1, round(n.candidate.tokens / step)) * step for n in named]
-    return {"name": name, "data": dict(data), "train": dict(train), "model": {}, "zip": zip_,
+    return {"name": name, "data": dict(data), "train": dict(train), "model": dict(STUDY_MODEL), "zip": zip_,
             "seeds": list(range(seeds))}
 
 
@@ -185,7 +193,7 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
     data = dict(data or {"corpus": str(Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "gutenberg"),
                          "seq_len": 128})
     train = {"batch_size": 16, "lr": 0.003, "eval_every": 200, "eval_batches": 8, "ckpt_every": 200,
-             "log_every": 20, **(train or {})}
+             "log_every": 20, **STUDY_TRAIN, **(train or {})}
     named = validation_candidates(model, budget, space, level=level)
     doc = _grid_doc(named, name=name, data=data, train=train, seeds=seeds)
     grid = out / "grid.yaml"
@@ -206,7 +214,7 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
         mean = float(np.mean(measured)) if measured else None
         std = float(np.std(measured, ddof=1)) if len(measured) > 1 else None
         iv = n.candidate.interval
-        rows.append({"name": n.name, "role": n.role, "model": c.to_dict(),
+        rows.append({"name": n.name, "role": n.role, "model": {**c.to_dict(), **STUDY_MODEL},
                      "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
                      "tokens": tokens, "measured": measured, "measured_mean": mean, "measured_std": std,
                      "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])})
