@@ -258,6 +258,24 @@ def test_bad_tables():
         fit_law("chinchilla", {**X, "loss": np.linspace(-1, 3, 30)})
 
 
+def test_min_steps_drops_the_short_runs_before_fitting():
+    """--min-steps: runs of fewer optimizer steps are left out before anything else (counted in
+    the notes and recorded in the settings); the fit then equals a fit to the long runs alone. A
+    table without a steps column is a one-line error."""
+    X = _grid(params_active=np.geomspace(3e7, 1e9, 6), tokens=np.geomspace(1e9, 1e11, 5))
+    loss = LAWS["chinchilla"].predict(LAWS["chinchilla"].reference, X)
+    steps = (X["tokens"] / 1e7).astype(int)                     # 100 .. 10,000 steps
+    short = steps < 1000
+    loss = np.where(short, loss + 0.3, loss)                    # short runs: far above the law
+    f = fit_law("chinchilla", {**X, "loss": loss, "steps": steps}, bootstrap=0, kfold=0, min_steps=1000)
+    long_only = fit_law("chinchilla", {k: v[~short] for k, v in {**X, "loss": loss}.items()}, bootstrap=0, kfold=0)
+    assert f.n_points == int((~short).sum()) == 18 and f.settings["min_steps"] == 1000
+    assert any(f"dropped {int(short.sum())} runs of fewer than 1000 steps" in n for n in f.notes)
+    assert f.params == pytest.approx(long_only.params, rel=1e-9)
+    with pytest.raises(FitError, match="no 'steps' column"):
+        fit_law("chinchilla", {**X, "loss": loss}, min_steps=10)
+
+
 def test_holdout_mask_keeps_ties_together():
     v = np.array([1, 5, 3, 5, 2, 4, 5, 1.0])
     np.testing.assert_array_equal(holdout_mask(v, 0.1), v == 5)       # 1 wanted, the three 5s tied

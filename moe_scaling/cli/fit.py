@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the table's column THEIRS as CANONICAL (repeatable)")
     p.add_argument("--drop-highest-loss", type=int, default=None, metavar="K",
                    help="drop the K highest-loss runs first (the Chinchilla replication drops 5)")
+    p.add_argument("--min-steps", type=int, default=None, metavar="S",
+                   help="drop runs of fewer than S optimizer steps first (too short for their schedule)")
     p.add_argument("--bootstrap", type=int, default=None, metavar="N",
                    help=f"bootstrap refits for intervals (default {BOOTSTRAP}; 0: none)")
     p.add_argument("--kfold", type=int, default=None, metavar="K",
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _fitting_only(args: argparse.Namespace) -> list[str]:
     """The fitting options given on the command line (a flag left at its default is None)."""
     options = (("--law", args.law), ("--fix", args.fix), ("--huber-delta", args.huber_delta),
-               ("--drop-highest-loss", args.drop_highest_loss), ("--bootstrap", args.bootstrap),
+               ("--drop-highest-loss", args.drop_highest_loss), ("--min-steps", args.min_steps),
+               ("--bootstrap", args.bootstrap),
                ("--kfold", args.kfold), ("--seed", args.seed))
     return [o for o, v in options if v is not None]
 
@@ -144,12 +147,12 @@ def _fitted(args: argparse.Namespace, columns: dict[str, str]) -> Fit:
     bootstrap = BOOTSTRAP if args.bootstrap is None else args.bootstrap
     kfold = KFOLD if args.kfold is None else args.kfold
     seed = SEED if args.seed is None else args.seed
-    if bootstrap < 0 or kfold < 0 or (args.drop_highest_loss or 0) < 0:
-        raise InputError("--bootstrap, --kfold and --drop-highest-loss must be >= 0")
+    if bootstrap < 0 or kfold < 0 or (args.drop_highest_loss or 0) < 0 or (args.min_steps or 0) < 0:
+        raise InputError("--bootstrap, --kfold, --drop-highest-loss and --min-steps must be >= 0")
     table, notes = load_runs(args.input, columns)
     kw: dict[str, Any] = dict(huber_delta=1e-3 if args.huber_delta is None else args.huber_delta,
                               fix=_fixes(args.fix), bootstrap=bootstrap, seed=seed, kfold=kfold,
-                              drop_highest_loss=args.drop_highest_loss or 0)
+                              drop_highest_loss=args.drop_highest_loss or 0, min_steps=args.min_steps or 0)
     enable_compilation_cache(default_cache_dir())
     law = args.law or "auto"
     if law == "auto":

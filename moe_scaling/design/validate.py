@@ -54,11 +54,11 @@ STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model
 preferred layout (first entries, used when a law cannot see the knob, as in
 :func:`~moe_scaling.design.search.search`) is MobileMoE-like: G = 4 with one shared expert."""
 
-STUDY_MODEL: dict[str, Any] = {"norm_topk": False}
+STUDY_MODEL: dict[str, Any] = {"router": "softmax", "norm_topk": False}
 STUDY_TRAIN: dict[str, Any] = {"dispatch": "capacity", "capacity_factor": 1.25}
 """Settings shared by the study grids (``sweeps/ondevice_isoflop.yaml``'s ``model`` and ``train``
-sections) and the validation runs, so that both train alike on any backend: top-k weights not
-renormalised (a renormalised top-1 weight is always 1 and the router would learn from the balance
+sections) and the validation runs, so that both train alike on any backend: the softmax router
+(the space's builder defaults to MobileMoE's sigmoid router), top-k weights not renormalised (a renormalised top-1 weight is always 1 and the router would learn from the balance
 loss alone), and the capacity dispatch (``auto`` picks the dropless ``ragged`` one on accelerators,
 which drops no token and so trains a different model than the CPU's)."""
 

@@ -289,7 +289,8 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
             fix: Mapping[str, float] | None = None, bootstrap: int = 200, seed: int = 0,
             level: float = 0.95, kfold: int = 5, heldout_frac: float = 0.2, heldout_by: str = "compute",
             points_per_param: float = 5.0, starts: np.ndarray | None = None, random_starts: int = 32,
-            bootstrap_starts: int = 16, keep_samples: int = 200, drop_highest_loss: int = 0) -> Fit:
+            bootstrap_starts: int = 16, keep_samples: int = 200, drop_highest_loss: int = 0,
+            min_steps: int = 0) -> Fit:
     """Fit ``law`` to a runs table with canonical columns (see the module docstring).
 
     Args:
@@ -314,6 +315,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
             seeded random subset, the same for every refit), never from the full-data optimum.
         keep_samples: bootstrap draws stored in the fit (for prediction intervals).
         drop_highest_loss: drop this many highest-loss rows first (Besiroglu et al. drop 5).
+        min_steps: drop the runs of fewer optimizer steps first (needs a ``steps`` column).
     """
     law = get_law(law)
     if not 0.0 < level < 1.0:
@@ -322,7 +324,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
         raise FitError("bootstrap and kfold must be >= 0 and heldout_frac in [0, 1)")
     problem, d, fixed, notes = make_problem(law, data, huber_delta=huber_delta, fix=fix,
                                             points_per_param=points_per_param,
-                                            drop_highest_loss=drop_highest_loss)
+                                            drop_highest_loss=drop_highest_loss, min_steps=min_steps)
     free = problem.free
     starts, cold = fit_starts_and_cold(problem, seed, starts=starts, random_starts=random_starts,
                                        bootstrap_starts=bootstrap_starts)
@@ -348,7 +350,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
                 "interval_level": level, "kfold": int(kfold), "heldout_frac": float(heldout_frac),
                 "heldout_by": heldout_by, "points_per_param": float(points_per_param),
                 "n_starts": int(starts.shape[0]), "bootstrap_starts": int(len(cold)),
-                "drop_highest_loss": int(drop_highest_loss),
+                "drop_highest_loss": int(drop_highest_loss), "min_steps": int(min_steps),
                 "free": [law.params[i] for i in free]}
     return Fit(law=law.name, params=params, intervals=intervals, interval_level=level if bootstrap else None,
                fixed=fixed, samples=samples, metrics=metrics, n_points=d.n, data_hash=d.hash(),

@@ -120,13 +120,13 @@ def _fixed_params(law: Law, n: int, fix: Mapping[str, float], per_param: float, 
 
 def make_problem(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_delta: float = 1e-3,
                  fix: Mapping[str, float] | None = None, points_per_param: float = 5.0,
-                 drop_highest_loss: int = 0) -> tuple[Problem, FitData, dict[str, float], list[str]]:
+                 drop_highest_loss: int = 0, min_steps: int = 0) -> tuple[Problem, FitData, dict[str, float], list[str]]:
     """Prepare ``data`` for ``law`` and decide which parameters are fitted.
     Returns (problem, data, fixed parameters, notes)."""
     law = get_law(law)
     if not (huber_delta > 0 and math.isfinite(huber_delta)):
         raise FitError(f"--huber-delta {huber_delta}: must be a positive number, e.g. 1e-3")
-    d = prepare(law, data, drop_highest_loss)
+    d = prepare(law, data, drop_highest_loss, min_steps)
     notes = list(d.notes)
     fixed = _fixed_params(law, d.n, fix or {}, points_per_param, notes)
     lo, hi = law.internal_bounds()

@@ -124,11 +124,21 @@ class FitData:
         return "sha256:" + h.hexdigest()
 
 
-def prepare(law: Law, data: pd.DataFrame | Mapping[str, Any], drop_highest_loss: int = 0) -> FitData:
+def prepare(law: Law, data: pd.DataFrame | Mapping[str, Any], drop_highest_loss: int = 0,
+            min_steps: int = 0) -> FitData:
     """Check and extract the columns ``law`` needs: rows with NaN/inf in them are dropped (counted
-    in the notes); a missing column, non-positive counts or constant losses raise :class:`FitError`."""
+    in the notes); a missing column, non-positive counts or constant losses raise :class:`FitError`.
+    ``min_steps > 0`` first drops the runs of fewer optimizer steps (column ``steps``): runs too short
+    for the schedule, whose loss is set by optimisation rather than by size and data."""
     df = data if isinstance(data, pd.DataFrame) else pd.DataFrame({k: np.asarray(v) for k, v in data.items()})
     notes: list[str] = []
+    if min_steps:
+        if "steps" not in df.columns:
+            raise FitError(f"--min-steps {min_steps}: the table has no 'steps' column; map yours with "
+                           "--column steps=NAME or drop --min-steps")
+        long = (pd.to_numeric(df["steps"], errors="coerce") >= min_steps).to_numpy()
+        notes.append(f"dropped {int((~long).sum())} runs of fewer than {min_steps} steps")
+        df = df[long]
     needed = ["loss", *law.inputs]
     for c in needed:
         if c not in df.columns and c not in law.optional_inputs:

@@ -66,6 +66,9 @@ def fitted_rows(fit: Any, runs: pd.DataFrame, loss: str = "eval_loss") -> pd.Dat
     finite = np.logical_and.reduce([np.isfinite(pd.to_numeric(done[c], errors="coerce").to_numpy(float))
                                     for c in (*used, loss)])
     done = done[finite]
+    min_steps = int((getattr(fit, "settings", {}) or {}).get("min_steps") or 0)
+    if min_steps and "steps" in done:
+        done = done[pd.to_numeric(done["steps"], errors="coerce").to_numpy(float) >= min_steps]
     drop = int((getattr(fit, "settings", {}) or {}).get("drop_highest_loss") or 0)
     if drop:
         done = done[done[loss].rank(method="first", ascending=False).to_numpy() > drop]
