@@ -463,3 +463,25 @@ def test_by_compute_bands_are_the_intervals_and_moe_fit_plot_writes_it(tmp_path,
     written = fit_plot(fitted, tmp_path, runs="fits/x.json", by_compute=pub)
     assert set(written) == {"by_compute_250KB"}
     assert all(os.path.getsize(p) > 10_000 for p in written["by_compute_250KB"])
+
+
+def test_isoflop_panels_group_runs_by_their_planned_budget():
+    """The committed isoflop study: three budgets (1.5e12, 4.5e12, 1.35e13 planned), each run in
+    the panel of its row's plain runs (a shared expert's extra compute does not move it), one line
+    per architecture with one point per size; a sweep of one size per budget has no such figure."""
+    from moe_scaling.plots.isoflop import compute_budgets, isoflop_figure
+
+    runs = pd.read_parquet(REPO / "results" / "ondevice_isoflop" / "runs.parquet")
+    budgets = compute_budgets(runs)
+    levels = sorted(budgets.unique())
+    assert len(levels) == 3
+    assert [round(b / 1.5e12, 1) for b in levels] == [1.0, 3.0, 9.0]     # the grid's budgets, within rounding
+    shared = runs["n_shared"] > 0
+    own = 3 * runs["flops_per_token_forward"] * runs["tokens"]
+    assert (own[shared] > 1.3 * budgets[shared]).all()                   # over budget, yet grouped with its row
+    fig = isoflop_figure(runs)
+    axes = fig.axes[:3]
+    assert [len(ax.get_xticks()) for ax in axes] == [3, 4, 3]
+    assert len(axes[-1].get_legend().get_texts()) == 6
+    quick = pd.read_parquet(REPO / "results" / "quickstart" / "runs.parquet")
+    assert isoflop_figure(quick) is None

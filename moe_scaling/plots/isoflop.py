@@ -1,0 +1,80 @@
+"""The isoFLOP figure of a study that trains several model sizes at each training-compute budget.
+
+Each panel is one budget ``C``: eval loss against model size, one line per architecture (dense, or
+an MoE layout: expansion ``E``, granularity ``G``, shared experts), the mean over seeds with the
+seed-to-seed standard deviation as error bars. A run's budget is its planned compute
+``C = 3 x forward FLOPs per token x tokens`` of the runs of the same size and token count without a
+shared expert (a shared expert adds compute on top of the budget its row was planned for; the
+runs table keeps each run's own ``flops_per_token_forward``); budgets within a factor
+:data:`GROUP_FACTOR` of each other form one panel (rows rounded to whole steps differ slightly).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from moe_scaling.plots.runs import completed, run_label
+from moe_scaling.plots.style import LOSS_LABEL, palette
+
+__all__ = ["GROUP_FACTOR", "compute_budgets", "isoflop_figure"]
+
+GROUP_FACTOR = 1.3
+"""Budgets closer than this factor are one panel."""
+
+_SIZE = ["d_model", "n_layers", "tokens"]
+
+
+def compute_budgets(runs: pd.DataFrame) -> pd.Series:
+    """The planned training-compute budget of every run (see the module docstring), by index."""
+    c = 3.0 * runs["flops_per_token_forward"].astype(float) * runs["tokens"].astype(float)
+    plain = runs["n_shared"].fillna(0).astype(int) == 0 if "n_shared" in runs else pd.Series(True, runs.index)
+    planned = c[plain].groupby([runs.loc[plain, k] for k in _SIZE]).min()
+    keys = list(zip(*(runs[k] for k in _SIZE)))
+    own = pd.Series([planned.get(k, np.nan) for k in keys], index=runs.index).fillna(c)
+    levels: list[float] = []
+    for v in sorted(own.unique()):
+        if not levels or v > levels[-1] * GROUP_FACTOR:
+            levels.append(v)
+    return own.map(lambda v: max(lv for lv in levels if lv <= v))
+
+
+def isoflop_figure(runs: pd.DataFrame, loss: str = "eval_loss") -> Figure | None:
+    """One panel per budget with at least two model sizes; None when no budget has two."""
+    done = completed(runs, loss).copy()
+    if done.empty or "flops_per_token_forward" not in done:
+        return None
+    done["budget"] = compute_budgets(done)
+    done["arch"] = [run_label(r) for _, r in done.iterrows()]
+    budgets = [b for b, g in done.groupby("budget") if g.groupby(["d_model", "n_layers"]).ngroups >= 2]
+    if not budgets:
+        return None
+    archs = sorted(done["arch"].unique(), key=lambda a: (a != "dense", a))
+    pal = palette(range(len(archs)))
+    colors = {a: "black" if a == "dense" else pal[float(i)] for i, a in enumerate(archs)}
+    fig = Figure(figsize=(4.2 * len(budgets) + 1.8, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(budgets), sharey=True, squeeze=False)[0]
+    for ax, b in zip(axes, budgets):
+        g = done[done["budget"] == b]
+        for arch in archs:
+            a = g[g["arch"] == arch]
+            if a.empty:
+                continue
+            s = a.groupby(["d_model", "n_layers"])[loss].agg(["mean", "std", "count"]).reset_index()
+            ax.errorbar(s["d_model"], s["mean"], yerr=s["std"].fillna(0.0), marker="o" if arch == "dense" else "s",
+                        ms=4, lw=1.2, capsize=2, color=colors[arch], ls="--" if arch == "dense" else "-",
+                        label=arch)
+        sizes = g[["d_model", "n_layers"]].drop_duplicates().sort_values("d_model")
+        ax.set_xscale("log")
+        ax.set_xticks(sizes["d_model"].tolist(), [f"d{d} L{n}" for d, n in sizes.itertuples(index=False)])
+        ax.minorticks_off()
+        ax.set_title(f"C = {b:.2g} FLOPs", fontsize="medium")
+        ax.set_xlabel("model size (tokens = C / (3 x FLOPs per token))")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(LOSS_LABEL)
+    seeds = int(done.groupby(["budget", "arch", "d_model", "n_layers"]).size().max())
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small",
+                    title=f"mean ± sd over up to {seeds} seeds", title_fontsize="small")
+    fig.suptitle(f"IsoFLOP curves: {len(done)} runs", fontsize="medium")
+    return fig
