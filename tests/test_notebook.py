@@ -20,6 +20,7 @@ EXPECTED = {
     "frontier_sweep", "iso_loss_sweep", "optimum_vs_budget_sweep",                       # sweep scale
     "frontier_phone", "frontier_flops_phone", "published_models", "iso_loss_phone",      # phone scale
     "optimum_vs_budget_phone", "by_compute_phone",
+    "isoflop",                                                                           # the isoflop study
 }
 
 
