@@ -32,7 +32,8 @@ def test_vocab_mismatch_is_one_line(built, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--stages", "instruction_finetuning"], "cannot run in this version"),
+    (["--stages", "instruction_finetuning"], "give its chat data with --data instruction_finetuning=CHAT.jsonl"),
+    (["--stages", "instruction_finetuning", "--data", f"instruction_finetuning={CORPUS}"], "input.txt:1: not JSON"),
     (["--stages", "pretraining,nope"], "'nope' is not a stage"),
     (["--data", "sft=x.txt"], "no stage 'sft' runs"),
     (["--mesh", "data=two"], "--mesh"),
@@ -91,3 +92,24 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     assert export_main([str(out / "stages" / "midtraining"), "--out", str(hf)]) == 0
     assert (hf / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
     assert json.loads((hf / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+
+    # stages 3-4 in the same OUT, from the mid-training checkpoint, with the run's BPE: instruction
+    # tuning on the chat fixture (assistant-only loss), then INT4 quantization-aware training
+    chat = str(__import__("pathlib").Path(__file__).parent / "data" / "chat.jsonl")
+    tok_before = (out / "tokenizer.json").read_text()
+    capsys.readouterr()
+    argv34 = [str(built), "--out", str(out), "--tokenizer", "bpe:512", "--tokens", "560", "--batch-size", "1",
+              "--seq-len", "16", "--stages", "instruction_finetuning,quantization_aware_training",
+              "--data", f"instruction_finetuning={chat}", "--data", f"quantization_aware_training={CORPUS}", "--json"]
+    assert train_main(argv34) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["status"]) for s in third["stages"]] == [
+        ("instruction_finetuning", "completed"), ("quantization_aware_training", "completed")]
+    assert [s["steps"] for s in third["stages"]] == [10, 25]      # 4e9 : 1e10 of 560 tokens, 16 per step
+    assert (out / "tokenizer.json").read_text() == tok_before     # not retrained on the chat file
+    qat_rec = json.loads((out / "stages" / "quantization_aware_training" / "record.json").read_text())
+    assert qat_rec["final_eval_loss"] < qat_rec["metrics"]["initial_eval_loss_int4"]
+    sft_cfg = yaml.safe_load((out / "stages" / "instruction_finetuning" / "config.yaml").read_text())
+    assert sft_cfg["train"]["schedule"] == "cosine" and sft_cfg["data"]["corpus"] == chat
+    assert train_main(argv34) == 0                                # done: not trained again
+    assert json.loads(capsys.readouterr().out)["stages"] == third["stages"]

@@ -14,6 +14,9 @@ EXAMPLES = """\
   moe-build --active 20M --total 40M --granularity 2 --out build/tiny
   moe-train build/tiny --out runs/tiny --tokens 200000 --batch-size 8 --seq-len 64 \\
       --data pretraining=../shared/data/text/tinystories --data midtraining=../shared/data/text/gutenberg
+  # stages 3-4 after 1-2 in the same OUT: instruction tuning on chat JSONL, then INT4 QAT
+  moe-train build/tiny --out runs/tiny --stages instruction_finetuning,quantization_aware_training \
+      --tokens 100000 --batch-size 8 --seq-len 64 --data instruction_finetuning=tests/data/chat.jsonl
   moe-train run.yaml --out runs/demo --mesh data=2,expert=2          # XLA_FLAGS=--xla_force_host_platform_device_count=4 on CPU
   moe-train build/mobilemoe-l --plan --mesh fsdp=8 --batch-size 8 --seq-len 4096 --device-memory 80GB --json
   # two machines (or processes): the same command with --process-id 0 and 1
@@ -49,12 +52,15 @@ def _count(text: str | None, flag: str) -> int | None:
 
 def _body(argv: Sequence[str] | None) -> int:
     parser = make_parser("moe-train", "Train a model directory written by moe-build / moe-fit --emit "
-                         "(model.yaml + recipe.yaml: stages pretraining and midtraining) or a run YAML "
+                         "(model.yaml + recipe.yaml: pretraining, midtraining, instruction_finetuning, "
+                         "quantization_aware_training) or a run YAML "
                          "(model/train/data). Progress goes to stderr; an interrupted run resumes when "
                          "the same command runs again.", EXAMPLES)
     parser.add_argument("target", metavar="TARGET", help="a moe-build directory or a run YAML")
     parser.add_argument("--out", metavar="DIR", help="run folder (required unless --plan)")
-    parser.add_argument("--stages", help="comma-separated stages to run (default: every stage this version runs)")
+    parser.add_argument("--stages", help="comma-separated stages to run (default: pretraining and midtraining, "
+                                         "plus instruction_finetuning and quantization_aware_training when "
+                                         "--data instruction_finetuning=CHAT.jsonl is given)")
     parser.add_argument("--data", action="append", metavar="STAGE=CORPUS",
                         help="a stage's corpus (repeatable); a bare CORPUS is every stage's (default stdlib; "
                              "a stage without one uses the first stage's)")

@@ -21,12 +21,18 @@ Stages this version runs (:data:`STAGE_RUNNERS`):
   It starts from pre-training's final model weights (parameters and router biases) with fresh
   AdamW moments.
 
-``instruction_finetuning`` and ``quantization_aware_training`` (stages 3-4) are recognised and
-refused in one line: they plug into :data:`STAGE_RUNNERS` (a function of the stage, its folder
-and the previous stage's checkpoint folder) when they are written.
+* ``instruction_finetuning``: chat-format JSONL given with ``--data instruction_finetuning=CHAT.jsonl``
+  (:mod:`moe_scaling.train.sft`: the loss on assistant tokens only, packed rows), cosine schedule with
+  the recipe's warmup fraction; from the previous stage's final model with fresh AdamW moments.
+* ``quantization_aware_training``: INT4 group-32 fake-quantized weights with straight-through
+  gradients (:mod:`moe_scaling.train.qat`) on the first stage's corpus (or its own ``--data``),
+  constant schedule after the recipe's warmup; its eval loss is that of the INT4 model.
 
-A stage that was interrupted resumes from its own last checkpoint when the same command runs
-again; a completed stage is not trained again. A ``bpe:N`` tokenizer is trained on the first
+Each runner (:data:`STAGE_RUNNERS`) is a function of the stage, its folder and the previous stage's
+checkpoint folder. When the plan starts at a later stage, the previous one is the latest earlier
+recipe stage already trained in ``OUT``. A pre-/mid-training stage that was interrupted resumes
+from its own last checkpoint when the same command runs again; stages 3-4 write their checkpoint at
+the end, so an interrupted one starts over. A completed stage is not trained again. A ``bpe:N`` tokenizer is trained on the first
 stage's corpus and every later stage uses that same file (``OUT/tokenizer.json``).
 """
 
@@ -51,6 +57,7 @@ from moe_scaling.train.rundir import RunDir
 __all__ = ["Stage", "Plan", "Overrides", "load_target", "run_plan", "STAGE_RUNNERS", "RECIPE_STAGES"]
 
 RECIPE_STAGES = ("pretraining", "midtraining", "instruction_finetuning", "quantization_aware_training")
+SFT_STAGE, QAT_STAGE = RECIPE_STAGES[2], RECIPE_STAGES[3]
 RUN_YAML_STAGE = "train"
 
 
@@ -101,6 +108,11 @@ def _stage_train(raw: Mapping[str, Any], name: str, tokens: int, batch: int, seq
     if name == "pretraining":
         warm = float(sched.get("warmup_tokens", 0.0)) / max(float(raw["tokens"]), 1.0)
         return TrainConfig(schedule="constant", warmup=min(warm, 0.5), **common)
+    if name == "instruction_finetuning":
+        return TrainConfig(schedule="cosine", warmup=float(sched.get("warmup_fraction", 0.03)),
+                           min_lr_ratio=float(sched.get("min_lr_ratio", 0.0)), **common)
+    if name == "quantization_aware_training":
+        return TrainConfig(schedule="constant", warmup=float(sched.get("warmup_fraction", 0.0)), **common)
     return TrainConfig(schedule="wsd", warmup=0, decay_fraction=1.0, min_lr_ratio=0.0, **common)
 
 
@@ -112,16 +124,26 @@ def _recipe_plan(target: Path, ov: Overrides) -> Plan:
     if not isinstance(raw_stages, list) or not raw_stages:
         raise ConfigError(f"{target / 'recipe.yaml'}: no stages; rebuild it with moe-build")
     by_name = {s.get("name"): s for s in raw_stages}
-    names = ov.stages or tuple(n for n in by_name if n in STAGE_RUNNERS)
+    # default: every stage this version runs whose data is at hand (stage 3 needs chat data; stage 4
+    # follows it)
+    names = ov.stages or tuple(n for n in by_name if n in STAGE_RUNNERS
+                               and (n not in (SFT_STAGE, QAT_STAGE) or SFT_STAGE in ov.data))
     for n in names:
         if n not in by_name:
             raise ConfigError(f"--stages: {n!r} is not a stage of {target / 'recipe.yaml'}; "
                               f"its stages are {', '.join(map(str, by_name))}")
         if n not in STAGE_RUNNERS:
-            raise ConfigError(f"--stages: {n!r} cannot run in this version (stages 3-4 come with their own "
-                              f"issue); run --stages {','.join(s for s in by_name if s in STAGE_RUNNERS)}")
+            raise ConfigError(f"--stages: {n!r} cannot run in this version; run --stages "
+                              f"{','.join(s for s in by_name if s in STAGE_RUNNERS)}")
     order = [n for n in by_name if n in names]
     _check_data_keys(ov, order)
+    if SFT_STAGE in order:
+        chat = ov.data.get(SFT_STAGE)
+        if not chat:
+            raise ConfigError(f"--stages includes {SFT_STAGE}: give its chat data with --data "
+                              f"{SFT_STAGE}=CHAT.jsonl (one {{\"messages\": [...]}} per line), or leave the stage out")
+        from moe_scaling.train.sft import load_chat
+        load_chat(chat)                       # a bad file is refused before any stage trains
     total = sum(float(by_name[n]["tokens"]) for n in order)
     stages = []
     first_corpus = None
@@ -130,8 +152,9 @@ def _recipe_plan(target: Path, ov: Overrides) -> Plan:
         seq = ov.seq_len or int(raw["seq_len"])
         batch = ov.batch_size or int(raw["batch_size"])
         tokens = int(ov.tokens * float(raw["tokens"]) / total) if ov.tokens else int(float(raw["tokens"]))
-        corpus = ov.data.get(n) or ov.data.get("*") or first_corpus or DataConfig().corpus
-        first_corpus = first_corpus or corpus
+        corpus = (ov.data.get(n) if n == SFT_STAGE else
+                  ov.data.get(n) or ov.data.get("*") or first_corpus or DataConfig().corpus)
+        first_corpus = first_corpus or (None if n == SFT_STAGE else corpus)
         stage_model = model if seq <= model.max_seq_len else dataclasses.replace(model, max_seq_len=seq)
         data = DataConfig(corpus=corpus, seq_len=seq, tokenizer=ov.tokenizer or "byte")
         stages.append(Stage(n, stage_model, _stage_train(raw, n, tokens, batch, seq, stage_model, ov), data))
@@ -190,9 +213,104 @@ def _lm_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_
                  on_log=on_log, stop_at_step=stop_at_step, init_from=init_from)
 
 
+def _finished(run_dir: RunDir):
+    """The TrainResult a completed stage 3-4 recorded in ``run_dir`` (None when it did not finish)."""
+    from moe_scaling.train.loop import TrainResult
+
+    if not (run_dir.record.is_file() and run_dir.curve.is_file() and run_dir.ckpt.is_dir()):
+        return None
+    rec = json.loads(run_dir.record.read_text())
+    if rec.get("status") != "completed":
+        return None
+    return TrainResult(status="completed", steps=rec["steps"], tokens=rec["tokens"],
+                       final_eval_loss=rec["final_eval_loss"], best_eval_loss=rec["final_eval_loss"],
+                       final_train_loss=rec["final_train_loss"], diverged_step=None,
+                       last_good_loss=rec["final_train_loss"], wall_s=0.0, step_time_s=0.0,
+                       tokens_per_s=rec.get("tokens_per_s") or 0.0, curve=json.loads(run_dir.curve.read_text()),
+                       metrics=rec.get("metrics") or {})
+
+
+def _needs_previous(stage: Stage, init_from: Path | None, stop_at_step: int | None) -> None:
+    if init_from is None:
+        raise ConfigError(f"stage {stage.name}: starts from a trained model; run pretraining/midtraining "
+                          "first (in this OUT) or include them in --stages")
+    if stop_at_step is not None:
+        raise ConfigError(f"--stop-at-step: stage {stage.name} writes its checkpoint at the end; "
+                          "only pretraining and midtraining stop and resume mid-stage")
+
+
+def _sft_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_step: int | None,
+               on_log: Callable | None):
+    """Instruction fine-tuning (:func:`moe_scaling.train.sft.sft`) from the previous stage's model."""
+    from moe_scaling.train.sft import sft
+
+    _needs_previous(stage, init_from, stop_at_step)
+    done = _finished(run_dir)
+    if done is not None:
+        return done
+    if run_dir.ckpt.is_dir():
+        shutil.rmtree(run_dir.ckpt)         # an interrupted stage 3 starts over
+    return sft(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt, on_log=on_log)
+
+
+def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_step: int | None,
+               on_log: Callable | None):
+    """INT4 quantization-aware training (:func:`moe_scaling.train.qat.qat`); the checkpoint holds the
+    float latent weights (quantize them to deploy); eval losses are the INT4 model's."""
+    import time
+
+    from flax import nnx
+
+    from moe_scaling.train.checkpoints import Checkpoints
+    from moe_scaling.train.loop import TrainResult
+    from moe_scaling.train.qat import qat
+    from moe_scaling.train.step import make_optimizer
+
+    _needs_previous(stage, init_from, stop_at_step)
+    done = _finished(run_dir)
+    if done is not None:
+        return done
+    if run_dir.ckpt.is_dir():
+        shutil.rmtree(run_dir.ckpt)
+    t0 = time.perf_counter()
+    steps = stage.train.steps(stage.data.seq_len)
+    r = qat(stage.model, stage.train, stage.data, init_from,
+            eval_every=max(1, min(stage.train.eval_every, steps)))
+    curve = [{"step": c["step"], "tokens": c["step"] * stage.train.batch_size * stage.data.seq_len,
+              "eval_loss": c["eval_loss_int4"], **({"train_loss": c["train_loss"]} if "train_loss" in c else {})}
+             for c in r.curve]
+    opt = nnx.Optimizer(r.model, make_optimizer(stage.train, steps), wrt=nnx.Param)
+    ckpt = Checkpoints(run_dir.ckpt)
+    try:
+        ckpt.save(steps, nnx.state((r.model, opt)), {"step": steps, "status": "completed", "curve": curve})
+    finally:
+        ckpt.close()
+    tokens = steps * stage.train.batch_size * stage.data.seq_len
+    wall = time.perf_counter() - t0
+    last = curve[-1].get("train_loss")
+    return TrainResult(status="completed", steps=steps, tokens=tokens, final_eval_loss=r.final_eval_loss,
+                       best_eval_loss=min(c["eval_loss"] for c in curve), final_train_loss=last,
+                       diverged_step=None, last_good_loss=last, wall_s=wall, step_time_s=r.wall_s,
+                       tokens_per_s=tokens / max(r.wall_s, 1e-9), curve=curve,
+                       metrics={"initial_eval_loss_f32": r.initial_eval_loss,
+                                "initial_eval_loss_int4": r.initial_ptq_loss})
+
+
 # stage name -> runner(stage, run_dir, previous stage's checkpoint folder, stop_at_step=, on_log=)
 STAGE_RUNNERS: dict[str, Callable] = {"pretraining": _lm_stage, "midtraining": _lm_stage,
+                                      SFT_STAGE: _sft_stage, QAT_STAGE: _qat_stage,
                                       RUN_YAML_STAGE: _lm_stage}
+
+
+def _earlier_checkpoint(out: Path, first: str) -> Path | None:
+    """The checkpoint folder of the latest recipe stage before ``first`` already trained in ``out``."""
+    if first not in RECIPE_STAGES:
+        return None
+    for name in reversed(RECIPE_STAGES[:RECIPE_STAGES.index(first)]):
+        ckpt = RunDir(out / "stages" / name).ckpt
+        if ckpt.is_dir() and any(ckpt.iterdir()):
+            return ckpt
+    return None
 
 
 def _write_tokenizer(plan: Plan, out: Path) -> None:
@@ -220,13 +338,15 @@ def run_plan(plan: Plan, out: str | Path, *, stop_at: Mapping[str, int] | None =
     out = Path(out)
     primary = jax.process_index() == 0
     enable_compilation_cache(out / "jax_cache")
-    _write_tokenizer(plan, out)      # every process: each reads the same file below
+    previous: Path | None = _earlier_checkpoint(out, plan.stages[0].name)
+    tok_file = out / "tokenizer.json"
+    if previous is None or not tok_file.is_file():
+        _write_tokenizer(plan, out)  # every process: each reads the same file below
+    # else: the earlier stages' tokenizer stays (a later stage never retrains it on its own data)
     mesh = MeshShape.parse(plan.stages[0].train.mesh)
     summary: dict[str, Any] = {"target": plan.source, "out": str(out), "stages": [], "mesh": str(mesh),
                                "devices": mesh.size, "processes": jax.process_count()}
     curves: list[dict] = []
-    previous: Path | None = None
-    tok_file = out / "tokenizer.json"
     for stage in plan.stages:
         data = stage.data
         if previous is not None and data.tokenizer.startswith("bpe:"):

@@ -88,11 +88,21 @@ def make_optimizer(train_cfg: TrainConfig, steps: int) -> optax.GradientTransfor
 
 def loss_fn(model: Transformer, inputs: jax.Array, targets: jax.Array, *, dispatch: str,
             capacity_factor: float, dtype, aux_loss_coef: float = 0.0,
-            z_loss_coef: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            z_loss_coef: float = 0.0, masked: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and metrics (``loss`` = mean cross-entropy, MoE ``aux_loss``, ``z_loss``,
-    ``dropped_fraction``, ``expert_load``)."""
+    ``dropped_fraction``, ``expert_load``).
+
+    ``masked``: targets ``< 0`` are not trained, and ``loss = sum_{t: y_t >= 0} -log p(y_t) / #{t: y_t >= 0}``
+    (instruction tuning's assistant-only loss, :mod:`moe_scaling.train.sft`); the default path is
+    the plain mean, unchanged."""
     logits, aux = model(inputs, dispatch=dispatch, capacity_factor=capacity_factor, dtype=dtype)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1)).mean()
+    if masked:
+        y = targets.reshape(-1)
+        keep = y >= 0
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, y, 0))
+        ce = jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets.reshape(-1)).mean()
     total = ce + aux_loss_coef * aux["aux_loss"] + z_loss_coef * aux["z_loss"]
     return total, {"loss": ce, "total_loss": total, **aux}
 
@@ -167,21 +177,21 @@ def _shardings(placement, out_state: bool) -> dict:
     return {"in_shardings": ins, "out_shardings": outs}
 
 
-def make_train_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=None):
+def make_train_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=None, masked: bool = False):
     """``step(state, inputs, targets) -> (state, metrics)``, jitted, ``state`` donated: one AdamW
     step, then the router-bias balancing update (``train_cfg.bias_update_rate``). With a
     ``placement`` (:class:`moe_scaling.train.mesh.Placement`) the step is compiled for its mesh:
     state and batch sharded as it says, metrics replicated."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
               dtype=_dtype(train_cfg.dtype), aux_loss_coef=train_cfg.aux_loss_coef,
-              z_loss_coef=train_cfg.z_loss_coef)
+              z_loss_coef=train_cfg.z_loss_coef, **({"masked": True} if masked else {}))
     return jax.jit(partial(_train_step, graphdef, kw, train_cfg.bias_update_rate), donate_argnums=0,
                    **_shardings(placement, out_state=True))
 
 
-def make_eval_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=None):
+def make_eval_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=None, masked: bool = False):
     """``eval(state, inputs, targets) -> mean cross-entropy``, jitted (on ``placement``'s mesh
-    when given)."""
+    when given; over the targets ``>= 0`` with ``masked``)."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
-              dtype=_dtype(train_cfg.dtype))
+              dtype=_dtype(train_cfg.dtype), **({"masked": True} if masked else {}))
     return jax.jit(partial(_eval_step, graphdef, kw), **_shardings(placement, out_state=False))
