@@ -16,7 +16,7 @@ EXAMPLES = """\
       --data pretraining=../shared/data/text/tinystories --data midtraining=../shared/data/text/gutenberg
   # stages 3-4 after 1-2 in the same OUT: instruction tuning on chat JSONL, then INT4 QAT
   moe-train build/tiny --out runs/tiny --stages instruction_finetuning,quantization_aware_training \
-      --tokens 100000 --batch-size 8 --seq-len 64 --data instruction_finetuning=tests/data/chat.jsonl
+      --tokens 1e5 --batch-size 4 --seq-len 128 --data instruction_finetuning=tests/data/chat.jsonl
   moe-train run.yaml --out runs/demo --mesh data=2,expert=2          # XLA_FLAGS=--xla_force_host_platform_device_count=4 on CPU
   moe-train build/mobilemoe-l --plan --mesh fsdp=8 --batch-size 8 --seq-len 4096 --device-memory 80GB --json
   # two machines (or processes): the same command with --process-id 0 and 1

@@ -349,9 +349,10 @@ def run_plan(plan: Plan, out: str | Path, *, stop_at: Mapping[str, int] | None =
     curves: list[dict] = []
     for stage in plan.stages:
         data = stage.data
-        if previous is not None and data.tokenizer.startswith("bpe:"):
-            # later stages use the first stage's BPE (trained on its corpus), not one of their own
-            data = dataclasses.replace(data, tokenizer=str(tok_file.absolute()))
+        if previous is not None:
+            # later stages use the first stage's tokenizer (a BPE trained on its corpus), never one of
+            # their own: OUT/tokenizer.json when the run has one, else bytes
+            data = dataclasses.replace(data, tokenizer=str(tok_file.absolute()) if tok_file.is_file() else "byte")
             stage = dataclasses.replace(stage, data=data)
         run_dir = RunDir(out / "stages" / stage.name)
         if primary:
