@@ -13,14 +13,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def _problem(seed, t, d, e, k, f, kind="softmax", norm_topk=True, bias=False):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    x = jax.random.normal(ks[0], (t, d))
+    # Drawn with NumPy: jax.random would compile a sampler for every new shape, which took about
+    # as long as the dispatch programs under test.
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    x = normal(t, d)
     params = {
-        "router": jax.random.normal(ks[1], (d, e)),
-        "w_gate_up": 0.3 * jax.random.normal(ks[2], (e, d, 2 * f)),
-        "w_down": 0.3 * jax.random.normal(ks[3], (e, f, d)),
+        "router": normal(d, e),
+        "w_gate_up": normal(e, d, 2 * f, scale=0.3),
+        "w_down": normal(e, f, d, scale=0.3),
     }
-    b = jax.random.normal(ks[4], (e,)) if bias else None
+    b = normal(e) if bias else None
     return x, params, dict(top_k=k, kind=kind, norm_topk=norm_topk, bias=b)
 
 
