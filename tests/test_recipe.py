@@ -100,7 +100,7 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     argv34 = [str(built), "--out", str(out), "--tokenizer", "bpe:512", "--tokens", "560", "--batch-size", "1",
               "--seq-len", "16", "--stages", "instruction_finetuning,quantization_aware_training",
-              "--data", f"instruction_finetuning={chat}", "--data", f"quantization_aware_training={CORPUS}", "--json"]
+              "--data", f"instruction_finetuning={chat}", "--json"]
     assert train_main(argv34) == 0
     third = json.loads(capsys.readouterr().out)
     assert [(s["name"], s["status"]) for s in third["stages"]] == [
@@ -109,6 +109,8 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     assert (out / "tokenizer.json").read_text() == tok_before     # not retrained on the chat file
     qat_rec = json.loads((out / "stages" / "quantization_aware_training" / "record.json").read_text())
     assert qat_rec["final_eval_loss"] < qat_rec["metrics"]["initial_eval_loss_int4"]
+    qat_cfg = yaml.safe_load((out / "stages" / "quantization_aware_training" / "config.yaml").read_text())
+    assert qat_cfg["data"]["corpus"] == CORPUS                    # mid-training's corpus, replayed
     sft_cfg = yaml.safe_load((out / "stages" / "instruction_finetuning" / "config.yaml").read_text())
     assert sft_cfg["train"]["schedule"] == "cosine" and sft_cfg["data"]["corpus"] == chat
     assert train_main(argv34) == 0                                # done: not trained again

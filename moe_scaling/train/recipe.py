@@ -25,7 +25,8 @@ Stages this version runs (:data:`STAGE_RUNNERS`):
   (:mod:`moe_scaling.train.sft`: the loss on assistant tokens only, packed rows), cosine schedule with
   the recipe's warmup fraction; from the previous stage's final model with fresh AdamW moments.
 * ``quantization_aware_training``: INT4 group-32 fake-quantized weights with straight-through
-  gradients (:mod:`moe_scaling.train.qat`) on the first stage's corpus (or its own ``--data``),
+  gradients (:mod:`moe_scaling.train.qat`) on its own ``--data``, else the first stage's corpus (when
+  it runs without the language-model stages: mid-training's corpus in ``OUT``, else pre-training's),
   constant schedule after the recipe's warmup; its eval loss is that of the INT4 model.
 
 Each runner (:data:`STAGE_RUNNERS`) is a function of the stage, its folder and the previous stage's
@@ -73,6 +74,7 @@ class Stage:
 class Plan:
     source: str
     stages: tuple[Stage, ...]
+    defaulted: frozenset[str] = frozenset()   # stages whose corpus no --data named
 
 
 @dataclass(frozen=True)
@@ -147,18 +149,21 @@ def _recipe_plan(target: Path, ov: Overrides) -> Plan:
     total = sum(float(by_name[n]["tokens"]) for n in order)
     stages = []
     first_corpus = None
+    defaulted = set()
     for n in order:
         raw = by_name[n]
         seq = ov.seq_len or int(raw["seq_len"])
         batch = ov.batch_size or int(raw["batch_size"])
         tokens = int(ov.tokens * float(raw["tokens"]) / total) if ov.tokens else int(float(raw["tokens"]))
+        if n != SFT_STAGE and not (ov.data.get(n) or ov.data.get("*")):
+            defaulted.add(n)
         corpus = (ov.data.get(n) if n == SFT_STAGE else
                   ov.data.get(n) or ov.data.get("*") or first_corpus or DataConfig().corpus)
         first_corpus = first_corpus or (None if n == SFT_STAGE else corpus)
         stage_model = model if seq <= model.max_seq_len else dataclasses.replace(model, max_seq_len=seq)
         data = DataConfig(corpus=corpus, seq_len=seq, tokenizer=ov.tokenizer or "byte")
         stages.append(Stage(n, stage_model, _stage_train(raw, n, tokens, batch, seq, stage_model, ov), data))
-    return Plan(str(target), tuple(stages))
+    return Plan(str(target), tuple(stages), frozenset(defaulted))
 
 
 def _check_data_keys(ov: Overrides, names: list[str]) -> None:
@@ -349,6 +354,15 @@ def run_plan(plan: Plan, out: str | Path, *, stop_at: Mapping[str, int] | None =
     curves: list[dict] = []
     for stage in plan.stages:
         data = stage.data
+        if stage.name in plan.defaulted and stage.name == QAT_STAGE and not any(
+                s.name in RECIPE_STAGES[:2] for s in plan.stages):
+            # QAT replays the language-model data: the latest earlier LM stage's corpus in OUT
+            for name in reversed(RECIPE_STAGES[:2]):
+                cfg = RunDir(out / "stages" / name).config
+                if cfg.is_file():
+                    data = dataclasses.replace(data, corpus=yaml.safe_load(cfg.read_text())["data"]["corpus"])
+                    stage = dataclasses.replace(stage, data=data)
+                    break
         if previous is not None:
             # later stages use the first stage's tokenizer (a BPE trained on its corpus), never one of
             # their own: OUT/tokenizer.json when the run has one, else bytes
