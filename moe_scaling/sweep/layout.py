@@ -9,7 +9,9 @@ Layout of a sweep folder ``DIR`` (the ``--out`` of ``moe-sweep run``)::
     DIR/runs.parquet               one row per started run (see moe_scaling.sweep.results.run_row)
     DIR/curves.parquet             long table: run_id, step, tokens, train_loss, eval_loss
     DIR/.tables.lock               the fcntl lock held while the two tables are rebuilt
+    DIR/.claim.lock                the fcntl lock local workers take to claim runs (whole seed groups)
     DIR/jax_cache/                 JAX's persistent compilation cache, shared by the workers
+    DIR/jax_cache/programs/        compiled train/eval programs, serialized (moe_scaling.train.loop)
     DIR/progress/<worker>.json     what each local worker is doing now (run, step, loss, tokens/s)
     DIR/plots/                     the figures of ``moe-sweep plot`` (default folder)
     DIR/runs/<run_id>/             one run's folder (moe_scaling.train.rundir.RunDir):
@@ -71,6 +73,10 @@ class SweepDir:
     @property
     def tables_lock(self) -> Path:
         return self.path / ".tables.lock"
+
+    @property
+    def claim_lock(self) -> Path:
+        return self.path / ".claim.lock"
 
     @property
     def jax_cache(self) -> Path:

@@ -82,7 +82,6 @@ from moe_scaling.train.batching import batch_key, group_size
 __all__ = ["SweepPlan", "plan_sweep", "prepare", "check_corpora", "run_sweep", "worker_loop"]
 
 POLL_S = 1.0             # idle workers poll the queue this often while other runs are in flight
-CLAIM_LOCK = ".claim.lock"   # in the sweep folder: local workers claim one after the other
 
 
 @dataclass(frozen=True)
@@ -200,7 +199,7 @@ def _claim(ctx: WorkerContext, study: optuna.Study) -> list[FrozenTrial]:
 @contextlib.contextmanager
 def _claim_lock(out: str) -> Iterator[None]:
     """Exclusive ``fcntl`` lock on ``OUT/.claim.lock`` (released on exit or process death)."""
-    with open(Path(out) / CLAIM_LOCK, "a") as fh:
+    with open(SweepDir(out).claim_lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
