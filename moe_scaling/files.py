@@ -11,6 +11,7 @@ lists) and, for files, :func:`write_json`. :func:`finite_or_none` makes a value 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -83,3 +84,15 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory ``fcntl`` lock on the file ``path`` (created if missing), held for the
+    ``with`` block and released on exit or when the process dies."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

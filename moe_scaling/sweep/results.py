@@ -11,7 +11,6 @@ reader mid-sweep always sees a complete file.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import math
@@ -26,7 +25,7 @@ import pandas as pd
 import moe_scaling
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
-from moe_scaling.files import atomic_path, json_default, write_json
+from moe_scaling.files import atomic_path, exclusive_lock, json_default, write_json
 from moe_scaling.costs import flops_per_token, param_counts
 from moe_scaling.sweep.layout import SweepDir
 
@@ -141,12 +140,8 @@ def curves_table(out: str | os.PathLike, records: list[Mapping[str, Any]]) -> pd
 @contextmanager
 def tables_lock(out: str | os.PathLike) -> Iterator[None]:
     """Exclusive advisory lock on ``DIR/.tables.lock`` (:attr:`SweepDir.tables_lock`) (released on exit or process death)."""
-    with open(SweepDir(out).tables_lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(SweepDir(out).tables_lock):
+        yield
 
 
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import multiprocessing
@@ -66,7 +65,7 @@ from optuna.trial import FrozenTrial, TrialState
 import moe_scaling
 from moe_scaling.config import save_config
 from moe_scaling.errors import ConfigError, UserError
-from moe_scaling.files import atomic_write_text, write_json
+from moe_scaling.files import atomic_write_text, exclusive_lock, write_json
 from moe_scaling.runtime import enable_compilation_cache
 from moe_scaling.sweep.devices import assign_devices, detect_accelerators, worker_env
 from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
@@ -199,12 +198,8 @@ def _claim(ctx: WorkerContext, study: optuna.Study) -> list[FrozenTrial]:
 @contextlib.contextmanager
 def _claim_lock(out: str) -> Iterator[None]:
     """Exclusive ``fcntl`` lock on ``OUT/.claim.lock`` (released on exit or process death)."""
-    with open(SweepDir(out).claim_lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(SweepDir(out).claim_lock):
+        yield
 
 
 def _trial_run(trial: FrozenTrial) -> RunSpec | None:
