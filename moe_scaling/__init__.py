@@ -12,6 +12,7 @@ import from its own layer and the layers before it, never from a later one
     sweep     grid files, the optuna-storage queue, the runner, progress, results tables, SweepDir
     laws      the law registry, run tables, the batched L-BFGS optimiser, fitting and selection
     hf        every Hugging Face convention: config import/export, the architecture map, weights
+    ondevice  the on-device runtime: ONNX Runtime export (INT4 weights, QMoE), sessions, latency
     design    the budget search (typed candidates) and the builder of full-size model folders
     plots     style, run figures, fit figures, search figures
     cli       thin console scripts: parse arguments, call one library function, print

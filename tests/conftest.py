@@ -27,3 +27,45 @@ LONGEST_FIRST = ("test_sweep", "test_seed_batching", "test_model", "test_fit", "
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: file order otherwise
+
+
+# -- models for the export tests (test_export, test_ondevice) -----------------------------------
+
+def perturbed_model(cfg, seed=1):
+    """Our model with every parameter and buffer redrawn: norm scales 1 + 0.2 N, vectors (biases,
+    router selection bias) 0.1 N, matrices N / sqrt(fan_in)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from moe_scaling.model.transformer import Transformer
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, v):
+        if "scale" in jax.tree_util.keystr(path):
+            x = 1 + 0.2 * rng.standard_normal(v.shape)
+        elif v.ndim == 1:
+            x = 0.1 * rng.standard_normal(v.shape)
+        else:
+            x = rng.standard_normal(v.shape) / np.sqrt(v.shape[-2])
+        return jnp.asarray(x, jnp.float32)
+
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+    nnx.update(model, state)
+    return model
+
+
+def quick_train(cfg, ckpt_dir, steps, data):
+    """``steps`` steps of batch 4 x 32 on ``data`` into ``ckpt_dir``; returns the TrainConfig."""
+    from moe_scaling.config import TrainConfig
+    from moe_scaling.train.loop import train
+
+    train_cfg = TrainConfig(tokens=steps * 4 * 32, batch_size=4, lr=3e-3, warmup=1, eval_every=steps,
+                            eval_batches=1, log_every=steps, ckpt_every=steps, seed=0)
+    result = train(cfg, train_cfg, data, ckpt_dir=ckpt_dir, progress=False)
+    assert result.status == "completed"
+    return train_cfg

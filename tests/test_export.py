@@ -20,14 +20,13 @@ from flax import nnx
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, perturbed_model, quick_train
 from moe_scaling.hf.config import hf_model_type
-from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.config import DataConfig, ModelConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.hf.export import export_checkpoint, export_hf, hf_state_dict
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.train.checkpoints import load_checkpoint
-from moe_scaling.train.loop import train
 
 # glm4_moe without shared experts has zero-width shared_experts Linears; torch warns when
 # transformers initialises them.
@@ -51,27 +50,6 @@ CASES = {
                                                   tie_embeddings=False, n_dense_layers=1),
 }
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 16))
-
-
-def perturbed_model(cfg, seed=1):
-    """Our model with every parameter and buffer redrawn: norm scales 1 + 0.2 N, vectors (biases,
-    router selection bias) 0.1 N, matrices N / sqrt(fan_in)."""
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, v):
-        if "scale" in jax.tree_util.keystr(path):
-            x = 1 + 0.2 * rng.standard_normal(v.shape)
-        elif v.ndim == 1:
-            x = 0.1 * rng.standard_normal(v.shape)
-        else:
-            x = rng.standard_normal(v.shape) / np.sqrt(v.shape[-2])
-        return jnp.asarray(x, jnp.float32)
-
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
-    nnx.update(model, state)
-    return model
 
 
 def our_logits(model, tokens):
@@ -165,14 +143,6 @@ DATA = DataConfig(corpus=str(SHARED_DATA / "text" / "tinyshakespeare" / "input.t
                   max_tokens=60_000)
 
 
-def quick_train(cfg, ckpt_dir, steps):
-    train_cfg = TrainConfig(tokens=steps * 4 * 32, batch_size=4, lr=3e-3, warmup=1, eval_every=steps,
-                            eval_batches=1, log_every=steps, ckpt_every=steps, seed=0)
-    result = train(cfg, train_cfg, DATA, ckpt_dir=ckpt_dir, progress=False)
-    assert result.status == "completed"
-    return train_cfg
-
-
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "moe_scaling.cli.export", *map(str, args)],
                           capture_output=True, text=True)
@@ -182,7 +152,7 @@ def test_trained_run_exported_by_the_cli_loads_with_the_same_logits(tmp_path):
     cfg = ModelConfig(**BASE, n_experts=4, top_k=2, d_expert=32, n_shared=1, d_shared=64,
                       router="sigmoid", router_bias=True, max_seq_len=32)
     run = tmp_path / "run"                              # a sweep's layout: runs/<id>/ckpt
-    train_cfg = quick_train(cfg, run / "ckpt", steps=6)
+    train_cfg = quick_train(cfg, run / "ckpt", steps=6, data=DATA)
     r = cli(run, "--out", tmp_path / "hf", "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
@@ -209,7 +179,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         export_checkpoint(tmp_path / "empty", tmp_path / "o")
     # A trained model no architecture represents: dense with QK-norm and q/k/v biases.
     tiny = ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, d_ff=32, attn_bias=True, max_seq_len=32)
-    quick_train(tiny, tmp_path / "unsupported", steps=1)
+    quick_train(tiny, tmp_path / "unsupported", steps=1, data=DATA)
     r = cli(tmp_path / "unsupported", "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "no supported Hugging Face architecture" in r.stderr

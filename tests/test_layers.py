@@ -14,7 +14,7 @@ import moe_scaling
 PACKAGE = Path(moe_scaling.__file__).resolve().parent
 
 # The layer order, low to high. Top-level modules are the core; each subpackage is a layer.
-LAYERS = ["core", "model", "train", "sweep", "laws", "hf", "design", "plots", "cli"]
+LAYERS = ["core", "model", "train", "sweep", "laws", "hf", "ondevice", "design", "plots", "cli"]
 
 
 def _module_name(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""``moe-export``: a trained run as a Hugging Face model directory (config.json + model.safetensors)."""
+"""``moe-export``: a trained run as a Hugging Face model directory (config.json + model.safetensors), or
+with ``--runtime onnx`` as an ONNX Runtime folder with INT4 weights (model.onnx + runtime.json)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ EXAMPLES = """\
   moe-export runs/demo --out hf/demo
   moe-export sweeps/quickstart/runs/3f2a9c1e0b7d --out hf/best --dtype bfloat16
   moe-export runs/demo --out hf/demo-step200 --step 200 --json
+  moe-export runs/demo --out ondevice/demo --runtime onnx          (needs the ondevice extra)
 then: AutoModelForCausalLM.from_pretrained("hf/demo")   (transformers >= 5)
+  or: moe_scaling.ondevice.runtime.OnnxLM("ondevice/demo", threads=2).generate(prompt_ids, 32)
 """
 
 
@@ -22,10 +25,28 @@ def _body(argv: Sequence[str] | None) -> int:
                          "AutoModelForCausalLM and computes the same logits.", EXAMPLES)
     parser.add_argument("run", metavar="RUN_DIR", help="checkpoint folder of a train() run, or a sweep run folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored precision (default float32)")
+    parser.add_argument("--runtime", default="hf", choices=("hf", "onnx"),
+                        help="hf: transformers directory (default); onnx: ONNX Runtime file with INT4 weights "
+                             "(group 32) for on-device CPUs")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored precision of --runtime hf "
+                        "(default float32)")
+    parser.add_argument("--activations", default="int8", choices=("int8", "fp32"),
+                        help="--runtime onnx: int8 dynamic activations (the on-device scheme, default) or "
+                             "fp32 products")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.runtime == "onnx":
+        from moe_scaling.ondevice.runtime import export_onnx_checkpoint
+
+        summary = export_onnx_checkpoint(args.run, args.out, activations=args.activations, step=args.step)
+        if args.json:
+            print_json(summary)
+            return 0
+        print(f"wrote {summary['out']}/ ({', '.join(summary['files'])})")
+        print(f"  ONNX Runtime: step {summary['step']} ({summary['status']}), {summary['bytes'] / 1e6:.1f} MB "
+              f"({summary['int4_weight_bytes'] / 1e6:.1f} MB INT4 weights), {summary['activations']} activations")
+        return 0
     summary = export_checkpoint(args.run, args.out, dtype=args.dtype, step=args.step)
     if args.json:
         print_json(summary)

@@ -63,7 +63,7 @@ from moe_scaling.files import atomic_path, atomic_write_text
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.train.rundir import RunDir
 
-__all__ = ["hf_state_dict", "export_hf", "export_checkpoint", "read_run", "DTYPES"]
+__all__ = ["hf_state_dict", "export_hf", "export_checkpoint", "read_run", "load_run", "DTYPES"]
 
 DTYPES = ("float32", "bfloat16")
 
@@ -281,18 +281,13 @@ def _run_card(name: str, mt: str, cfg: ModelConfig, step: int, record: Mapping[s
         f"- trained on: {data.corpus} (sequence length {data.seq_len})", ""])
 
 
-def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      dtype: str = "float32", step: int | None = None) -> dict[str, Any]:
-    """Export the model of a run written by :func:`train` (latest checkpoint, or ``step``).
-
-    ``run_dir`` is the ``ckpt_dir`` given to :func:`train` or a sweep's ``runs/<id>/`` folder.
-    The configs come from the checkpoint's record, so nothing else is needed. Writes
-    ``config.json``, ``model.safetensors`` and a short ``README.md``; returns the
-    :func:`export_hf` summary plus ``run``, ``step`` and ``status``.
-    """
+def load_run(run_dir: str | os.PathLike, *, step: int | None = None, check=None
+             ) -> tuple[ModelConfig, DataConfig, Any, int, dict[str, Any]]:
+    """``(model config, data config, model, step, record)`` of a run written by :func:`train` (latest
+    checkpoint, or ``step``). ``check(model_cfg)`` runs before any array is restored (an exporter
+    refusing a config fails fast)."""
     from moe_scaling.train.checkpoints import load_checkpoint
 
-    _check_dtype(dtype)
     ckpt, step, record = read_run(run_dir, step=step)
     configs = record.get("configs") or {}
     try:
@@ -302,8 +297,24 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     except (KeyError, TypeError):
         raise ConfigError(f"run_dir = {str(run_dir)!r}: the checkpoint record holds no configs; "
                           "export a checkpoint written by moe_scaling.train.loop.train") from None
-    mt = hf_model_type(model_cfg)  # refuse before restoring any array
+    if check is not None:
+        check(model_cfg)
     model, _ = load_checkpoint(ckpt, model_cfg, train_cfg, data_cfg, step=step)
+    return model_cfg, data_cfg, model, step, record
+
+
+def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      dtype: str = "float32", step: int | None = None) -> dict[str, Any]:
+    """Export the model of a run written by :func:`train` (latest checkpoint, or ``step``).
+
+    ``run_dir`` is the ``ckpt_dir`` given to :func:`train` or a sweep's ``runs/<id>/`` folder.
+    The configs come from the checkpoint's record, so nothing else is needed. Writes
+    ``config.json``, ``model.safetensors`` and a short ``README.md``; returns the
+    :func:`export_hf` summary plus ``run``, ``step`` and ``status``.
+    """
+    _check_dtype(dtype)
+    model_cfg, data_cfg, model, step, record = load_run(run_dir, step=step, check=hf_model_type)
+    mt = hf_model_type(model_cfg)
     out = Path(out_dir)
     card = _run_card(out.name, mt, model_cfg, step, record, data_cfg)
     summary = export_hf(model_cfg, model, out, dtype=dtype, card=card)

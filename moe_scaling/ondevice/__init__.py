@@ -1,0 +1,1 @@
+"""On-device runtimes: our models exported to ONNX Runtime (INT4 weights) and run on this CPU."""
