@@ -1,4 +1,4 @@
-"""CLARK_REPORT.md's numbers: held-out RMSE on Clark et al. 2022's 1.3B S-Base runs (fitted on the 44
+"""docs/clark_forms.md's numbers: held-out RMSE on Clark et al. 2022's 1.3B S-Base runs (fitted on the 44
 runs up to 370M, tokens = 1.3e11) for the registry's laws and six candidate forms that are not in the
 registry. Run from the repository root: ``PYTHONPATH=. python docs/clark_forms.py`` (about a minute)."""
 import math
