@@ -16,10 +16,18 @@ Conventions (docs/design.md, section 3):
   size ``g`` and ``s``-bit scales costs ``bits + s / g`` bits per weight (INT4, g=32, fp16 scales =
   4.5 bits). KV cache: ``2 * n_layers * n_kv_heads * head_dim * context`` values; an integer KV
   format adds one fp16 scale per head and token.
-* **Roofline latency** on a :class:`DeviceProfile`: decode ms/token = ``max(bytes read / B, FLOPs / P)``
-  with bytes read = active weight bytes + KV bytes at the context; prefill of ``T`` tokens =
-  ``max(touched weight bytes / B, T * FLOPs / P)``, where an expert is touched by a ``T``-token
-  prompt with probability ``1 - (1 - k/E)^T`` (uniform routing).
+* **Roofline latency** on a :class:`DeviceProfile`: decode ms/token =
+  ``max(bytes read / B, (FLOPs - F_e) / P_1 + F_e / P_e) + L t_layer`` with bytes read = active weight
+  bytes + KV bytes at the context and ``F_e`` the FLOPs of the token's routed experts; prefill of ``T``
+  tokens = ``max(touched weight bytes / B, T * FLOPs / P) + L t_layer``,
+  where an expert is touched by a ``T``-token prompt with probability ``1 - (1 - k/E)^T`` (uniform
+  routing). ``P`` is the peak of the runtime's matrix-matrix kernel, ``P_1`` what its batch-1 kernel
+  reaches on large matrices (unpacking INT4 weights for one token is not free: ~0.6 of ``P`` on our CPU
+  runtime), ``P_e`` what it reaches on one token's small expert matrices (~0.2 of ``P`` there: a
+  fixed cost per expert matrix that small matrices do not amortise), and ``L * t_layer`` is what
+  running the layers costs beyond their weights (norms, attention bookkeeping, kernel launches). A
+  profile without ``P_1``, ``P_e`` and ``t_layer`` (the shipped vendor profiles) gives the plain
+  roofline; measured on our 2-core CPU in bench/README.md ("device latency").
 """
 
 from __future__ import annotations
@@ -189,6 +197,17 @@ class DeviceProfile:
     memory_bandwidth: float   # bytes/s
     peak_ops: float           # ops/s at the precision the weights run in
     memory: float | None = None  # bytes of RAM, for reference
+    matvec_ops: float | None = None  # ops/s of the batch-1 (decode) kernel; None: peak_ops
+    layer_overhead_s: float = 0.0    # fixed seconds per layer per forward call (launches, norms, attention)
+    expert_matvec_ops: float | None = None  # ops/s of one token's routed experts; None: matvec_ops
+
+    @classmethod
+    def from_mapping(cls, name: str, d: dict) -> "DeviceProfile":
+        """A profile from YAML fields (numbers may be strings such as ``76.8e9``)."""
+        opt = lambda key: float(d[key]) if d.get(key) is not None else None
+        return cls(name=name, description=d.get("description", ""), memory_bandwidth=float(d["memory_bandwidth"]),
+                   peak_ops=float(d["peak_ops"]), memory=opt("memory"), matvec_ops=opt("matvec_ops"),
+                   layer_overhead_s=opt("layer_overhead_s") or 0.0, expert_matvec_ops=opt("expert_matvec_ops"))
 
 
 def _devices_file() -> Path:
@@ -198,11 +217,7 @@ def _devices_file() -> Path:
 def list_devices() -> dict[str, DeviceProfile]:
     """Every shipped device profile (moe_scaling/resources/devices.yaml), by name."""
     raw = yaml.safe_load(_devices_file().read_text())
-    return {name: DeviceProfile(name=name, description=d["description"],
-                                memory_bandwidth=float(d["memory_bandwidth"]),
-                                peak_ops=float(d["peak_ops"]),
-                                memory=float(d["memory"]) if d.get("memory") else None)
-            for name, d in raw["devices"].items()}
+    return {name: DeviceProfile.from_mapping(name, d) for name, d in raw["devices"].items()}
 
 
 def load_device(name: str | DeviceProfile) -> DeviceProfile:
@@ -216,9 +231,7 @@ def load_device(name: str | DeviceProfile) -> DeviceProfile:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         d = yaml.safe_load(path.read_text()) or {}
         try:
-            return DeviceProfile(name=d.get("name", path.stem), description=d.get("description", ""),
-                                 memory_bandwidth=float(d["memory_bandwidth"]), peak_ops=float(d["peak_ops"]),
-                                 memory=float(d["memory"]) if d.get("memory") else None)
+            return DeviceProfile.from_mapping(d.get("name", path.stem), d)
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"device = {name!r}: needs numeric memory_bandwidth and peak_ops ({err})") from None
     raise ConfigError(f"device = {name!r}: unknown; use one of {', '.join(sorted(devices))} or a YAML file")
@@ -234,7 +247,10 @@ def roofline(cfg: ModelConfig, device: str | DeviceProfile, *, weights: str = "i
     read = weight_bytes(cfg, weights, embeddings=embeddings, active_only=True) \
         + kv_cache_bytes(cfg, context, kv)
     decode_mem = read / dev.memory_bandwidth
-    decode_compute = flops_per_token(cfg, context) / dev.peak_ops
+    matvec = dev.matvec_ops or dev.peak_ops
+    routed = 2.0 * param_counts(cfg).routed_active          # one token's routed-expert matmul FLOPs
+    decode_compute = (flops_per_token(cfg, context) - routed) / matvec + routed / (dev.expert_matvec_ops or matvec)
+    overhead = cfg.n_layers * dev.layer_overhead_s
     # prefill: each routed expert is touched with probability 1 - (1 - k/E)^T
     full = weight_bytes(cfg, weights, embeddings=embeddings)
     if cfg.is_moe:
@@ -245,10 +261,11 @@ def roofline(cfg: ModelConfig, device: str | DeviceProfile, *, weights: str = "i
     prefill_mem = full / dev.memory_bandwidth
     prefill_compute = prompt * flops_per_token(cfg, prompt) / dev.peak_ops
     return {
-        "decode_ms_per_token": 1e3 * max(decode_mem, decode_compute),
+        "decode_ms_per_token": 1e3 * (max(decode_mem, decode_compute) + overhead),
         "decode_bound": "memory" if decode_mem >= decode_compute else "compute",
-        "prefill_ms": 1e3 * max(prefill_mem, prefill_compute),
+        "prefill_ms": 1e3 * (max(prefill_mem, prefill_compute) + overhead),
         "prefill_bound": "memory" if prefill_mem >= prefill_compute else "compute",
+        "overhead_ms": 1e3 * overhead,
         "prompt_tokens": prompt,
     }
 

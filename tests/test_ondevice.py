@@ -75,13 +75,14 @@ def test_runtime_computes_our_int4_logits_and_decodes_with_its_cache(tmp_path, n
     full, _ = lm.forward(TOKENS)
     assert np.abs(ours).max() > 1.0
     assert np.abs(full - ours).max() < 1e-4                            # same INT4 weights, float products
-    logits, cache = lm.prefill(TOKENS[:16])                            # prefill, then one token at a time
-    rows = [logits]
+    logits, cache = lm.prefill(TOKENS[:10])                # prefill, a chunk after the cache, then decode
+    chunk, cache = lm.forward(TOKENS[10:16], cache)
+    rows = [logits, chunk]
     for t in TOKENS[16:]:
         row, cache = lm.decode(int(t), cache)
         rows.append(row[None])
     assert np.abs(np.concatenate(rows) - full).max() < 1e-4
-    assert cache["past_key_0"].shape == (cfg.n_kv_heads, len(TOKENS), cfg.head_dim)
+    assert cache["past_key_0"].shape == (1, cfg.n_kv_heads, len(TOKENS), cfg.head_dim)
 
 
 DATA = DataConfig(corpus=str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"), seq_len=32,

@@ -44,7 +44,6 @@ Every shape is dynamic, which is what ExecuTorch's XNNPACK delegate cannot expre
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -57,6 +56,7 @@ __all__ = ["build_onnx", "pack_int4", "OPSET", "ACCURACY_LEVELS"]
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
+EPS = 1e-6  # every RMSNorm's epsilon (moe_scaling.model.transformer.RMSNorm)
 ACCURACY_LEVELS = {"fp32": 0, "int8": 4}
 """``activations`` name -> MatMulNBits ``accuracy_level`` (0: float32 products, 4: int8 activations)."""
 
@@ -107,7 +107,10 @@ class _Graph:
 
 
 class _Builder:
-    """Writes one :class:`Transformer`'s forward pass into a :class:`_Graph` (see the module docstring)."""
+    """Writes one :class:`Transformer`'s forward pass into a :class:`_Graph` (see the module docstring).
+
+    The residual stream is ``[1, S, d]``. Each norm is fused with the residual add before it
+    (``SkipSimplifiedLayerNormalization`` returns the normalised sum and the sum)."""
 
     def __init__(self, g: _Graph, cfg: ModelConfig, accuracy_level: int):
         self.g, self.cfg, self.level = g, cfg, accuracy_level
@@ -120,69 +123,56 @@ class _Builder:
         return self.g.op("MatMulNBits", [x, self.g.init(f"{name}.q4", b), self.g.init(f"{name}.scales", s)],
                          domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=GROUP, accuracy_level=self.level)
 
-    def rms_norm(self, x: str, scale: np.ndarray, name: str, eps: float = 1e-6) -> str:
-        g = self.g
-        ms = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)
-        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32)])])])
-        return g.op("Mul", [g.op("Mul", [x, inv]), g.init(f"{name}.scale", np.asarray(scale, np.float32))])
+    def add_norm(self, y: str, residual: str | None, scale: np.ndarray, name: str) -> tuple[str, str]:
+        """``(rms_norm(residual + y) * scale, residual + y)``; without a residual, ``y`` is the stream."""
+        g, gamma = self.g, self.g.init(f"{name}.scale", np.asarray(scale, np.float32))
+        if residual is None:
+            return g.op("SimplifiedLayerNormalization", [y, gamma], axis=-1, epsilon=EPS, stash_type=1), y
+        out, _, _, total = g.op("SkipSimplifiedLayerNormalization", [y, residual, gamma], n_out=4,
+                                domain=MS_DOMAIN, epsilon=EPS)
+        return out, total
 
     def swiglu(self, x: str, w_gate_up: np.ndarray, w_down_in_major: np.ndarray, name: str,
-               row_weight: str | None = None, shared_gate: tuple[str, int, int] | None = None) -> str:
+               shared_gate: tuple[str, int, int] | None = None) -> str:
         """``down(silu(x Wg) * x Wu)``; ``w_gate_up [d, 2f]`` gate first; ``w_down [f, d]``."""
         g = self.g
         f = w_gate_up.shape[1] // 2
         gate, up = g.op("Split", [self.linear(x, w_gate_up, f"{name}.gate_up"), g.const([f, f])], n_out=2, axis=-1)
-        a = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        a = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])     # ORT fuses silu (QuickGelu)
         if shared_gate is not None:  # each of n shared experts scaled by sigmoid(x @ gate[:, i])
             gate_w, n, width = shared_gate
-            s = g.op("Sigmoid", [g.op("MatMul", [x, gate_w])])
-            a3 = g.op("Reshape", [a, g.const([0, n, width])])
-            a = g.op("Reshape", [g.op("Mul", [a3, g.op("Unsqueeze", [s, g.const([-1])])]), g.const([0, n * width])])
-        if row_weight is not None:
-            a = g.op("Mul", [a, row_weight])
+            sig = g.op("Unsqueeze", [g.op("Sigmoid", [g.op("MatMul", [x, gate_w])]), g.const([-1])])
+            a4 = g.op("Reshape", [a, g.const([1, -1, n, width])])
+            a = g.op("Reshape", [g.op("Mul", [a4, sig]), g.const([1, -1, n * width])])
         return self.linear(a, w_down_in_major, f"{name}.down")
 
-    def rope(self, x: str, cos: str, sin: str) -> str:
-        """Rotate-half RoPE of ``x [S, heads, hd]`` with ``cos, sin [S, 1, hd]``."""
-        g, half = self.g, self.cfg.head_dim // 2
-        lo = g.op("Slice", [x, g.const([0]), g.const([half]), g.const([-1])])
-        hi = g.op("Slice", [x, g.const([half]), g.const([2 * half]), g.const([-1])])
-        rot = g.op("Concat", [g.op("Neg", [hi]), lo], axis=-1)
-        return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
-
     def attention(self, x: str, a: Mapping[str, Any], i: int, ctx: Mapping[str, str]) -> str:
+        """GroupQueryAttention on the ``q|k|v`` projection (packed, or split for QK-norm): rotate-half
+        RoPE at positions ``P..P+S-1``, causal softmax over the cache, the new K/V appended to it."""
         g, cfg = self.g, self.cfg
-        h, kv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        grp = h // kv
         qkv = self.linear(x, a["wqkv"], f"layers.{i}.wqkv")
-        if "bqkv" in a and a["bqkv"] is not None:
+        if a.get("bqkv") is not None:
             qkv = g.op("Add", [qkv, g.init(f"layers.{i}.bqkv", np.asarray(a["bqkv"], np.float32))])
-        q, k, v = g.op("Split", [qkv, g.const([h * hd, kv * hd, kv * hd])], n_out=3, axis=-1)
-        q = g.op("Reshape", [q, g.const([0, h, hd])])
-        k = g.op("Reshape", [k, g.const([0, kv, hd])])
-        v = g.op("Reshape", [v, g.const([0, kv, hd])])
-        if cfg.qk_norm:
-            q = self.rms_norm(q, a["q_norm"]["scale"], f"layers.{i}.q_norm")
-            k = self.rms_norm(k, a["k_norm"]["scale"], f"layers.{i}.k_norm")
-        q = g.op("Mul", [self.rope(q, ctx["cos"], ctx["sin"]), g.const(1.0 / math.sqrt(hd), np.float32)])
-        k = self.rope(k, ctx["cos"], ctx["sin"])
-        key = g.op("Concat", [f"past_key_{i}", g.op("Transpose", [k], perm=[1, 0, 2])], axis=1)
-        val = g.op("Concat", [f"past_value_{i}", g.op("Transpose", [v], perm=[1, 0, 2])], axis=1)
-        g.nodes.append(g.h.make_node("Identity", [key], [f"present_key_{i}"]))
-        g.nodes.append(g.h.make_node("Identity", [val], [f"present_value_{i}"]))
-        # the grp query heads sharing a KV head are stacked as grp * S rows of one [kv]-batched matmul
-        qs = g.op("Reshape", [q, g.const([-1, kv, grp, hd])])
-        qs = g.op("Reshape", [g.op("Transpose", [qs], perm=[1, 2, 0, 3]), g.const([kv, -1, hd])])
-        scores = g.op("MatMul", [qs, g.op("Transpose", [key], perm=[0, 2, 1])])
-        scores = g.op("Where", [ctx["visible"], scores, g.const(-np.inf, np.float32)])
-        o = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), val])              # [kv, grp S, hd]
-        o = g.op("Reshape", [o, g.const([kv, grp, -1, hd])])
-        o = g.op("Reshape", [g.op("Transpose", [o], perm=[2, 0, 1, 3]), g.const([-1, h * hd])])
-        return self.linear(o, a["wo"], f"layers.{i}.wo")
+        q, k, v = qkv, "", ""
+        if cfg.qk_norm:   # GQA's own q/k-norm inputs run on CUDA/WebGPU only: normalise each head first
+            h, kv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+            q, k, v = g.op("Split", [qkv, g.const([h * hd, kv * hd, kv * hd])], n_out=3, axis=-1)
+            q, k = (g.op("Reshape", [g.op("SimplifiedLayerNormalization", [
+                        g.op("Reshape", [t, g.const([1, -1, heads, hd])]),
+                        g.init(f"layers.{i}.{name}.scale", np.asarray(a[name]["scale"], np.float32))],
+                        axis=-1, epsilon=EPS, stash_type=1), g.const([1, -1, heads * hd])])
+                    for t, name, heads in ((q, "q_norm", h), (k, "k_norm", kv)))
+        inputs = [q, k, v, f"past_key_{i}", f"past_value_{i}", ctx["seqlens_k"], ctx["total"], ctx["cos"], ctx["sin"]]
+        out = g.fresh("attention")
+        g.nodes.append(g.h.make_node("GroupQueryAttention", inputs, [out, f"present_key_{i}", f"present_value_{i}"],
+                                     domain=MS_DOMAIN, num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads,
+                                     do_rotary=1, rotary_interleaved=0))
+        return self.linear(out, a["wo"], f"layers.{i}.wo")
 
     def moe(self, x: str, f: Mapping[str, Any], i: int) -> str:
         g, cfg = self.g, self.cfg
-        logits = g.op("MatMul", [x, g.init(f"layers.{i}.router", np.asarray(f["router"], np.float32))])
+        logits = g.op("Reshape", [g.op("MatMul", [x, g.init(f"layers.{i}.router", np.asarray(f["router"], np.float32))]),
+                                  g.const([-1, cfg.n_experts])])
         scores = g.op("Softmax" if cfg.router == "softmax" else "Sigmoid", [logits], **(
             {"axis": -1} if cfg.router == "softmax" else {}))
         select = scores
@@ -221,40 +211,31 @@ class _Builder:
     # ---- the whole model ---------------------------------------------------------------------
     def model(self, p: Mapping[str, Any], max_positions: int) -> str:
         g, cfg = self.g, self.cfg
-        onnx = g.onnx
-        ids = g.op("Reshape", ["input_ids", g.const([-1])])
-        s = g.op("Shape", [ids])                                       # [1]: S
-        past = g.op("Gather", [g.op("Shape", ["past_key_0"]), g.const(1)], axis=0)   # scalar P
-        s0 = g.op("Squeeze", [s, g.const([0])])
-        pos = g.op("Range", [past, g.op("Add", [past, s0]), g.const(1)])              # [S] positions
+        int32 = g.onnx.TensorProto.INT32
+        past = g.op("Gather", [g.op("Shape", ["past_key_0"]), g.const(2)], axis=0)             # scalar P
+        total = g.op("Add", [past, g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)])
+        ctx = {"total": g.op("Cast", [total], to=int32),                                     # P + S
+               "seqlens_k": g.op("Cast", [g.op("Reshape", [g.op("Sub", [total, g.const(1)]), g.const([1])])], to=int32)}
         inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
-        ang = np.arange(max_positions, dtype=np.float64)[:, None] * inv[None, :]
-        ang = np.concatenate([ang, ang], axis=-1)
-        ctx: dict[str, str] = {}
-        for name, table in (("cos", np.cos(ang)), ("sin", np.sin(ang))):
-            t = g.init(f"rope.{name}", table.astype(np.float32))
-            ctx[name] = g.op("Unsqueeze", [g.op("Gather", [t, pos], axis=0), g.const([1])])   # [S, 1, hd]
-        # causal visibility of cache position j to stacked query row r (head group, token r % S)
-        grp = cfg.n_heads // cfg.n_kv_heads
-        rows = g.op("Range", [g.const(0), g.op("Mul", [s0, g.const(grp)]), g.const(1)])
-        row_pos = g.op("Add", [g.op("Mod", [rows, s0]), past])
-        cols = g.op("Range", [g.const(0), g.op("Add", [past, s0]), g.const(1)])
-        ctx["visible"] = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, g.const([0])]),
-                                              g.op("Unsqueeze", [row_pos, g.const([1])])])
+        ang = np.arange(max_positions, dtype=np.float64)[:, None] * inv[None, :]           # [positions, hd / 2]
+        ctx["cos"] = g.init("rope.cos", np.cos(ang).astype(np.float32))
+        ctx["sin"] = g.init("rope.sin", np.sin(ang).astype(np.float32))
         embed = g.init("embed", np.asarray(p["embed"], np.float32))
-        x = g.op("Gather", [embed, ids], axis=0)                      # [S, d]
-        for i, b in enumerate(p["blocks"][j] for j in range(cfg.n_layers)):
-            a = self.attention(self.rms_norm(x, b["attn_norm"]["scale"], f"layers.{i}.attn_norm"), b["attn"], i, ctx)
-            x = g.op("Add", [x, a])
-            hn = self.rms_norm(x, b["ffn_norm"]["scale"], f"layers.{i}.ffn_norm")
-            is_moe = cfg.is_moe and i >= cfg.n_dense_layers
+        y, residual = g.op("Gather", [embed, "input_ids"], axis=0), None                 # [1, S, d]
+        for i in range(cfg.n_layers):
+            b = p["blocks"][i]
+            h, residual = self.add_norm(y, residual, b["attn_norm"]["scale"], f"layers.{i}.attn_norm")
+            a = self.attention(h, b["attn"], i, ctx)
+            h, residual = self.add_norm(a, residual, b["ffn_norm"]["scale"], f"layers.{i}.ffn_norm")
             ff = b["ffn"]
-            y = self.moe(hn, ff, i) if is_moe else self.swiglu(
-                hn, ff["w_gate_up"], np.asarray(ff["w_down"]).T, f"layers.{i}.ffn")
-            x = g.op("Add", [x, y])
-        x = self.rms_norm(x, p["final_norm"]["scale"], "final_norm")
+            if cfg.is_moe and i >= cfg.n_dense_layers:
+                y = self.moe(h, ff, i)
+            else:
+                y = self.swiglu(h, ff["w_gate_up"], np.asarray(ff["w_down"]).T, f"layers.{i}.ffn")
+        x, _ = self.add_norm(y, residual, p["final_norm"]["scale"], "final_norm")
         head = np.asarray(p["embed"], np.float32).T if p.get("lm_head") is None else np.asarray(p["lm_head"], np.float32)
-        g.nodes.append(onnx.helper.make_node("MatMul", [x, g.init("lm_head", np.ascontiguousarray(head))], ["logits"]))
+        logits = g.op("MatMul", [x, g.init("lm_head", np.ascontiguousarray(head))])
+        g.nodes.append(g.h.make_node("Reshape", [logits, g.const([-1, cfg.vocab_size])], ["logits"]))
         return "logits"
 
 
@@ -274,6 +255,9 @@ def build_onnx(cfg: ModelConfig, params: Mapping[str, Any], *, activations: str 
     if not isinstance(max_positions, int) or max_positions < 1:
         raise ConfigError(f"max_positions = {max_positions!r}: must be a whole number >= 1; e.g. 4096")
     check_quantizable(cfg)
+    if cfg.head_dim % 16:
+        raise ConfigError(f"model.head_dim = {cfg.head_dim}: ONNX Runtime's CPU attention (GroupQueryAttention) "
+                          "needs a multiple of 16; pick head_dim 16, 32, 64 or 128")
     g = _Graph(onnx)
     _Builder(g, cfg, ACCURACY_LEVELS[activations]).model(params, max_positions)
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
@@ -282,8 +266,8 @@ def build_onnx(cfg: ModelConfig, params: Mapping[str, Any], *, activations: str 
     outputs = [onnx.helper.make_tensor_value_info("logits", f32, ["S", cfg.vocab_size])]
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
-            inputs.append(onnx.helper.make_tensor_value_info(f"past_{kind}_{i}", f32, [kv, "P", hd]))
-            outputs.append(onnx.helper.make_tensor_value_info(f"present_{kind}_{i}", f32, [kv, "T", hd]))
+            inputs.append(onnx.helper.make_tensor_value_info(f"past_{kind}_{i}", f32, [1, kv, "P", hd]))
+            outputs.append(onnx.helper.make_tensor_value_info(f"present_{kind}_{i}", f32, [1, kv, "T", hd]))
     graph = onnx.helper.make_graph(g.nodes, "moe_scaling_decoder", inputs, outputs, initializer=g.inits)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET),
                                                          onnx.helper.make_opsetid(MS_DOMAIN, 1)],

@@ -68,7 +68,7 @@ def export_onnx(cfg: ModelConfig, params: Any, out_dir: str | os.PathLike, *, ac
         tmp.write_bytes(data)
     meta = {"format": RUNTIME_FORMAT, "model": cfg.to_dict(), "activations": activations,
             "max_positions": max_positions, "weights": "int4 (group 32, fp16-exact scales)",
-            "kv_cache": "float32 [n_kv_heads, positions, head_dim] per layer",
+            "kv_cache": "float32 [1, n_kv_heads, positions, head_dim] per layer (BNSH)",
             "inputs": ["input_ids"] + [f"past_{k}_{i}" for i in range(cfg.n_layers) for k in ("key", "value")],
             "outputs": ["logits"] + [f"present_{k}_{i}" for i in range(cfg.n_layers) for k in ("key", "value")]}
     atomic_write_text(out / "runtime.json", json.dumps(meta, indent=1) + "\n")
@@ -126,7 +126,7 @@ class OnnxLM:
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self) -> dict[str, np.ndarray]:
-        shape = (self.cfg.n_kv_heads, 0, self.cfg.head_dim)
+        shape = (1, self.cfg.n_kv_heads, 0, self.cfg.head_dim)
         return {f"past_{k}_{i}": np.zeros(shape, np.float32)
                 for i in range(self.cfg.n_layers) for k in ("key", "value")}
 
@@ -135,7 +135,7 @@ class OnnxLM:
         """``(logits [S, vocab], new cache)`` of ``tokens`` (``S`` ids) after ``cache``."""
         ids = np.asarray(tokens, np.int64).reshape(1, -1)
         cache = self.empty_cache() if cache is None else cache
-        past = next(iter(cache.values())).shape[1]
+        past = next(iter(cache.values())).shape[2]
         if past + ids.shape[1] > self.meta["max_positions"]:
             raise ConfigError(f"context = {past + ids.shape[1]}: longer than the exported "
                               f"max_positions {self.meta['max_positions']}; export with a longer max_seq_len")

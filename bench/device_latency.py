@@ -1,0 +1,310 @@
+"""Measured batch-1 latency of exported models on this CPU beside the cost model's roofline.
+
+    python bench/device_latency.py --json          # writes bench/device_latency.json (~30 min on 2 cores: training ~20)
+    python bench/device_latency.py --dir /tmp/dl   # keep the trained runs and exports; a rerun reuses them
+
+The paper's headline, side by side: a dense decoder and an MoE of about equal INT4 weight memory
+(~100 MB each: the same attention; the MoE's FFN is 16 fine-grained routed experts, top-2, plus one
+shared expert, 2.7x fewer active parameters), each trained briefly on tinyshakespeare (byte tokens),
+exported with ``moe-export --runtime onnx`` (INT4 group-32 weights, int8 dynamic activations, the
+routed experts in ONNX Runtime's QMoE kernel) and run by ONNX Runtime on this CPU: prefill of 128
+and 512 tokens (best of 3 after a warm-up) and decode (median of 32 tokens after a 128-token
+prompt), at 1 and 2 threads, the two models interleaved.
+
+The host profile, per thread count: memory bandwidth from a copy benchmark (NumPy copies of 256 MB
+per thread, bytes read + written over the slowest thread's time, best of 5), the matmul peak of the
+runtime's own INT4 kernel (MatMulNBits, 512 x 2048 x 2048, int8 activations, best of 5), the rate
+of its batch-1 kernel (1 x 2048 x 16384, best of 20), the rate of its MoE kernel on one token's
+experts (QMoE with the MoE's expert shapes, top-2 of 16, a fresh routing per call, mean of 300) and
+the fixed cost per layer (decode of the dense model's layers at negligible width, :func:`narrow`,
+per layer). ``plain_roofline_*`` use the
+first two only (``moe_scaling.costs.roofline`` with a vendor-style profile); ``predicted_*`` add the
+last two (``DeviceProfile.matvec_ops``, ``layer_overhead_s``). Both count the fp32 KV cache and fp32
+embeddings the export stores.
+
+The machine is shared: run nothing else while it times (the timings take /tmp/moe-timing.lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import os
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.costs import DeviceProfile, param_counts, roofline, weight_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = str(ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare" / "input.txt")
+PROMPTS = (128, 512)
+DECODE_AFTER, DECODE_TOKENS = 128, 32
+THREADS = (1, 2)
+COMMON = dict(vocab_size=256, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, max_seq_len=640)
+MODELS = {
+    "dense": ModelConfig(**COMMON, d_ff=2816),
+    "moe": ModelConfig(**COMMON, d_ff=2816, n_experts=16, top_k=2, d_expert=160, n_shared=1, d_shared=160,
+                       router="softmax", norm_topk=False),
+}
+DATA = DataConfig(corpus=CORPUS, seq_len=128)
+TRAIN = TrainConfig(tokens=40 * 8 * 128, batch_size=8, lr=1e-3, warmup=4, eval_every=40, eval_batches=2,
+                    ckpt_every=40, log_every=10, seed=0)
+PAPER = {"model": "MobileMoE-S vs dense at comparable INT4 weight memory", "decode": [2.2, 3.4],
+         "prefill": [1.8, 3.8]}
+
+
+@contextmanager
+def timing_lock():
+    with open("/tmp/moe-timing.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _best(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth(threads: int, mb: int = 256) -> float:
+    """Bytes/s of ``threads`` concurrent NumPy copies of ``mb`` MB each (read + write bytes)."""
+    srcs = [np.ones(mb * 2**20 // 8) for _ in range(threads)]
+    dsts = [np.empty_like(a) for a in srcs]
+
+    def run():
+        ts = [threading.Thread(target=np.copyto, args=(d, s)) for d, s in zip(dsts, srcs)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    run()
+    return 2 * sum(a.nbytes for a in srcs) / _best(run, 5)
+
+
+def int4_gemm_ops(threads: int, m: int = 512, k: int = 2048, n: int = 2048, reps: int = 5) -> float:
+    """ops/s of ONNX Runtime's MatMulNBits (INT4 weights, int8 activations) at ``threads``: with
+    ``m = 512`` the matrix-matrix peak, with ``m = 1`` (and a 16 MB weight) the batch-1 kernel."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    s = np.full((n, k // 32), 0.01, np.float32)
+    node = helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=32, accuracy_level=4)
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [m, n])],
+                              initializer=[onnx.numpy_helper.from_array(b, "b"), onnx.numpy_helper.from_array(s, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    sess.run(None, {"a": a})
+    return 2 * m * k * n / _best(lambda: sess.run(None, {"a": a}), reps)
+
+
+def expert_ops(cfg: ModelConfig, threads: int, reps: int = 300) -> float:
+    """ops/s of ONNX Runtime's QMoE kernel (INT4, int8 activations) on one token: ``cfg``'s expert
+    shapes, its ``top_k`` of ``n_experts`` (random weights and routing), mean over ``reps`` calls."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_expert
+    fc1 = rng.integers(0, 256, (e, 2 * f, d // 2), dtype=np.uint8)
+    fc2 = rng.integers(0, 256, (e, d, f // 2), dtype=np.uint8)
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (fc1, "fc1"), (np.full((e, 2 * f, d // 32), 0.01, np.float32), "s1"),
+        (fc2, "fc2"), (np.full((e, d, f // 32), 0.01, np.float32), "s2"))]
+    node = helper.make_node("QMoE", ["x", "r", "fc1", "s1", "", "fc2", "s2"], ["y"], domain="com.microsoft",
+                            k=cfg.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                            activation_beta=0.0, expert_weight_bits=4, block_size=32, accuracy_level=4)
+    f32 = onnx.TensorProto.FLOAT
+    graph = helper.make_graph([node], "experts", [helper.make_tensor_value_info("x", f32, [1, d]),
+                                                  helper.make_tensor_value_info("r", f32, [1, e])],
+                              [helper.make_tensor_value_info("y", f32, [1, d])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = [{"x": rng.standard_normal((1, d)).astype(np.float32), "r": rng.standard_normal((1, e)).astype(np.float32)}
+             for _ in range(reps)]                                       # a different routing per call
+    for feed in feeds[:20]:
+        sess.run(None, feed)
+    t = time.perf_counter()
+    for feed in feeds:
+        sess.run(None, feed)
+    return 2 * cfg.top_k * 3 * d * f * reps / (time.perf_counter() - t)
+
+
+def narrow(cfg: ModelConfig) -> ModelConfig:
+    """``cfg``'s layer structure (layers, heads) at negligible width (~0.1 M weights per layer): its
+    decode time is the runtime's fixed cost of those layers."""
+    return dataclasses.replace(cfg, d_model=128, head_dim=16, d_ff=128, d_expert=32, d_shared=32)
+
+
+def decode_s(lm) -> float:
+    """Median seconds of one decoded token after a 128-token prompt."""
+    tokens = np.arange(DECODE_AFTER + DECODE_TOKENS) % 256
+    _, cache = lm.prefill(tokens[:DECODE_AFTER])
+    steps = []
+    for t in tokens[DECODE_AFTER:]:
+        t0 = time.perf_counter()
+        _, cache = lm.decode(int(t), cache)
+        steps.append(time.perf_counter() - t0)
+    return float(np.median(steps))
+
+
+def prepare(workdir: Path) -> dict:
+    """Train each model briefly and export it (reused when ``workdir`` already holds them); export
+    the dense model's :func:`narrow` twin from its initialisation."""
+    from flax import nnx
+
+    from moe_scaling.model.transformer import Transformer
+    from moe_scaling.ondevice.runtime import export_onnx, export_onnx_checkpoint
+    from moe_scaling.train.loop import train
+
+    if not (workdir / "dense-narrow-onnx" / "model.onnx").is_file():
+        cfg = narrow(MODELS["dense"])
+        export_onnx(cfg, Transformer(cfg, rngs=nnx.Rngs(0)), workdir / "dense-narrow-onnx")
+    out = {}
+    for name, cfg in MODELS.items():
+        run, exp = workdir / f"{name}-run", workdir / f"{name}-onnx"
+        t = time.perf_counter()
+        result = train(cfg, TRAIN, DATA, ckpt_dir=run, progress=False)
+        train_s = time.perf_counter() - t
+        if not (exp / "model.onnx").is_file():
+            export_onnx_checkpoint(run, exp)
+        out[name] = {"dir": exp, "eval_loss": result.final_eval_loss, "train_s": train_s,
+                     "steps": TRAIN.steps(DATA.seq_len)}
+    return out
+
+
+def measure(lm, tokens: np.ndarray) -> dict:
+    out = {}
+    for s in PROMPTS:
+        lm.prefill(tokens[:s])                                           # warm-up
+        out[s] = 1e3 * _best(lambda s=s: lm.prefill(tokens[:s]), 3)
+    _, cache = lm.prefill(tokens[:DECODE_AFTER])
+    steps = []
+    for t in tokens[DECODE_AFTER:DECODE_AFTER + DECODE_TOKENS]:
+        t0 = time.perf_counter()
+        _, cache = lm.decode(int(t), cache)
+        steps.append(time.perf_counter() - t0)
+    out["decode"] = 1e3 * float(np.median(steps))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="write bench/device_latency.json")
+    ap.add_argument("--dir", default=None, help="keep trained runs and exports here (reused by a rerun)")
+    ap.add_argument("--rounds", type=int, default=3, help="repeat the timings (host profile included); "
+                    "medians are reported (default 3)")
+    args = ap.parse_args()
+    from moe_scaling.ondevice.runtime import OnnxLM
+
+    workdir = Path(args.dir or tempfile.mkdtemp(prefix="device_latency_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    models = prepare(workdir)
+    text = Path(CORPUS).read_bytes()[-2 * max(PROMPTS):]
+    tokens = np.frombuffer(text, np.uint8).astype(np.int64)
+    rounds = []                                  # the whole measurement, repeated: the machine is shared
+    with timing_lock():
+        for _ in range(args.rounds):
+            host, measured = {}, {}
+            for threads in THREADS:
+                host[threads] = {"mem_bandwidth_gbs": copy_bandwidth(threads) / 1e9,
+                                 "matmul_gflops": int4_gemm_ops(threads) / 1e9,
+                                 "matvec_gflops": int4_gemm_ops(threads, m=1, n=16384, reps=20) / 1e9}
+                host[threads]["expert_matvec_gflops"] = expert_ops(MODELS["moe"], threads) / 1e9
+                narrow_lm = OnnxLM(workdir / "dense-narrow-onnx", threads=threads)
+                host[threads]["layer_overhead_ms"] = 1e3 * decode_s(narrow_lm) / MODELS["dense"].n_layers
+                for name in MODELS:                                      # interleaved, same conditions
+                    lm = OnnxLM(models[name]["dir"], threads=threads)
+                    measured[name, threads] = measure(lm, tokens)
+                    print(name, threads, {k: round(v, 2) for k, v in measured[name, threads].items()}, flush=True)
+            rounds.append((host, measured))
+    # every number is the median over rounds; the speedups also carry their range over rounds
+    med = lambda values: float(np.median(list(values)))
+    host = {t: {k: med(r[0][t][k] for r in rounds) for k in rounds[0][0][t]} for t in THREADS}
+    measured = {key: {k: med(r[1][key][k] for r in rounds) for k in rounds[0][1][key]} for key in rounds[0][1]}
+    results = []
+    for threads in THREADS:
+        h = host[threads]
+        plain = DeviceProfile(name=f"this-host-{threads}t-plain", description="copy bandwidth and GEMM peak",
+                              memory_bandwidth=h["mem_bandwidth_gbs"] * 1e9, peak_ops=h["matmul_gflops"] * 1e9)
+        dev = dataclasses.replace(plain, name=f"this-host-{threads}t", matvec_ops=h["matvec_gflops"] * 1e9,
+                                  layer_overhead_s=h["layer_overhead_ms"] / 1e3,
+                                  expert_matvec_ops=h["expert_matvec_gflops"] * 1e9,
+                                  description="+ batch-1 kernel rate and per-layer overhead")
+        kw = dict(weights="int4", kv="fp32", embeddings="fp32")
+        for name, cfg in MODELS.items():
+            ms = measured[name, threads]
+            ctx = DECODE_AFTER + DECODE_TOKENS // 2
+            dec, dec0 = (roofline(cfg, d, context=ctx, prompt=1, **kw) for d in (dev, plain))
+            for s in PROMPTS:
+                pre, pre0 = (roofline(cfg, d, context=s, prompt=s, **kw) for d in (dev, plain))
+                results.append({
+                    "name": name, "kind": "moe" if cfg.is_moe else "dense",
+                    "int4_weight_bytes": weight_bytes(cfg, "int4", embeddings="fp32"),
+                    "params_total": param_counts(cfg).total, "params_active": param_counts(cfg).active,
+                    "threads": threads, "prefill_tokens": s,
+                    "measured_prefill_ms": ms[s], "predicted_prefill_ms": pre["prefill_ms"],
+                    "prefill_bound": pre["prefill_bound"], "plain_roofline_prefill_ms": pre0["prefill_ms"],
+                    "measured_decode_ms": ms["decode"], "predicted_decode_ms": dec["decode_ms_per_token"],
+                    "decode_bound": dec["decode_bound"], "plain_roofline_decode_ms": dec0["decode_ms_per_token"]})
+
+    def ratio(key, threads, s=512):
+        d, m = (next(r for r in results if r["kind"] == kind and r["threads"] == threads and r["prefill_tokens"] == s)
+                for kind in ("dense", "moe"))
+        return d[key] / m[key]
+
+    def spread(key, threads):
+        return [min(r[1]["dense", threads][key] / r[1]["moe", threads][key] for r in rounds),
+                max(r[1]["dense", threads][key] / r[1]["moe", threads][key] for r in rounds)]
+
+    per_threads = {t: {"decode_speedup": ratio("measured_decode_ms", t),
+                       "decode_speedup_range": spread("decode", t),
+                       "prefill_speedup": ratio("measured_prefill_ms", t),
+                       "prefill_speedup_range": spread(512, t),
+                       "predicted_decode_speedup": ratio("predicted_decode_ms", t),
+                       "predicted_prefill_speedup": ratio("predicted_prefill_ms", t)} for t in THREADS}
+    import onnxruntime
+
+    out = {"runtime": f"onnxruntime {onnxruntime.__version__} (CPU; MatMulNBits + QMoE, INT4 group 32, int8 "
+                      "dynamic activations, fp32 KV cache)",
+           "host": {"cores": os.cpu_count(), **host[max(THREADS)], "by_threads": host},
+           "results": results,
+           "moe_over_dense": {**per_threads[max(THREADS)], "at": f"{max(THREADS)} threads, prefill 512",
+                              "by_threads": per_threads, "paper": PAPER},
+           "models": {name: {**cfg.to_dict(), "eval_loss": models[name]["eval_loss"],
+                             "train_steps": models[name]["steps"]} for name, cfg in MODELS.items()},
+           "settings": {"prompts": PROMPTS, "decode_after": DECODE_AFTER, "decode_tokens": DECODE_TOKENS,
+                        "prefill": "best of 3 after a warm-up", "decode": "median", "rounds": args.rounds,
+                        "aggregate": "median over rounds; *_range: min and max over rounds"}}
+    print(json.dumps(out["moe_over_dense"], indent=1))
+    if args.json:
+        from moe_scaling.files import write_json
+        write_json(Path(__file__).with_name("device_latency.json"), out)
+
+
+if __name__ == "__main__":
+    main()
