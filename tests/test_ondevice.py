@@ -142,6 +142,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "model.d_model = 48" in r.stderr and not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="no model.onnx"):
         OnnxLM(tmp_path)
+    small_heads = ModelConfig(**{**BASE, "n_heads": 8, "n_kv_heads": 4}, d_ff=128)     # head_dim 8
+    with pytest.raises(ConfigError, match="model.head_dim = 8: ONNX Runtime's CPU attention"):
+        export_onnx(small_heads, perturbed_model(small_heads), tmp_path / "h")
     with pytest.raises(ConfigError, match="activations"):
         export_onnx(CASES["dense-qk-norm"], perturbed_model(CASES["dense-qk-norm"]), tmp_path / "a", activations="int4")
     export_onnx(CASES["dense-qk-norm"], perturbed_model(CASES["dense-qk-norm"]), tmp_path / "ok", max_positions=8)

@@ -115,3 +115,11 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     assert sft_cfg["train"]["schedule"] == "cosine" and sft_cfg["data"]["corpus"] == chat
     assert train_main(argv34) == 0                                # done: not trained again
     assert json.loads(capsys.readouterr().out)["stages"] == third["stages"]
+
+    # the last stage goes to the on-device runtime (INT4 of QAT's weights) with the run's tokenizer
+    from moe_scaling.ondevice.runtime import OnnxLM
+    onnx_dir = tmp_path / "onnx"
+    qat_dir = out / "stages" / "quantization_aware_training"
+    assert export_main([str(qat_dir), "--out", str(onnx_dir), "--runtime", "onnx"]) == 0
+    assert (onnx_dir / "tokenizer.json").read_text() == tok_before
+    assert len(OnnxLM(onnx_dir).generate([5, 6, 7], 4)) == 4

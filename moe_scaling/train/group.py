@@ -51,7 +51,7 @@ from moe_scaling.model.routing import resolve_dispatch
 from moe_scaling.train.batching import BATCHED_FIELDS, batch_key
 from moe_scaling.train.checkpoints import Checkpoints
 from moe_scaling.train.data import eval_windows, load_tokens, train_batch
-from moe_scaling.train.loop import (TrainResult, _check_compatible, _configs, _resume, _Run, compiled,
+from moe_scaling.train.loop import (TrainResult, _check_compatible, run_configs, _resume, _Run, compiled,
                                     eval_program, program_config)
 from moe_scaling.train.step import _dtype, apply_step, init_state, make_optimizer
 
@@ -177,7 +177,7 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
             graphdef, state = init_state(model_cfg, cfg, steps)
             ckpt = Checkpoints(folder) if folder is not None else None
             ckpts.append(ckpt)
-            state, record = _resume(ckpt, folder, state, _configs(model_cfg, cfg, data_cfg), corpus_hash,
+            state, record = _resume(ckpt, folder, state, run_configs(model_cfg, cfg, data_cfg), corpus_hash,
                                     data_cfg)
             states.append(state)
             records.append(record)
@@ -194,7 +194,7 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
     for i, cfg in enumerate(train_cfgs):
         log = None if on_log is None else partial(on_log, i)
         run = _Run(None, records[i], train_cfg=cfg, seq=seq, steps=steps,
-                   configs=_configs(model_cfg, cfg, data_cfg), corpus_hash=corpus_hash, ckpt=ckpts[i],
+                   configs=run_configs(model_cfg, cfg, data_cfg), corpus_hash=corpus_hash, ckpt=ckpts[i],
                    eval_loss=lambda _state, i=i: group.eval_loss(i), on_log=log)
         run.metrics.update(dispatch=dispatch, eval_dispatch=eval_dispatch, group_size=n)
         run.timings["compile_s"] += eval_compile_s / n

@@ -90,8 +90,9 @@ def _check_compatible(model_cfg: ModelConfig, data_cfg: DataConfig, train_tokens
                           f"({model_cfg.max_seq_len}); shorten seq_len or raise max_seq_len")
 
 
-def _configs(model_cfg, train_cfg, data_cfg) -> dict:
-    # The mesh says where a run computes, not what: a checkpoint resumes on any mesh.
+def run_configs(model_cfg, train_cfg, data_cfg) -> dict:
+    """The ``configs`` of a checkpoint's record (what ``moe-export`` rebuilds the model from).
+    The mesh says where a run computes, not what: a checkpoint resumes on any mesh."""
     train = {k: v for k, v in train_cfg.to_dict().items() if k != "mesh"}
     return {"model": model_cfg.to_dict(), "train": train, "data": data_cfg.to_dict()}
 
@@ -417,7 +418,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     end_step = steps if stop_at_step is None else max(0, min(steps, int(stop_at_step)))
     dispatch = resolve_dispatch(train_cfg.dispatch)
     eval_dispatch = "dropless" if dispatch == "capacity" else dispatch
-    configs = _configs(model_cfg, train_cfg, data_cfg)
+    configs = run_configs(model_cfg, train_cfg, data_cfg)
 
     graphdef, state = init_state(model_cfg, train_cfg, steps)
     if init_from is not None:

@@ -267,7 +267,7 @@ def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at
     from flax import nnx
 
     from moe_scaling.train.checkpoints import Checkpoints
-    from moe_scaling.train.loop import TrainResult
+    from moe_scaling.train.loop import TrainResult, run_configs
     from moe_scaling.train.qat import qat
     from moe_scaling.train.step import make_optimizer
 
@@ -287,7 +287,8 @@ def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at
     opt = nnx.Optimizer(r.model, make_optimizer(stage.train, steps), wrt=nnx.Param)
     ckpt = Checkpoints(run_dir.ckpt)
     try:
-        ckpt.save(steps, nnx.state((r.model, opt)), {"step": steps, "status": "completed", "curve": curve})
+        ckpt.save(steps, nnx.state((r.model, opt)), {"step": steps, "status": "completed", "curve": curve,
+                                                      "configs": run_configs(stage.model, stage.train, stage.data)})
     finally:
         ckpt.close()
     tokens = steps * stage.train.batch_size * stage.data.seq_len

@@ -46,7 +46,7 @@ from flax import nnx
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.model.routing import resolve_dispatch
-from moe_scaling.train.loop import TrainResult
+from moe_scaling.train.loop import TrainResult, run_configs
 from moe_scaling.train.qat import initial_model
 from moe_scaling.train.step import make_eval_step, make_optimizer, make_train_step
 
@@ -171,7 +171,8 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, in
             if on_log:
                 on_log({**row, "steps": steps, "tokens_per_s": (s + 1) * batch * data_cfg.seq_len / max(step_time, 1e-9)})
     final = curve[-1]["eval_loss"]
-    record = {"step": steps, "status": "completed", "curve": curve}
+    record = {"step": steps, "status": "completed", "curve": curve,
+              "configs": run_configs(model_cfg, train_cfg, data_cfg)}
     if ckpt_dir is not None:
         from moe_scaling.train.checkpoints import Checkpoints
 
