@@ -69,3 +69,23 @@ def quick_train(cfg, ckpt_dir, steps, data):
     result = train(cfg, train_cfg, data, ckpt_dir=ckpt_dir, progress=False)
     assert result.status == "completed"
     return train_cfg
+
+
+def _export_data():
+    from moe_scaling.config import DataConfig
+
+    return DataConfig(corpus=str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"), seq_len=32,
+                      max_tokens=60_000)
+
+
+EXPORT_DATA = _export_data()
+"""The corpus the export tests train their quick runs on (the first 60k bytes of tinyshakespeare)."""
+
+
+def export_cli(*args):
+    """``moe-export ARGS`` in a fresh process: the CompletedProcess (returncode, stdout, stderr)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "moe_scaling.cli.export", *map(str, args)],
+                          capture_output=True, text=True)

@@ -7,8 +7,6 @@ missing or unexpected key, and its logits compared with ours.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -20,9 +18,9 @@ from flax import nnx
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED_DATA, perturbed_model, quick_train
+from conftest import EXPORT_DATA, export_cli, perturbed_model, quick_train
 from moe_scaling.hf.config import hf_model_type
-from moe_scaling.config import DataConfig, ModelConfig
+from moe_scaling.config import ModelConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.hf.export import export_checkpoint, export_hf, hf_state_dict
 from moe_scaling.model.transformer import Transformer
@@ -139,13 +137,9 @@ def test_state_and_pure_dict_params_give_the_same_tensors():
 
 # -- a trained run, end to end ------------------------------------------------------------------
 
-DATA = DataConfig(corpus=str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"), seq_len=32,
-                  max_tokens=60_000)
+DATA = EXPORT_DATA
+cli = export_cli
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "moe_scaling.cli.export", *map(str, args)],
-                          capture_output=True, text=True)
 
 
 def test_trained_run_exported_by_the_cli_loads_with_the_same_logits(tmp_path):

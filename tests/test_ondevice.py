@@ -4,8 +4,6 @@ a trained run through ``moe-export --runtime onnx``, bad input.
 Needs the ``ondevice`` extra (onnx + onnxruntime; .ci/run installs it)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -13,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SHARED_DATA, perturbed_model, quick_train
-from moe_scaling.config import DataConfig, ModelConfig
+from conftest import EXPORT_DATA, export_cli, perturbed_model, quick_train
+from moe_scaling.config import ModelConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.model.quant import fake_quant_params
 from moe_scaling.ondevice.onnx_graph import pack_int4
@@ -85,13 +83,9 @@ def test_runtime_computes_our_int4_logits_and_decodes_with_its_cache(tmp_path, n
     assert cache["past_key_0"].shape == (1, cfg.n_kv_heads, len(TOKENS), cfg.head_dim)
 
 
-DATA = DataConfig(corpus=str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"), seq_len=32,
-                  max_tokens=60_000)
+DATA = EXPORT_DATA
+cli = export_cli
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "moe_scaling.cli.export", *map(str, args)],
-                          capture_output=True, text=True)
 
 
 def test_trained_run_through_the_cli_int8_activations_keep_the_loss(tmp_path):

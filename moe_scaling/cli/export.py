@@ -40,20 +40,17 @@ def _body(argv: Sequence[str] | None) -> int:
         from moe_scaling.ondevice.runtime import export_onnx_checkpoint
 
         summary = export_onnx_checkpoint(args.run, args.out, activations=args.activations, step=args.step)
-        if args.json:
-            print_json(summary)
-            return 0
-        print(f"wrote {summary['out']}/ ({', '.join(summary['files'])})")
-        print(f"  ONNX Runtime: step {summary['step']} ({summary['status']}), {summary['bytes'] / 1e6:.1f} MB "
-              f"({summary['int4_weight_bytes'] / 1e6:.1f} MB INT4 weights), {summary['activations']} activations")
-        return 0
-    summary = export_checkpoint(args.run, args.out, dtype=args.dtype, step=args.step)
+        detail = (f"ONNX Runtime: step {summary['step']} ({summary['status']}), {summary['bytes'] / 1e6:.1f} MB "
+                  f"({summary['int4_weight_bytes'] / 1e6:.1f} MB INT4 weights), {summary['activations']} activations")
+    else:
+        summary = export_checkpoint(args.run, args.out, dtype=args.dtype, step=args.step)
+        detail = (f"{summary['model_type']}: step {summary['step']} ({summary['status']}), "
+                  f"{summary['parameters']:,} parameters, {summary['dtype']}, {summary['bytes'] / 1e6:.1f} MB")
     if args.json:
         print_json(summary)
         return 0
     print(f"wrote {summary['out']}/ ({', '.join(summary['files'])})")
-    print(f"  {summary['model_type']}: step {summary['step']} ({summary['status']}), "
-          f"{summary['parameters']:,} parameters, {summary['dtype']}, {summary['bytes'] / 1e6:.1f} MB")
+    print(f"  {detail}")
     return 0
 
 
