@@ -1,5 +1,5 @@
-"""Process-level settings: the allocator (:func:`keep_freed_memory`) and JAX's persistent compilation
-cache (:func:`enable_compilation_cache`).
+"""Process-level settings: the allocator (:func:`keep_freed_memory`), JAX's persistent compilation
+cache (:func:`enable_compilation_cache`) and the end of a process (:func:`exit_now`).
 
 Keep freed memory in the process so that every XLA:CPU step does not page-fault its buffers in.
 
@@ -26,8 +26,9 @@ import ctypes
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-__all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir"]
+__all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir", "exit_now"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 _TRIM_THRESHOLD = 2**31 - 1
@@ -81,3 +82,24 @@ def enable_compilation_cache(path: str | os.PathLike | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` without the interpreter's teardown.
+
+    Tearing down a process that trained (freeing JAX's backend, compiled programs and caches,
+    orbax's and optuna's modules, object by object) took 1.0-1.2 s after a quickstart sweep on the
+    project's 2-core machine, a sixth of the sweep's whole time outside training; ``os._exit``
+    skips it. Only for the end of a command whose work is closed: every file it writes is
+    written atomically and closed, checkpoint managers are closed (they wait for their last
+    save), queue transactions are committed. This flushes stdout/stderr and waits for JAX's
+    pending side effects first. Not for processes in a ``jax.distributed`` job, whose shutdown
+    is a barrier the other processes wait on."""
+    if "jax" in sys.modules:
+        sys.modules["jax"].effects_barrier()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream has nothing left to lose
+            pass
+    os._exit(code)

@@ -45,3 +45,20 @@ def test_import_keeps_freed_memory_so_steps_do_not_page_fault():
 
 def test_user_malloc_settings_are_respected():
     assert _probe(MALLOC_ARENA_MAX="4")["applied"] is False
+
+
+def test_exit_now_keeps_buffered_output_and_the_exit_code(tmp_path):
+    """exit_now skips the interpreter's teardown but not what the command printed or wrote."""
+    script = (
+        "import sys, jax.numpy as jnp\n"
+        "from moe_scaling.runtime import exit_now\n"
+        f"open({str(tmp_path / 'f.txt')!r}, 'w').write('closed before the exit')\n"
+        "print('to stdout', float(jnp.ones(3).sum()), end='')\n"
+        "print('to stderr', end='', file=sys.stderr)\n"
+        "exit_now(3)\n"
+        "print('never')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "to stdout 3.0" and proc.stderr.endswith("to stderr")
+    assert (tmp_path / "f.txt").read_text() == "closed before the exit"

@@ -22,7 +22,9 @@ Layout of a sweep folder ``DIR`` (the ``--out`` of ``moe-sweep run``)::
         ckpt/                      orbax checkpoints (a resumed run continues from here)
 
 The record files are the source of truth; the two parquet tables are rebuilt from all of them
-(:func:`moe_scaling.sweep.results.rebuild_tables`).
+(:func:`moe_scaling.sweep.results.rebuild_tables`) whenever a run ends and when the sweep ends, so
+a run in flight shows in the tables only as what its last attempt left; ``moe-sweep status``
+reads the records.
 """
 
 from __future__ import annotations

@@ -19,19 +19,28 @@ __all__ = ["Report", "Progress", "snapshot", "read_snapshot"]
 Report = Callable[[dict], None]
 
 
+WRITE_EVERY_S = 1.0    # a worker's progress file is rewritten at most this often between starts and ends
+
+
 class Progress:
     """Live progress of one worker: its state (run, step, loss, tokens/s) goes to
-    ``DIR/progress/<worker>.json`` on every log, and, in a single-worker sweep, to ``report`` as a
-    :func:`snapshot` (with ``"event"``: ``"start"`` when a run starts, the run's record when it ends)."""
+    ``DIR/progress/<worker>.json`` when a run starts or ends and at most every
+    :data:`WRITE_EVERY_S` seconds on logs (an atomic write per log was 1.3 ms, a quarter of a
+    small run's progress cost), and, in a single-worker sweep, to ``report`` as a :func:`snapshot`
+    on every log (with ``"event"``: ``"start"`` when a run starts, the run's record when it ends)."""
 
     def __init__(self, ctx: WorkerContext, study: optuna.Study, report: Report | None = None) -> None:
         self.ctx, self.study, self.report = ctx, study, report
         self.path = SweepDir(ctx.out).progress_file(ctx.worker)
         self.state: dict[str, Any] = {}
         self._counts: dict[str, Any] | None = None
+        self._written = float("-inf")
 
-    def _write(self, event: Any = None) -> None:
-        write_json(self.path, self.state)
+    def _write(self, event: Any = None, throttle: bool = False) -> None:
+        now = time.monotonic()
+        if not throttle or now - self._written >= WRITE_EVERY_S:
+            write_json(self.path, self.state)
+            self._written = now
         if self.report is not None:
             if self._counts is None:
                 self._counts = sweep_counts(self.study)
@@ -48,7 +57,7 @@ class Progress:
                           ("tokens_per_s", "tokens_per_s")):
             if entry.get(name) is not None:
                 self.state[key] = entry[name]
-        self._write()
+        self._write(throttle=True)
 
     def end_run(self, record: Mapping[str, Any]) -> None:
         """A run ended; the state shown is cleared when it was this run's (a member of a group
