@@ -1,7 +1,7 @@
 """Seed batching: N seeds of one model trained together (train_group) against one by one (train).
 
-    python bench/seed_batching.py --json              # 3 and 8 seeds, 20 steps each (the default)
-    python bench/seed_batching.py --steps 100 --seeds 3
+    python bench/seed_batching.py --json              # 3 and 8 seeds, 200 steps each (the default)
+    python bench/seed_batching.py --steps 200 --seeds 3 --only d48 --json
 
 Models: the smallest and the largest size of sweeps/sparsity_granularity.yaml (d_model 48 x 2
 layers, d_model 96 x 3 layers), each as its dense run (E = 1) and as its largest MoE run (E = 8 at
@@ -16,8 +16,10 @@ an untimed warm-up call first, so neither side pays compilation):
   folder (what ``moe-sweep run --no-batch`` does per run);
 * ``batched_s``: wall time of one ``train_group()`` call over the N seeds (what ``moe-sweep run``
   does);
-* ``speedup`` = sequential_s / batched_s; ``cpu_speedup`` the same for the process's CPU time
-  (user + system), which a machine busy with other work inflates far less than wall time;
+* ``speedup``: the median over ``--rounds`` rounds, each timing both sides one after the other, of
+  sequential_s / batched_s (``sequential_s`` and ``batched_s`` are the medians of the rounds);
+  ``step_speedup`` the same for the time inside the train steps alone; ``cpu_speedup`` for the
+  process's CPU time (user + system), which a machine busy with other work inflates far less;
 * ``max_abs_loss_diff``: the largest |train loss of a member - train loss of its solo run| over
   the first 10 steps and every member;
 * ``final_eval_loss_diff``: the largest |final eval loss of a member - its solo run's|, beside
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -67,41 +70,49 @@ def _losses(result, steps: int = 10) -> list[float]:
     return [row["train_loss"] for row in result.curve if 1 <= row["step"] <= steps]
 
 
-def measure(name, model, train_cfg, data, n: int, tmp: Path) -> dict:
+def measure(name, model, train_cfg, data, n: int, tmp: Path, rounds: int) -> dict:
     from moe_scaling.train.group import train_group
     from moe_scaling.train.loop import train
 
     cfgs = [dataclasses.replace(train_cfg, seed=s) for s in range(n)]
-    folder = tmp / f"{name}_{n}"
     train(model, cfgs[0], data, progress=False)                       # warm-up: compile
     train_group(model, cfgs, data)
-    t0, c0 = time.perf_counter(), time.process_time()
-    solo = [train(model, c, data, ckpt_dir=folder / f"solo{i}", progress=False) for i, c in enumerate(cfgs)]
-    sequential, sequential_cpu = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    group = train_group(model, cfgs, data, ckpt_dirs=[folder / f"group{i}" for i in range(n)])
-    batched, batched_cpu = time.perf_counter() - t0, time.process_time() - c0
+    seq_s, bat_s, seq_cpu, bat_cpu, seq_step, bat_step = [], [], [], [], [], []
+    for k in range(rounds):         # the two sides alternate, so a slow spell of the host hits both
+        folder = tmp / f"{name}_{n}_r{k}"
+        t0, c0 = time.perf_counter(), time.process_time()
+        solo = [train(model, c, data, ckpt_dir=folder / f"solo{i}", progress=False) for i, c in enumerate(cfgs)]
+        seq_s.append(time.perf_counter() - t0), seq_cpu.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        group = train_group(model, cfgs, data, ckpt_dirs=[folder / f"group{i}" for i in range(n)])
+        bat_s.append(time.perf_counter() - t0), bat_cpu.append(time.process_time() - c0)
+        seq_step.append(sum(r.step_time_s for r in solo)), bat_step.append(sum(r.step_time_s for r in group))
     diff = max(abs(a - b) for s, g in zip(solo, group) for a, b in zip(_losses(s), _losses(g)))
     finals = [r.final_eval_loss for r in solo]
     final_diff = max(abs(s.final_eval_loss - g.final_eval_loss) for s, g in zip(solo, group))
-    row = {"name": name, "models": n, "steps": solo[0].steps, "sequential_s": round(sequential, 2),
-           "batched_s": round(batched, 2), "speedup": round(sequential / batched, 2),
+    med = statistics.median
+    row = {"name": name, "models": n, "steps": solo[0].steps, "rounds": rounds,
+           "sequential_s": round(med(seq_s), 2), "batched_s": round(med(bat_s), 2),
+           "speedup": round(med([a / b for a, b in zip(seq_s, bat_s)]), 2),
+           "speedup_by_round": [round(a / b, 2) for a, b in zip(seq_s, bat_s)],
            "max_abs_loss_diff": float(f"{diff:.3g}"),
            "final_eval_loss_diff": float(f"{final_diff:.3g}"),
            "seed_spread": float(f"{max(finals) - min(finals):.3g}"),
-           "sequential_cpu_s": round(sequential_cpu, 2), "batched_cpu_s": round(batched_cpu, 2),
-           "cpu_speedup": round(sequential_cpu / batched_cpu, 2),
-           "sequential_step_s": round(sum(r.step_time_s for r in solo), 2),
-           "batched_step_s": round(sum(r.step_time_s for r in group), 2)}
+           "sequential_cpu_s": round(med(seq_cpu), 2), "batched_cpu_s": round(med(bat_cpu), 2),
+           "cpu_speedup": round(med([a / b for a, b in zip(seq_cpu, bat_cpu)]), 2),
+           "sequential_step_s": round(med(seq_step), 2), "batched_step_s": round(med(bat_step), 2),
+           "step_speedup": round(med([a / b for a, b in zip(seq_step, bat_step)]), 2)}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="train steps per run (default 20)")
+    p.add_argument("--steps", type=int, default=200, help="train steps per run (default 200; the study's runs have 977-1,953)")
     p.add_argument("--seeds", type=int, nargs="+", default=[3, 8], help="group sizes (default 3 8)")
     p.add_argument("--only", help="benchmark only the models whose name contains this")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternating sequential/batched rounds; medians reported (default 2)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -114,7 +125,7 @@ def main() -> None:
             if args.only and args.only not in name:
                 continue
             for n in args.seeds:
-                rows.append(measure(name, model, train_cfg, data, n, Path(tmp)))
+                rows.append(measure(name, model, train_cfg, data, n, Path(tmp), args.rounds))
     doc = {"results": rows, "steps": args.steps, "grid": str(GRID.relative_to(REPO)),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "python": platform.python_version(), "code_version": code_version(),

@@ -11,10 +11,11 @@ A cost model, not a measurement: one worker on the project's 2-core CPU machine 
   the mean over the same 60 runs).
 * A group of N runs trained together (:mod:`moe_scaling.train.group`): the step time of one run x
   ``1 + MEMBER_STEP x (N - 1)`` and the fixed cost x ``1 + MEMBER_FIXED x (N - 1)`` (one compile
-  and one vmapped eval per step for all; one checkpoint per member), both from
-  bench/seed_batching.json (3 seeds of the smallest dense model, measured 2026-11-30 with the
-  machine busy, load 8-9 on 2 cores: the group's steps took as long as the solo runs' steps, its
-  fixed cost 0.88x theirs). Re-measure them on a quiet machine, where a vmapped step should gain more.
+  and one vmapped eval per step for all; one checkpoint per member), from bench/seed_batching.json
+  (3 seeds of the smallest model, dense and 64 experts top-8, 200 steps each, two alternating
+  rounds, medians; measured 2026-12-01 on the quiet machine): the group's steps took 0.92x (dense)
+  and 0.98x (MoE) the solo runs' steps, its fixed cost 0.93x and 0.95x theirs. On 2 CPU cores a
+  step of these models is compute, not dispatch, so a group saves little.
 
 Groups are formed as the workers form them: runs with equal
 :func:`moe_scaling.train.batching.batch_key`, in grid order, at most
@@ -34,8 +35,8 @@ __all__ = ["STEP_FIT", "FIXED_S", "MEMBER_STEP", "MEMBER_FIXED", "step_seconds",
 
 STEP_FIT = (0.01364, 0.00497, 2.7395, 0.00466)   # s, s per GFLOP, s per G routed values, s per 100 expert-layers
 FIXED_S = 6.6           # s per run outside the train steps (results/sparsity_granularity, mean of 60)
-MEMBER_STEP = 0.95      # step time added by each further member of a group, as a fraction of one run's
-MEMBER_FIXED = 0.8      # fixed cost added by each further member
+MEMBER_STEP = 0.92      # step time added by each further member of a group, as a fraction of one run's
+MEMBER_FIXED = 0.9      # fixed cost added by each further member
 
 
 def step_seconds(run: RunSpec) -> float:
