@@ -6,7 +6,7 @@ Layout of a sweep folder ``DIR`` (the ``--out`` of ``moe-sweep run``)::
                                    run ids in grid order (runs of earlier grids of the same name first)
     DIR/grid.yaml                  a copy of the grid file of the last ``run``
     DIR/sweep.db                   the default work queue (``sqlite:///DIR/sweep.db``; absent with --storage)
-    DIR/runs.parquet               one row per started run (see moe_scaling.sweep.results.run_row)
+    DIR/runs.parquet               one row per run with a record (see moe_scaling.sweep.results.run_row)
     DIR/curves.parquet             long table: run_id, step, tokens, train_loss, eval_loss
     DIR/.tables.lock               the fcntl lock held while the two tables are rebuilt
     DIR/.claim.lock                the fcntl lock local workers take to claim runs (whole seed groups)
