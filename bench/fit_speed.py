@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from moe_scaling.laws.fit import bootstrap_refits, fit_starts_and_cold  # noqa: 
 from moe_scaling.laws.problem import fit_starts, make_problem  # noqa: E402
 from moe_scaling.laws.tables import canonical_table  # noqa: E402
 from moe_scaling.laws.registry import CHINCHILLA  # noqa: E402
+from moe_scaling.runtime import machine_info  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "chinchilla" / "svg_extracted_data.csv"
@@ -97,8 +97,7 @@ def main(argv=None) -> int:
         "bootstrap_failed": int((~ok).sum()),
         "bootstrap_95": {k: [round(float(np.percentile(boot[:, i], q)), 4) for q in (2.5, 97.5)]
                          for i, k in enumerate(CHINCHILLA.params)},
-        "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),
     }
     if args.baseline_starts:
         pick = grid[np.linspace(0, len(grid) - 1, args.baseline_starts).astype(int)]

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -67,6 +66,7 @@ from moe_scaling.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_scaling.costs import flops_per_token  # noqa: E402
 from moe_scaling.hf.config import hf_config  # noqa: E402
 from moe_scaling.model.routing import resolve_dispatch  # noqa: E402
+from moe_scaling.runtime import machine_info  # noqa: E402
 from moe_scaling.train.step import init_state, make_train_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -401,8 +401,7 @@ def main(argv=None) -> int:
                      "n_layers": BASE["n_layers"], "capacity_factor": args.capacity_factor,
                      "matmul_peak_gflops": peak / 1e9, "torch": _torch_version() if args.torch or args.peer else None,
                      "transformers": _transformers_version() if args.peer else None, "jax": jax.__version__,
-                     "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                     "load_avg_1m": os.getloadavg()[0], "bench_s": time.perf_counter() - t_start}}
+                     "machine": machine_info(), "bench_s": time.perf_counter() - t_start}}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     if args.json:

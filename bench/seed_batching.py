@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -118,6 +117,7 @@ def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import moe_scaling  # noqa: F401 - the allocator setting, before JAX starts
     from moe_scaling.sweep.results import code_version
+    from moe_scaling.runtime import machine_info
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="seed-batching-") as tmp:
@@ -127,10 +127,7 @@ def main() -> None:
             for n in args.seeds:
                 rows.append(measure(name, model, train_cfg, data, n, Path(tmp), args.rounds))
     doc = {"results": rows, "steps": args.steps, "grid": str(GRID.relative_to(REPO)),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                       "python": platform.python_version(), "code_version": code_version(),
-                       "date": time.strftime("%Y-%m-%d %H:%M"),
-                       "load_1min": round(os.getloadavg()[0], 2)}}
+           "machine": machine_info() | {"code_version": code_version()}}
     RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
     if args.json:
         print(json.dumps(doc, indent=1))

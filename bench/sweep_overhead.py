@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -139,10 +138,9 @@ def main() -> None:
     args = p.parse_args(sys.argv[1:] or ["overhead"])
     result = overhead(args) if args.mode == "overhead" else estimate(args)
     from moe_scaling.sweep.results import code_version
+    from moe_scaling.runtime import machine_info
 
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                         "python": platform.python_version(), "code_version": code_version(),
-                         "date": time.strftime("%Y-%m-%d")}
+    result["machine"] = machine_info() | {"code_version": code_version()}
     key = args.mode if args.mode == "estimate" else f"overhead_workers{args.workers}"
     if args.mode == "estimate":
         key = f"estimate_{Path(args.grid).stem}"

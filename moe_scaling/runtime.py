@@ -1,5 +1,6 @@
 """Process-level settings: the allocator (:func:`keep_freed_memory`), JAX's persistent compilation
-cache (:func:`enable_compilation_cache`) and the end of a process (:func:`exit_now`).
+cache (:func:`enable_compilation_cache`), the end of a process (:func:`exit_now`) and the machine a
+measurement ran on (:func:`machine_info`).
 
 Keep freed memory in the process so that every XLA:CPU step does not page-fault its buffers in.
 
@@ -24,11 +25,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import re
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir", "exit_now"]
+__all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir", "exit_now", "machine_info"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 _TRIM_THRESHOLD = 2**31 - 1
@@ -103,3 +107,39 @@ def exit_now(code: int) -> NoReturn:
         except (OSError, ValueError):  # a closed or broken stream has nothing left to lose
             pass
     os._exit(code)
+
+
+# The x86 instruction-set extensions that change what XLA:CPU and ONNX Runtime compute with (and so
+# their speed, and the last bits of their sums): vector width, and native bf16 / int8 dot products.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_int8", "avx_vnni")
+
+
+def machine_info() -> dict:
+    """What a benchmark figure was measured on, recorded beside it: CPU model, core count, the
+    instruction-set extensions that matter for this project's kernels (``isa``: ``"avx512"``,
+    ``"avx2"`` or the architecture; ``bf16``: native bf16 dot products, ``avx512_bf16`` or
+    ``amx_bf16``; ``flags``: the ones present of ``_ISA_FLAGS``), XLA's ISA cap when
+    ``XLA_FLAGS`` sets ``--xla_cpu_max_isa`` (it then computes as the capped ISA), the 1-minute load
+    average (a busy shared machine slows every timing), platform, Python and the date. Linux reads
+    ``/proc/cpuinfo``; elsewhere the CPU fields are ``None``."""
+    model, flags = None, set()
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    present = [f for f in _ISA_FLAGS if f in flags]
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else (platform.machine() or None)
+    cap = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    return {"cpu": model, "cpus": os.cpu_count(), "isa": isa,
+            "bf16": bool({"avx512_bf16", "amx_bf16"} & flags), "flags": present,
+            "xla_max_isa": cap.group(1) if cap else None,
+            "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
