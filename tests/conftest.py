@@ -8,6 +8,42 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# -- tolerances -----------------------------------------------------------------------------------
+# Every tolerance in these tests has a stated source of its size, one of:
+#   * float round-off, for two computations of the same mathematics: F32_TOL / F64_TOL below, or a
+#     bound derived at the test (bf16: 8 significand bits, relative 2^-9 = 0.002 per rounding);
+#   * Monte Carlo error, for a statistic of random draws (a bootstrap percentile: its standard error
+#     from the draws themselves, moe_scaling.laws.fit.percentile_mc_se);
+#   * seed-to-seed spread, for a trained loss: measured on this code with many seeds (never a 3-seed
+#     range), recorded where it is used with the command that measures it;
+#   * the rounding of a published figure (6.9B is +-0.05B) or the resolution of a search;
+#   * the scale of the quantity itself (an expert-load ratio between 1, uniform, and 4, collapsed).
+# None is read off one machine's output: the CPUs this project runs on differ (AVX2-only and AVX-512
+# with bf16 instructions), and XLA's kernels sum in a different order on each, so any result that
+# passes through XLA differs between them in its last bits (and MoE routing can amplify that).
+# The suite is checked on the default ISA and under XLA_FLAGS=--xla_cpu_max_isa=AVX2.
+
+# float32 carries 24 significand bits (eps = 1.19e-7). Summed in another order (another kernel, vector
+# width or thread split), a length-K dot product moves by ~sqrt(K) eps of its magnitude (at most K eps).
+# The tiny models here reduce over K <= 512 through a few layers to values of order 1-10 (losses,
+# logits): sqrt(512) x 1.19e-7 x 10 = 2.7e-5 worst-typical for logits, 3e-6 for a loss of ~5 averaged
+# over hundreds of tokens. F32_TOL = 1e-5 compares losses and activations of that size (measured
+# differences: 5e-7 to 1.4e-6 on AVX2 and AVX-512 CPUs); logits of whole models compared with another
+# framework use 1e-4 (test_export, test_ondevice), one decade above the worst-typical bound.
+F32_TOL = 1e-5
+# float64 (eps = 2.2e-16): the same sums in another order agree to ~1e-13 relative for the
+# few-thousand-term reductions here; F64_TOL = 1e-12 leaves a decade.
+F64_TOL = 1e-12
+
+
+def seed_spread(case: str) -> dict:
+    """The seed-to-seed spread of a test configuration's trained losses, as bench/seed_spread.py
+    measured it (16 or 8 seeds; the JSON records the machine): the source of every tolerance on a
+    trained loss that two code paths compute with different rounding."""
+    import json
+
+    return json.loads((REPO / "bench" / "seed_spread.json").read_text())[case]
+
 # Property tests draw the same examples on every run: CI is reproducible, and a failure seen once is
 # seen again (hypothesis' database still replays failures locally).
 from hypothesis import settings  # noqa: E402

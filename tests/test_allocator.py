@@ -40,6 +40,8 @@ def test_import_keeps_freed_memory_so_steps_do_not_page_fault():
     assert tuned["applied"] is True and system["applied"] is False
     # 64 MiB of fresh pages is ~16,000 faults per call with glibc's defaults (mmap + munmap)
     assert system["faults_per_call"] > 8000
+    # tuned: buffers reused, so faults only where the heap grows (~0 per call); 5% of the system
+    # allocator's count is a count of pages, not a timing, and the same on any x86-64 CPU
     assert tuned["faults_per_call"] < 0.05 * system["faults_per_call"]
 
 

@@ -64,6 +64,7 @@ def test_spec_matches_the_other_family_cards():
     for name, (a, t) in {"mobilemoe-s": ("272M", "1.3B"), "mobilemoe-m": ("528M", "2.8B")}.items():
         m = config_from_spec(a, t)
         assert m.within_tolerance, name
+        # half the last printed digit of the family's figures ("272M", "1.3B")
         assert abs(m.params_active - float(a[:-1]) * 1e6) <= 0.5e6
         assert abs(m.params_total - float(t[:-1]) * 1e9) <= 0.05e9
         assert (m.config.granularity, m.config.n_shared, m.config.router) == (8, 1, "sigmoid")

@@ -66,6 +66,8 @@ def test_sweep_directory_json_predict_and_out(env, sweep_dir, tmp_path):
     assert len(res["metrics"]["heldout_run_ids"]) == res["metrics"]["heldout_n"] == 6
     assert "used the 30 completed of 33 runs (status column)" in res["notes"]
     assert any("dropped 1 rows with NaN/inf" in n for n in res["notes"])
+    # 29 runs drawn from the reference law: alpha comes back to within its sampling error on so few
+    # runs (bootstrap sd ~0.02 on alpha ~0.34, i.e. 6%); 10% is ~1.7 of those, not a machine's figure
     assert res["params"]["alpha"] == pytest.approx(LAWS["chinchilla"].reference["alpha"], rel=0.1)
     assert len(res["predictions"]) == 3 and res["prediction_interval_level"] == 0.9
     for v, (lo, hi) in zip(res["predictions"], res["prediction_intervals"]):

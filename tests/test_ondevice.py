@@ -72,7 +72,7 @@ def test_runtime_computes_our_int4_logits_and_decodes_with_its_cache(tmp_path, n
     lm = OnnxLM(tmp_path / "fp32")
     full, _ = lm.forward(TOKENS)
     assert np.abs(ours).max() > 1.0
-    assert np.abs(full - ours).max() < 1e-4                            # same INT4 weights, float products
+    assert np.abs(full - ours).max() < 1e-4       # same INT4 weights, float products: test_export's TOL
     logits, cache = lm.prefill(TOKENS[:10])                # prefill, a chunk after the cache, then decode
     chunk, cache = lm.forward(TOKENS[10:16], cache)
     rows = [logits, chunk]
@@ -118,6 +118,9 @@ def test_trained_run_through_the_cli_int8_activations_keep_the_loss(tmp_path):
     assert 1.5 < np.mean(ours) < 5.0                                    # trained: far below log(256) = 5.55
     print(f"\nheld-out loss: ours (INT4, f32 activations) {np.mean(ours):.5f}, runtime (int8 activations) "
           f"{np.mean(theirs):.5f}")
+    # int8 activations cost the model less than a quarter of the pooled seed-to-seed noise floor of
+    # the isoFLOP study's losses (0.018 nats, README): a difference no fit could see. Measured: equal to
+    # 4 decimals.
     assert abs(np.mean(theirs) - np.mean(ours)) < 0.005, (ours, theirs)
     prompt = np.frombuffer(text[:16], np.uint8).astype(np.int64)
     out = lm.generate(prompt, 8)

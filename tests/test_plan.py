@@ -33,7 +33,8 @@ def test_plan_small_model_on_8_devices(tmp_path):
     r = _plan([str(target), "--mesh", "fsdp=4,expert=2", "--device-memory", "1MB"])
     assert r["devices"] == 8 and r["mesh"] == "data=1,fsdp=4,expert=2"
     x, a = r["xla"], r["analytic"]
-    # the state's shards are counted exactly (the same partition rules), the optimizer is 2 moments
+    # the state's shards are counted exactly (the same partition rules), the optimizer is 2 moments;
+    # 1% allows XLA's buffer alignment (a byte count, not a timing: the same on every CPU)
     assert x["params"] == pytest.approx(a["params"], rel=0.01)
     assert x["optimizer"] == pytest.approx(a["optimizer"], rel=0.01)
     assert x["temporaries"] > 0 and x["total"] >= x["params"] + x["optimizer"]

@@ -82,5 +82,5 @@ def test_int8_activation_fake_quant_per_token():
         s = np.float32((hi - lo) / 255.0)
         zp = np.clip(np.rint(-128 - lo / s), -128, 127)
         want = (np.clip(np.rint(row / s) + zp, -128, 127) - zp) * s
-        np.testing.assert_allclose(g, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(g, want, rtol=0, atol=1e-6)   # the same float32 products k x s: a last bit
         assert np.abs(g - row).max() <= s * 0.5 + 1e-6

@@ -77,6 +77,8 @@ def test_balancing_prevents_the_routing_collapse_of_real_training(tmp_path):
     on = train(MODEL, _train_cfg(steps, bias_update_rate=1e-3), DATA, ckpt_dir=tmp_path / "on", progress=False)
     assert off.status == on.status == "completed"
     # Load of the last 10 steps, max/mean (4 = all tokens on top_k of the 8 experts, 1 = uniform).
+    # The thresholds are on that scale (collapsed above 3, balanced below 2), not off one run's
+    # numbers (measured 3.6 off, 1.1-1.2 on).
     assert off.metrics["load_imbalance"] > 3.0, off.metrics["load_imbalance"]
     assert on.metrics["load_imbalance"] < 2.0, on.metrics["load_imbalance"]
     assert on.metrics["load_imbalance"] < 0.6 * off.metrics["load_imbalance"]

@@ -1,7 +1,8 @@
 """Seed batching: runs that differ only in seed or lr train together as one vmapped program.
 
-What is shown: a group's members follow their solo runs step by step (within 1e-5 over the first
-10 steps), a member with a huge learning rate is recorded diverged while the others train on, and
+What is shown: a group's members follow their solo runs step by step (within float32 round-off,
+conftest.F32_TOL = 1e-5, over the first 10 steps), a member with a huge learning rate is recorded
+diverged while the others train on, and
 a member's checkpoint is a train() checkpoint; in `moe-sweep run`, kill -9 during a batched group
 and the same command again finish every member exactly once with the losses of an uninterrupted
 sweep; `--no-batch` trains the same runs one by one.
@@ -16,10 +17,11 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import F32_TOL, SHARED_DATA, seed_spread
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.train.batching import batch_key, group_size, member_bytes
@@ -57,11 +59,11 @@ def test_a_group_follows_its_solo_runs_and_a_diverging_member_does_not_stop_the_
         solo = train(MODEL, cfgs[i], DATA, progress=False)
         got, want = _train_losses(group[i]), _train_losses(solo)
         assert len(got) == len(want) == 10
-        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-5, (i, got, want)
+        assert max(abs(a - b) for a, b in zip(got, want)) <= F32_TOL, (i, got, want)   # conftest: round-off
         evals = [(r["step"], r["eval_loss"]) for r in group[i].curve if not math.isnan(r["eval_loss"])]
         solo_evals = [(r["step"], r["eval_loss"]) for r in solo.curve if not math.isnan(r["eval_loss"])]
         assert [s for s, _ in evals] == [s for s, _ in solo_evals] == [0, 4, 8, 12]
-        assert max(abs(a - b) for (_, a), (_, b) in zip(evals[:3], solo_evals[:3])) <= 1e-5
+        assert max(abs(a - b) for (_, a), (_, b) in zip(evals[:3], solo_evals[:3])) <= F32_TOL
         assert group[i].metrics["group_size"] == 3 and group[i].tokens == solo.tokens
     # A member's checkpoint is train()'s: the finished run comes back without training.
     again = train(MODEL, cfgs[0], DATA, ckpt_dir=tmp_path / "0", progress=False)
@@ -129,7 +131,7 @@ def test_kill_during_a_batched_group_then_rerun_completes_every_member_once(batc
     for rid in ids:
         assert len(trials_by_run(storage, "seeds")[rid]) == 2
         row = runs.loc[rid]       # resumed from a checkpoint: fewer steps trained than the budget
-        assert row["tokens_per_s"] * row["step_time_s"] < 0.97 * row["tokens"]
+        assert row["tokens_per_s"] * row["step_time_s"] < 0.97 * row["tokens"]   # >= 1 checkpoint skipped
     # the same group resumed is the same program: bit-identical to the uninterrupted sweep
     assert runs["eval_loss"].to_dict() == ref.loc[runs.index, "eval_loss"].to_dict()
     curves = pd.read_parquet(out / "curves.parquet")
@@ -151,7 +153,14 @@ def test_no_batch_trains_the_same_runs_one_by_one(batched, tmp_path):
     # one worker process: the second and third run reuse the first one's compiled programs
     assert max(sorted(runs["compile_s"])[:2]) < 0.05      # a lookup, not a load (>= 0.1 s)
     assert runs["tokens"].tolist() == [STEPS * 8 * 32] * 3
-    # solo and batched runs agree closely (not bit for bit: batched matmuls round differently)
-    spread = ref["eval_loss"].max() - ref["eval_loss"].min()
+    # Solo and batched runs agree as two runs of one seed can (not bit for bit: batched matmuls round
+    # differently, and 300 steps of MoE routing can carry a last-bit difference as far as a change of
+    # seed). Seed sd of this final loss: 0.025 (bench/seed_spread.py, 16 seeds). Two draws differ by sd
+    # sqrt(2) x that at most (fully decorrelated); 4 sigma of it bounds the difference (false alarm
+    # 6e-5). Measured: 0.073 on an AVX-512 CPU, 0.066 under --xla_cpu_max_isa=AVX2 (the runs have
+    # decorrelated: ~2 sqrt(2) sd); 0.030 under jax 0.11.2, where the old bound (the 3 seeds' range,
+    # 0.028 there) failed. The first 10 steps are held to float round-off above.
+    sd = seed_spread("sweep_tiny_300_steps")["final_eval_sd"]
     diff = (runs["eval_loss"] - ref.loc[runs.index, "eval_loss"]).abs()
-    assert (diff <= max(spread, 1e-3)).all(), (diff.tolist(), spread)
+    print(f"\nbatched vs solo final eval loss: max |diff| {diff.max():.4f} (seed sd {sd:.4f})")
+    assert (diff <= 4 * np.sqrt(2) * sd).all(), (diff.tolist(), sd)

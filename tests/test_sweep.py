@@ -221,7 +221,7 @@ def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     # the second attempt resumed from the checkpoint: it trained fewer tokens than the budget
     row = runs.loc[interrupted]
-    assert row["tokens_per_s"] * row["step_time_s"] < 0.97 * row["tokens"]
+    assert row["tokens_per_s"] * row["step_time_s"] < 0.97 * row["tokens"]   # >= 1 checkpoint (20 of 300 steps) skipped
     # and bit-exactly: every run ends with the loss of the uninterrupted reference sweep
     ref = pd.read_parquet(ref_out / "runs.parquet").set_index("run_id")
     assert runs["eval_loss"].to_dict() == ref.loc[runs.index, "eval_loss"].to_dict()

@@ -51,7 +51,9 @@ def test_same_seed_gives_bit_identical_losses_and_a_complete_record(tmp_path):
     assert a.status == "completed" and a.steps == 8 and a.tokens == 8 * 4 * 32
     assert _same(_losses(a), _losses(b))
     assert a.curve[0]["step"] == 0 and math.isnan(a.curve[0]["train_loss"])
-    assert a.curve[0]["eval_loss"] == pytest.approx(math.log(256), abs=0.1)  # untrained: uniform
+    # untrained: near uniform. Logits at init have sd s << 1 (fan-in scaled weights), and the expected
+    # excess loss over log(256) is ~s^2 / 2: 0.1 nats allows s up to 0.45
+    assert a.curve[0]["eval_loss"] == pytest.approx(math.log(256), abs=0.1)
     assert [r["step"] for r in a.curve] == list(range(9))
     assert a.final_eval_loss == a.curve[-1]["eval_loss"] < a.curve[0]["eval_loss"]
     assert a.best_eval_loss == min(r["eval_loss"] for r in a.curve if not math.isnan(r["eval_loss"]))
@@ -117,7 +119,7 @@ def test_schedules(schedule):
     if schedule == "constant":
         assert values[-1] == pytest.approx(1.0)
     else:
-        assert values[-1] == pytest.approx(0.1, abs=1e-6)
+        assert values[-1] == pytest.approx(0.1, abs=1e-6)                    # float32 schedule: eps x 1
         assert all(a >= b - 1e-7 for a, b in zip(values[10:], values[11:]))  # never rises
     if schedule == "wsd":
         assert values[49] == pytest.approx(1.0) and values[75] < 1.0
