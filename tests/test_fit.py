@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 from moe_scaling.laws.errors import FitError, NoSamplesError
-from moe_scaling.laws.fit import fit_law, load_fit, percentile_mc_se, published_fit, select_law
+from moe_scaling.laws.fit import Fit, fit_law, load_fit, noise_floor, percentile_mc_se, published_fit, select_law
 from moe_scaling.laws.tables import canonical_table, holdout_mask
 from moe_scaling.laws.registry import LAWS
 
@@ -384,3 +384,72 @@ def test_ondevice_won_held_out_error_on_our_sweep_and_is_an_auto_candidate():
     assert fit.law == "ondevice" == min(scored, key=scored.get)
     assert scored["ondevice"] == pytest.approx(0.0092, abs=5e-4) and scored["chinchilla"] == pytest.approx(0.0156, abs=5e-4)
     assert fit.params["g"] > 0 and fit.intervals["g"][0] > 0 and fit.settings["bootstrap"] == 200
+
+
+def test_noise_floor_pools_every_repeat_degree_of_freedom():
+    """Runs equal in every configuration column are repeats (they differ in seed); the pooled sd weighs
+    each configuration by its n_i - 1, checked against the formula by hand. On the committed isoFLOP
+    study, runs of 700+ steps: 0.0178 over 18 configurations (36 dof), the README's 0.018."""
+    t = pd.DataFrame({"params_active": [1e6, 1e6, 1e6, 2e6, 2e6, 3e6], "tokens": [1e8] * 6,
+                      "loss": [2.0, 2.1, 2.3, 1.9, 1.95, 1.7], "seed": [0, 1, 2, 0, 1, 0]})
+    got = noise_floor(t)
+    want = np.sqrt((2 * np.var([2.0, 2.1, 2.3], ddof=1) + 1 * np.var([1.9, 1.95], ddof=1)) / 3)
+    assert got == {"noise_floor": pytest.approx(want, rel=1e-12), "noise_floor_dof": 3, "noise_floor_configs": 2}
+    assert noise_floor(t.assign(lr=[1, 2, 3, 4, 5, 6]))["noise_floor"] is None      # other lr: no repeats
+    study = canonical_table(pd.read_parquet(REPO / "results" / "ondevice_isoflop" / "runs.parquet")
+                            .rename(columns={"eval_loss": "loss"}))
+    long = noise_floor(study[study["steps"] >= 700])
+    assert (long["noise_floor_configs"], long["noise_floor_dof"]) == (18, 36)
+    assert long["noise_floor"] == pytest.approx(0.0178, abs=5e-5)      # float64 NumPy on a committed table
+
+
+def test_prediction_interval_adds_the_seed_noise_of_a_mean_of_k_runs():
+    """The interval for a new run's measured loss mixes the bootstrap samples' predictions with the
+    seed noise sigma / sqrt(k): one sample gives exactly p -+ z sigma / sqrt(k); many give a mixture
+    whose CDF at the endpoints is the tail (bisection: to 1e-9); seeds=None is the law's own interval."""
+    from scipy.special import ndtr
+    from scipy.stats import norm
+
+    law = LAWS["chinchilla"]
+    p = dict(E=1.8, A=400.0, B=2000.0, alpha=0.34, beta=0.37)
+    X = {"params_active": np.array([1e8, 1e9]), "tokens": np.array([2e9, 2e10])}
+    one = Fit(law="chinchilla", params=p, samples=np.array([[p[k] for k in law.params]]),
+              metrics={"noise_floor": 0.02})
+    lo, hi = one.predict_interval(X, level=0.9, seeds=4)
+    centre = law.predict(p, X)
+    np.testing.assert_allclose(hi - centre, norm.ppf(0.95) * 0.02 / 2, rtol=1e-9)
+    np.testing.assert_allclose(centre - lo, norm.ppf(0.95) * 0.02 / 2, rtol=1e-9)
+    rng = np.random.default_rng(0)
+    samples = np.array([[p[k] * f for k, f in zip(law.params, row)] for row in 1 + 0.02 * rng.standard_normal((50, 5))])
+    fit = Fit(law="chinchilla", params=p, samples=samples, metrics={"noise_floor": 0.02})
+    lo, hi = fit.predict_interval(X, level=0.9)
+    pred = law.predict(samples, X)
+    for end, tail in ((lo, 0.05), (hi, 0.95)):
+        np.testing.assert_allclose(ndtr((end - pred) / 0.02).mean(axis=0), tail, atol=1e-9)
+    plo, phi = fit.predict_interval(X, level=0.9, seeds=None)
+    np.testing.assert_array_equal(plo, np.percentile(pred, 5, axis=0))
+    assert np.all(lo < plo) and np.all(phi < hi)                        # noise widens the law's interval
+    with pytest.raises(ValueError, match="seeds = 0"):
+        fit.predict_interval(X, seeds=0)
+
+
+def test_published_granularity_factor_is_krajewskis_on_the_joint_laws_parameter_term():
+    """The joint law's N term times (g G^-gamma + a) / (g + a) with Krajewski et al.'s published a, g,
+    gamma, computed here from the two published forms directly: the N term is the joint prediction
+    minus the same law with a -> 0 (its D term and floor). float64 NumPy on both sides (conftest.F64_TOL)."""
+    from moe_scaling.laws.fit import with_published_granularity
+
+    joint = load_fit(REPO / "fits" / "joint_moe_published.json")
+    both = with_published_granularity(joint)
+    G = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    X = {"params_active": np.full(5, 3e8), "params_embedding": np.full(5, 2e7), "tokens": np.full(5, 6e9),
+         "expansion": np.full(5, 8.0), "granularity": G, "n_shared": np.zeros(5)}
+    rest = LAWS["joint_moe"].predict({**joint.params, "a": 1e-300}, X)
+    n_term = joint.predict(X) - rest
+    k = LAWS["krajewski"].reference
+    want = rest + n_term * (k["g"] * G ** -k["gamma"] + k["a"]) / (k["g"] + k["a"])
+    np.testing.assert_allclose(both.predict(X), want, rtol=1e-12)
+    assert both.predict({**X, "n_shared": np.ones(5)}).tolist() == both.predict(X).tolist()   # no shared term
+    assert [t["law"] for t in both.settings["terms"]] == ["joint_moe", "krajewski", None]
+    with pytest.raises(FitError, match="goes on a joint_moe fit"):
+        with_published_granularity(load_fit(REPO / "fits" / "chinchilla_epoch.json"))

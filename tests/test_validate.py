@@ -8,8 +8,10 @@ import pytest
 
 from moe_scaling.cli import fit as cli
 from moe_scaling.design.space import Budget
-from moe_scaling.design.validate import STUDY_SPACE, summarize, validate, validation_candidates
+from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, space_bounds, summarize, validate,
+                                         validation_candidates)
 from moe_scaling.laws.fit import published_fit
+from moe_scaling.laws.registry import LAWS
 
 LAW = published_fit("saturating", dict(c=1.2, A=30.0, alpha=0.3, delta=0.15, B=200.0, beta=0.35, E_start=2.0,
                                        E_max=100.0), "test coefficients")
@@ -27,8 +29,50 @@ def test_candidates_are_the_optimum_runners_up_and_named_alternatives():
     assert all((c.config.granularity, c.config.n_shared) == (4, 1) for c in ranked)
     assert not by["best_dense"].config.is_moe
     assert by["coarse_g1"].config.granularity == 1 and by["no_shared"].config.n_shared == 0
+    assert by["g2"].config.granularity == 2
+    assert "with_shared" not in by               # the best with a shared expert is the optimum: not repeated
     assert len({n.candidate.config for n in named}) == len(named)
     assert all(n.candidate.costs["total_bytes"] <= 2_000_000 for n in named)
+
+
+# A law that reads granularity and the shared expert (ondevice: joint_moe's N term times
+# (1 + g (G^-eta - 1)) (1 + n_shared)^-sigma), coefficients chosen so that both matter.
+LAYOUT_LAW = published_fit("ondevice", {**LAWS["ondevice"].reference, "g": 0.3, "eta": 0.8, "sigma": 0.1},
+                           "test coefficients")
+
+
+def test_when_the_law_reads_the_layout_the_optimum_is_its_argmin_over_every_layout():
+    """No pinned layout: the optimum is the lowest prediction over every (trunk, layout) line, G and
+    n_shared included, and the named alternatives cover G = 1, 2 and the largest G, with and without
+    the shared expert, each the best of its kind and none predicted below the optimum."""
+    budget = Budget(memory=2_000_000, train_compute=5e12, context=128)
+    named = validation_candidates(LAYOUT_LAW, budget)
+    every = _best_per_line(LAYOUT_LAW, budget, STUDY_SPACE)
+    by = {n.name: n.candidate for n in named}
+    assert by["optimum"].config == every[0][1] and by["optimum"].predicted_loss == every[0][0]
+    assert all(c.predicted_loss >= by["optimum"].predicted_loss for c in by.values())
+    want = {"coarse_g1": lambda c: c.granularity == 1, "g2": lambda c: c.granularity == 2,
+            "finest_g": lambda c: c.granularity == max(STUDY_SPACE.granularities),
+            "with_shared": lambda c: c.n_shared > 0, "no_shared": lambda c: c.n_shared == 0}
+    configs = [n.candidate.config for n in named]
+    for name, pred in want.items():            # named, or the same model already listed under another name
+        best = next(cfg for _, cfg, _ in every if cfg.is_moe and pred(cfg))
+        assert (name in by and by[name].config == best) or best in configs, name
+    assert len(set(configs)) == len(configs)
+
+
+def test_space_bounds_and_concordance():
+    cfg = validation_candidates(LAW, Budget(memory=2_000_000, train_compute=5e12, context=128))[0].candidate.config
+    small = dataclasses.replace(STUDY_SPACE, d_model_min=cfg.d_model, n_layers_max=cfg.n_layers)
+    assert {"d_model_min", "n_layers_max"} <= set(space_bounds(cfg, small))
+    roomy = dataclasses.replace(STUDY_SPACE, d_model_min=16, d_model_max=512, n_layers_min=1, n_layers_max=16,
+                                expansion_max=1024.0)
+    assert space_bounds(cfg, roomy) == []
+    # pairs told apart beyond 2 floors (0.1): (a,c) and (b,c) and (a,b)? |2.0-2.15| = 0.15 <= 0.2: no
+    pred, meas = np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.15, 2.5])
+    assert concordance(pred, meas, 0.1) == 1.0
+    assert concordance(pred[::-1], meas, 0.1) == 0.0 and concordance(pred, meas, 1.0) is None
+    assert concordance(np.array([1.0, 3.0, 2.0]), meas, 0.1) == 0.5     # (a,c) agrees, (b,c) does not
 
 
 def test_validate_trains_the_candidates_and_writes_validation_json(tmp_path):
@@ -52,10 +96,13 @@ def test_validate_trains_the_candidates_and_writes_validation_json(tmp_path):
     assert len(c["measured"]) == 1 and 1.0 < c["measured_mean"] < 6.0 and c["measured_std"] is None
     assert (tmp_path / "grid.yaml").is_file() and (tmp_path / "sweep" / "runs.parquet").is_file()
     assert doc["noise_floor"] is None and doc["spearman"] is None and doc["within_interval"] is None
+    assert doc["optimum_gap"] == 0.0 and doc["concordance"] is None and doc["extrapolation"] is None
+    assert doc["binding"] and set(doc["binding"]) <= {"memory", "flops_per_token", "latency_ms", "space"}
+    assert 0 < doc["memory_use"] <= 1 and "d_model_max" in doc["space_bounds"]
 
 
 def test_summary_numbers_follow_from_the_measurements():
-    rows = [{"predicted_loss": 2.0, "measured": [2.10, 2.14], "in_interval": True},
+    rows = [{"name": "optimum", "predicted_loss": 2.0, "measured": [2.10, 2.14], "in_interval": True},
             {"predicted_loss": 2.1, "measured": [2.05, 2.07], "in_interval": False},
             {"predicted_loss": 2.3, "measured": [2.30, 2.36], "in_interval": True},
             {"predicted_loss": 2.2, "measured": [], "in_interval": None}]              # not trained: left out
@@ -64,6 +111,9 @@ def test_summary_numbers_follow_from_the_measurements():
     assert s["noise_floor"] == pytest.approx(np.sqrt(np.mean(np.square(stds))))
     assert s["spearman"] == pytest.approx(0.5)                 # ranks (1, 2, 3) vs (2, 1, 3)
     assert s["predicted_best_is_measured_best"] is False and s["within_interval"] == pytest.approx(2 / 3)
+    assert s["optimum_gap"] == pytest.approx(2.12 - 2.06)                # the optimum's mean minus the best
+    # floor 0.031: pairs beyond 0.062 are (opt, c) and (b, c), both ordered as the law orders them
+    assert s["concordance"] == 1.0
 
 
 @pytest.mark.parametrize("argv, message", [

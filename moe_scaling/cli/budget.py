@@ -151,6 +151,13 @@ def _describe(p: dict[str, Any]) -> str:
             f"{p['tokens']:.3g} tokens, predicted loss {loss}")
 
 
+def _indistinct_line(law: dict[str, Any]) -> str:
+    """One line: the knobs the law cannot see, the layouts it predicts alike, what they were fixed to."""
+    alike = "; ".join(f"{k} in {tuple(v)}" for k, v in law.get("indistinct_layouts", {}).items())
+    fixed = ", ".join(f"{k}={v}" for k, v in law["fixed_knobs"].items())
+    return f"law cannot see {', '.join(law['fixed_knobs'])}: predicts {alike} alike; fixed to {fixed}"
+
+
 def format_budget(result: dict[str, Any]) -> str:
     """A few readable lines of a :func:`run_budget` result ("" when it holds no search, so a
     ``moe-fit`` result dict can be passed whole)."""
@@ -169,8 +176,10 @@ def format_budget(result: dict[str, Any]) -> str:
         lines.append(f"MoE advantage (dense loss - sweet spot loss): {result['moe_advantage']:+.4f}")
     law = result["law_scope"]
     if law["fixed_knobs"]:
-        lines.append("law cannot see: " + ", ".join(law["not_distinguished"])
-                     + f"; fixed: {law['fixed_knobs']}")
+        lines.append(_indistinct_line(law))
+    for t in law.get("terms", []):
+        if t.get("law") or t.get("source"):
+            lines.append(f"law term {t['term']}: {t['source']}" + (f" ({t['scale']})" if t.get("scale") else ""))
     lines.append(f"frontier: {len(result['frontier'])} points (loss vs memory), "
                  f"{len(result['frontier_flops'])} (loss vs FLOPs); --json for all")
     if "emitted" in result:

@@ -290,8 +290,19 @@ def search(model: LossModel, budget: Budget, space: ArchSpace = ArchSpace(), *,
         frontier=_thin(ev, scan.front_mem, frontier_points),
         frontier_flops=_thin(ev, scan.front_flops, frontier_points),
         frontier_dense=_thin(ev, scan.front_dense, frontier_points),
-        binding=scan.binding(), law=_law_scope(reads, space, budget),
+        binding=scan.binding(), law={**_law_scope(reads, space, budget), "terms": _terms(model)},
         published=_published(ev, level), method=method, n_evaluated=scan.n_evaluated)
+
+
+def _terms(model: LossModel) -> list[dict[str, Any]]:
+    """Where each term of the law comes from and the scale it was fitted at (a fit's
+    ``settings["terms"]``), else one row naming the law and its source."""
+    settings = getattr(model, "settings", None) or {}
+    if settings.get("terms"):
+        return list(settings["terms"])
+    law = getattr(model, "law", None)
+    source = settings.get("reference") or (f"fitted to {model.n_points} runs" if getattr(model, "n_points", 0) else None)
+    return [{"term": "the whole law", "law": law, "source": source, "scale": None}]
 
 
 def _law_scope(reads: dict[str, bool], space: ArchSpace, budget: Budget) -> dict[str, Any]:
@@ -301,6 +312,9 @@ def _law_scope(reads: dict[str, bool], space: ArchSpace, budget: Budget) -> dict
         "fixed_knobs": ({} if reads["granularity"] and reads["n_shared"] else {
             k: v for k, v in (("granularity", None if reads["granularity"] else space.granularities[0]),
                               ("n_shared", None if reads["n_shared"] else space.shared[0])) if v is not None}),
+        # the layouts the law predicts alike (it reads neither knob's value): the output shows them
+        "indistinct_layouts": {k: list(v) for k, v in (("granularity", space.granularities), ("n_shared", space.shared))
+                               if not reads[k]},
         "not_distinguished": [k for k in ("granularity", "n_shared") if not reads[k]]
         + ["depth vs width at equal counts", "head_dim", "n_kv_heads (beyond its counts and KV bytes)",
            "router kind"],

@@ -1,14 +1,15 @@
 """The closed loop: train what the search predicts and check the prediction (``moe-fit --validate``).
 
 :func:`validation_candidates` takes a fitted law and a budget at a study's scale and names the
-architectures worth training: the search's ``optimum``, the two next-best architectures
+architectures worth training: the search's ``optimum`` (the law's argmin over the whole space,
+granularity and shared experts included, when the law reads them), the two next-best architectures
 (``runner_up_1``, ``runner_up_2``: the best point of the two next-best (trunk, layout) lines), and
-the named alternatives ``best_dense``, ``coarse_g1`` (the best layout with G = 1), ``over_sparse``
-(the best point with more than the optimum's expansion and at least 4x it, or the space's maximum)
-and ``no_shared`` (the best without a shared expert; ``with_shared`` when the optimum has none).
-The optimum and runners-up keep knobs the law cannot read at the space's preferred layout, as
-:func:`~moe_scaling.design.search.search` does; the alternatives may use any layout, so they test
-exactly what the law ignores. An alternative whose model is already listed is not repeated.
+the named alternatives, each the best point of its kind: ``best_dense``; ``coarse_g1``, ``g2`` and
+``finest_g`` (G = 1, G = 2, the space's largest G); ``with_shared`` and ``no_shared``; and
+``over_sparse`` (more than the optimum's expansion and at least 4x it, or the space's maximum).
+When the law cannot read a knob, the optimum and runners-up keep it at the space's preferred layout,
+as :func:`~moe_scaling.design.search.search` does, and the alternatives, which may use any layout,
+test exactly what the law ignores. An alternative whose model is already listed is not repeated.
 
 :func:`validate` writes them as a grid file (one ``zip`` row per candidate, every ModelConfig field
 explicit, tokens from the budget's training compute rounded to whole steps, ``seeds``), trains it
@@ -17,13 +18,23 @@ with the sweep runner (:func:`moe_scaling.sweep.runner.run_sweep`, so crashes re
 
     {"budget", "candidates": [{"name", "role", "model", "predicted_loss", "interval", "measured",
      "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
-     "predicted_best_is_measured_best", "within_interval", "grid", "sweep"}
+     "predicted_best_is_measured_best", "within_interval", "optimum_gap", "concordance",
+     "extrapolation", "binding", "memory_use", "space_bounds", "grid", "sweep"}
 
 ``measured`` are the final eval losses of the seeds; ``noise_floor`` the pooled seed-to-seed
 standard deviation ``sqrt(mean_i s_i^2)`` over candidates (None with one seed); ``spearman`` the
-rank correlation of predicted loss and measured mean over candidates; ``within_interval`` the share
-of candidates whose measured mean lies in the law's interval (None when the law has none). The
-verdict is the reader's: a law whose best is not the measured best beyond the noise floor failed.
+rank correlation of predicted loss and measured mean over candidates; ``interval`` the law's
+interval at ``level`` for the mean of the seeds trained (:meth:`~moe_scaling.laws.fit.Fit.predict_interval`:
+parameter uncertainty and the fit's seed noise over sqrt(seeds)), and ``within_interval`` the share
+of candidates whose measured mean lies in it (None when the law has none); ``optimum_gap`` the
+optimum's measured mean minus the best measured mean; ``concordance`` the share of candidate pairs
+whose measured means differ by more than 2 noise floors that the law orders the same way (None
+when no pair does); ``extrapolation`` the budget's training compute over the largest the law was
+fitted on (the fit's ``max_train_compute``); ``binding`` the budgets that bind the optimum
+(``memory``, ``flops_per_token``, ``latency_ms``; ``space`` when none does), ``memory_use`` its
+share of the memory budget, ``space_bounds`` the search-space bounds it sits on (``d_model_min``,
+``n_layers_max``, ``expansion_max``, ...). The verdict is the reader's: a law whose best is not the
+measured best beyond the noise floor failed.
 """
 
 from __future__ import annotations
@@ -38,13 +49,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_scaling.config import ModelConfig
-from moe_scaling.design.candidate import Candidate, LossModel, describe
-from moe_scaling.design.search import NothingFits, _Evaluator, law_reads
+from moe_scaling.design.candidate import Candidate, LossModel, config_columns, describe
+from moe_scaling.design.search import NothingFits, _Evaluator, law_reads, search
 from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, trunks
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
 
-__all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "Named", "validation_candidates", "summarize", "validate"]
+__all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "Named", "validation_candidates", "summarize", "concordance",
+           "space_bounds", "where_it_binds", "validate"]
 
 STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model_step=16, n_layers_min=2,
                         n_layers_max=4, aspect_min=8.0, aspect_max=64.0, head_dims=(16,), kv_heads=(2,),
@@ -113,13 +125,16 @@ def validation_candidates(model: LossModel, budget: Budget, space: ArchSpace = S
     def first(pred):
         return next((cfg for _, cfg, _ in every if pred(cfg)), None)
 
+    finest = max(space.granularities)
     alternatives = [
         ("best_dense", first(lambda c: not c.is_moe)),
         ("coarse_g1", first(lambda c: c.is_moe and c.granularity == 1)),
+        ("g2", first(lambda c: c.is_moe and c.granularity == 2)),
+        ("finest_g", first(lambda c: c.is_moe and c.granularity == finest)),
+        ("with_shared", first(lambda c: c.is_moe and c.n_shared > 0)),
+        ("no_shared", first(lambda c: c.is_moe and c.n_shared == 0)),
         ("over_sparse", first(lambda c: c.is_moe and c.expansion >= min(4 * opt.expansion, space.expansion_max)
                               and c.expansion > opt.expansion)),
-        ("no_shared", first(lambda c: c.is_moe and c.n_shared == 0)) if opt.n_shared else
-        ("with_shared", first(lambda c: c.is_moe and c.n_shared > 0)),
     ]
     picks += [(name, "alternative", cfg) for name, cfg in alternatives if cfg is not None]
     out, seen = [], set()
@@ -152,21 +167,76 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if not np.isfinite(rho) else float(rho)
 
 
+def concordance(pred: np.ndarray, meas: np.ndarray, floor: float | None) -> float | None:
+    """The share of pairs ``(i, j)`` with ``|meas_i - meas_j| > 2 floor`` (told apart beyond the
+    noise) on which ``sign(pred_i - pred_j) == sign(meas_i - meas_j)``; None when no pair qualifies
+    or there is no noise floor."""
+    if floor is None:
+        return None
+    agree = total = 0
+    for i in range(len(meas)):
+        for j in range(i + 1, len(meas)):
+            if abs(meas[i] - meas[j]) > 2.0 * floor:
+                total += 1
+                agree += int(np.sign(pred[i] - pred[j]) == np.sign(meas[i] - meas[j]))
+    return agree / total if total else None
+
+
 def summarize(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The verdict numbers over candidate rows (``predicted_loss``, ``measured``, ``in_interval``;
-    rows without measurements are left out): ``noise_floor`` = ``sqrt(mean_i s_i^2)`` over the
-    candidates' seed standard deviations ``s_i`` (ddof 1; None with one seed), ``spearman`` (None
-    below 3 candidates), ``predicted_best_is_measured_best``, ``within_interval`` (share of
-    candidates whose measured mean lies in the law's interval; None without intervals)."""
+    """The verdict numbers over candidate rows (``name``, ``predicted_loss``, ``measured``,
+    ``in_interval``; rows without measurements are left out): ``noise_floor`` =
+    ``sqrt(mean_i s_i^2)`` over the candidates' seed standard deviations ``s_i`` (ddof 1; None with
+    one seed), ``spearman`` (None below 3 candidates), ``predicted_best_is_measured_best``,
+    ``within_interval`` (share of candidates whose measured mean lies in the law's interval; None
+    without intervals), ``optimum_gap`` (the ``optimum`` row's measured mean minus the lowest; None
+    without it) and :func:`concordance`."""
     done = [r for r in rows if r["measured"]]
     stds = [float(np.std(r["measured"], ddof=1)) for r in done if len(r["measured"]) > 1]
     pred = np.array([r["predicted_loss"] for r in done])
     meas = np.array([np.mean(r["measured"]) for r in done])
     inside = [r["in_interval"] for r in done if r.get("in_interval") is not None]
-    return {"noise_floor": float(math.sqrt(np.mean(np.square(stds)))) if stds else None,
+    floor = float(math.sqrt(np.mean(np.square(stds)))) if stds else None
+    opt = [m for r, m in zip(done, meas) if r.get("name") == "optimum"]
+    return {"noise_floor": floor,
             "spearman": _spearman(pred, meas),
             "predicted_best_is_measured_best": bool(np.argmin(pred) == np.argmin(meas)) if done else None,
-            "within_interval": (sum(inside) / len(inside)) if inside else None}
+            "within_interval": (sum(inside) / len(inside)) if inside else None,
+            "optimum_gap": float(opt[0] - meas.min()) if opt else None,
+            "concordance": concordance(pred, meas, floor)}
+
+
+def space_bounds(cfg: ModelConfig, space: ArchSpace) -> list[str]:
+    """The search-space bounds ``cfg`` sits on: ``d_model_min`` / ``d_model_max``,
+    ``n_layers_min`` / ``n_layers_max``, ``expansion_max`` (an optimum there was cut off by the
+    space, not by a budget)."""
+    hits = [name for name, at in (("d_model_min", cfg.d_model <= space.d_model_min),
+                                  ("d_model_max", cfg.d_model >= space.d_model_max),
+                                  ("n_layers_min", cfg.n_layers <= space.n_layers_min),
+                                  ("n_layers_max", cfg.n_layers >= space.n_layers_max)) if at]
+    if cfg.is_moe and cfg.expansion >= space.expansion_max:
+        hits.append("expansion_max")
+    return hits
+
+
+def _interval_of_mean(model: LossModel, cfg: ModelConfig, tokens: float, level: float,
+                      seeds: int) -> tuple[float, float] | None:
+    """The law's interval for the mean of ``seeds`` runs of ``cfg`` (None when it gives none)."""
+    fn = getattr(model, "predict_interval", None)
+    if fn is None or getattr(model, "has_samples", True) is False:
+        return None
+    lo, hi = fn(config_columns([cfg], [tokens]), level=level, seeds=seeds)
+    return float(np.asarray(lo)[0]), float(np.asarray(hi)[0])
+
+
+def where_it_binds(model: LossModel, budget: Budget, space: ArchSpace, optimum: Candidate) -> dict[str, Any]:
+    """``extrapolation``, ``binding``, ``memory_use`` and ``space_bounds`` of the optimum (module
+    docstring). ``binding`` comes from the search over the same space (a budget binds when relaxing it
+    alone lowers the best predicted loss)."""
+    fitted = (getattr(model, "metrics", None) or {}).get("max_train_compute")
+    res = search(model, budget, space, method="exhaustive", frontier_points=2)
+    return {"extrapolation": (budget.train_compute / fitted) if fitted and budget.train_compute else None,
+            "binding": res.binding, "memory_use": optimum.costs["total_bytes"] / budget.memory,
+            "space_bounds": space_bounds(optimum.config, space)}
 
 
 def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 3,
@@ -213,12 +283,13 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
         measured = sorted(float(v) for v in m["eval_loss"])
         mean = float(np.mean(measured)) if measured else None
         std = float(np.std(measured, ddof=1)) if len(measured) > 1 else None
-        iv = n.candidate.interval
+        iv = _interval_of_mean(model, c, n.candidate.tokens, level, len(measured)) if measured else None
+        iv = iv or n.candidate.interval
         rows.append({"name": n.name, "role": n.role, "model": {**c.to_dict(), **STUDY_MODEL},
                      "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
                      "tokens": tokens, "measured": measured, "measured_mean": mean, "measured_std": std,
                      "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])})
-    result = {"budget": budget.to_dict(), "candidates": rows, **summarize(rows), "grid": str(grid),
-              "sweep": str(sweep_dir)}
+    result = {"budget": budget.to_dict(), "candidates": rows, **summarize(rows),
+              **where_it_binds(model, budget, space, named[0].candidate), "grid": str(grid), "sweep": str(sweep_dir)}
     atomic_write_text(out / "validation.json", json.dumps(result, indent=1, default=json_default) + "\n")
     return result

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +44,11 @@ from moe_scaling.files import atomic_write_text, json_default
 from moe_scaling.laws.errors import FitError, NoSamplesError
 from moe_scaling.laws.lbfgs import minimize_batch
 from moe_scaling.laws.problem import Problem, fit_starts, make_problem
-from moe_scaling.laws.registry import LAWS, Law, get_law
+from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, Law, get_law
 from moe_scaling.laws.tables import FitData, holdout_mask
 
 __all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "fit_starts_and_cold",
-           "percentile_mc_se", "FORMAT"]
+           "percentile_mc_se", "noise_floor", "with_published_granularity", "FORMAT"]
 
 FORMAT = "moe-scaling-fit/1"
 
@@ -162,20 +163,41 @@ class Fit:
         """Predicted loss for each row of ``X`` (dict of canonical column arrays), shape ``(n,)``."""
         return self.law_obj.predict(self.params, X)
 
-    def predict_interval(self, X: Mapping[str, Any], level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) percentile interval of the predicted loss over the bootstrap parameter
-        samples: the uncertainty of the fitted law at ``X``, not the spread of single runs around it.
+    @property
+    def noise_floor(self) -> float | None:
+        """The pooled seed-to-seed sd of the fitted runs' losses (:func:`noise_floor`), or None when
+        the fitted table repeated no configuration."""
+        v = self.metrics.get("noise_floor")
+        return None if v is None else float(v)
+
+    def predict_interval(self, X: Mapping[str, Any], level: float = 0.9, *,
+                         seeds: int | None = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) interval at coverage ``level`` for what training ``X`` would measure.
+
+        ``seeds=k`` (default 1): the mean loss of ``k`` new runs. Two sources of error add up: the
+        law's parameter uncertainty (the loss predicted by each bootstrap sample, ``p_s``) and the
+        seed-to-seed noise of a measured mean, ``sigma / sqrt(k)`` with ``sigma`` the fit's
+        :attr:`noise_floor`. The interval holds the ``(1 -+ level) / 2`` quantiles of the mixture
+        ``(1/S) sum_s N(p_s, sigma^2 / k)``, found by bisection on its CDF (deterministic, no
+        sampling). Without a noise floor, and with ``seeds=None``, it is the percentile interval of
+        the ``p_s`` alone: the uncertainty of the law itself, not of a run around it.
         Raises :class:`NoSamplesError` (a ValueError) when the fit has no samples."""
         if not self.has_samples:
             raise NoSamplesError(f"fit of law {self.law} ({self.source}) has no bootstrap samples, so no "
                                  "prediction interval; refit the runs with --bootstrap N")
         if not 0.0 < level < 1.0:
             raise ValueError(f"level = {level}: must be in (0, 1), e.g. 0.9")
+        if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+            raise ValueError(f"seeds = {seeds!r}: must be a whole number >= 1, or None for the law alone")
         pred = self.law_obj.predict(self.samples, X)
-        tail = 100.0 * (1.0 - level) / 2.0
+        tail = (1.0 - level) / 2.0
+        sigma = self.noise_floor
         with warnings.catch_warnings():                 # rows with missing inputs give NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanpercentile(pred, tail, axis=0), np.nanpercentile(pred, 100.0 - tail, axis=0)
+            if seeds is None or not sigma:
+                return np.nanpercentile(pred, 100 * tail, axis=0), np.nanpercentile(pred, 100 * (1 - tail), axis=0)
+            return (_mixture_quantile(pred, sigma / math.sqrt(seeds), tail),
+                    _mixture_quantile(pred, sigma / math.sqrt(seeds), 1.0 - tail))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (see :func:`load_fit`)."""
@@ -304,6 +326,51 @@ def _bootstrap_intervals(problem: Problem, starts: np.ndarray, bootstrap: int, s
     return intervals, boot[:keep_samples], int(ok.sum())
 
 
+def _mixture_quantile(centres: np.ndarray, sd: float, q: float, iters: int = 60) -> np.ndarray:
+    """The ``q`` quantile, per column, of an equal mixture of normals ``N(centres[s, j], sd^2)`` over
+    the finite rows ``s``: bisection on the mixture CDF, 60 halvings of a bracket 8 sd wide beyond
+    the centres (to ~1e-17 of it). NaN where a column has no finite centre."""
+    from scipy.special import ndtr
+
+    c = np.asarray(centres, np.float64)
+    ok = np.isfinite(c)
+    n = ok.sum(axis=0)
+    lo = np.where(ok, c, np.inf).min(axis=0) - 8 * sd
+    hi = np.where(ok, c, -np.inf).max(axis=0) + 8 * sd
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        cdf = np.where(ok, ndtr((mid - np.where(ok, c, 0.0)) / sd), 0.0).sum(axis=0) / np.maximum(n, 1)
+        lo, hi = np.where(cdf < q, mid, lo), np.where(cdf < q, hi, mid)
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+
+
+_CONFIG_KEYS = ("steps", "lr", "batch_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "top_k",
+                "d_expert", "d_shared", "router", "capacity_factor", "corpus", "tokenizer")
+
+
+def noise_floor(table: pd.DataFrame) -> dict[str, Any]:
+    """The seed-to-seed noise of a runs table: runs whose canonical columns
+    (:data:`~moe_scaling.laws.registry.CANONICAL_COLUMNS` but ``loss``) and configuration columns
+    (``_CONFIG_KEYS``: steps, learning rate, batch, shapes, router, corpus; those present) are all
+    equal are repeats of one configuration (they differ in seed only), and the pooled sd is
+
+        sigma = sqrt( sum_i (n_i - 1) s_i^2 / sum_i (n_i - 1) )
+
+    over the configurations ``i`` with ``n_i >= 2`` runs (``s_i`` their sd, ddof 1): every repeat
+    contributes its degrees of freedom, not one 2-dof sd per configuration. Returns
+    ``{"noise_floor": sigma or None, "noise_floor_dof": sum(n_i - 1), "noise_floor_configs": count}``."""
+    keys = [c for c in (*CANONICAL_COLUMNS, *_CONFIG_KEYS) if c != "loss" and c in table.columns]
+    if not keys or len(table) < 2:
+        return {"noise_floor": None, "noise_floor_dof": 0, "noise_floor_configs": 0}
+    g = table.groupby([table[k].round(12) if table[k].dtype.kind == "f" else table[k] for k in keys],
+                      dropna=False)["loss"]
+    n, var = g.count(), g.var(ddof=1)
+    rep = n >= 2
+    dof = int((n[rep] - 1).sum())
+    sigma = float(math.sqrt(((n[rep] - 1) * var[rep]).sum() / dof)) if dof else None
+    return {"noise_floor": sigma, "noise_floor_dof": dof, "noise_floor_configs": int(rep.sum())}
+
+
 def _bound_notes(law: Law, x: np.ndarray, params: Mapping[str, float], free: Sequence[int]) -> list[str]:
     """A note for every free parameter within 1e-6 (relative) of a bound of its internal coordinate."""
     blo, bhi = law.internal_bounds()
@@ -367,6 +434,9 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
                                "huber_objective": float(bf[0]), "n_free": len(free),
                                "heldout_rmse": None, "kfold_rmse": None}
     metrics.update(_heldout_metrics(law, nat, d, held, fold, kfold, heldout_by))
+    metrics.update(noise_floor(d.table))
+    if "tokens" in d.compute_rule and "no tokens" not in d.compute_rule:    # a FLOPs count, not a size
+        metrics["max_train_compute"] = float(d.compute.max())
     intervals, samples = {}, None
     if bootstrap:
         intervals, samples, metrics["bootstrap_ok"] = _bootstrap_intervals(
@@ -430,3 +500,54 @@ def published_fit(law: str | Law, params: Mapping[str, float], reference: str, n
         raise FitError(f"published {lw.name}: missing {', '.join(missing)}")
     return Fit(law=lw.name, params={p: float(params[p]) for p in lw.params}, source="published",
                settings={"reference": reference}, notes=tuple(notes))
+
+
+def with_published_granularity(fit: Fit) -> Fit:
+    """A joint_moe fit that also reads granularity: Krajewski et al. 2024's published granularity
+    factor on its parameter term, as an ``ondevice`` fit.
+
+    Krajewski et al. write the parameter term ``(g / G^gamma + a) / N^alpha``; relative to coarse
+    experts (G = 1) that is the factor ``(g G^-gamma + a) / (g + a) = 1 + g' (G^-gamma - 1)`` with
+    ``g' = g / (g + a)``, which is exactly ``ondevice``'s granularity factor with ``g = g'`` and
+    ``eta = gamma`` (registry :data:`~moe_scaling.laws.registry.KRAJEWSKI`'s reference: g' = 0.104,
+    eta = 0.58). The joint law's coefficients are taken as those of G = 1 experts, and ``sigma = 0``:
+    no published law prices a shared expert, so ``n_shared`` stays unread (the search says so).
+    Bootstrap samples, when the fit has them, carry the factor's fixed values. ``settings["terms"]``
+    names the source of each term and the scale it was fitted at.
+
+    Not used by the search by default, for two measured reasons (README, Results): the factor falls
+    monotonically in G, so a search under it always takes the space's largest G (a search-space bound
+    chooses, not the law; Krajewski et al. price fine granularity through routing compute, which this
+    loss term does not hold); and it lowers the loss of E = 1 layouts (every routed width equal to
+    the dense FFN) as much as that of real MoE, a regime the paper did not fit. At 2 GB it turns
+    every compute from 1e19 to 1e25 into "MoE at G = 16", E = 1 from 1e22 on."""
+    if fit.law != "joint_moe":
+        raise FitError(f"a published granularity factor goes on a joint_moe fit; this one is {fit.law}")
+    k = LAWS["krajewski"].reference
+    extra = {"g": k["g"] / (k["g"] + k["a"]), "eta": k["gamma"], "sigma": 0.0}
+    law = LAWS["ondevice"]
+    samples = None
+    if fit.samples is not None:
+        cols = dict(zip(LAWS["joint_moe"].params, np.asarray(fit.samples, float).T))
+        samples = np.column_stack([cols[p] if p in cols else np.full(len(fit.samples), extra[p]) for p in law.params])
+    terms = [{"term": "N, D and expansion (Ehat)", "law": "joint_moe", "source": fit.settings.get("reference")
+              or f"fitted to {fit.n_points} runs", "scale": _fitted_scale(fit)},
+             {"term": "granularity factor 1 + g (G^-eta - 1), g = 0.104, eta = 0.58", "law": "krajewski",
+              "source": LAWS["krajewski"].citation + ": g / (g + a) and gamma of its published a = 18.1, "
+                        "g = 2.1, gamma = 0.58",
+              "scale": "the paper's own fine-grained MoE runs (not re-checked here); applied relative to G = 1"},
+             {"term": "shared expert", "law": None, "source": "none published: n_shared is not read",
+              "scale": None}]
+    return dataclasses.replace(
+        fit, law="ondevice", params={**fit.params, **extra}, samples=samples,
+        fixed={**fit.fixed, **extra}, settings={**fit.settings, "terms": terms},
+        notes=tuple(fit.notes) + ("granularity from Krajewski et al. 2024's published factor on top of the "
+                                  "joint law (relative to G = 1); no published shared-expert term",))
+
+
+def _fitted_scale(fit: Fit) -> str:
+    """Where a fit's coefficients come from, in size: the published joint law's paper, or the fitted runs."""
+    if fit.source == "published":
+        return "Ludziejewski et al. 2025: 280+ runs up to 2.7B active / 5B total parameters"
+    m = fit.metrics.get("max_train_compute")
+    return f"{fit.n_points} runs" + (f", training compute up to {m:.3g} FLOPs" if m else "")

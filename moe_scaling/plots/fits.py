@@ -44,12 +44,13 @@ def law_inputs(table: pd.DataFrame | Mapping[str, Any]) -> dict[str, np.ndarray]
 
 
 def _interval(fit: Any, X: Mapping[str, np.ndarray], level: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """``fit.predict_interval(X, level)`` as two arrays, or None when the fit has no bootstrap."""
+    """``fit.predict_interval(X, level, seeds=None)`` as two arrays (the law's own band, without
+    the seed noise of a single run), or None when the fit has no bootstrap."""
     fn = getattr(fit, "predict_interval", None)
     if fn is None:
         return None
     try:
-        lo, hi = fn(X, level=level)
+        lo, hi = fn(X, level=level, seeds=None)
     except (ValueError, RuntimeError, AttributeError):
         return None
     return np.asarray(lo, float), np.asarray(hi, float)
