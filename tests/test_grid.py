@@ -72,6 +72,23 @@ def test_granularity_keeps_active_width_and_expansion_sets_expert_count(tmp_path
         assert m.d_active_ffn == 256 + 256             # top_k * d_expert + shared: fixed in G
 
 
+def test_shared_fraction_takes_part_of_the_active_width_instead_of_adding_to_it(tmp_path):
+    """With ``shared_fraction: 1/2`` a shared expert holds half the routed active width and top_k
+    halves (MobileMoE-L's layout), so every layout, with or without it, has the same active FFN
+    width as the dense model (d_ff = 256): the shared expert is compared at equal compute."""
+    runs = grid(tmp_path, model={"top_k": 1, "shared_fraction": 0.5},
+                grid={"granularity": [2, 4, 8], "expansion": [4], "n_shared": [0, 1]})
+    assert len(runs) == 6
+    for r in runs:
+        g, m = r.axes["granularity"], r.model
+        assert m.d_active_ffn == 256 and m.d_expert == 256 // g
+        assert (m.top_k, m.n_shared, m.d_shared) == ((g // 2, 1, 128) if m.n_shared else (g, 0, m.d_shared))
+    with pytest.raises(ConfigError, match=r"top_k = 0.5"):          # G = 1, top-1: half an expert
+        grid(tmp_path, model={"top_k": 1, "n_shared": 1, "shared_fraction": 0.5}, grid={"granularity": [1]})
+    with pytest.raises(ConfigError, match=r"shared_fraction = 1.5: must be a number in \(0, 1\)"):
+        grid(tmp_path, model={"top_k": 1, "n_shared": 1, "shared_fraction": 1.5}, grid={"granularity": [2]})
+
+
 def test_granularity_without_expansion_keeps_n_experts_literal(tmp_path):
     (r,) = grid(tmp_path, model={"n_experts": 8, "top_k": 2}, grid={"granularity": [4]})
     assert (r.model.n_experts, r.model.top_k, r.model.d_expert) == (8, 8, 64)

@@ -28,6 +28,12 @@ Derived axes (docs/design.md, section 3), usable in ``grid``, ``zip`` or the ``m
 * ``expansion: E`` sets ``n_experts = E * G`` (G = 1 when no granularity is given), i.e. the total
   routed expert width is E times d_ff. ``E * G`` must be a whole number; ``expansion`` cannot be given
   together with ``n_experts``. ``expansion: 1`` at granularity 1 is the dense model.
+* ``shared_fraction: f`` (0 < f < 1): in runs with shared experts (``n_shared >= 1``), the shared
+  experts take the share f of the routed active width ``W = top_k * d_expert`` instead of adding to
+  it: ``d_shared = f W / n_shared`` and ``top_k = (1 - f) W / d_expert`` (both whole), so the active
+  FFN width stays W and a shared expert is compared at equal compute (MobileMoE-L: f = 1/2, top-4
+  of 8 fine experts' width plus a shared expert of half d_ff). Runs without shared experts are
+  unchanged.
 
 Without ``expansion``, ``n_experts`` is taken literally (the number of experts after splitting).
 
@@ -68,7 +74,7 @@ __all__ = ["GridSpec", "RunSpec", "load_grid", "expand_grid", "run_id", "resolve
            "DERIVED_AXES"]
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
-DERIVED_AXES = ("granularity", "expansion")
+DERIVED_AXES = ("granularity", "expansion", "shared_fraction")
 TOKENIZER_VOCAB = {"byte": 256}
 TOP_KEYS = ("name", "data", "model", "train", "grid", "zip", "exclude", "seeds")
 
@@ -308,7 +314,27 @@ def _assign(spec: GridSpec, axes: Mapping[str, Any], seed: int | None,
             raise ConfigError(f"{label}: expansion = {e!r}: expansion * granularity = {n:g} is not a "
                               "whole number of experts; pick values whose product is whole")
         model["n_experts"] = int(round(n))
+    f = derived.get("shared_fraction")
+    if f is not None:
+        _apply_shared_fraction(model, f, label)
     return out
+
+
+def _apply_shared_fraction(model: dict[str, Any], f: Any, label: str) -> None:
+    """``shared_fraction: f`` (module docstring), in place; a no-op without shared experts."""
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+        raise ConfigError(f"{label}: shared_fraction = {f!r}: must be a number in (0, 1), e.g. 0.5")
+    n_shared = model.get("n_shared", 0)
+    if not n_shared:
+        return
+    d_ff = reference_d_ff(model, label)
+    d_expert = model.get("d_expert") or d_ff
+    width = model.get("top_k", 1) * d_expert
+    top_k, d_shared = (1 - f) * width / d_expert, f * width / n_shared
+    # not whole: kept as computed, so that `exclude` can drop the point; otherwise the config's own
+    # validation names top_k or d_shared and the value
+    whole = lambda v: int(round(v)) if math.isclose(v, round(v)) else v  # noqa: E731
+    model["top_k"], model["d_shared"] = whole(top_k), whole(d_shared)
 
 
 def _build(sections: Mapping[str, dict], index: int, axes: Mapping[str, Any], label: str) -> RunSpec:
