@@ -51,8 +51,15 @@ def _shard_bytes(abstract: Any, shardings: Any) -> int:
 
 
 def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_len: int,
-                      dtype: str = "float32") -> dict[str, int]:
-    """Per-device bytes of a train step from the config (see the module docstring)."""
+                      dtype: str = "float32", capacity_factor: float | None = None) -> dict[str, int]:
+    """Per-device bytes of a train step from the config (see the module docstring).
+
+    Routed rows per MoE layer and device: ``T_l k`` for a dropless dispatch, or, with
+    ``capacity_factor`` (the ``capacity`` dispatch, token-local on a mesh), the ``E C_l`` slots
+    of the capacity layout, ``C_l = capacity(T_l, k, E, cf)`` with ``T_l = B S / n`` the device's
+    tokens (:func:`moe_scaling.model.routing.capacity`; padding slots are computed like real
+    ones). Each row keeps its input (``d``), gate/up (``2 f``) and SwiGLU output (``f``) for
+    the backward pass."""
     d, L, V = model.d_model, model.n_layers, model.vocab_size
     hq, hkv, hd = model.n_heads, model.n_kv_heads, model.head_dim
     attn = d * (hq + 2 * hkv) * hd + hq * hd * d + (2 * hd if model.qk_norm else 0) + 2 * d
@@ -70,10 +77,16 @@ def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_
     per_layer = (4 * 4 * d                                  # residual in/out + two norm inputs (f32)
                  + cb * (hq + 2 * hkv) * hd + cb * hq * hd  # q, k, v and the attention output
                  + 4 * hq * min(seq_len, seq_len) / 2 * 2)  # causal scores + softmax (f32), half the square
-    ffn_moe = cb * (model.top_k * (d + 3 * model.d_expert) + 3 * model.n_shared * model.d_shared) \
-        + 4 * model.n_experts * 2                             # routed rows in/out, shared SwiGLU; router
+    ffn_moe = cb * 3 * model.n_shared * model.d_shared + 4 * model.n_experts * 2   # shared SwiGLU; router
     ffn_dense = cb * 3 * model.d_ff
-    act = tokens * (L * per_layer + moe_layers * ffn_moe + dense_layers * ffn_dense)
+    if capacity_factor is None or not model.n_experts:
+        routed_rows = tokens * model.top_k
+    else:
+        from moe_scaling.model.routing import capacity
+        t_local = batch_size * seq_len // mesh.size
+        routed_rows = model.n_experts * capacity(t_local, model.top_k, model.n_experts, capacity_factor)
+    act = (tokens * (L * per_layer + moe_layers * ffn_moe + dense_layers * ffn_dense)
+           + moe_layers * routed_rows * cb * (d + 3 * model.d_expert))
     logits = tokens * V * 4 * 2
     # FSDP: XLA (no rematerialisation) keeps every weight it all-gathers in the forward pass alive
     # until the backward pass has used it, so the whole model (over the expert axis) is resident at
@@ -118,7 +131,8 @@ def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, An
     args, outs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
     alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
     xla_total = args + outs - alias + temp
-    est = analytic_estimate(model, shape, train.batch_size, data.seq_len, train.dtype)
+    est = analytic_estimate(model, shape, train.batch_size, data.seq_len, train.dtype,
+                            capacity_factor=train.capacity_factor if dispatch == "capacity" else None)
     report = {
         "model": {"params_total": int(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract[0]))),
                   "d_model": model.d_model, "n_layers": model.n_layers, "n_experts": model.n_experts,
