@@ -73,11 +73,10 @@ print("RESULT " + json.dumps(losses(train(MODEL, TRAIN, DATA, progress=False, me
 
 TOKEN_LOCAL = SETUP + """
 import jax, jax.numpy as jnp, numpy as np
-from flax import nnx
 from moe_scaling.config import MeshShape
 from moe_scaling.model.routing import moe_experts, moe_experts_sharded, route
-from moe_scaling.train.mesh import Placement, make_mesh
-from moe_scaling.train.step import init_state, make_train_step
+from moe_scaling.train.mesh import make_mesh
+from moe_scaling.train.plan import step_flops
 
 # 1. Drops. 256 tokens on data=2,expert=2 (64 per device), 8 experts top-2, capacity factor 1: each
 # device gives an expert 16 slots, one device would give it 64. Expert 0 is favoured by the first
@@ -110,17 +109,8 @@ for name, fn in [("mesh", on_mesh), ("per_device", per_device), ("one_device", o
                  "grads": [np.asarray(a).ravel().tolist() for a in grads]}
 
 # 2. FLOPs per device of the whole train step (XLA's cost analysis), data=4 against one device.
-cfg = TrainConfig(batch_size=8, tokens=8 * 32 * 5, dispatch="capacity")
-graphdef, abstract = nnx.eval_shape(lambda: init_state(MODEL, cfg, 5))
-abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
-flops = {}
-for m in (None, "data=4"):
-    pl = Placement.create(MeshShape.parse(m), abstract) if m else None
-    st = abstract if pl is None else jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, pl.state)
-    b = jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=None if pl is None else pl.batch)
-    cost = make_train_step(graphdef, cfg, "capacity", pl).lower(st, b, b).compile().cost_analysis()
-    flops[str(m)] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+flops = {str(m): step_flops(MODEL, TrainConfig(batch_size=8, tokens=8 * 32 * 5, dispatch="capacity", mesh=m), 32)
+         for m in (None, "data=4")}
 out["flops"] = flops
 print("RESULT " + json.dumps(out))
 """

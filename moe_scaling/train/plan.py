@@ -39,7 +39,7 @@ import numpy as np
 
 from moe_scaling.config import MeshShape, ModelConfig
 
-__all__ = ["memory_plan", "analytic_estimate", "format_plan"]
+__all__ = ["memory_plan", "compile_step", "step_flops", "analytic_estimate", "format_plan"]
 
 
 def _shard_bytes(abstract: Any, shardings: Any) -> int:
@@ -100,9 +100,9 @@ def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_
     return out
 
 
-def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, Any]:
-    """Compile ``stage``'s train step (its model, train and data configs, its mesh) on abstract
-    arrays and report per-device bytes, XLA's and the analytic estimate's."""
+def compile_step(model: ModelConfig, train: Any, seq_len: int):
+    """Lower and compile the train step of ``model`` for ``train.mesh`` on abstract arrays (nothing
+    is allocated): ``(compiled, abstract state, placement, dispatch)``."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -111,19 +111,35 @@ def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, An
     from moe_scaling.train.mesh import Placement, check_mesh
     from moe_scaling.train.step import init_state, make_train_step
 
-    model, train, data = stage.model, stage.train, stage.data
     shape = MeshShape.parse(train.mesh)
     check_mesh(shape, n_experts=model.n_experts, batch_size=train.batch_size, n_devices=jax.device_count())
-    steps = max(train.tokens // (train.batch_size * data.seq_len), 1)
+    steps = max(train.tokens // (train.batch_size * seq_len), 1)
     graphdef, abstract = nnx.eval_shape(lambda: init_state(model, train, steps))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
     placement = Placement.create(shape, abstract)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, placement.state)
-    batch = jax.ShapeDtypeStruct((train.batch_size, data.seq_len), jnp.int32, sharding=placement.batch)
+    batch = jax.ShapeDtypeStruct((train.batch_size, seq_len), jnp.int32, sharding=placement.batch)
     dispatch = resolve_dispatch(train.dispatch)
     step = make_train_step(graphdef, train, dispatch, placement if shape.size > 1 else None)
-    compiled = step.lower(state_in, batch, batch).compile()
+    return step.lower(state_in, batch, batch).compile(), abstract, placement, dispatch
+
+
+def step_flops(model: ModelConfig, train: Any, seq_len: int) -> float:
+    """FLOPs per device of one train step on ``train.mesh``: XLA's cost analysis of the compiled
+    (partitioned, per-device) program."""
+    cost = compile_step(model, train, seq_len)[0].cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, Any]:
+    """Compile ``stage``'s train step (its model, train and data configs, its mesh) on abstract
+    arrays and report per-device bytes, XLA's and the analytic estimate's."""
+    import jax
+
+    model, train, data = stage.model, stage.train, stage.data
+    shape = MeshShape.parse(train.mesh)
+    compiled, abstract, placement, dispatch = compile_step(model, train, data.seq_len)
     ma = compiled.memory_analysis()
     params = _shard_bytes(abstract[0] if hasattr(abstract, "__getitem__") else abstract,
                           placement.state[0])
