@@ -11,23 +11,38 @@ analysis of the partitioned program, i.e. per device:
   gathered FSDP weights, the dispatch buffers of the MoE layers);
 * ``total``: arguments + outputs not aliased to them (the state is donated) + temporaries.
 
-Beside it, :func:`analytic_estimate` counts the same from the config: 4 bytes per parameter
-shard, 8 for the two AdamW moments, 4 for the gradients, and activations kept for the backward
-pass per token and layer (the residual stream, the norms' inputs, q/k/v, the attention output
-and scores, each MoE layer's routed and shared SwiGLU inputs and outputs at ``top_k`` rows per
-token) plus the logits (float32, with their softmax), plus, on an ``fsdp`` axis, the all-gathered
-weights: XLA keeps every weight it gathers in the forward pass until the backward pass, so the
-whole model (split only over ``expert``) is resident at the peak. ``total_regathered`` is what a
-schedule that gathers one layer at a time (rematerialising in the backward) would need. Compilation happens on CPU host devices
-when the mesh is larger than the machine (the CLI sets ``--xla_force_host_platform_device_count``
-before JAX starts), so the temporaries are XLA:CPU's; an accelerator's compiler fuses differently.
+Beside it, :func:`analytic_estimate` counts the same from the model config, the mesh and the
+batch, term by term (``n`` devices, ``T_l = B S / n`` tokens per device, ``cb`` bytes of the
+compute dtype):
 
-Known gap (measured, MobileMoE-L, batch 64 x 1024 on ``fsdp=16,expert=4``: XLA 57.3 GB per device,
-3.6 x the estimate): the capacity dispatch sorts the assignments of *all* tokens by expert, and
-XLA's partitioner cannot split that global sort over the batch axes, so each device holds the
-routed-expert activations of the whole global batch divided only by ``expert`` (about 43 GB
-there). The estimate assumes token-local dispatch (sort per device, exchange rows with the
-expert owners), which needs a ``shard_map`` in :mod:`moe_scaling.model.routing`.
+* ``params``: 4 bytes per parameter of this device's shard: the routed experts split over
+  ``fsdp x expert``, everything else over ``fsdp`` (the partition rules of
+  :mod:`moe_scaling.train.mesh`);
+* ``optimizer``: 2 x ``params`` (AdamW's two float32 moments); ``gradients``: 1 x ``params``;
+* ``activations`` kept for the backward pass, per token and layer: the residual stream and the two
+  norms' inputs (float32), q/k/v and the attention output, the causal scores and their softmax
+  (float32, half the ``S x S`` square per head); per MoE layer the shared SwiGLU's input/output
+  and the router's logits and probabilities, plus the routed rows: ``E C_l`` capacity slots
+  (``C_l = capacity(T_l, k, E, cf)``, the token-local dispatch's layout; ``T_l k`` rows for a
+  dropless one), each keeping its input (``d``), gate/up (``2 f``) and SwiGLU output (``f``);
+* ``logits``: ``T_l x V`` float32, twice (the logits and their softmax);
+* ``gathered_weights`` (``fsdp > 1``): the whole model divided only by ``expert``, less this
+  device's shard: XLA keeps every weight it all-gathers in the forward pass until the backward pass
+  has used it. This term was added after seeing XLA's 8-device number (README), so agreement there
+  is partly fitted; it is still a count of the model and the mesh, not a number taken from XLA.
+
+``total_regathered`` is what a schedule that gathers one layer at a time (rematerialising in the
+backward) would need. Compilation happens on CPU host devices when the mesh is larger than the
+machine (the CLI sets ``--xla_force_host_platform_device_count`` before JAX starts), so the
+temporaries are XLA:CPU's; an accelerator's compiler fuses differently.
+
+Measured with the token-local dispatch (bench/plans/, batch 64 x 1024 on 64 devices): MobileMoE-L
+on ``fsdp=16,expert=4`` 20.7 GB per device, 1.26 x the estimate; the 2 GB sweet spot on
+``fsdp=32,expert=2`` 17.8 GB, 1.17 x. (With the old global dispatch, every device held the routed
+activations of the whole batch divided only by ``expert``: 57.3 and 69.3 GB.) The rest of the gap
+was not broken down; candidates the estimate leaves out are the full-size gradients of gathered
+weights before their reduce-scatter (the tied embedding's, ``4 V d``, could live through the whole
+backward pass) and further float32 copies around the logits.
 """
 
 from __future__ import annotations
