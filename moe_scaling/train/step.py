@@ -168,12 +168,6 @@ def _eval_step(graphdef, kw, state, inputs, targets):
     return metrics["loss"]
 
 
-def _mesh_kw(placement) -> dict:
-    """``loss_fn``'s ``mesh`` argument on a mesh; nothing without one (the single-device step's
-    trace is unchanged)."""
-    return {} if placement is None else {"mesh": placement.mesh}
-
-
 def _shardings(placement, out_state: bool) -> dict:
     """``jax.jit`` sharding arguments on a mesh (:class:`moe_scaling.train.mesh.Placement`); none
     without one, so the single-device step is compiled exactly as before."""
@@ -191,7 +185,8 @@ def make_train_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=N
     state and batch sharded as it says, metrics replicated."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
               dtype=_dtype(train_cfg.dtype), aux_loss_coef=train_cfg.aux_loss_coef,
-              z_loss_coef=train_cfg.z_loss_coef, **({"masked": True} if masked else {}), **_mesh_kw(placement))
+              z_loss_coef=train_cfg.z_loss_coef, **({"masked": True} if masked else {}),
+              mesh=None if placement is None else placement.mesh)
     return jax.jit(partial(_train_step, graphdef, kw, train_cfg.bias_update_rate), donate_argnums=0,
                    **_shardings(placement, out_state=True))
 
@@ -200,5 +195,6 @@ def make_eval_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=No
     """``eval(state, inputs, targets) -> mean cross-entropy``, jitted (on ``placement``'s mesh
     when given; over the targets ``>= 0`` with ``masked``)."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
-              dtype=_dtype(train_cfg.dtype), **({"masked": True} if masked else {}), **_mesh_kw(placement))
+              dtype=_dtype(train_cfg.dtype), **({"masked": True} if masked else {}),
+              mesh=None if placement is None else placement.mesh)
     return jax.jit(partial(_eval_step, graphdef, kw), **_shardings(placement, out_state=False))
