@@ -1,16 +1,25 @@
-"""Tokens/s of the fine-grained d256 MoE train step on 1 device and on a 2-device data-parallel mesh.
+"""Scaling of the fine-grained d256 MoE train step on a mesh of CPU host devices, at equal global batch.
 
-    XLA_FLAGS is set here: python bench/mesh_scaling.py --json   (run under flock /tmp/moe-timing.lock)
+    python bench/mesh_scaling.py               # timing + FLOPs + plans (run under flock /tmp/moe-timing.lock)
+    python bench/mesh_scaling.py --no-timing   # FLOPs and plans only (compiles, no timed steps)
+
+XLA_FLAGS is set here (4 host devices). Written to ``bench/mesh_scaling.json``:
+
+* ``results``: tokens/s of the trainer's own jitted step (:mod:`moe_scaling.train.step`) on
+  1 device, on ``data=2`` and on ``expert=2`` (two host devices each, 8 rows per device), the same
+  global batch of 16 x 256 tokens, and ``ratio_vs_one_device``. The meshes alternate step by step
+  (best of ``--steps`` each) so that load from other processes hits all alike. Both host "devices"
+  share the same 2 cores, so 1.0 is the ideal here: the ratio measures the cost of the partitioned
+  program and its collectives, not a speed-up.
+* ``flops_per_device_ratio``: XLA's cost analysis of the compiled step (FLOPs of the partitioned,
+  per-device program) on ``data=4`` over one device's; 0.25 is the ideal (the AdamW update of the
+  replicated state is not divided). A compile-time count, not a timing.
+* ``plans``: every ``bench/plans/*.json`` (``moe-train --plan --json`` outputs), per-device bytes of
+  XLA's memory analysis beside the analytic estimate.
+* ``cpu``: the model name and the ISA flags that matter to XLA:CPU (avx2, avx512f, avx512_bf16).
 
 The model is bench/moe_overhead.py's ``d256_e64_k8_fine`` (d_model 256, 2 layers, 64 experts of
-width 128, top 8, capacity dispatch, float32, AdamW with clipping: the trainer's own jitted step
-from :mod:`moe_scaling.train.step`) at the same global batch, 16 x 256 tokens. ``1 device`` is the
-plain single-device jit; ``data=2`` is the same step compiled for a ``data=2`` mesh
-(:mod:`moe_scaling.train.mesh`) over two XLA host devices, each device taking 8 rows. The two
-alternate step by step (best of ``--steps`` each) so that load from other processes hits both
-alike. On a CPU the two "devices" share the same cores and memory, so the mesh can at best
-match the single device here; the number measures the cost of the partitioned program and its
-collectives, not a speed-up. Written to ``bench/mesh_scaling.json``.
+width 128, top 8, capacity dispatch, float32, AdamW with clipping).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import moe_scaling  # noqa: E402,F401  (malloc settings before JAX starts)
 import jax  # noqa: E402
@@ -32,17 +41,42 @@ import numpy as np  # noqa: E402
 
 from moe_scaling.config import MeshShape, ModelConfig, TrainConfig  # noqa: E402
 from moe_scaling.train.mesh import Placement  # noqa: E402
+from moe_scaling.train.plan import step_flops  # noqa: E402
 from moe_scaling.train.step import init_state, make_train_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL = ModelConfig(vocab_size=256, n_layers=2, max_seq_len=256, d_model=256, n_heads=4, d_ff=1024,
                     n_experts=64, top_k=8, d_expert=128)
 BATCH, SEQ = 16, 256
+TIMED = (None, "data=2", "expert=2")
+ISA = ("avx2", "avx512f", "avx512_bf16")
+# The same benchmark before the token-local dispatch (commit fb03078, global sort on every device;
+# tokens/s measured 2026-11-30 on this 2-core machine, FLOPs recomputed from that commit's code).
+BEFORE = {"commit": "fb03078", "tokens_per_s": {"1 device": 2903, "data=2": 1632}, "data=2_ratio": 0.56,
+          "flops_per_device_ratio": {"data=4": 0.785}}
+
+
+def _train_cfg(mesh: str | None = None) -> TrainConfig:
+    return TrainConfig(batch_size=BATCH, tokens=BATCH * SEQ * 100, dispatch="capacity", mesh=mesh)
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """``{"model": model name, "isa": {flag: present}}`` of the first CPU in ``path``."""
+    model, flags = None, set()
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or platform.processor(), "cpus": os.cpu_count(), "isa": {f: f in flags for f in ISA}}
 
 
 def _setup(mesh: str | None):
-    cfg = TrainConfig(batch_size=BATCH, tokens=BATCH * SEQ * 100, dispatch="capacity")
-    graphdef, state = init_state(MODEL, cfg, 100)
+    graphdef, state = init_state(MODEL, _train_cfg(), 100)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (BATCH, SEQ), dtype=np.int32)
     y = rng.integers(0, 256, (BATCH, SEQ), dtype=np.int32)
@@ -53,43 +87,72 @@ def _setup(mesh: str | None):
         x, y = placement.put_batch(x, y)
     else:
         x, y = jax.device_put(x), jax.device_put(y)
-    step = make_train_step(graphdef, cfg, "capacity", placement)
-    compiled = step.lower(state, x, y).compile()
-    return {"compiled": compiled, "state": state, "x": x, "y": y}
+    step = make_train_step(graphdef, _train_cfg(), "capacity", placement)
+    return {"compiled": step.lower(state, x, y).compile(), "state": state, "x": x, "y": y}
+
+
+def timing(steps: int) -> list[dict]:
+    """Best and median step of each mesh in :data:`TIMED`, alternating step by step."""
+    rows = {m: _setup(m) for m in TIMED}
+    times = {m: [] for m in rows}
+    for _ in range(2):  # warm up
+        for r in rows.values():
+            r["state"], m = r["compiled"](r["state"], r["x"], r["y"])
+            jax.block_until_ready(m)
+    for _ in range(steps):
+        for mesh, r in rows.items():
+            t0 = time.perf_counter()
+            r["state"], m = r["compiled"](r["state"], r["x"], r["y"])
+            jax.block_until_ready(m)
+            times[mesh].append(time.perf_counter() - t0)
+    one = BATCH * SEQ / min(times[None])
+    return [{"mesh": mesh or "1 device", "devices": MeshShape.parse(mesh).size, "global_batch": [BATCH, SEQ],
+             "best_step_ms": 1e3 * min(t), "median_step_ms": 1e3 * float(np.median(t)),
+             "tokens_per_s": BATCH * SEQ / min(t), "ratio_vs_one_device": BATCH * SEQ / min(t) / one}
+            for mesh, t in times.items()]
+
+
+def plans(folder: Path = HERE / "plans") -> list[dict]:
+    """The committed ``moe-train --plan --json`` outputs (``MODEL_DEVICES.json``), one row each."""
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        out.append({"model": path.stem.rsplit("_", 1)[0], "mesh": r["mesh"], "devices": r["devices"],
+                    "batch": [r["batch_size"], r["seq_len"]], "dispatch": r["dispatch"],
+                    "xla_bytes_per_device": r["xla"]["total"], "analytic_bytes_per_device": r["analytic"]["total"],
+                    "ratio": r["xla_over_analytic"]})
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-timing", action="store_true", help="FLOPs and plans only (no timed steps)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=str(HERE / "mesh_scaling.json"))
     args = p.parse_args(argv)
-    rows = {"1 device": _setup(None), "data=2": _setup("data=2")}
-    times = {k: [] for k in rows}
-    for _ in range(2):  # warm up
-        for r in rows.values():
-            r["state"], m = r["compiled"](r["state"], r["x"], r["y"])
-            jax.block_until_ready(m)
-    for _ in range(args.steps):
-        for k, r in rows.items():
-            t0 = time.perf_counter()
-            r["state"], m = r["compiled"](r["state"], r["x"], r["y"])
-            jax.block_until_ready(m)
-            times[k].append(time.perf_counter() - t0)
-    results = [{"mesh": k, "devices": 1 if k == "1 device" else 2, "global_batch": [BATCH, SEQ],
-                "best_step_ms": 1e3 * min(t), "median_step_ms": 1e3 * float(np.median(t)),
-                "tokens_per_s": BATCH * SEQ / min(t)} for k, t in times.items()]
-    doc = {"benchmark": "mesh_scaling", "model": "d256_e64_k8_fine", "dtype": "float32", "steps": args.steps,
-           "date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-           "jax": jax.__version__, "backend": jax.default_backend()},
-           "results": results,
-           "data2_over_1device": results[1]["tokens_per_s"] / results[0]["tokens_per_s"]}
+    flops = {m: step_flops(MODEL, _train_cfg(m), SEQ) for m in (None, "data=4")}
+    doc = {"benchmark": "mesh_scaling", "model": "d256_e64_k8_fine", "dtype": "float32", "dispatch": "capacity",
+           "date": time.strftime("%Y-%m-%d"), "cpu": cpu_info(),
+           "machine": {"platform": platform.platform(), "jax": jax.__version__, "backend": jax.default_backend()},
+           "steps": None if args.no_timing else args.steps,
+           "results": [] if args.no_timing else timing(args.steps),
+           "flops_per_device": {str(m): f for m, f in flops.items()},
+           "flops_per_device_ratio": {"data=4": flops["data=4"] / flops[None]},
+           "plans": plans(), "before_token_local_dispatch": BEFORE}
+    if args.no_timing:
+        doc["results_pending"] = "timing not run: python bench/mesh_scaling.py on a quiet machine"
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        for r in results:
-            print(f"{r['mesh']:>9}: {r['tokens_per_s']:,.0f} tokens/s (best step {r['best_step_ms']:.0f} ms)")
+        for r in doc["results"]:
+            print(f"{r['mesh']:>9}: {r['tokens_per_s']:,.0f} tokens/s ({r['ratio_vs_one_device']:.2f}x, "
+                  f"best step {r['best_step_ms']:.0f} ms)")
+        print(f"FLOPs per device, data=4 / 1 device: {doc['flops_per_device_ratio']['data=4']:.3f}")
+        for r in doc["plans"]:
+            print(f"plan {r['model']} on {r['mesh']}: XLA {r['xla_bytes_per_device'] / 1e9:.1f} GB per device, "
+                  f"analytic {r['analytic_bytes_per_device'] / 1e9:.1f} GB ({r['ratio']:.2f}x)")
     return 0
 
 

@@ -22,6 +22,12 @@ token is dropped; they differ in speed per backend:
     :func:`jax.lax.ragged_dot` over the expert-sorted assignments (no padding, no drops). On CPU
     it lowers to a masked product over every expert (docs/design.md, section 4); use it on GPU/TPU.
 
+On a device mesh, :func:`moe_experts_sharded` is ``capacity`` made token-local: each device lays
+out only its own tokens with a per-device capacity and exchanges rows with the devices that own
+each expert (``all_to_all`` over the ``expert`` axis, inside :func:`jax.shard_map`). A dropless
+``ragged_all_to_all`` + ``ragged_dot`` variant is not built: XLA:CPU cannot compile
+``ragged_all_to_all`` and no accelerator was available to check one.
+
 Every non-reference algorithm moves rows with gathers only, forward and backward: the
 dispatch ``x -> rows`` and the combine ``rows -> y`` are a permutation (plus padding and drops),
 so their transposes are gathers by the inverse index (custom VJPs below), never scatter-adds.
@@ -53,6 +59,7 @@ __all__ = [
     "resolve_dispatch",
     "capacity",
     "moe_experts",
+    "moe_experts_sharded",
     "swiglu",
 ]
 
@@ -370,6 +377,27 @@ def _dot(a: jax.Array, b: jax.Array, spec: str, dtype) -> jax.Array:
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=dtype)
 
 
+def _capacity_rows(x: jax.Array, weights: jax.Array, experts: jax.Array, n_experts: int, cap: int):
+    """The ``capacity`` layout of ``T`` tokens: ``(layout, rows [E, C, d], row weights [E, C, 1])``."""
+    lay = _capacity_layout(experts, n_experts, cap)
+    rows = _dispatch(x, lay.slot, lay.keep, lay.token).reshape(n_experts, cap, x.shape[1])
+    return lay, rows, _row_weights(weights, lay).reshape(n_experts, cap, 1)
+
+
+def _expert_ffn(rows: jax.Array, w_row: jax.Array, w_gate_up: jax.Array, w_down: jax.Array,
+                dtype) -> jax.Array:
+    """Each expert's weighted SwiGLU on its rows: ``rows [..., E, C, d]`` with combine weights
+    ``w_row [..., E, C, 1]`` through ``w_gate_up [E, d, 2 f]``, ``w_down [E, f, d]``."""
+    h = _dot(rows, w_gate_up, "...ecd,edf->...ecf", dtype)
+    a = _swiglu_scaled(h, w_row.astype(h.dtype))
+    return _dot(a, w_down, "...ecf,efd->...ecd", dtype)
+
+
+def _n_dropped(lay: Layout, cap: int) -> jax.Array:
+    """Assignments over capacity ``cap`` (dropped), summed over the experts."""
+    return jnp.sum(jnp.maximum(lay.counts - cap, 0))
+
+
 def moe_experts(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax.Array, *,
                 method: str, capacity_factor: float = 1.25, block: int | None = None,
                 dtype=None) -> tuple[jax.Array, jax.Array]:
@@ -404,12 +432,9 @@ def moe_experts(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax
 
     if method == "capacity":
         cap = capacity(t, k, n_experts, capacity_factor)
-        lay = _capacity_layout(r.experts, n_experts, cap)
-        rows = _dispatch(x, lay.slot, lay.keep, lay.token).reshape(n_experts, cap, d)
-        h = _dot(rows, w_gate_up, "ecd,edf->ecf", dtype)
-        a = _swiglu_scaled(h, _row_weights(r.weights, lay).reshape(n_experts, cap, 1).astype(h.dtype))
-        out = _dot(a, w_down, "ecf,efd->ecd", dtype).reshape(n_experts * cap, d)
-        dropped = jnp.sum(jnp.maximum(lay.counts - cap, 0)).astype(jnp.float32) / (t * k)
+        lay, rows, w_row = _capacity_rows(x, r.weights, r.experts, n_experts, cap)
+        out = _expert_ffn(rows, w_row, w_gate_up, w_down, dtype).reshape(n_experts * cap, d)
+        dropped = _n_dropped(lay, cap).astype(jnp.float32) / (t * k)
         return _combine(out, lay.slot, lay.keep, lay.token), dropped
 
     if method == "dropless":
@@ -433,3 +458,83 @@ def moe_experts(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax
         return _combine(out, lay.slot, lay.keep, lay.token), zero
 
     raise ValueError(f"dispatch {method!r}: use one of {', '.join(METHODS)} (resolve auto first)")
+
+
+# --------------------------------------------------------------------------------------
+# Token-local capacity dispatch on a device mesh (expert parallelism)
+# --------------------------------------------------------------------------------------
+
+
+def moe_experts_sharded(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_down: jax.Array, *,
+                        mesh: jax.sharding.Mesh, capacity_factor: float = 1.25, dtype=None,
+                        expert_axis: str = "expert") -> tuple[jax.Array, jax.Array]:
+    """:func:`moe_experts` with ``method="capacity"`` on a mesh, each device routing only its tokens.
+
+    The batch is split over every axis of ``mesh`` (``n`` devices, ``X`` of them along
+    ``expert_axis``), so device ``i`` holds the ``T_l = T / n`` tokens ``[i T_l, (i + 1) T_l)``
+    of the flat global batch, and the routed experts are split in ``X`` contiguous blocks of
+    ``E / X`` (device ``s`` of the expert axis owns experts ``[s E/X, (s + 1) E/X)``). Inside
+    :func:`jax.shard_map`, every device:
+
+    1. lays out its own ``T_l k`` assignments with the per-device capacity
+       ``C_l = capacity(T_l, k, E, cf) = min(T_l, 8 ceil(ceil(cf T_l k / E) / 8))``
+       into a send buffer ``[E, C_l, d] = [X, E/X, C_l, d]`` (block ``s`` for expert owner ``s``);
+    2. exchanges it with :func:`jax.lax.all_to_all` over ``expert_axis``: it receives
+       ``[X, E/X, C_l, d]``, the ``C_l`` rows of each of its ``E/X`` experts from each of the
+       ``X`` devices of its expert group (the devices that differ only in their ``expert``
+       coordinate; the ``data`` and ``fsdp`` coordinates are separate groups with their own tokens);
+    3. runs its local experts on those ``X C_l`` rows each (combine weights travel with the rows
+       and scale the SwiGLU output before the down projection, as on one device);
+    4. sends the outputs back with the same ``all_to_all`` (it is its own inverse) and combines
+       its tokens' rows locally.
+
+    Buffers per device: ``E C_l d`` rows sent and as many received, ``~ cf T_l k d`` each: the
+    routed activations scale with the device's tokens, not the global batch. Summed over the
+    devices, expert ``e`` has ``n C_l ~ cf T k / E`` slots, the single-device capacity ``C``
+    up to the rounding of ``C_l`` to a multiple of 8.
+
+    **Which tokens drop.** Device ``i`` keeps an assignment ``(t, j)`` to expert ``e`` iff fewer
+    than ``C_l`` of *its own* assignments to ``e`` come before it in (token, choice) order; one
+    device keeps it iff fewer than ``C`` of *all* ``T k`` assignments do. So this is exactly
+    :func:`moe_experts` (``capacity``, factor ``cf``) applied separately to each device's
+    ``T_l`` tokens and concatenated: an expert popular on one device drops there even when
+    another device leaves its slots empty, and a token late in the global batch that one device
+    would drop may be kept here. With ``cf >= E / k``, ``C_l = T_l`` and nothing drops in either.
+
+    The router, its statistics and the shared experts stay outside (the caller computes them on
+    the global ``[T, ...]`` arrays; XLA sums their per-device partials over the batch axes).
+    Gradients: the exchange is linear (its transpose is the reverse ``all_to_all``), and the
+    expert weights, replicated over the non-expert axes inside the map, get their gradient
+    summed over those axes by ``shard_map``'s transpose.
+
+    Returns:
+      ``(y [T, d], dropped_fraction)`` with the dropped fraction over all ``T k`` assignments
+      of the mesh (a ``psum`` of every device's drops).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    dtype = dtype or x.dtype
+    n_experts, k = w_gate_up.shape[0], r.experts.shape[1]
+    axes = tuple(mesh.axis_names)
+    n_x = mesh.shape[expert_axis]
+    if n_experts % n_x:
+        raise ValueError(f"{n_experts} experts cannot be split over {expert_axis}={n_x}")
+
+    def exchange(a: jax.Array) -> jax.Array:
+        # [X (destination), E/X, C, ...] -> [X (source), E/X, C, ...]
+        return jax.lax.all_to_all(a, expert_axis, 0, 0) if n_x > 1 else a
+
+    def local(x, weights, experts, w_gate_up, w_down):
+        t, d = x.shape
+        cap = capacity(t, k, n_experts, capacity_factor)
+        lay, rows, w_row = _capacity_rows(x, weights, experts, n_experts, cap)
+        rows = exchange(rows.astype(dtype).reshape(n_x, n_experts // n_x, cap, d))
+        w_row = exchange(w_row.reshape(n_x, n_experts // n_x, cap, 1))
+        out = exchange(_expert_ffn(rows, w_row, w_gate_up, w_down, dtype))
+        y = _combine(out.reshape(n_experts * cap, d), lay.slot, lay.keep, lay.token)
+        return y, jax.lax.psum(_n_dropped(lay, cap), axes)
+
+    batch, experts = P(axes, None), P(expert_axis, None, None)
+    y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, experts, experts),
+                               out_specs=(batch, P()))(x, r.weights, r.experts, w_gate_up, w_down)
+    return y, dropped.astype(jnp.float32) / (x.shape[0] * k)

@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from moe_scaling.config import ModelConfig
-from moe_scaling.model.routing import (expert_load, load_balance_loss, moe_experts, route,
-                                 router_z_loss, swiglu)
+from moe_scaling.model.routing import (expert_load, load_balance_loss, moe_experts, moe_experts_sharded,
+                                       route, router_z_loss, swiglu)
 
 __all__ = ["Transformer", "RMSNorm", "Attention", "DenseFFN", "MoE", "Block", "RouterBias",
            "rope_tables", "apply_rope"]
@@ -195,13 +195,17 @@ class MoE(nnx.Module):
             self.shared = None
             self.shared_gate = None
 
-    def __call__(self, x: jax.Array, dtype, dispatch: str,
-                 capacity_factor: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, dtype, dispatch: str, capacity_factor: float,
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = jnp.dot(x.astype(jnp.float32), self.router[...])
         bias = self.router_bias[...] if self.router_bias is not None else None
         r = route(logits, self.top_k, kind=self.router_kind, norm_topk=self.norm_topk, bias=bias)
-        y, dropped = moe_experts(x, r, self.w_gate_up[...], self.w_down[...], method=dispatch,
-                                 capacity_factor=capacity_factor, dtype=dtype)
+        if mesh is not None and dispatch == "capacity":   # token-local, rows exchanged over `expert`
+            y, dropped = moe_experts_sharded(x, r, self.w_gate_up[...], self.w_down[...], mesh=mesh,
+                                             capacity_factor=capacity_factor, dtype=dtype)
+        else:
+            y, dropped = moe_experts(x, r, self.w_gate_up[...], self.w_down[...], method=dispatch,
+                                     capacity_factor=capacity_factor, dtype=dtype)
         if self.shared is not None:
             h = swiglu(_mm(x, self.shared.w_gate_up[...], dtype))
             if self.shared_gate is not None:
@@ -227,11 +231,11 @@ class Block(nnx.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.n_layers, rngs=rngs)
 
-    def __call__(self, x, batch, cos, sin, dtype, dispatch, capacity_factor):
+    def __call__(self, x, batch, cos, sin, dtype, dispatch, capacity_factor, mesh=None):
         x = x + self.attn(self.attn_norm(x), batch, cos, sin, dtype).astype(x.dtype)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, stats = self.ffn(h, dtype, dispatch, capacity_factor)
+            y, stats = self.ffn(h, dtype, dispatch, capacity_factor, mesh)
         else:
             y, stats = self.ffn(h, dtype), None
         return x + y.astype(x.dtype), stats
@@ -247,6 +251,9 @@ class Transformer(nnx.Module):
 
     ``dispatch`` is one of :data:`moe_scaling.model.routing.METHODS` (resolve ``auto`` with
     :func:`moe_scaling.model.routing.resolve_dispatch`); ``dtype`` is the matmul compute dtype.
+    ``mesh``: the device mesh the step is compiled for (None on one device); with ``capacity``
+    dispatch the MoE layers then route each device's tokens locally
+    (:func:`moe_scaling.model.routing.moe_experts_sharded`).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -259,14 +266,14 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, dispatch: str = "reference",
                  capacity_factor: float = 1.25, dtype: Any = jnp.float32,
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         batch, seq = tokens.shape
         cos, sin = rope_tables(seq, cfg.head_dim, cfg.rope_theta)
         x = jnp.take(self.embed[...], tokens.reshape(-1), axis=0)
         layer_stats = []
         for block in self.blocks:
-            x, stats = block(x, batch, cos, sin, dtype, dispatch, capacity_factor)
+            x, stats = block(x, batch, cos, sin, dtype, dispatch, capacity_factor, mesh)
             if stats is not None:
                 layer_stats.append(stats)
         x = self.final_norm(x)

@@ -23,10 +23,13 @@ builds the same global mesh over every process's devices, and :meth:`Placement.b
 process only the rows of the global batch its own devices hold
 (:func:`jax.make_array_from_callback` asks for the addressable shards only).
 
-Limitation: the MoE dispatch sorts every token of the batch by expert, a global operation the
-partitioner does not split over the batch axes; the routed-expert work and buffers are then
-divided only by ``expert`` (bench/mesh_scaling.json; :mod:`moe_scaling.train.plan`). Losses are
-exact; a token-local dispatch under ``shard_map`` in the model is what makes it scale.
+MoE layers: with ``capacity`` dispatch the jitted step passes the mesh to the model, and each MoE
+layer routes only its device's tokens inside :func:`jax.shard_map`, exchanging rows with the
+expert owners by ``all_to_all`` over ``expert``
+(:func:`moe_scaling.model.routing.moe_experts_sharded`; the capacity is per device, which changes
+which tokens drop, see there). ``dropless``, ``ragged`` and ``reference`` keep the global dispatch
+(exact, but every device sorts the whole batch: it does not scale); the evaluation step, which uses
+``dropless``, is one of those.
 """
 
 from __future__ import annotations

@@ -11,23 +11,38 @@ analysis of the partitioned program, i.e. per device:
   gathered FSDP weights, the dispatch buffers of the MoE layers);
 * ``total``: arguments + outputs not aliased to them (the state is donated) + temporaries.
 
-Beside it, :func:`analytic_estimate` counts the same from the config: 4 bytes per parameter
-shard, 8 for the two AdamW moments, 4 for the gradients, and activations kept for the backward
-pass per token and layer (the residual stream, the norms' inputs, q/k/v, the attention output
-and scores, each MoE layer's routed and shared SwiGLU inputs and outputs at ``top_k`` rows per
-token) plus the logits (float32, with their softmax), plus, on an ``fsdp`` axis, the all-gathered
-weights: XLA keeps every weight it gathers in the forward pass until the backward pass, so the
-whole model (split only over ``expert``) is resident at the peak. ``total_regathered`` is what a
-schedule that gathers one layer at a time (rematerialising in the backward) would need. Compilation happens on CPU host devices
-when the mesh is larger than the machine (the CLI sets ``--xla_force_host_platform_device_count``
-before JAX starts), so the temporaries are XLA:CPU's; an accelerator's compiler fuses differently.
+Beside it, :func:`analytic_estimate` counts the same from the model config, the mesh and the
+batch, term by term (``n`` devices, ``T_l = B S / n`` tokens per device, ``cb`` bytes of the
+compute dtype):
 
-Known gap (measured, MobileMoE-L, batch 64 x 1024 on ``fsdp=16,expert=4``: XLA 57.3 GB per device,
-3.6 x the estimate): the capacity dispatch sorts the assignments of *all* tokens by expert, and
-XLA's partitioner cannot split that global sort over the batch axes, so each device holds the
-routed-expert activations of the whole global batch divided only by ``expert`` (about 43 GB
-there). The estimate assumes token-local dispatch (sort per device, exchange rows with the
-expert owners), which needs a ``shard_map`` in :mod:`moe_scaling.model.routing`.
+* ``params``: 4 bytes per parameter of this device's shard: the routed experts split over
+  ``fsdp x expert``, everything else over ``fsdp`` (the partition rules of
+  :mod:`moe_scaling.train.mesh`);
+* ``optimizer``: 2 x ``params`` (AdamW's two float32 moments); ``gradients``: 1 x ``params``;
+* ``activations`` kept for the backward pass, per token and layer: the residual stream and the two
+  norms' inputs (float32), q/k/v and the attention output, the causal scores and their softmax
+  (float32, half the ``S x S`` square per head); per MoE layer the shared SwiGLU's input/output
+  and the router's logits and probabilities, plus the routed rows: ``E C_l`` capacity slots
+  (``C_l = capacity(T_l, k, E, cf)``, the token-local dispatch's layout; ``T_l k`` rows for a
+  dropless one), each keeping its input (``d``), gate/up (``2 f``) and SwiGLU output (``f``);
+* ``logits``: ``T_l x V`` float32, twice (the logits and their softmax);
+* ``gathered_weights`` (``fsdp > 1``): the whole model divided only by ``expert``, less this
+  device's shard: XLA keeps every weight it all-gathers in the forward pass until the backward pass
+  has used it. This term was added after seeing XLA's 8-device number (README), so agreement there
+  is partly fitted; it is still a count of the model and the mesh, not a number taken from XLA.
+
+``total_regathered`` is what a schedule that gathers one layer at a time (rematerialising in the
+backward) would need. Compilation happens on CPU host devices when the mesh is larger than the
+machine (the CLI sets ``--xla_force_host_platform_device_count`` before JAX starts), so the
+temporaries are XLA:CPU's; an accelerator's compiler fuses differently.
+
+Measured with the token-local dispatch (bench/plans/, batch 64 x 1024 on 64 devices): MobileMoE-L
+on ``fsdp=16,expert=4`` 20.7 GB per device, 1.26 x the estimate; the 2 GB sweet spot on
+``fsdp=32,expert=2`` 17.8 GB, 1.17 x. (With the old global dispatch, every device held the routed
+activations of the whole batch divided only by ``expert``: 57.3 and 69.3 GB.) The rest of the gap
+was not broken down; candidates the estimate leaves out are the full-size gradients of gathered
+weights before their reduce-scatter (the tied embedding's, ``4 V d``, could live through the whole
+backward pass) and further float32 copies around the logits.
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ import numpy as np
 
 from moe_scaling.config import MeshShape, ModelConfig
 
-__all__ = ["memory_plan", "analytic_estimate", "format_plan"]
+__all__ = ["memory_plan", "compile_step", "step_flops", "analytic_estimate", "format_plan"]
 
 
 def _shard_bytes(abstract: Any, shardings: Any) -> int:
@@ -51,8 +66,15 @@ def _shard_bytes(abstract: Any, shardings: Any) -> int:
 
 
 def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_len: int,
-                      dtype: str = "float32") -> dict[str, int]:
-    """Per-device bytes of a train step from the config (see the module docstring)."""
+                      dtype: str = "float32", capacity_factor: float | None = None) -> dict[str, int]:
+    """Per-device bytes of a train step from the config (see the module docstring).
+
+    Routed rows per MoE layer and device: ``T_l k`` for a dropless dispatch, or, with
+    ``capacity_factor`` (the ``capacity`` dispatch, token-local on a mesh), the ``E C_l`` slots
+    of the capacity layout, ``C_l = capacity(T_l, k, E, cf)`` with ``T_l = B S / n`` the device's
+    tokens (:func:`moe_scaling.model.routing.capacity`; padding slots are computed like real
+    ones). Each row keeps its input (``d``), gate/up (``2 f``) and SwiGLU output (``f``) for
+    the backward pass."""
     d, L, V = model.d_model, model.n_layers, model.vocab_size
     hq, hkv, hd = model.n_heads, model.n_kv_heads, model.head_dim
     attn = d * (hq + 2 * hkv) * hd + hq * hd * d + (2 * hd if model.qk_norm else 0) + 2 * d
@@ -70,10 +92,16 @@ def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_
     per_layer = (4 * 4 * d                                  # residual in/out + two norm inputs (f32)
                  + cb * (hq + 2 * hkv) * hd + cb * hq * hd  # q, k, v and the attention output
                  + 4 * hq * min(seq_len, seq_len) / 2 * 2)  # causal scores + softmax (f32), half the square
-    ffn_moe = cb * (model.top_k * (d + 3 * model.d_expert) + 3 * model.n_shared * model.d_shared) \
-        + 4 * model.n_experts * 2                             # routed rows in/out, shared SwiGLU; router
+    ffn_moe = cb * 3 * model.n_shared * model.d_shared + 4 * model.n_experts * 2   # shared SwiGLU; router
     ffn_dense = cb * 3 * model.d_ff
-    act = tokens * (L * per_layer + moe_layers * ffn_moe + dense_layers * ffn_dense)
+    if capacity_factor is None or not model.n_experts:
+        routed_rows = tokens * model.top_k
+    else:
+        from moe_scaling.model.routing import capacity
+        t_local = batch_size * seq_len // mesh.size
+        routed_rows = model.n_experts * capacity(t_local, model.top_k, model.n_experts, capacity_factor)
+    act = (tokens * (L * per_layer + moe_layers * ffn_moe + dense_layers * ffn_dense)
+           + moe_layers * routed_rows * cb * (d + 3 * model.d_expert))
     logits = tokens * V * 4 * 2
     # FSDP: XLA (no rematerialisation) keeps every weight it all-gathers in the forward pass alive
     # until the backward pass has used it, so the whole model (over the expert axis) is resident at
@@ -87,9 +115,9 @@ def analytic_estimate(model: ModelConfig, mesh: MeshShape, batch_size: int, seq_
     return out
 
 
-def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, Any]:
-    """Compile ``stage``'s train step (its model, train and data configs, its mesh) on abstract
-    arrays and report per-device bytes, XLA's and the analytic estimate's."""
+def compile_step(model: ModelConfig, train: Any, seq_len: int):
+    """Lower and compile the train step of ``model`` for ``train.mesh`` on abstract arrays (nothing
+    is allocated): ``(compiled, abstract state, placement, dispatch)``."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -98,19 +126,35 @@ def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, An
     from moe_scaling.train.mesh import Placement, check_mesh
     from moe_scaling.train.step import init_state, make_train_step
 
-    model, train, data = stage.model, stage.train, stage.data
     shape = MeshShape.parse(train.mesh)
     check_mesh(shape, n_experts=model.n_experts, batch_size=train.batch_size, n_devices=jax.device_count())
-    steps = max(train.tokens // (train.batch_size * data.seq_len), 1)
+    steps = max(train.tokens // (train.batch_size * seq_len), 1)
     graphdef, abstract = nnx.eval_shape(lambda: init_state(model, train, steps))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
     placement = Placement.create(shape, abstract)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, placement.state)
-    batch = jax.ShapeDtypeStruct((train.batch_size, data.seq_len), jnp.int32, sharding=placement.batch)
+    batch = jax.ShapeDtypeStruct((train.batch_size, seq_len), jnp.int32, sharding=placement.batch)
     dispatch = resolve_dispatch(train.dispatch)
     step = make_train_step(graphdef, train, dispatch, placement if shape.size > 1 else None)
-    compiled = step.lower(state_in, batch, batch).compile()
+    return step.lower(state_in, batch, batch).compile(), abstract, placement, dispatch
+
+
+def step_flops(model: ModelConfig, train: Any, seq_len: int) -> float:
+    """FLOPs per device of one train step on ``train.mesh``: XLA's cost analysis of the compiled
+    (partitioned, per-device) program."""
+    cost = compile_step(model, train, seq_len)[0].cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, Any]:
+    """Compile ``stage``'s train step (its model, train and data configs, its mesh) on abstract
+    arrays and report per-device bytes, XLA's and the analytic estimate's."""
+    import jax
+
+    model, train, data = stage.model, stage.train, stage.data
+    shape = MeshShape.parse(train.mesh)
+    compiled, abstract, placement, dispatch = compile_step(model, train, data.seq_len)
     ma = compiled.memory_analysis()
     params = _shard_bytes(abstract[0] if hasattr(abstract, "__getitem__") else abstract,
                           placement.state[0])
@@ -118,7 +162,8 @@ def memory_plan(stage: Any, *, device_memory: int | None = None) -> dict[str, An
     args, outs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
     alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
     xla_total = args + outs - alias + temp
-    est = analytic_estimate(model, shape, train.batch_size, data.seq_len, train.dtype)
+    est = analytic_estimate(model, shape, train.batch_size, data.seq_len, train.dtype,
+                            capacity_factor=train.capacity_factor if dispatch == "capacity" else None)
     report = {
         "model": {"params_total": int(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract[0]))),
                   "d_model": model.d_model, "n_layers": model.n_layers, "n_experts": model.n_experts,

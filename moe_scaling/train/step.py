@@ -88,14 +88,15 @@ def make_optimizer(train_cfg: TrainConfig, steps: int) -> optax.GradientTransfor
 
 def loss_fn(model: Transformer, inputs: jax.Array, targets: jax.Array, *, dispatch: str,
             capacity_factor: float, dtype, aux_loss_coef: float = 0.0,
-            z_loss_coef: float = 0.0, masked: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+            z_loss_coef: float = 0.0, masked: bool = False, mesh=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and metrics (``loss`` = mean cross-entropy, MoE ``aux_loss``, ``z_loss``,
     ``dropped_fraction``, ``expert_load``).
 
     ``masked``: targets ``< 0`` are not trained, and ``loss = sum_{t: y_t >= 0} -log p(y_t) / #{t: y_t >= 0}``
     (instruction tuning's assistant-only loss, :mod:`moe_scaling.train.sft`); the default path is
-    the plain mean, unchanged."""
-    logits, aux = model(inputs, dispatch=dispatch, capacity_factor=capacity_factor, dtype=dtype)
+    the plain mean, unchanged. ``mesh``: the step's device mesh, for the MoE layers' token-local
+    dispatch (None on one device)."""
+    logits, aux = model(inputs, dispatch=dispatch, capacity_factor=capacity_factor, dtype=dtype, mesh=mesh)
     if masked:
         y = targets.reshape(-1)
         keep = y >= 0
@@ -184,7 +185,8 @@ def make_train_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=N
     state and batch sharded as it says, metrics replicated."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
               dtype=_dtype(train_cfg.dtype), aux_loss_coef=train_cfg.aux_loss_coef,
-              z_loss_coef=train_cfg.z_loss_coef, **({"masked": True} if masked else {}))
+              z_loss_coef=train_cfg.z_loss_coef, **({"masked": True} if masked else {}),
+              mesh=None if placement is None else placement.mesh)
     return jax.jit(partial(_train_step, graphdef, kw, train_cfg.bias_update_rate), donate_argnums=0,
                    **_shardings(placement, out_state=True))
 
@@ -193,5 +195,6 @@ def make_eval_step(graphdef, train_cfg: TrainConfig, dispatch: str, placement=No
     """``eval(state, inputs, targets) -> mean cross-entropy``, jitted (on ``placement``'s mesh
     when given; over the targets ``>= 0`` with ``masked``)."""
     kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor,
-              dtype=_dtype(train_cfg.dtype), **({"masked": True} if masked else {}))
+              dtype=_dtype(train_cfg.dtype), **({"masked": True} if masked else {}),
+              mesh=None if placement is None else placement.mesh)
     return jax.jit(partial(_eval_step, graphdef, kw), **_shardings(placement, out_state=False))
