@@ -16,7 +16,8 @@ XLA_FLAGS is set here (4 host devices). Written to ``bench/mesh_scaling.json``:
   replicated state is not divided). A compile-time count, not a timing.
 * ``plans``: every ``bench/plans/*.json`` (``moe-train --plan --json`` outputs), per-device bytes of
   XLA's memory analysis beside the analytic estimate.
-* ``cpu``: the model name and the ISA flags that matter to XLA:CPU (avx2, avx512f, avx512_bf16).
+* ``cpu``: the machine (``moe_scaling.runtime.machine_info``: CPU model, ``isa``, ``bf16``, the flags
+  that matter to XLA:CPU, an ``XLA_FLAGS`` ISA cap, the load).
 
 The model is bench/moe_overhead.py's ``d256_e64_k8_fine`` (d_model 256, 2 layers, 64 experts of
 width 128, top 8, capacity dispatch, float32, AdamW with clipping).
@@ -40,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moe_scaling.config import MeshShape, ModelConfig, TrainConfig  # noqa: E402
+from moe_scaling.runtime import machine_info  # noqa: E402
 from moe_scaling.train.mesh import Placement  # noqa: E402
 from moe_scaling.train.plan import step_flops  # noqa: E402
 from moe_scaling.train.step import init_state, make_train_step  # noqa: E402
@@ -49,7 +51,6 @@ MODEL = ModelConfig(vocab_size=256, n_layers=2, max_seq_len=256, d_model=256, n_
                     n_experts=64, top_k=8, d_expert=128)
 BATCH, SEQ = 16, 256
 TIMED = (None, "data=2", "expert=2")
-ISA = ("avx2", "avx512f", "avx512_bf16")
 # The same benchmark before the token-local dispatch (commit fb03078, global sort on every device;
 # tokens/s measured 2026-11-30 on this 2-core machine, FLOPs recomputed from that commit's code).
 BEFORE = {"commit": "fb03078", "tokens_per_s": {"1 device": 2903, "data=2": 1632}, "data=2_ratio": 0.56,
@@ -58,21 +59,6 @@ BEFORE = {"commit": "fb03078", "tokens_per_s": {"1 device": 2903, "data=2": 1632
 
 def _train_cfg(mesh: str | None = None) -> TrainConfig:
     return TrainConfig(batch_size=BATCH, tokens=BATCH * SEQ * 100, dispatch="capacity", mesh=mesh)
-
-
-def cpu_info(path: str = "/proc/cpuinfo") -> dict:
-    """``{"model": model name, "isa": {flag: present}}`` of the first CPU in ``path``."""
-    model, flags = None, set()
-    try:
-        for line in Path(path).read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model or platform.processor(), "cpus": os.cpu_count(), "isa": {f: f in flags for f in ISA}}
 
 
 def _setup(mesh: str | None):
@@ -133,7 +119,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     flops = {m: step_flops(MODEL, _train_cfg(m), SEQ) for m in (None, "data=4")}
     doc = {"benchmark": "mesh_scaling", "model": "d256_e64_k8_fine", "dtype": "float32", "dispatch": "capacity",
-           "date": time.strftime("%Y-%m-%d"), "cpu": cpu_info(),
+           "date": time.strftime("%Y-%m-%d"), "cpu": machine_info(),
            "machine": {"platform": platform.platform(), "jax": jax.__version__, "backend": jax.default_backend()},
            "steps": None if args.no_timing else args.steps,
            "results": [] if args.no_timing else timing(args.steps),
