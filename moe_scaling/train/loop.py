@@ -15,7 +15,9 @@ are :mod:`moe_scaling.train.checkpoints`.
   hash). The data position is the step itself: batch ``s`` is drawn from ``(seed, s)``
   (:func:`moe_scaling.train.data.train_batch`), so a resumed run is bit-identical to a straight one.
   A checkpoint of other configs, or of a corpus whose content has changed since, is a
-  :class:`ConfigError`: a run never resumes on other data.
+  :class:`ConfigError`: a run never resumes on other data. A checkpoint that does not restore
+  (damaged files) is set aside and the one before it is used
+  (:meth:`moe_scaling.train.checkpoints.Checkpoints.restore_newest`).
 * A non-finite loss ends the run with status ``diverged`` (the step and the last good loss);
   no checkpoint of non-finite parameters is written.
 """
@@ -213,12 +215,15 @@ def eval_program(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, dispa
 
 def _resume(ckpt: Checkpoints | None, ckpt_dir: Any, state: Any, configs: dict, corpus_hash: str,
             data_cfg: DataConfig) -> tuple[Any, dict | None]:
-    """Restore the latest checkpoint of ``ckpt`` into ``state``: ``(state, record)``, or
-    ``(state, None)`` when there is none. A checkpoint of other configs, or of a corpus whose
+    """Restore the newest checkpoint of ``ckpt`` that restores into ``state``: ``(state, record)``,
+    or ``(state, None)`` when there is none (:meth:`Checkpoints.restore_newest`: a damaged one is
+    set aside with one line on stderr). A checkpoint of other configs, or of a corpus whose
     content hash differs from ``corpus_hash``, is a :class:`ConfigError` (the manager is closed)."""
-    if ckpt is None or ckpt.latest() is None:
+    if ckpt is None:
         return state, None
-    state, record = ckpt.restore(ckpt.latest(), state)
+    state, record = ckpt.restore_newest(state)
+    if record is None:
+        return state, None
     problem = None
     if record.get("configs") != finite_or_none(configs):
         problem = (f"ckpt_dir = {str(ckpt_dir)!r}: holds a checkpoint of different configs; use a fresh "
