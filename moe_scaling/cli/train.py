@@ -74,6 +74,9 @@ def _body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (process 0's address)")
     parser.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     parser.add_argument("--process-id", type=int, help="this process's id, 0..N-1 (with --coordinator)")
+    parser.add_argument("--ckpt-every", type=int, metavar="N",
+                        help="checkpoint every N steps in every stage (default: the train config's, 200); "
+                             "an interrupted stage resumes from its newest checkpoint")
     parser.add_argument("--stop-at-step", action="append", metavar="STAGE=N",
                         help="stop STAGE after N steps, as if interrupted (rerun to resume)")
     parser.add_argument("--plan", action="store_true", help="compile the full-size step on abstract arrays and "
@@ -96,7 +99,7 @@ def _body(argv: Sequence[str] | None) -> int:
         raise ConfigError("--device-memory: only with --plan; add --plan or drop it")
     if not args.plan and not args.out:
         raise ConfigError("--out: required to train; give the run folder, e.g. --out runs/demo")
-    for flag in ("batch_size", "seq_len"):
+    for flag in ("batch_size", "seq_len", "ckpt_every"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} = {v}: must be >= 1")
@@ -105,7 +108,7 @@ def _body(argv: Sequence[str] | None) -> int:
     ov = Overrides(stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None,
                    tokens=_count(args.tokens, "--tokens"), batch_size=args.batch_size, seq_len=args.seq_len,
                    data=_stage_values(args.data, "--data"), tokenizer=args.tokenizer, mesh=args.mesh,
-                   dispatch=args.dispatch, dtype=args.dtype)
+                   dispatch=args.dispatch, dtype=args.dtype, ckpt_every=args.ckpt_every)
     plan = load_target(args.target, ov)     # every config checked before JAX starts or a file is written
     if args.plan:
         from moe_scaling.train.plan import format_plan, memory_plan
