@@ -7,7 +7,7 @@ import re
 import sys
 from typing import Sequence
 
-from moe_scaling.cli._common import make_parser, print_json, run_cli
+from moe_scaling.cli._common import make_parser, print_json, result_stdout, run_cli
 from moe_scaling.errors import ConfigError
 
 EXAMPLES = """\
@@ -84,7 +84,11 @@ def _body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--device-memory", help="with --plan: the memory of one device, e.g. 80GB")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
+    with result_stdout() as out:        # stdout: only the result (multi-process gloo chatter -> stderr)
+        return _run(args, out)
 
+
+def _run(args, out) -> int:
     from moe_scaling.config import MeshShape
     from moe_scaling.train.mesh import distributed_from_env, initialize_distributed
 
@@ -115,7 +119,7 @@ def _body(argv: Sequence[str] | None) -> int:
         from moe_scaling.units import parse_bytes
         budget = parse_bytes(args.device_memory, field="--device-memory") if args.device_memory else None
         report = memory_plan(plan.stages[0], device_memory=budget)
-        print_json(report) if args.json else print(format_plan(report))
+        print_json(report, out) if args.json else print(format_plan(report), file=out)
         return 0
     stop_at = _stage_values(args.stop_at_step, "--stop-at-step", int)
     if dist is not None:
@@ -126,11 +130,11 @@ def _body(argv: Sequence[str] | None) -> int:
                        else (lambda m: None))
     if jax.process_index() == 0:
         if args.json:
-            print_json(summary)
+            print_json(summary, out)
         else:
             for s in summary["stages"]:
                 print(f"{s['name']}: {s['status']}, {s['steps']} steps, {s['tokens']:,} tokens, "
-                      f"eval loss {s['final_eval_loss']}")
+                      f"eval loss {s['final_eval_loss']}", file=out)
     return 1 if any(s["status"] == "diverged" for s in summary["stages"]) else 0
 
 
