@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, damage_checkpoint
 from moe_scaling.cli.build import main as build_main
 from moe_scaling.cli.train import main as train_main
 
@@ -153,8 +153,9 @@ def _tiny_recipe(folder: Path) -> Path:
 
 def test_stages_3_4_resume_bit_exactly_after_kill_and_stop(tmp_path, capsys):
     """Stages 3-4 checkpoint every 50 steps: instruction tuning killed with SIGKILL after its first
-    checkpoint, then the same command with QAT stopped at step 25, then the same command again:
-    every stage's losses equal an uninterrupted run's (bit-identical, same machine)."""
+    checkpoint, whose newest checkpoint is then truncated, then the same command with QAT stopped
+    at step 25, then the same command again: every stage's losses equal an uninterrupted run's
+    (bit-identical, same machine)."""
     recipe = _tiny_recipe(tmp_path / "tiny")
     base = tmp_path / "base"
     assert train_main([str(recipe), "--out", str(base), "--stages", "pretraining", "--data", CORPUS]) == 0
@@ -184,9 +185,13 @@ def test_stages_3_4_resume_bit_exactly_after_kill_and_stop(tmp_path, capsys):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]  # killed mid-stage, not ended
     assert not (out / "stages" / "instruction_finetuning" / "record.json").exists()
+    newest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    damage_checkpoint(ckpt / str(newest), "truncate")           # and a bad disk: moe-train falls back
 
     assert train_main([*argv, "--stop-at-step", "quantization_aware_training=25"]) == 0
-    stopped = json.loads(capsys.readouterr().out)["stages"]
+    cap = capsys.readouterr()
+    assert f"checkpoint step {newest} in {ckpt} does not restore" in cap.err
+    stopped = json.loads(cap.out)["stages"]
     assert [(s["status"], s["steps"]) for s in stopped] == [("completed", 300), ("stopped", 25)]
     assert stopped[0] == ref[0]                                # stage 3 resumed: the straight run's losses
     assert train_main(argv) == 0
