@@ -48,6 +48,7 @@ def test_vocab_mismatch_is_one_line(built, tmp_path, capsys, monkeypatch):
     (["--tokens", "lots"], "--tokens"),
     (["--tokenizer", "bpe:12"], "bpe:N (N >= 257)"),
     (["--device-memory", "80GB"], "only with --plan"),
+    (["--ckpt-every", "0"], "--ckpt-every = 0: must be >= 1"),
 ])
 def test_bad_input_exit_2(built, tmp_path, capsys, argv, fragment):
     code = train_main([str(built), "--out", str(tmp_path / "run"), *argv])

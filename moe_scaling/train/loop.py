@@ -474,9 +474,9 @@ def resume_and_train(state: Any, *, ckpt_dir: str | os.PathLike | None, configs:
     :func:`train`, instruction tuning and QAT directly): resume from the newest checkpoint in
     ``ckpt_dir`` that restores (a finished run returns its record), evaluate step 0 on a fresh
     start, train to ``steps`` (or ``stop_at_step``: status ``stopped``) with a checkpoint every
-    ``ckpt_every`` steps, and write the last one. ``train_step(state, x, y)`` gives the compiled step, ``batch_at(s)`` step ``s``'s host
-    batch, ``eval_loss(state)`` the held-out loss; ``metrics`` are added to the run's. Returns
-    ``(result, final state)``."""
+    ``ckpt_every`` steps, and write the last one. ``train_step(state, x, y)`` gives the compiled
+    step, ``batch_at(s)`` step ``s``'s host batch, ``eval_loss(state)`` the held-out loss;
+    ``metrics`` are added to the run's. Returns ``(result, final state)``."""
     t_call = time.perf_counter() if t_call is None else t_call
     end_step = end_step_of(steps, stop_at_step)
     ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
