@@ -76,7 +76,7 @@ def _body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--process-id", type=int, help="this process's id, 0..N-1 (with --coordinator)")
     parser.add_argument("--ckpt-every", type=int, metavar="N",
                         help="checkpoint every N steps in every stage (default: the train config's, 200); "
-                             "an interrupted stage resumes from its newest checkpoint")
+                             "an interrupted stage resumes from its newest checkpoint, with any --ckpt-every")
     parser.add_argument("--stop-at-step", action="append", metavar="STAGE=N",
                         help="stop STAGE after N steps, as if interrupted (rerun to resume)")
     parser.add_argument("--plan", action="store_true", help="compile the full-size step on abstract arrays and "

@@ -226,7 +226,7 @@ def _resume(ckpt: Checkpoints | None, ckpt_dir: Any, state: Any, configs: dict, 
     if record is None:
         return state, None
     problem = None
-    if record.get("configs") != finite_or_none(configs):
+    if _run_identity(record.get("configs")) != _run_identity(finite_or_none(configs)):
         problem = (f"ckpt_dir = {str(ckpt_dir)!r}: holds a checkpoint of different configs; use a fresh "
                    "directory for this run")
     elif record.get("corpus_hash") and record["corpus_hash"] != corpus_hash:
@@ -238,6 +238,14 @@ def _resume(ckpt: Checkpoints | None, ckpt_dir: Any, state: Any, configs: dict, 
         ckpt.close()
         raise ConfigError(problem)
     return state, record
+
+
+def _run_identity(configs: dict | None) -> dict | None:
+    """``configs`` without the checkpoint interval: a run may resume with another ``ckpt_every``
+    (when it is written changes nothing it computes)."""
+    if not configs:
+        return configs
+    return {**configs, "train": {k: v for k, v in configs.get("train", {}).items() if k != "ckpt_every"}}
 
 
 class _Run:
