@@ -67,22 +67,21 @@ def result_stdout() -> Iterator[TextIO]:
     gloo's ``[Gloo] Rank 0 is connected to 1 peer ranks`` lines in a multi-process run, which
     would break ``--json | jq``. Restored on exit."""
     original = result = sys.stdout
-    saved = None
     try:
         fd = original.fileno()
     except (AttributeError, OSError, ValueError):   # a captured or replaced stdout: no descriptor
         fd = None
     if fd == 1:
         original.flush()
-        saved = os.dup(1)
+        result = os.fdopen(os.dup(1), "w", encoding=original.encoding)
         os.dup2(2, 1)
-        result = open(saved, "w", encoding=original.encoding, closefd=False)
     sys.stdout = sys.stderr
     try:
         yield result
     finally:
-        result.flush()
         sys.stdout = original
-        if saved is not None:
-            os.dup2(saved, 1)
-            os.close(saved)
+        if result is not original:
+            os.dup2(result.fileno(), 1)
+            result.close()            # flushes; a reader that went away is run_cli's BrokenPipeError
+        else:
+            result.flush()
