@@ -125,3 +125,16 @@ def export_cli(*args):
 
     return subprocess.run([sys.executable, "-m", "moe_scaling.cli.export", *map(str, args)],
                           capture_output=True, text=True)
+
+
+def damage_checkpoint(step_dir: Path, how: str) -> Path:
+    """Damage one orbax checkpoint as a bad disk would: its largest array data file (under a
+    ``d/`` folder) cut to half its size (``truncate``) or gone (``delete``). Returns that file."""
+    data = max((p for p in Path(step_dir).rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    if how == "truncate":
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    else:
+        data.unlink()
+    return data

@@ -21,13 +21,12 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from conftest import F32_TOL, REPO, SHARED_DATA
-from moe_scaling.config import MeshShape, ModelConfig, TrainConfig
+from moe_scaling.config import MeshShape, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.train.mesh import check_mesh, param_spec
 
@@ -170,21 +169,51 @@ def test_checkpoint_moves_between_meshes(single_process):
 def test_two_processes_equal_one(single_process):
     """2 processes x 2 CPU devices (jax.distributed, gloo collectives; the MoE rows cross processes
     in the all-to-all over `expert`) = 1 process on 1 device."""
-    addr = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, addr, str(i)], env=_env(2),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = []
+    for p in _two_processes(lambda addr, i: [sys.executable, "-c", WORKER, addr, str(i)]):
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs.append(_result(p.stdout))
+    assert outs[0] == outs[1]                           # every process sees the same losses
+    assert _max_diff(outs[0], single_process["None"]) <= TOL
+
+
+def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Run ``args_of(addr, i)`` for processes 0 and 1 (2 CPU devices each, one coordinator);
+    every process's returncode, stdout and stderr."""
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(args_of(addr, i), env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    done = []
     for p in procs:
         try:
-            out, err = p.communicate(timeout=600)
+            out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
-        assert p.returncode == 0, err[-3000:]
-        outs.append(_result(out))
-    assert outs[0] == outs[1]                           # every process sees the same losses
-    assert _max_diff(outs[0], single_process["None"]) <= TOL
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def test_two_process_json_stdout_is_one_json_object(tmp_path):
+    """`moe-train --json` in 2 processes: gloo's "[Gloo] Rank ... connected" lines go to stderr,
+    process 0's stdout parses as one JSON object and process 1's is empty."""
+    run = tmp_path / "run.yaml"
+    run.write_text(json.dumps({
+        "model": {"vocab_size": 256, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "d_ff": 64,
+                  "n_experts": 4, "top_k": 2, "max_seq_len": 32},
+        "train": {"tokens": 2 * 8 * 32, "batch_size": 8, "eval_batches": 1},
+        "data": {"corpus": str(SHARED_DATA / "text" / "tinyshakespeare" / "input.txt"), "seq_len": 32,
+                 "max_tokens": 60_000}}))
+    procs = _two_processes(lambda addr, i: [
+        sys.executable, "-m", "moe_scaling.cli.train", str(run), "--out", str(tmp_path / "out"), "--mesh", "data=4",
+        "--coordinator", addr, "--num-processes", "2", "--process-id", str(i), "--json"])
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert "[Gloo] Rank" in procs[0].stderr                      # the chatter exists, on stderr
+    summary = json.loads(procs[0].stdout)
+    assert summary["processes"] == 2 and summary["devices"] == 4 and summary["stages"][0]["status"] == "completed"
+    assert procs[1].stdout == ""
 
 
 @pytest.fixture(scope="module")

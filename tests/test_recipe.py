@@ -1,12 +1,20 @@
 """moe-train: a built model through recipe stages 1-2 from the CLI with a bpe: tokenizer, an
-interrupted stage resumed, the run folder's records; bad input is one line and exit 2."""
+interrupted stage resumed, the run folder's records; stages 3-4 killed (kill -9) and stopped
+mid-stage, then resumed bit-exactly; bad input is one line and exit 2."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA, damage_checkpoint
 from moe_scaling.cli.build import main as build_main
 from moe_scaling.cli.train import main as train_main
 
@@ -40,6 +48,7 @@ def test_vocab_mismatch_is_one_line(built, tmp_path, capsys, monkeypatch):
     (["--tokens", "lots"], "--tokens"),
     (["--tokenizer", "bpe:12"], "bpe:N (N >= 257)"),
     (["--device-memory", "80GB"], "only with --plan"),
+    (["--ckpt-every", "0"], "--ckpt-every = 0: must be >= 1"),
 ])
 def test_bad_input_exit_2(built, tmp_path, capsys, argv, fragment):
     code = train_main([str(built), "--out", str(tmp_path / "run"), *argv])
@@ -125,3 +134,71 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     assert export_main([str(qat_dir), "--out", str(onnx_dir), "--runtime", "onnx"]) == 0
     assert (onnx_dir / "tokenizer.json").read_text() == tok_before
     assert len(OnnxLM(onnx_dir).generate([5, 6, 7], 4)) == 4
+
+
+CHAT = str(Path(__file__).parent / "data" / "chat.jsonl")
+
+
+def _tiny_recipe(folder: Path) -> Path:
+    """A moe-build-style folder by hand: a d32 byte-level MoE (INT4-quantizable) and a recipe whose
+    stage 3 is long enough to be killed mid-way (300 steps of 4 x 64 tokens)."""
+    folder.mkdir()
+    model = {"vocab_size": 256, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "d_ff": 64,
+             "n_experts": 4, "top_k": 2, "d_expert": 32, "n_shared": 1, "max_seq_len": 64}
+    (folder / "model.yaml").write_text(yaml.safe_dump({"model": model}))
+    stage = {"batch_size": 4, "seq_len": 64, "lr": 3e-3}
+    stages = [{"name": "pretraining", "tokens": 4 * 256, **stage},
+              {"name": "instruction_finetuning", "tokens": 300 * 256, **stage},
+              {"name": "quantization_aware_training", "tokens": 40 * 256, **stage}]
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    return folder
+
+
+def test_stages_3_4_resume_bit_exactly_after_kill_and_stop(tmp_path, capsys):
+    """Stages 3-4 checkpoint every 50 steps: instruction tuning killed with SIGKILL after its first
+    checkpoint, whose newest checkpoint is then truncated, then the same command with QAT stopped
+    at step 25, then the same command again: every stage's losses equal an uninterrupted run's
+    (bit-identical, same machine)."""
+    recipe = _tiny_recipe(tmp_path / "tiny")
+    base = tmp_path / "base"
+    assert train_main([str(recipe), "--out", str(base), "--stages", "pretraining", "--data", CORPUS]) == 0
+    stages = ["--stages", "instruction_finetuning,quantization_aware_training", "--ckpt-every", "50",
+              "--data", f"instruction_finetuning={CHAT}", "--json"]
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    shutil.copytree(base, ref_out)
+    capsys.readouterr()
+    assert train_main([str(recipe), "--out", str(ref_out), *stages]) == 0
+    ref = json.loads(capsys.readouterr().out)["stages"]
+    assert [(s["name"], s["status"], s["steps"]) for s in ref] == [
+        ("instruction_finetuning", "completed", 300), ("quantization_aware_training", "completed", 40)]
+    shutil.copytree(base, out)
+    shutil.rmtree(out / "jax_cache")
+    shutil.copytree(ref_out / "jax_cache", out / "jax_cache")     # the same programs, compiled once
+
+    argv = [str(recipe), "--out", str(out), *stages]
+    proc = subprocess.Popen([sys.executable, "-m", "moe_scaling.cli.train", *argv], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    ckpt = out / "stages" / "instruction_finetuning" / "ckpt"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not (
+            ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]  # killed mid-stage, not ended
+    assert not (out / "stages" / "instruction_finetuning" / "record.json").exists()
+    newest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    damage_checkpoint(ckpt / str(newest), "truncate")           # and a bad disk: moe-train falls back
+
+    assert train_main([*argv, "--stop-at-step", "quantization_aware_training=25"]) == 0
+    cap = capsys.readouterr()
+    assert f"checkpoint step {newest} in {ckpt} does not restore" in cap.err
+    stopped = json.loads(cap.out)["stages"]
+    assert [(s["status"], s["steps"]) for s in stopped] == [("completed", 300), ("stopped", 25)]
+    assert stopped[0] == ref[0]                                # stage 3 resumed: the straight run's losses
+    assert train_main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["stages"] == ref
+    curves = [r for r in json.loads((out / "curves.json").read_text()) if r["stage"] == "instruction_finetuning"]
+    assert curves == [r for r in json.loads((ref_out / "curves.json").read_text())
+                      if r["stage"] == "instruction_finetuning"]

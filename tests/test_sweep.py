@@ -8,6 +8,7 @@ failing run are recorded and the sweep goes on; bad grids exit 2 with one line a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -24,6 +25,8 @@ import pandas as pd
 import pytest
 import yaml
 from optuna.trial import TrialState
+
+from conftest import damage_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY = 300, 10
@@ -236,8 +239,9 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     out.mkdir()
     seed_cache(reference[1], out)
     proc = run_cli("run", grid, "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr                   # a failed run fails the sweep command
     assert "runs 1/3 done" in proc.stderr and "runs 2/3 done" in proc.stderr   # the progress line
+    assert proc.stderr.strip().splitlines()[-1].startswith("moe-sweep: 1 run(s) failed (")
     runs = pd.read_parquet(out / "runs.parquet").set_index(["corpus", "lr"])
     assert len(runs) == 3
     failed, diverged, ok = runs.loc[("bad.jsonl", 0.003)], runs.loc[("stdlib", 1.0e6)], runs.loc[("stdlib", 0.003)]
@@ -255,13 +259,41 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
 
     # a rerun leaves the failed run alone; --retry-failed runs it once more
     again = run_cli("run", grid, "--out", out, "--quiet")
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 1, again.stderr                 # still failed
+    assert again.stderr.strip() == (f"moe-sweep: 1 run(s) failed ({failed['run_id']}); `moe-sweep status {out}` "
+                                    "shows why; fix the cause and rerun with --retry-failed")
     assert pd.read_parquet(out / "runs.parquet").set_index("run_id").loc[failed["run_id"], "attempts"] == 1
     retry = run_cli("run", grid, "--out", out, "--quiet", "--retry-failed")
-    assert retry.returncode == 0, retry.stderr
+    assert retry.returncode == 1, retry.stderr
     after = pd.read_parquet(out / "runs.parquet").set_index("run_id")
     assert after.loc[failed["run_id"], "attempts"] == 2 and after.loc[failed["run_id"], "status"] == "failed"
     assert after.loc[ok["run_id"], "attempts"] == 1
+
+
+def test_a_damaged_newest_checkpoint_costs_one_interval(tmp_path):
+    """A run stopped at step 25 (checkpoints 20 and 25), a file of checkpoint 25 deleted, then
+    `moe-sweep run`: the run resumes from step 20, completes with the loss of an uninterrupted run,
+    and the sweep exits 0."""
+    from moe_scaling.sweep.grid import resolve_corpus
+    from moe_scaling.sweep.runner import plan_sweep
+    from moe_scaling.train.loop import train
+
+    grid = write_grid(tmp_path, "damaged", train={"tokens": 30 * 8 * 32, "ckpt_every": 10})
+    (run,) = plan_sweep(grid).runs
+    data = dataclasses.replace(run.data, corpus=resolve_corpus(run.data.corpus, tmp_path))
+    straight = train(run.model, run.train, data, progress=False)
+    ckpt = tmp_path / "out" / "runs" / run.run_id / "ckpt"
+    assert train(run.model, run.train, data, ckpt_dir=ckpt, progress=False, stop_at_step=25).status == "stopped"
+    damage_checkpoint(ckpt / "25", "delete")
+    proc = run_cli("run", grid, "--out", tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "does not restore" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"checkpoint step 25 in {ckpt} does not restore"), proc.stderr
+    record = json.loads((ckpt.parent / "record.json").read_text())
+    assert record["status"] == "completed" and record["attempts"] == 1
+    assert record["eval_loss"] == straight.final_eval_loss                 # bit-identical, same machine
+    assert record["tokens_per_s"] * record["step_time_s"] == pytest.approx(10 * 8 * 32)   # steps 21-30
+    assert (ckpt / "damaged" / "25").is_dir()
 
 
 def test_a_silent_worker_on_another_machine_is_recovered_after_the_grace_period(reference, tmp_path):

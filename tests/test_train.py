@@ -1,5 +1,6 @@
 """The trainer: determinism, bit-exact resume, divergence, schedules and the result record."""
 
+import dataclasses
 import math
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, damage_checkpoint
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.train.checkpoints import load_checkpoint
@@ -72,7 +73,8 @@ def test_resume_is_bit_exact(tmp_path):
     straight = train(MODEL, cfg, DATA, ckpt_dir=tmp_path / "straight", progress=False)
     first = train(MODEL, cfg, DATA, ckpt_dir=tmp_path / "resumed", progress=False, stop_at_step=5)
     assert first.status == "stopped" and first.steps == 5
-    second = train(MODEL, cfg, DATA, ckpt_dir=tmp_path / "resumed", progress=False)
+    # resumed with another checkpoint interval (it changes nothing the run computes)
+    second = train(MODEL, dataclasses.replace(cfg, ckpt_every=4), DATA, ckpt_dir=tmp_path / "resumed", progress=False)
     assert second.status == "completed" and second.steps == 10 and second.tokens == straight.tokens
     assert _same(_losses(second), _losses(straight))
     p_straight, rec = _params(tmp_path / "straight", cfg)
@@ -86,6 +88,24 @@ def test_resume_is_bit_exact(tmp_path):
     assert _same(_losses(again), _losses(straight)) and again.final_eval_loss == straight.final_eval_loss
     with pytest.raises(ConfigError, match="different configs"):
         train(MODEL, _train_cfg(10, lr=1e-3), DATA, ckpt_dir=tmp_path / "resumed", progress=False)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capfd):
+    """A truncated data file in the newest checkpoint (step 7): the run resumes from step 6, says so
+    in one line, keeps the damaged folder aside and ends bit-identical to a straight run."""
+    cfg = _train_cfg(10)
+    straight = train(MODEL, cfg, DATA, progress=False)
+    ckpt = tmp_path / "ckpt"
+    assert train(MODEL, cfg, DATA, ckpt_dir=ckpt, progress=False, stop_at_step=7).steps == 7
+    assert sorted(p.name for p in ckpt.iterdir()) == ["6", "7"]          # max_to_keep=2: one to fall back to
+    damage_checkpoint(ckpt / "7", "truncate")
+    capfd.readouterr()
+    resumed = train(MODEL, cfg, DATA, ckpt_dir=ckpt, progress=False)
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"checkpoint step 7 in {ckpt} does not restore"), lines
+    assert resumed.status == "completed" and _same(_losses(resumed), _losses(straight))
+    assert resumed.tokens_per_s * resumed.step_time_s == pytest.approx(4 * 4 * 32)   # trained steps 7-10
+    assert (ckpt / "damaged" / "7").is_dir() and sorted(p.name for p in ckpt.iterdir()) == ["10", "9", "damaged"]
 
 
 def test_nan_loss_ends_the_run_as_diverged():

@@ -7,11 +7,12 @@ failure (one line; set ``MOE_SCALING_DEBUG=1`` for the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from moe_scaling.errors import InputError, UserError
 from moe_scaling.files import json_default
@@ -53,6 +54,34 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int | None],
         return EXIT_FAILURE
 
 
-def print_json(obj: Any) -> None:
-    """Print one JSON object (numpy scalars converted) on stdout."""
-    print(json.dumps(obj, indent=2, default=json_default))
+def print_json(obj: Any, file: TextIO | None = None) -> None:
+    """Print one JSON object (numpy scalars converted) on stdout (or ``file``)."""
+    print(json.dumps(obj, indent=2, default=json_default), file=file)
+
+
+@contextlib.contextmanager
+def result_stdout() -> Iterator[TextIO]:
+    """Keep stdout for the command's result: yields a stream on the original stdout while everything
+    else written to stdout goes to stderr, Python's ``print`` (``sys.stdout`` is ``sys.stderr``)
+    and, when stdout is file descriptor 1, C and C++ libraries too (fd 1 is a copy of fd 2): e.g.
+    gloo's ``[Gloo] Rank 0 is connected to 1 peer ranks`` lines in a multi-process run, which
+    would break ``--json | jq``. Restored on exit."""
+    original = result = sys.stdout
+    try:
+        fd = original.fileno()
+    except (AttributeError, OSError, ValueError):   # a captured or replaced stdout: no descriptor
+        fd = None
+    if fd == 1:
+        original.flush()
+        result = os.fdopen(os.dup(1), "w", encoding=original.encoding)
+        os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield result
+    finally:
+        sys.stdout = original
+        if result is not original:
+            os.dup2(result.fileno(), 1)
+            result.close()            # flushes; a reader that went away is run_cli's BrokenPipeError
+        else:
+            result.flush()

@@ -25,8 +25,10 @@ EXAMPLES = """\
   moe-sweep plot results/quickstart                # figures into results/quickstart/plots/
 
 After a crash or kill, rerun the same `run` command: finished runs are skipped and interrupted ones
-resume from their last checkpoint. Exit codes: 0 done, 2 bad grid or arguments (one line naming the
-run, field and value; nothing written), 1 internal failure or runs left unfinished."""
+resume from their last checkpoint. Exit codes: 0 every run completed or diverged, 2 bad grid or
+arguments (one line naming the run, field and value; nothing written), 1 internal failure, runs
+left unfinished, or runs that failed (`moe-sweep status` shows their errors; fix the cause and rerun
+with --retry-failed)."""
 
 
 def _parser():
@@ -141,11 +143,17 @@ def _run(args) -> int:
         print_json(summary | {"status": status})
     else:
         _print_status(status)
+    code = 0
     if summary["unfinished"]:
         print(f"{PROG}: {summary['unfinished']} run(s) unfinished (a worker died?); rerun the same "
               "command to continue", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if summary["failed"]:
+        ids = summary["failed"]
+        print(f"{PROG}: {len(ids)} run(s) failed ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}); "
+              f"`{PROG} status {out}` shows why; fix the cause and rerun with --retry-failed", file=sys.stderr)
+        code = 1
+    return code
 
 
 class ProgressLine:

@@ -7,7 +7,7 @@ import re
 import sys
 from typing import Sequence
 
-from moe_scaling.cli._common import make_parser, print_json, run_cli
+from moe_scaling.cli._common import make_parser, print_json, result_stdout, run_cli
 from moe_scaling.errors import ConfigError
 
 EXAMPLES = """\
@@ -74,6 +74,9 @@ def _body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (process 0's address)")
     parser.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     parser.add_argument("--process-id", type=int, help="this process's id, 0..N-1 (with --coordinator)")
+    parser.add_argument("--ckpt-every", type=int, metavar="N",
+                        help="checkpoint every N steps in every stage (default: the train config's, 200); "
+                             "an interrupted stage resumes from its newest checkpoint, with any --ckpt-every")
     parser.add_argument("--stop-at-step", action="append", metavar="STAGE=N",
                         help="stop STAGE after N steps, as if interrupted (rerun to resume)")
     parser.add_argument("--plan", action="store_true", help="compile the full-size step on abstract arrays and "
@@ -81,7 +84,11 @@ def _body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--device-memory", help="with --plan: the memory of one device, e.g. 80GB")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
+    with result_stdout() as out:        # stdout: only the result (multi-process gloo chatter -> stderr)
+        return _run(args, out)
 
+
+def _run(args, out) -> int:
     from moe_scaling.config import MeshShape
     from moe_scaling.train.mesh import distributed_from_env, initialize_distributed
 
@@ -96,7 +103,7 @@ def _body(argv: Sequence[str] | None) -> int:
         raise ConfigError("--device-memory: only with --plan; add --plan or drop it")
     if not args.plan and not args.out:
         raise ConfigError("--out: required to train; give the run folder, e.g. --out runs/demo")
-    for flag in ("batch_size", "seq_len"):
+    for flag in ("batch_size", "seq_len", "ckpt_every"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} = {v}: must be >= 1")
@@ -105,14 +112,14 @@ def _body(argv: Sequence[str] | None) -> int:
     ov = Overrides(stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None,
                    tokens=_count(args.tokens, "--tokens"), batch_size=args.batch_size, seq_len=args.seq_len,
                    data=_stage_values(args.data, "--data"), tokenizer=args.tokenizer, mesh=args.mesh,
-                   dispatch=args.dispatch, dtype=args.dtype)
+                   dispatch=args.dispatch, dtype=args.dtype, ckpt_every=args.ckpt_every)
     plan = load_target(args.target, ov)     # every config checked before JAX starts or a file is written
     if args.plan:
         from moe_scaling.train.plan import format_plan, memory_plan
         from moe_scaling.units import parse_bytes
         budget = parse_bytes(args.device_memory, field="--device-memory") if args.device_memory else None
         report = memory_plan(plan.stages[0], device_memory=budget)
-        print_json(report) if args.json else print(format_plan(report))
+        print_json(report, out) if args.json else print(format_plan(report), file=out)
         return 0
     stop_at = _stage_values(args.stop_at_step, "--stop-at-step", int)
     if dist is not None:
@@ -123,11 +130,11 @@ def _body(argv: Sequence[str] | None) -> int:
                        else (lambda m: None))
     if jax.process_index() == 0:
         if args.json:
-            print_json(summary)
+            print_json(summary, out)
         else:
             for s in summary["stages"]:
                 print(f"{s['name']}: {s['status']}, {s['steps']} steps, {s['tokens']:,} tokens, "
-                      f"eval loss {s['final_eval_loss']}")
+                      f"eval loss {s['final_eval_loss']}", file=out)
     return 1 if any(s["status"] == "diverged" for s in summary["stages"]) else 0
 
 

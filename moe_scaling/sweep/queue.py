@@ -302,22 +302,27 @@ def superseded(study: optuna.Study, mine: FrozenTrial) -> bool:
 
 
 def sweep_counts(study: optuna.Study, run_ids: set[str] | None = None) -> dict[str, Any]:
-    """Per-run state from the storage: ``done`` (completed, diverged or failed), ``running``,
-    ``walls`` (wall seconds of finished runs) and ``starts`` (start times of running runs)."""
+    """Per-run state from the storage: ``done`` (completed, diverged or failed), ``failed`` (the
+    runs whose latest end is ``failed``), ``running``, ``walls`` (wall seconds of finished runs)
+    and ``starts`` (start times of running runs)."""
     done: set[str] = set()
+    last_end: dict[str, tuple[int, Any]] = {}
     running: dict[str, datetime] = {}
     walls: list[float] = []
     for t in study.get_trials(deepcopy=False):
         rid = t.user_attrs.get("run_id")
         if rid is None or (run_ids is not None and rid not in run_ids):
             continue
+        if _ended(t) and t.number > last_end.get(rid, (-1, None))[0]:
+            last_end[rid] = (t.number, t.user_attrs.get("status"))
         if _ended(t) and rid not in done:
             done.add(rid)
             if t.user_attrs.get("wall_s") is not None:
                 walls.append(float(t.user_attrs["wall_s"]))
         elif t.state == TrialState.RUNNING and t.datetime_start is not None:
             running[rid] = t.datetime_start
-    return {"done": len(done), "running": running, "walls": walls}
+    failed = sorted(rid for rid, (_, status) in last_end.items() if status == "failed")
+    return {"done": len(done), "failed": failed, "running": running, "walls": walls}
 
 
 def finish_trial(study: optuna.Study, trial: FrozenTrial, state: TrialState, record: Mapping[str, Any],

@@ -377,8 +377,9 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
     snapshots (see :class:`Progress`). With ``batch`` (the default) runs that differ only in seed
     or lr train together (:func:`worker_loop`); ``batch=False`` trains them one by one.
     ``devices_per_run``: each worker process sees only its own devices
-    (:mod:`moe_scaling.sweep.devices`). Returns ``{"sweep", "out", "done", "total", "unfinished"}``;
-    rerunning the same call after a crash finishes the sweep."""
+    (:mod:`moe_scaling.sweep.devices`). Returns ``{"sweep", "out", "done", "total", "unfinished",
+    "failed"}`` (``failed``: the ids of runs whose last attempt raised); rerunning the same call
+    after a crash finishes the sweep."""
     plan = plan or plan_sweep(grid_path)
     envs = assign_devices(workers, devices_per_run, detect_accelerators()) if devices_per_run else None
     if storage is not None:
@@ -398,7 +399,7 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
     counts = sweep_counts(study, ids)
     rebuild_tables(out)
     return {"sweep": plan.spec.name, "out": str(out), "done": counts["done"], "total": len(ids),
-            "unfinished": len(ids) - counts["done"]}
+            "unfinished": len(ids) - counts["done"], "failed": counts["failed"]}
 
 
 def _run_processes(ctx: WorkerContext, study: optuna.Study, workers: int, report: Report | None,

@@ -2,12 +2,15 @@
 a JSON record of the run so far) and :func:`load_checkpoint`, which gives back the trained model.
 
 Where the checkpoints live inside a run's folder is :class:`moe_scaling.train.rundir.RunDir`'s
-business.
+business. Two checkpoints are kept (``max_to_keep=2``), so when the newest one is damaged (a
+truncated or missing file after a crash or a bad disk) :meth:`Checkpoints.restore_newest` falls back
+to the one before it: a damaged checkpoint costs one checkpoint interval, not the run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -30,7 +33,10 @@ class Checkpoints:
     restores on another. Asynchronous: :meth:`save` returns once the arrays are copied off the
     devices and the files are written in the background (a train step runs meanwhile);
     :meth:`latest`, :meth:`restore`, :meth:`wait` and :meth:`close` wait for the last save.
+    The newest two checkpoints are kept: one to resume from, one to fall back to.
     """
+
+    DAMAGED = "damaged"   # sub-folder for checkpoints that do not restore (orbax ignores it)
 
     def __init__(self, directory: str | os.PathLike):
         import orbax.checkpoint as ocp
@@ -64,6 +70,39 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
         nnx.replace_by_pure_dict(state, got["state"])
         return state, got["record"]
+
+    def restore_newest(self, state, *, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        """``(state, record)`` of the newest checkpoint that restores, ``(state, None)`` when there is
+        none. A checkpoint that raises while it is read (a truncated or deleted file, unreadable
+        metadata) is moved to ``DAMAGED/<step>`` inside the folder, kept for inspection but out of
+        orbax's sight (so it is neither resumed from, nor overwritten, nor counted by
+        ``max_to_keep``), with one line through ``log`` naming its step; the next older one is
+        tried. With several processes the first one moves the folder."""
+        self.wait()
+        for step in sorted(self.mngr.all_steps(), reverse=True):
+            try:
+                return self.restore(step, state)
+            except Exception as err:  # noqa: BLE001 - any read failure means: try the older one
+                where = self._set_aside(step)
+                first = (str(err).splitlines() or [""])[0].split(" See full TensorStore")[0][:200]
+                log(f"checkpoint step {step} in {self.mngr.directory} does not restore "
+                    f"({type(err).__name__}: {first}); moved to {where}, trying the one before it")
+        return state, None
+
+    def _set_aside(self, step: int) -> Path:
+        """Move the folder of ``step`` to ``DAMAGED/<step>`` (``<step>-2``, ... when taken); the
+        manager forgets it."""
+        root = Path(self.mngr.directory)
+        src, dest = root / str(step), root / self.DAMAGED / str(step)
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = root / self.DAMAGED / f"{step}-{n}"
+        if jax.process_index() == 0 and src.exists():
+            dest.parent.mkdir(exist_ok=True)
+            src.rename(dest)
+        self.mngr.reload()
+        return dest
 
     def restore_model(self, step: int, state):
         """``state`` with its model part (``state[0]``) replaced by the model saved at ``step``

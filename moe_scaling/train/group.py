@@ -52,7 +52,7 @@ from moe_scaling.train.batching import BATCHED_FIELDS, batch_key
 from moe_scaling.train.checkpoints import Checkpoints
 from moe_scaling.train.data import eval_windows, load_tokens, train_batch
 from moe_scaling.train.loop import (TrainResult, _check_compatible, run_configs, _resume, _Run, compiled,
-                                    eval_program, program_config)
+                                    end_step_of, eval_program, program_config)
 from moe_scaling.train.step import _dtype, apply_step, init_state, make_optimizer
 
 __all__ = ["train_group"]
@@ -165,7 +165,7 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
     base = train_cfgs[0]
     seq, batch = data_cfg.seq_len, base.batch_size
     steps = base.steps(seq)
-    end_step = steps if stop_at_step is None else max(0, min(steps, int(stop_at_step)))
+    end_step = end_step_of(steps, stop_at_step)
     dispatch = resolve_dispatch(base.dispatch)
     eval_dispatch = "dropless" if dispatch == "capacity" else dispatch
     eval_set = eval_windows(valid_tokens, batch, seq, base.eval_batches)

@@ -15,7 +15,9 @@ are :mod:`moe_scaling.train.checkpoints`.
   hash). The data position is the step itself: batch ``s`` is drawn from ``(seed, s)``
   (:func:`moe_scaling.train.data.train_batch`), so a resumed run is bit-identical to a straight one.
   A checkpoint of other configs, or of a corpus whose content has changed since, is a
-  :class:`ConfigError`: a run never resumes on other data.
+  :class:`ConfigError`: a run never resumes on other data. A checkpoint that does not restore
+  (damaged files) is set aside and the one before it is used
+  (:meth:`moe_scaling.train.checkpoints.Checkpoints.restore_newest`).
 * A non-finite loss ends the run with status ``diverged`` (the step and the last good loss);
   no checkpoint of non-finite parameters is written.
 """
@@ -47,7 +49,8 @@ from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_for, tok
 from moe_scaling.train.tokenizers import check_vocab
 from moe_scaling.train.step import init_state, make_eval_step, make_train_step
 
-__all__ = ["TrainResult", "train", "compiled", "program_config", "eval_program"]
+__all__ = ["TrainResult", "train", "resume_and_train", "end_step_of", "compile_for", "compiled", "program_config",
+           "eval_program"]
 
 
 
@@ -213,14 +216,17 @@ def eval_program(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, dispa
 
 def _resume(ckpt: Checkpoints | None, ckpt_dir: Any, state: Any, configs: dict, corpus_hash: str,
             data_cfg: DataConfig) -> tuple[Any, dict | None]:
-    """Restore the latest checkpoint of ``ckpt`` into ``state``: ``(state, record)``, or
-    ``(state, None)`` when there is none. A checkpoint of other configs, or of a corpus whose
+    """Restore the newest checkpoint of ``ckpt`` that restores into ``state``: ``(state, record)``,
+    or ``(state, None)`` when there is none (:meth:`Checkpoints.restore_newest`: a damaged one is
+    set aside with one line on stderr). A checkpoint of other configs, or of a corpus whose
     content hash differs from ``corpus_hash``, is a :class:`ConfigError` (the manager is closed)."""
-    if ckpt is None or ckpt.latest() is None:
+    if ckpt is None:
         return state, None
-    state, record = ckpt.restore(ckpt.latest(), state)
+    state, record = ckpt.restore_newest(state)
+    if record is None:
+        return state, None
     problem = None
-    if record.get("configs") != finite_or_none(configs):
+    if _run_identity(record.get("configs")) != _run_identity(finite_or_none(configs)):
         problem = (f"ckpt_dir = {str(ckpt_dir)!r}: holds a checkpoint of different configs; use a fresh "
                    "directory for this run")
     elif record.get("corpus_hash") and record["corpus_hash"] != corpus_hash:
@@ -232,6 +238,14 @@ def _resume(ckpt: Checkpoints | None, ckpt_dir: Any, state: Any, configs: dict, 
         ckpt.close()
         raise ConfigError(problem)
     return state, record
+
+
+def _run_identity(configs: dict | None) -> dict | None:
+    """``configs`` without the checkpoint interval: a run may resume with another ``ckpt_every``
+    (when it is written changes nothing it computes)."""
+    if not configs:
+        return configs
+    return {**configs, "train": {k: v for k, v in configs.get("train", {}).items() if k != "ckpt_every"}}
 
 
 class _Run:
@@ -250,7 +264,7 @@ class _Run:
         self.place = place  # host batch -> device(s): identity on one device, the mesh's sharding
         self.start = 0 if record is None else int(record["step"])
         self.curve = [] if record is None else [
-            {**row, "train_loss": _nan_if_none(row["train_loss"]), "eval_loss": _nan_if_none(row["eval_loss"])}
+            {**row, "train_loss": _nan_if_none(row.get("train_loss")), "eval_loss": _nan_if_none(row["eval_loss"])}
             for row in record["curve"]]
         evals = [r["eval_loss"] for r in self.curve if math.isfinite(r["eval_loss"])]
         self.best_eval = min(evals) if evals else None
@@ -285,14 +299,15 @@ class _Run:
                                           "metrics": self.metrics})
         self.timings["ckpt_s"] += time.perf_counter() - t0
 
-    def run_steps(self, train_step: Callable[..., Any], tokens: np.ndarray, end_step: int,
+    def run_steps(self, train_step: Callable[..., Any], batch_at: Callable[[int], tuple], end_step: int,
                   progress: bool) -> tuple[str, int | None]:
         """Train from ``start`` to ``end_step``: ``(status, diverged_step)``. ``train_step(state,
-        x, y)`` gives the compiled step (called once, its time is ``compile_s``)."""
-        cfg, batch, seq = self.train_cfg, self.train_cfg.batch_size, self.seq
+        x, y)`` gives the compiled step (called once, its time is ``compile_s``); ``batch_at(s)``
+        is the host batch ``(x, y)`` of step ``s``, a function of the step alone (exact resume)."""
+        cfg = self.train_cfg
         if self.start >= end_step:
             return "completed", None
-        x, y = self.place(*train_batch(tokens, batch, seq, cfg.seed, self.start))
+        x, y = self.place(*batch_at(self.start))
         t0 = time.perf_counter()
         step_fn = train_step(self.state, x, y)
         self.timings["compile_s"] += time.perf_counter() - t0
@@ -305,7 +320,7 @@ class _Run:
             t0 = time.perf_counter()
             self.state, m = step_fn(self.state, x, y)
             if s + 1 < end_step:  # prepare the next batch while the step runs
-                x, y = self.place(*train_batch(tokens, batch, seq, cfg.seed, s + 1))
+                x, y = self.place(*batch_at(s + 1))
             m = jax.device_get(m)
             self.step_time += time.perf_counter() - t0
             step = s + 1
@@ -415,7 +430,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     _check_compatible(model_cfg, data_cfg, train_tokens, valid_tokens)
     seq, batch = data_cfg.seq_len, train_cfg.batch_size
     steps = train_cfg.steps(seq)
-    end_step = steps if stop_at_step is None else max(0, min(steps, int(stop_at_step)))
     dispatch = resolve_dispatch(train_cfg.dispatch)
     eval_dispatch = "dropless" if dispatch == "capacity" else dispatch
     configs = run_configs(model_cfg, train_cfg, data_cfg)
@@ -428,8 +442,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
         state = placement.put_state(state)
     place = placement.put_batch if placement is not None else (lambda x, y: (x, y))
     eval_set = [place(x, y) for x, y in eval_windows(valid_tokens, batch, seq, train_cfg.eval_batches)]
-    ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
-    state, record = _resume(ckpt, ckpt_dir, state, configs, corpus_hash, data_cfg)
     t0 = time.perf_counter()
     if placement is None:
         losses = eval_program(graphdef, model_cfg, train_cfg, eval_dispatch, state, eval_set)
@@ -439,17 +451,52 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     else:  # on a mesh the programs depend on the device layout: compiled for this run, not kept
         eval_step = make_eval_step(graphdef, train_cfg, eval_dispatch, placement)
         eval_loss = lambda s: float(np.mean([float(eval_step(s, x, y)) for x, y in eval_set]))  # noqa: E731
-        mesh_step = make_train_step(graphdef, train_cfg, dispatch, placement)
-        train_step = lambda *args: mesh_step.lower(*args).compile()  # noqa: E731
-    eval_compile_s = time.perf_counter() - t0
-    run = _Run(state, record, train_cfg=train_cfg, seq=seq, steps=steps, configs=configs,
+        train_step = compile_for(make_train_step(graphdef, train_cfg, dispatch, placement))
+    result, _ = resume_and_train(
+        state, ckpt_dir=ckpt_dir, configs=configs, corpus_hash=corpus_hash, data_cfg=data_cfg,
+        train_cfg=train_cfg, steps=steps, stop_at_step=stop_at_step, train_step=train_step,
+        batch_at=lambda s: train_batch(train_tokens, batch, seq, train_cfg.seed, s), eval_loss=eval_loss,
+        on_log=on_log, progress=progress, place=place, t_call=t_call, compile_s=time.perf_counter() - t0,
+        metrics={"dispatch": dispatch, "eval_dispatch": eval_dispatch})
+    return result
+
+
+def end_step_of(steps: int, stop_at_step: int | None) -> int:
+    """The step a call trains to: ``steps``, or ``stop_at_step`` clipped to ``[0, steps]``."""
+    return steps if stop_at_step is None else max(0, min(steps, int(stop_at_step)))
+
+
+def compile_for(jitted: Any) -> Callable[..., Any]:
+    """The ``train_step`` argument of :func:`resume_and_train` for a jitted step compiled for
+    this run only (not kept in the process or on disk as :func:`compiled` does)."""
+    return lambda *args: jitted.lower(*args).compile()
+
+
+def resume_and_train(state: Any, *, ckpt_dir: str | os.PathLike | None, configs: dict, corpus_hash: str,
+                     data_cfg: DataConfig, train_cfg: TrainConfig, steps: int, stop_at_step: int | None,
+                     train_step: Callable[..., Any], batch_at: Callable[[int], tuple],
+                     eval_loss: Callable[[Any], float], on_log: Callable[[dict], None] | None = None,
+                     progress: bool = False, place: Callable = lambda x, y: (x, y), t_call: float | None = None,
+                     compile_s: float = 0.0, metrics: dict | None = None) -> tuple[TrainResult, Any]:
+    """What every training stage does once its state and programs exist (pre-/mid-training through
+    :func:`train`, instruction tuning and QAT directly): resume from the newest checkpoint in
+    ``ckpt_dir`` that restores (a finished run returns its record), evaluate step 0 on a fresh
+    start, train to ``steps`` (or ``stop_at_step``: status ``stopped``) with a checkpoint every
+    ``ckpt_every`` steps, and write the last one. ``train_step(state, x, y)`` gives the compiled
+    step, ``batch_at(s)`` step ``s``'s host batch, ``eval_loss(state)`` the held-out loss;
+    ``metrics`` are added to the run's. Returns ``(result, final state)``."""
+    t_call = time.perf_counter() if t_call is None else t_call
+    end_step = end_step_of(steps, stop_at_step)
+    ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
+    state, record = _resume(ckpt, ckpt_dir, state, configs, corpus_hash, data_cfg)
+    run = _Run(state, record, train_cfg=train_cfg, seq=data_cfg.seq_len, steps=steps, configs=configs,
                corpus_hash=corpus_hash, ckpt=ckpt, eval_loss=eval_loss, on_log=on_log, place=place)
-    run.metrics.update(dispatch=dispatch, eval_dispatch=eval_dispatch)
-    run.timings["compile_s"] += eval_compile_s
+    run.metrics.update(metrics or {})
+    run.timings["compile_s"] += compile_s
     if run.start == 0 and not run.curve:
         run.curve.append({"step": 0, "tokens": 0, "train_loss": float("nan"), "eval_loss": run.evaluate(0)})
-    status, diverged_step = run.run_steps(train_step, train_tokens, end_step, progress)
-    return run.finish(status, diverged_step, end_step, t_call)
+    status, diverged_step = run.run_steps(train_step, batch_at, end_step, progress)
+    return run.finish(status, diverged_step, end_step, t_call), run.state
 
 
 def _window_metrics(window: list[dict]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ weight replaced, in the forward pass, by its INT4 fake quantization
 updates the float "latent" weights, the loss is that of the quantized model. It is a library
 function for a recipe's stage runner: it takes the three configs and an initial model (a
 :class:`Transformer`, its ``nnx.State``, or a ``train()`` checkpoint folder) and returns the
-QAT'd model and its losses; it writes nothing.
+QAT'd model and its losses; with ``ckpt_dir`` it checkpoints periodically and resumes like
+pre-training (:func:`moe_scaling.train.loop.resume_and_train`), else it writes nothing.
 
 The step is the trainer's (``moe_scaling.train.step.loss_fn``, ``make_optimizer``: AdamW with the
 train config's schedule, clipping and weight decay), with a fresh optimiser state (stage 4 starts
@@ -21,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -34,6 +35,7 @@ from moe_scaling.model.quant import GROUP, check_quantizable, fake_quant_params
 from moe_scaling.model.routing import resolve_dispatch
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.train.data import eval_windows, load_tokens, train_batch
+from moe_scaling.train.loop import compile_for, resume_and_train, run_configs
 from moe_scaling.train.step import _dtype, loss_fn, make_optimizer
 
 __all__ = ["QATResult", "qat", "eval_loss", "initial_model"]
@@ -46,8 +48,9 @@ class QATResult:
     initial_eval_loss: float    # the initial model, float weights
     initial_ptq_loss: float     # the initial model, INT4 weights (post-training quantization)
     final_eval_loss: float      # the QAT'd model, INT4 weights
-    curve: list[dict] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)   # the trainer's curve; eval losses are INT4
     wall_s: float = 0.0
+    result: Any = None          # the trainer's TrainResult (status, steps, curve, metrics)
 
 
 def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
@@ -77,6 +80,16 @@ def _forward_loss(graphdef, kw, quantize, params, rest, inputs, targets):
     return loss_fn(model, inputs, targets, **kw)
 
 
+def _evaluator(graphdef, train_cfg: TrainConfig, data_cfg: DataConfig, valid_tokens: np.ndarray,
+               quantize: bool):
+    """``loss(params, rest)``: the mean cross-entropy on the fixed held-out windows, MoE layers
+    ``dropless``, jitted once (INT4 group-32 weights with ``quantize``)."""
+    kw = dict(dispatch="dropless", capacity_factor=train_cfg.capacity_factor, dtype=_dtype(train_cfg.dtype))
+    fn = jax.jit(lambda p, r, x, y: _forward_loss(graphdef, kw, quantize, p, r, x, y)[1]["loss"])
+    windows = eval_windows(valid_tokens, train_cfg.batch_size, data_cfg.seq_len, train_cfg.eval_batches)
+    return lambda params, rest: float(np.mean([float(fn(params, rest, x, y)) for x, y in windows]))
+
+
 def eval_loss(model: Transformer, train_cfg: TrainConfig, data_cfg: DataConfig, *,
               quantize: bool = False, valid_tokens: np.ndarray | None = None) -> float:
     """Mean cross-entropy on the fixed held-out windows (``train_cfg.eval_batches`` batches), MoE
@@ -84,50 +97,52 @@ def eval_loss(model: Transformer, train_cfg: TrainConfig, data_cfg: DataConfig, 
     if valid_tokens is None:
         _, valid_tokens, _ = load_tokens(data_cfg)
     graphdef, params, rest = _split(model)
-    kw = dict(dispatch="dropless", capacity_factor=train_cfg.capacity_factor, dtype=_dtype(train_cfg.dtype))
-    fn = jax.jit(lambda p, r, x, y: _forward_loss(graphdef, kw, quantize, p, r, x, y)[1]["loss"])
-    windows = eval_windows(valid_tokens, train_cfg.batch_size, data_cfg.seq_len, train_cfg.eval_batches)
-    return float(np.mean([float(fn(params, rest, x, y)) for x, y in windows]))
+    return _evaluator(graphdef, train_cfg, data_cfg, valid_tokens, quantize)(params, rest)
+
+
+def _qat_step(graphdef, kw, state, inputs, targets):
+    """One AdamW step of the float latent weights on the loss of their INT4 fake quantization."""
+    model, opt = nnx.merge(graphdef, state)
+    model_def, params, rest = _split(model)
+    grad_fn = jax.value_and_grad(partial(_forward_loss, model_def, kw, True), has_aux=True)
+    (_, metrics), grads = grad_fn(params, rest, inputs, targets)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    opt.update(model, grads)
+    return nnx.state((model, opt)), metrics
 
 
 def qat(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, init: Any, *,
-        eval_every: int | None = None) -> QATResult:
+        ckpt_dir: str | os.PathLike | None = None, stop_at_step: int | None = None,
+        on_log: Callable[[dict], None] | None = None) -> QATResult:
     """Quantization-aware training of ``init`` (see :func:`initial_model`) for
-    ``train_cfg.tokens`` tokens; batches are drawn from ``(train_cfg.seed, step)`` like ``train()``."""
+    ``train_cfg.tokens`` tokens; batches are drawn from ``(train_cfg.seed, step)`` like ``train()``.
+    Evaluated (INT4) at step 0, every ``eval_every`` steps and at the end. With ``ckpt_dir`` it
+    checkpoints the ``(model, optimizer)`` state every ``ckpt_every`` steps and resumes bit-exactly
+    (:func:`moe_scaling.train.loop.resume_and_train`); ``stop_at_step`` stops as if interrupted."""
     check_quantizable(model_cfg, GROUP)
     t0 = time.perf_counter()
     model = initial_model(model_cfg, train_cfg, data_cfg, init)
-    train_tokens, valid_tokens, _ = load_tokens(data_cfg)
+    train_tokens, valid_tokens, corpus_hash = load_tokens(data_cfg)
     seq, batch = data_cfg.seq_len, train_cfg.batch_size
     steps = train_cfg.steps(seq)
-    dispatch = resolve_dispatch(train_cfg.dispatch)
-    graphdef, params, rest = _split(model)
-    kw = dict(dispatch=dispatch, capacity_factor=train_cfg.capacity_factor, dtype=_dtype(train_cfg.dtype),
-              aux_loss_coef=train_cfg.aux_loss_coef, z_loss_coef=train_cfg.z_loss_coef)
-    tx = make_optimizer(train_cfg, steps)
-    opt_state = tx.init(params)
+    model_def, params, rest = _split(model)
+    init_f32 = _evaluator(model_def, train_cfg, data_cfg, valid_tokens, False)(params, rest)
+    int4 = _evaluator(model_def, train_cfg, data_cfg, valid_tokens, True)
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, make_optimizer(train_cfg, steps), wrt=nnx.Param)))
+    kw = dict(dispatch=resolve_dispatch(train_cfg.dispatch), capacity_factor=train_cfg.capacity_factor,
+              dtype=_dtype(train_cfg.dtype), aux_loss_coef=train_cfg.aux_loss_coef,
+              z_loss_coef=train_cfg.z_loss_coef)
+    step = jax.jit(partial(_qat_step, graphdef, kw), donate_argnums=0)
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, rest, inputs, targets):
-        grad_fn = jax.value_and_grad(partial(_forward_loss, graphdef, kw, True), has_aux=True)
-        (_, metrics), grads = grad_fn(params, rest, inputs, targets)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics["loss"]
+    def eval_int4(state) -> float:
+        return int4(*_split(nnx.merge(graphdef, state)[0])[1:])
 
-    ev = partial(eval_loss, train_cfg=train_cfg, data_cfg=data_cfg, valid_tokens=valid_tokens)
-    init_f32, init_ptq = ev(model), ev(model, quantize=True)
-    curve = [{"step": 0, "eval_loss_int4": init_ptq}]
-    every = eval_every or max(1, steps)
-    for s in range(steps):
-        x, y = train_batch(train_tokens, batch, seq, train_cfg.seed, s)
-        params, opt_state, loss = step(params, opt_state, rest, x, y)
-        if not np.isfinite(float(loss)):
-            raise FloatingPointError(f"qat: non-finite loss at step {s}")
-        if (s + 1) % every == 0 and s + 1 < steps:
-            curve.append({"step": s + 1, "train_loss": float(loss),
-                          "eval_loss_int4": ev(nnx.merge(graphdef, params, rest), quantize=True)})
-    model = nnx.merge(graphdef, params, rest)
-    final = ev(model, quantize=True)
-    curve.append({"step": steps, "train_loss": float(loss), "eval_loss_int4": final})
-    return QATResult(model=model, steps=steps, initial_eval_loss=init_f32, initial_ptq_loss=init_ptq,
-                     final_eval_loss=final, curve=curve, wall_s=time.perf_counter() - t0)
+    result, state = resume_and_train(
+        state, ckpt_dir=ckpt_dir, configs=run_configs(model_cfg, train_cfg, data_cfg), corpus_hash=corpus_hash,
+        data_cfg=data_cfg, train_cfg=train_cfg, steps=steps, stop_at_step=stop_at_step,
+        train_step=compile_for(step), batch_at=lambda s: train_batch(train_tokens, batch, seq, train_cfg.seed, s),
+        eval_loss=eval_int4, on_log=on_log, t_call=t0, metrics={"initial_eval_loss_f32": init_f32})
+    result.metrics["initial_eval_loss_int4"] = result.curve[0]["eval_loss"]
+    return QATResult(model=nnx.merge(graphdef, state)[0], steps=result.steps, initial_eval_loss=init_f32,
+                     initial_ptq_loss=result.curve[0]["eval_loss"], final_eval_loss=result.final_eval_loss,
+                     curve=result.curve, wall_s=time.perf_counter() - t0, result=result)

@@ -4,7 +4,8 @@
 :func:`load_target` reads a TARGET (a directory with ``model.yaml`` + ``recipe.yaml``, or a run
 YAML with ``model``/``train``/``data`` sections) into a :class:`Plan`: one :class:`Stage` (model,
 train and data configs) per stage to run, after the overrides of :class:`Overrides`
-(``--tokens``, ``--batch-size``, ``--seq-len``, ``--data``, ``--tokenizer``, ``--mesh``).
+(``--tokens``, ``--batch-size``, ``--seq-len``, ``--data``, ``--tokenizer``, ``--mesh``,
+``--ckpt-every``, ...).
 :func:`run_plan` trains them in order into ``OUT``::
 
     OUT/train.json                the plan and every stage's result (written after each stage)
@@ -31,9 +32,10 @@ Stages this version runs (:data:`STAGE_RUNNERS`):
 
 Each runner (:data:`STAGE_RUNNERS`) is a function of the stage, its folder and the previous stage's
 checkpoint folder. When the plan starts at a later stage, the previous one is the latest earlier
-recipe stage already trained in ``OUT``. A pre-/mid-training stage that was interrupted resumes
-from its own last checkpoint when the same command runs again; stages 3-4 write their checkpoint at
-the end, so an interrupted one starts over. A completed stage is not trained again. A ``bpe:N`` tokenizer is trained on the first
+recipe stage already trained in ``OUT``. Every stage checkpoints every ``ckpt_every`` steps; one
+that was interrupted resumes from its own newest checkpoint when the same command runs again
+(bit-exactly; all four share :func:`moe_scaling.train.loop.resume_and_train`). A completed stage
+is not trained again. A ``bpe:N`` tokenizer is trained on the first
 stage's corpus and every later stage uses that same file (``OUT/tokenizer.json``).
 """
 
@@ -42,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ class Overrides:
     mesh: str | None = None
     dispatch: str | None = None
     dtype: str | None = None
+    ckpt_every: int | None = None      # every stage's checkpoint interval in steps
 
 
 def _stage_train(raw: Mapping[str, Any], name: str, tokens: int, batch: int, seq: int,
@@ -103,10 +105,9 @@ def _stage_train(raw: Mapping[str, Any], name: str, tokens: int, batch: int, seq
                   z_loss_coef=float(raw.get("z_loss_coef", 1e-3)),
                   bias_update_rate=1e-3 if raw.get("router_bias_update") and model.router_bias else 0.0,
                   mesh=ov.mesh)
-    if ov.dispatch:
-        common["dispatch"] = ov.dispatch
-    if ov.dtype:
-        common["dtype"] = ov.dtype
+    for key in ("dispatch", "dtype", "ckpt_every"):
+        if getattr(ov, key):
+            common[key] = getattr(ov, key)
     if name == "pretraining":
         warm = float(sched.get("warmup_tokens", 0.0)) / max(float(raw["tokens"]), 1.0)
         return TrainConfig(schedule="constant", warmup=min(warm, 0.5), **common)
@@ -177,8 +178,8 @@ def _run_yaml_plan(target: Path, ov: Overrides) -> Plan:
     if ov.stages and tuple(ov.stages) != (RUN_YAML_STAGE,):
         raise ConfigError(f"--stages: a run YAML has one stage, {RUN_YAML_STAGE!r}; drop --stages")
     _check_data_keys(ov, [RUN_YAML_STAGE])
-    t = {k: v for k, v in dict(tokens=ov.tokens, batch_size=ov.batch_size, mesh=ov.mesh,
-                                dispatch=ov.dispatch, dtype=ov.dtype).items() if v is not None}
+    t = {k: v for k, v in dict(tokens=ov.tokens, batch_size=ov.batch_size, mesh=ov.mesh, dispatch=ov.dispatch,
+                                dtype=ov.dtype, ckpt_every=ov.ckpt_every).items() if v is not None}
     d = {k: v for k, v in dict(seq_len=ov.seq_len, tokenizer=ov.tokenizer,
                                 corpus=ov.data.get(RUN_YAML_STAGE) or ov.data.get("*")).items() if v is not None}
     return Plan(str(target), (Stage(RUN_YAML_STAGE, model, dataclasses.replace(train, **t),
@@ -218,30 +219,10 @@ def _lm_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_
                  on_log=on_log, stop_at_step=stop_at_step, init_from=init_from)
 
 
-def _finished(run_dir: RunDir):
-    """The TrainResult a completed stage 3-4 recorded in ``run_dir`` (None when it did not finish)."""
-    from moe_scaling.train.loop import TrainResult
-
-    if not (run_dir.record.is_file() and run_dir.curve.is_file() and run_dir.ckpt.is_dir()):
-        return None
-    rec = json.loads(run_dir.record.read_text())
-    if rec.get("status") != "completed":
-        return None
-    return TrainResult(status="completed", steps=rec["steps"], tokens=rec["tokens"],
-                       final_eval_loss=rec["final_eval_loss"], best_eval_loss=rec["final_eval_loss"],
-                       final_train_loss=rec["final_train_loss"], diverged_step=None,
-                       last_good_loss=rec["final_train_loss"], wall_s=0.0, step_time_s=0.0,
-                       tokens_per_s=rec.get("tokens_per_s") or 0.0, curve=json.loads(run_dir.curve.read_text()),
-                       metrics=rec.get("metrics") or {})
-
-
-def _needs_previous(stage: Stage, init_from: Path | None, stop_at_step: int | None) -> None:
+def _needs_previous(stage: Stage, init_from: Path | None) -> None:
     if init_from is None:
         raise ConfigError(f"stage {stage.name}: starts from a trained model; run pretraining/midtraining "
                           "first (in this OUT) or include them in --stages")
-    if stop_at_step is not None:
-        raise ConfigError(f"--stop-at-step: stage {stage.name} writes its checkpoint at the end; "
-                          "only pretraining and midtraining stop and resume mid-stage")
 
 
 def _sft_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_step: int | None,
@@ -249,57 +230,20 @@ def _sft_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at
     """Instruction fine-tuning (:func:`moe_scaling.train.sft.sft`) from the previous stage's model."""
     from moe_scaling.train.sft import sft
 
-    _needs_previous(stage, init_from, stop_at_step)
-    done = _finished(run_dir)
-    if done is not None:
-        return done
-    if run_dir.ckpt.is_dir():
-        shutil.rmtree(run_dir.ckpt)         # an interrupted stage 3 starts over
-    return sft(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt, on_log=on_log)
+    _needs_previous(stage, init_from)
+    return sft(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt, on_log=on_log,
+               stop_at_step=stop_at_step)
 
 
 def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_step: int | None,
                on_log: Callable | None):
-    """INT4 quantization-aware training (:func:`moe_scaling.train.qat.qat`); the checkpoint holds the
+    """INT4 quantization-aware training (:func:`moe_scaling.train.qat.qat`); the checkpoints hold the
     float latent weights (quantize them to deploy); eval losses are the INT4 model's."""
-    import time
-
-    from flax import nnx
-
-    from moe_scaling.train.checkpoints import Checkpoints
-    from moe_scaling.train.loop import TrainResult, run_configs
     from moe_scaling.train.qat import qat
-    from moe_scaling.train.step import make_optimizer
 
-    _needs_previous(stage, init_from, stop_at_step)
-    done = _finished(run_dir)
-    if done is not None:
-        return done
-    if run_dir.ckpt.is_dir():
-        shutil.rmtree(run_dir.ckpt)
-    t0 = time.perf_counter()
-    steps = stage.train.steps(stage.data.seq_len)
-    r = qat(stage.model, stage.train, stage.data, init_from,
-            eval_every=max(1, min(stage.train.eval_every, steps)))
-    curve = [{"step": c["step"], "tokens": c["step"] * stage.train.batch_size * stage.data.seq_len,
-              "eval_loss": c["eval_loss_int4"], **({"train_loss": c["train_loss"]} if "train_loss" in c else {})}
-             for c in r.curve]
-    opt = nnx.Optimizer(r.model, make_optimizer(stage.train, steps), wrt=nnx.Param)
-    ckpt = Checkpoints(run_dir.ckpt)
-    try:
-        ckpt.save(steps, nnx.state((r.model, opt)), {"step": steps, "status": "completed", "curve": curve,
-                                                      "configs": run_configs(stage.model, stage.train, stage.data)})
-    finally:
-        ckpt.close()
-    tokens = steps * stage.train.batch_size * stage.data.seq_len
-    wall = time.perf_counter() - t0
-    last = curve[-1].get("train_loss")
-    return TrainResult(status="completed", steps=steps, tokens=tokens, final_eval_loss=r.final_eval_loss,
-                       best_eval_loss=min(c["eval_loss"] for c in curve), final_train_loss=last,
-                       diverged_step=None, last_good_loss=last, wall_s=wall, step_time_s=r.wall_s,
-                       tokens_per_s=tokens / max(r.wall_s, 1e-9), curve=curve,
-                       metrics={"initial_eval_loss_f32": r.initial_eval_loss,
-                                "initial_eval_loss_int4": r.initial_ptq_loss})
+    _needs_previous(stage, init_from)
+    return qat(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt,
+               stop_at_step=stop_at_step, on_log=on_log).result
 
 
 # stage name -> runner(stage, run_dir, previous stage's checkpoint folder, stop_at_step=, on_log=)

@@ -9,6 +9,7 @@ one back. Layout of a run folder ``RUN``::
     RUN/curve.json    its loss curve from step 0 (written when the run ends)
     RUN/error.txt     the traceback of an exception that ended the run
     RUN/ckpt/         orbax checkpoints (train(..., ckpt_dir=RUN/ckpt)); a resumed run continues here
+    RUN/ckpt/damaged/ checkpoints that did not restore, set aside (Checkpoints.restore_newest)
 
 A bare ``ckpt_dir`` given to :func:`moe_scaling.train.loop.train` is a checkpoint folder without
 the rest; :attr:`RunDir.checkpoints` finds the checkpoints in either.

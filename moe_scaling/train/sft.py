@@ -28,8 +28,9 @@ with replacement from a generator seeded by ``(seed, step)``.
 
 :func:`sft` continues a trained model (a :class:`Transformer`, its state or a ``train()``
 checkpoint folder) with a fresh AdamW (the stage's own schedule) and returns the trainer's
-:class:`~moe_scaling.train.loop.TrainResult`; with ``ckpt_dir`` it saves the final state there (the
-next stage starts from it).
+:class:`~moe_scaling.train.loop.TrainResult` (the curve, checkpoints, resume and divergence of
+pre-training, :func:`moe_scaling.train.loop.resume_and_train`); with ``ckpt_dir`` it checkpoints
+there every ``ckpt_every`` steps and at the end (the next stage starts from the last one).
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import numpy as np
 from flax import nnx
 
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.model.routing import resolve_dispatch
-from moe_scaling.train.loop import TrainResult, run_configs
+from moe_scaling.train.data import corpus_content_hash
+from moe_scaling.train.loop import TrainResult, compile_for, resume_and_train, run_configs
 from moe_scaling.train.qat import initial_model
 from moe_scaling.train.step import make_eval_step, make_optimizer, make_train_step
 
@@ -133,9 +134,13 @@ def chat_rows(data_cfg: DataConfig) -> tuple[tuple[np.ndarray, np.ndarray], tupl
 
 
 def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, init: Any, *,
-        ckpt_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+        ckpt_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None,
+        stop_at_step: int | None = None) -> TrainResult:
     """Instruction fine-tuning of ``init`` for ``train_cfg.tokens`` tokens (``steps`` = tokens /
-    (batch x seq_len), as pre-training counts them) on the chat file ``data_cfg.corpus``."""
+    (batch x seq_len), as pre-training counts them) on the chat file ``data_cfg.corpus``. With
+    ``ckpt_dir`` it checkpoints every ``ckpt_every`` steps and resumes from there bit-exactly
+    (:func:`moe_scaling.train.loop.resume_and_train`, as pre-training does); ``stop_at_step`` stops
+    early as if interrupted. A non-finite loss ends it with status ``diverged``."""
     t0 = time.perf_counter()
     (x_train, y_train), (x_valid, y_valid) = chat_rows(data_cfg)
     model = initial_model(model_cfg, train_cfg, data_cfg, init)
@@ -153,37 +158,14 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, in
         losses = np.array([float(evaluate(state, x, y)) for x, y in chunks])
         return float(np.sum(losses * weights) / max(weights.sum(), 1.0))
 
-    curve = [{"step": 0, "tokens": 0, "eval_loss": eval_loss(state)}]
-    every = max(1, min(train_cfg.eval_every, steps))
-    step_time, loss = 0.0, float("nan")
-    for s in range(steps):
+    def batch_at(s: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.random.default_rng([train_cfg.seed, s]).integers(0, len(x_train), batch)
-        t = time.perf_counter()
-        state, metrics = step(state, x_train[rows], y_train[rows])
-        loss = float(metrics["loss"])
-        step_time += time.perf_counter() - t
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"sft: non-finite loss at step {s}")
-        if (s + 1) % every == 0 or s + 1 == steps:
-            row = {"step": s + 1, "tokens": (s + 1) * batch * data_cfg.seq_len, "train_loss": loss,
-                   "eval_loss": eval_loss(state)}
-            curve.append(row)
-            if on_log:
-                on_log({**row, "steps": steps, "tokens_per_s": (s + 1) * batch * data_cfg.seq_len / max(step_time, 1e-9)})
-    final = curve[-1]["eval_loss"]
-    record = {"step": steps, "status": "completed", "curve": curve,
-              "configs": run_configs(model_cfg, train_cfg, data_cfg)}
-    if ckpt_dir is not None:
-        from moe_scaling.train.checkpoints import Checkpoints
+        return x_train[rows], y_train[rows]
 
-        ckpt = Checkpoints(ckpt_dir)
-        try:
-            ckpt.save(steps, state, record)
-        finally:
-            ckpt.close()
-    tokens = steps * batch * data_cfg.seq_len
-    return TrainResult(status="completed", steps=steps, tokens=tokens, final_eval_loss=final,
-                       best_eval_loss=min(r["eval_loss"] for r in curve), final_train_loss=loss,
-                       diverged_step=None, last_good_loss=loss, wall_s=time.perf_counter() - t0,
-                       step_time_s=step_time, tokens_per_s=tokens / max(step_time, 1e-9), curve=curve,
-                       metrics={"trained_targets_per_row": float((y_train >= 0).mean() * data_cfg.seq_len)})
+    result, _ = resume_and_train(
+        state, ckpt_dir=ckpt_dir, configs=run_configs(model_cfg, train_cfg, data_cfg),
+        corpus_hash=corpus_content_hash(data_cfg.corpus), data_cfg=data_cfg, train_cfg=train_cfg, steps=steps,
+        stop_at_step=stop_at_step, train_step=compile_for(step), batch_at=batch_at, eval_loss=eval_loss,
+        on_log=on_log, t_call=t0,
+        metrics={"trained_targets_per_row": float((y_train >= 0).mean() * data_cfg.seq_len)})
+    return result
