@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 from moe_scaling.laws.errors import FitError, NoSamplesError
-from moe_scaling.laws.fit import Fit, fit_law, load_fit, noise_floor, percentile_mc_se, published_fit, select_law
+from moe_scaling.laws.fit import Fit, fit_law, load_fit, percentile_mc_se, pooled_seed_sd, published_fit, select_law
 from moe_scaling.laws.tables import canonical_table, holdout_mask
 from moe_scaling.laws.registry import LAWS
 
@@ -392,13 +392,13 @@ def test_noise_floor_pools_every_repeat_degree_of_freedom():
     study, runs of 700+ steps: 0.0178 over 18 configurations (36 dof), the README's 0.018."""
     t = pd.DataFrame({"params_active": [1e6, 1e6, 1e6, 2e6, 2e6, 3e6], "tokens": [1e8] * 6,
                       "loss": [2.0, 2.1, 2.3, 1.9, 1.95, 1.7], "seed": [0, 1, 2, 0, 1, 0]})
-    got = noise_floor(t)
+    got = pooled_seed_sd(t)
     want = np.sqrt((2 * np.var([2.0, 2.1, 2.3], ddof=1) + 1 * np.var([1.9, 1.95], ddof=1)) / 3)
     assert got == {"noise_floor": pytest.approx(want, rel=1e-12), "noise_floor_dof": 3, "noise_floor_configs": 2}
-    assert noise_floor(t.assign(lr=[1, 2, 3, 4, 5, 6]))["noise_floor"] is None      # other lr: no repeats
+    assert pooled_seed_sd(t.assign(lr=[1, 2, 3, 4, 5, 6]))["noise_floor"] is None     # other lr: no repeats
     study = canonical_table(pd.read_parquet(REPO / "results" / "ondevice_isoflop" / "runs.parquet")
                             .rename(columns={"eval_loss": "loss"}))
-    long = noise_floor(study[study["steps"] >= 700])
+    long = pooled_seed_sd(study[study["steps"] >= 700])
     assert (long["noise_floor_configs"], long["noise_floor_dof"]) == (18, 36)
     assert long["noise_floor"] == pytest.approx(0.0178, abs=5e-5)      # float64 NumPy on a committed table
 

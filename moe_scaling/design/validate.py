@@ -22,7 +22,7 @@ with the sweep runner (:func:`moe_scaling.sweep.runner.run_sweep`, so crashes re
      "extrapolation", "binding", "memory_use", "space_bounds", "grid", "sweep"}
 
 ``measured`` are the final eval losses of the seeds; ``noise_floor`` the pooled seed-to-seed
-standard deviation ``sqrt(mean_i s_i^2)`` over candidates (None with one seed); ``spearman`` the
+standard deviation over candidates (each weighted by its degrees of freedom; None with one seed); ``spearman`` the
 rank correlation of predicted loss and measured mean over candidates; ``interval`` the law's
 interval at ``level`` for the mean of the seeds trained (:meth:`~moe_scaling.laws.fit.Fit.predict_interval`:
 parameter uncertainty and the fit's seed noise over sqrt(seeds)), and ``within_interval`` the share
@@ -30,7 +30,7 @@ of candidates whose measured mean lies in it (None when the law has none); ``opt
 optimum's measured mean minus the best measured mean; ``concordance`` the share of candidate pairs
 whose measured means differ by more than 2 noise floors that the law orders the same way (None
 when no pair does); ``extrapolation`` the budget's training compute over the largest the law was
-fitted on (the fit's ``max_train_compute``); ``binding`` the budgets that bind the optimum
+fitted on, both under the budget's compute rule (the fit's ``max_train_compute``); ``binding`` the budgets that bind the optimum
 (``memory``, ``flops_per_token``, ``latency_ms``; ``space`` when none does), ``memory_use`` its
 share of the memory budget, ``space_bounds`` the search-space bounds it sits on (``d_model_min``,
 ``n_layers_max``, ``expansion_max``, ...). The verdict is the reader's: a law whose best is not the
@@ -170,7 +170,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 def concordance(pred: np.ndarray, meas: np.ndarray, floor: float | None) -> float | None:
     """The share of pairs ``(i, j)`` with ``|meas_i - meas_j| > 2 floor`` (told apart beyond the
     noise) on which ``sign(pred_i - pred_j) == sign(meas_i - meas_j)``; None when no pair qualifies
-    or there is no noise floor."""
+    or there is no noise floor. A pair the law predicts equal (a layout it cannot tell apart) counts
+    as discordant: the measurement told them apart and the law did not."""
     if floor is None:
         return None
     agree = total = 0
@@ -185,17 +186,18 @@ def concordance(pred: np.ndarray, meas: np.ndarray, floor: float | None) -> floa
 def summarize(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     """The verdict numbers over candidate rows (``name``, ``predicted_loss``, ``measured``,
     ``in_interval``; rows without measurements are left out): ``noise_floor`` =
-    ``sqrt(mean_i s_i^2)`` over the candidates' seed standard deviations ``s_i`` (ddof 1; None with
-    one seed), ``spearman`` (None below 3 candidates), ``predicted_best_is_measured_best``,
+    ``sqrt(sum_i (n_i - 1) s_i^2 / sum_i (n_i - 1))`` over the candidates' seed standard deviations
+    ``s_i`` (ddof 1; each candidate weighted by its degrees of freedom; None with one seed), ``spearman`` (None below 3 candidates), ``predicted_best_is_measured_best``,
     ``within_interval`` (share of candidates whose measured mean lies in the law's interval; None
     without intervals), ``optimum_gap`` (the ``optimum`` row's measured mean minus the lowest; None
     without it) and :func:`concordance`."""
     done = [r for r in rows if r["measured"]]
-    stds = [float(np.std(r["measured"], ddof=1)) for r in done if len(r["measured"]) > 1]
+    reps = [r["measured"] for r in done if len(r["measured"]) > 1]
+    dof = sum(len(m) - 1 for m in reps)
     pred = np.array([r["predicted_loss"] for r in done])
     meas = np.array([np.mean(r["measured"]) for r in done])
     inside = [r["in_interval"] for r in done if r.get("in_interval") is not None]
-    floor = float(math.sqrt(np.mean(np.square(stds)))) if stds else None
+    floor = float(math.sqrt(sum((len(m) - 1) * np.var(m, ddof=1) for m in reps) / dof)) if dof else None
     opt = [m for r, m in zip(done, meas) if r.get("name") == "optimum"]
     return {"noise_floor": floor,
             "spearman": _spearman(pred, meas),
@@ -207,14 +209,22 @@ def summarize(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 def space_bounds(cfg: ModelConfig, space: ArchSpace) -> list[str]:
     """The search-space bounds ``cfg`` sits on: ``d_model_min`` / ``d_model_max``,
-    ``n_layers_min`` / ``n_layers_max``, ``expansion_max`` (an optimum there was cut off by the
-    space, not by a budget)."""
+    ``n_layers_min`` / ``n_layers_max``, ``aspect_min`` / ``aspect_max`` (d_model / n_layers),
+    ``expansion_max``, and ``granularity_min`` / ``granularity_max`` (the ends of the space's
+    granularities, when it has several): an optimum there may have been cut off by the space, not by
+    a budget."""
+    aspect = cfg.d_model / cfg.n_layers
     hits = [name for name, at in (("d_model_min", cfg.d_model <= space.d_model_min),
                                   ("d_model_max", cfg.d_model >= space.d_model_max),
                                   ("n_layers_min", cfg.n_layers <= space.n_layers_min),
-                                  ("n_layers_max", cfg.n_layers >= space.n_layers_max)) if at]
+                                  ("n_layers_max", cfg.n_layers >= space.n_layers_max),
+                                  ("aspect_min", aspect <= space.aspect_min),
+                                  ("aspect_max", aspect >= space.aspect_max)) if at]
     if cfg.is_moe and cfg.expansion >= space.expansion_max:
         hits.append("expansion_max")
+    if cfg.is_moe and len(space.granularities) > 1:
+        hits += [name for name, at in (("granularity_min", cfg.granularity <= min(space.granularities)),
+                                       ("granularity_max", cfg.granularity >= max(space.granularities))) if at]
     return hits
 
 
@@ -232,8 +242,9 @@ def where_it_binds(model: LossModel, budget: Budget, space: ArchSpace, optimum: 
     """``extrapolation``, ``binding``, ``memory_use`` and ``space_bounds`` of the optimum (module
     docstring). ``binding`` comes from the search over the same space (a budget binds when relaxing it
     alone lowers the best predicted loss)."""
-    fitted = (getattr(model, "metrics", None) or {}).get("max_train_compute")
+    fitted = ((getattr(model, "metrics", None) or {}).get("max_train_compute") or {}).get(budget.compute_rule)
     res = search(model, budget, space, method="exhaustive", frontier_points=2)
+    optimum = res.sweet_spot or optimum          # one source: the search (the same optimum, ties aside)
     return {"extrapolation": (budget.train_compute / fitted) if fitted and budget.train_compute else None,
             "binding": res.binding, "memory_use": optimum.costs["total_bytes"] / budget.memory,
             "space_bounds": space_bounds(optimum.config, space)}
@@ -284,7 +295,6 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
         mean = float(np.mean(measured)) if measured else None
         std = float(np.std(measured, ddof=1)) if len(measured) > 1 else None
         iv = _interval_of_mean(model, c, n.candidate.tokens, level, len(measured)) if measured else None
-        iv = iv or n.candidate.interval
         rows.append({"name": n.name, "role": n.role, "model": {**c.to_dict(), **STUDY_MODEL},
                      "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
                      "tokens": tokens, "measured": measured, "measured_mean": mean, "measured_std": std,

@@ -48,7 +48,7 @@ from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, Law, get_law
 from moe_scaling.laws.tables import FitData, holdout_mask
 
 __all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "fit_starts_and_cold",
-           "percentile_mc_se", "noise_floor", "with_published_granularity", "FORMAT"]
+           "percentile_mc_se", "pooled_seed_sd", "max_train_compute", "with_published_granularity", "FORMAT"]
 
 FORMAT = "moe-scaling-fit/1"
 
@@ -165,8 +165,8 @@ class Fit:
 
     @property
     def noise_floor(self) -> float | None:
-        """The pooled seed-to-seed sd of the fitted runs' losses (:func:`noise_floor`), or None when
-        the fitted table repeated no configuration."""
+        """The pooled seed-to-seed sd of the fitted runs' losses (:func:`pooled_seed_sd`), or None
+        when the fitted table repeated no configuration with another seed."""
         v = self.metrics.get("noise_floor")
         return None if v is None else float(v)
 
@@ -344,31 +344,61 @@ def _mixture_quantile(centres: np.ndarray, sd: float, q: float, iters: int = 60)
     return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
-_CONFIG_KEYS = ("steps", "lr", "batch_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "top_k",
-                "d_expert", "d_shared", "router", "capacity_factor", "corpus", "tokenizer")
+def max_train_compute(table: pd.DataFrame) -> dict[str, float]:
+    """The largest training compute among the fitted runs under each rule a budget may use
+    (:data:`moe_scaling.design.space.COMPUTE_RULES`), where the table has the columns for it:
+    ``6N`` = 6 x non-embedding active parameters x tokens, ``3x-forward`` = 3 x forward FLOPs per
+    token x tokens. A budget's extrapolation is its compute over the entry of its own rule."""
+    out = {}
+    cols = table.columns
+    if {"params_active", "tokens"} <= set(cols):
+        emb = table["params_embedding"] if "params_embedding" in cols else 0.0
+        out["6N"] = float((6.0 * (table["params_active"] - emb) * table["tokens"]).max())
+    if {"flops_per_token_forward", "tokens"} <= set(cols):
+        out["3x-forward"] = float((3.0 * table["flops_per_token_forward"] * table["tokens"]).max())
+    return out
 
 
-def noise_floor(table: pd.DataFrame) -> dict[str, Any]:
-    """The seed-to-seed noise of a runs table: runs whose canonical columns
-    (:data:`~moe_scaling.laws.registry.CANONICAL_COLUMNS` but ``loss``) and configuration columns
-    (``_CONFIG_KEYS``: steps, learning rate, batch, shapes, router, corpus; those present) are all
-    equal are repeats of one configuration (they differ in seed only), and the pooled sd is
+def _config_columns() -> frozenset[str]:
+    """Every configuration field a runs table may carry (ModelConfig, TrainConfig, DataConfig) and
+    the canonical columns; the corpus is compared by ``corpus_hash`` where the table has it."""
+    from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+
+    names = {f.name for cls in (ModelConfig, TrainConfig, DataConfig) for f in dataclasses.fields(cls)}
+    return frozenset(names | set(CANONICAL_COLUMNS) | {"corpus_hash", "steps"}) - {"seed", "loss"}
+
+
+def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
+    """The seed-to-seed noise of a runs table with a ``seed`` column: runs equal in every
+    configuration column the table has (:func:`_config_columns`: every config field and canonical
+    column but the seed; the corpus by its content hash where the table has one) are repeats of one
+    configuration, duplicate (configuration, seed) rows count once, and the pooled sd is
 
         sigma = sqrt( sum_i (n_i - 1) s_i^2 / sum_i (n_i - 1) )
 
-    over the configurations ``i`` with ``n_i >= 2`` runs (``s_i`` their sd, ddof 1): every repeat
-    contributes its degrees of freedom, not one 2-dof sd per configuration. Returns
-    ``{"noise_floor": sigma or None, "noise_floor_dof": sum(n_i - 1), "noise_floor_configs": count}``."""
-    keys = [c for c in (*CANONICAL_COLUMNS, *_CONFIG_KEYS) if c != "loss" and c in table.columns]
-    if not keys or len(table) < 2:
-        return {"noise_floor": None, "noise_floor_dof": 0, "noise_floor_configs": 0}
-    g = table.groupby([table[k].round(12) if table[k].dtype.kind == "f" else table[k] for k in keys],
-                      dropna=False)["loss"]
-    n, var = g.count(), g.var(ddof=1)
+    over the configurations ``i`` with ``n_i >= 2`` seeds (``s_i`` their sd, ddof 1): every repeat
+    contributes its degrees of freedom, not one 2-dof sd per configuration. Without a seed column
+    (e.g. published run data) nothing says which rows repeat: None. Returns ``{"noise_floor": sigma
+    or None, "noise_floor_dof": sum(n_i - 1), "noise_floor_configs": count, "noise_floor_steps":
+    [min, max] optimizer steps of the repeats, where the table has steps}``."""
+    none = {"noise_floor": None, "noise_floor_dof": 0, "noise_floor_configs": 0, "noise_floor_steps": None}
+    if "seed" not in table.columns or len(table) < 2:
+        return none
+    keys = [c for c in table.columns if c in _config_columns()
+            and not (c == "corpus" and "corpus_hash" in table.columns)]
+    t = table.drop_duplicates(subset=keys + ["seed"])
+    g = t.groupby([t[k].astype(str) for k in keys], dropna=False)
+    n, var = g["loss"].count(), g["loss"].var(ddof=1)
     rep = n >= 2
     dof = int((n[rep] - 1).sum())
-    sigma = float(math.sqrt(((n[rep] - 1) * var[rep]).sum() / dof)) if dof else None
-    return {"noise_floor": sigma, "noise_floor_dof": dof, "noise_floor_configs": int(rep.sum())}
+    if not dof:
+        return none
+    steps = None
+    if "steps" in t.columns:
+        s = pd.concat([grp["steps"] for (_, grp), r in zip(g, rep) if r])
+        steps = [int(s.min()), int(s.max())]
+    return {"noise_floor": float(math.sqrt(((n[rep] - 1) * var[rep]).sum() / dof)), "noise_floor_dof": dof,
+            "noise_floor_configs": int(rep.sum()), "noise_floor_steps": steps}
 
 
 def _bound_notes(law: Law, x: np.ndarray, params: Mapping[str, float], free: Sequence[int]) -> list[str]:
@@ -434,9 +464,8 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
                                "huber_objective": float(bf[0]), "n_free": len(free),
                                "heldout_rmse": None, "kfold_rmse": None}
     metrics.update(_heldout_metrics(law, nat, d, held, fold, kfold, heldout_by))
-    metrics.update(noise_floor(d.table))
-    if "tokens" in d.compute_rule and "no tokens" not in d.compute_rule:    # a FLOPs count, not a size
-        metrics["max_train_compute"] = float(d.compute.max())
+    metrics.update(pooled_seed_sd(d.table))
+    metrics["max_train_compute"] = max_train_compute(d.table)
     intervals, samples = {}, None
     if bootstrap:
         intervals, samples, metrics["bootstrap_ok"] = _bootstrap_intervals(
@@ -545,9 +574,12 @@ def with_published_granularity(fit: Fit) -> Fit:
                                   "joint law (relative to G = 1); no published shared-expert term",))
 
 
+_PUBLISHED_SCALE = {"joint_moe": "Ludziejewski et al. 2025: 280+ runs up to 2.7B active / 5B total parameters"}
+
+
 def _fitted_scale(fit: Fit) -> str:
     """Where a fit's coefficients come from, in size: the published joint law's paper, or the fitted runs."""
     if fit.source == "published":
-        return "Ludziejewski et al. 2025: 280+ runs up to 2.7B active / 5B total parameters"
-    m = fit.metrics.get("max_train_compute")
-    return f"{fit.n_points} runs" + (f", training compute up to {m:.3g} FLOPs" if m else "")
+        return _PUBLISHED_SCALE.get(fit.law, "the authors' own runs (see the citation)")
+    m = (fit.metrics.get("max_train_compute") or {}).get("3x-forward")
+    return f"{fit.n_points} runs" + (f", training compute up to {m:.3g} FLOPs (3 x forward)" if m else "")
