@@ -16,12 +16,12 @@ from moe_scaling.cli.plot import add_sweep_plot_parser, sweep_plot_main
 PROG = "moe-sweep"
 EXAMPLES = """\
   moe-sweep validate sweeps/quickstart.yaml
-  moe-sweep run sweeps/quickstart.yaml --out results/quickstart
-  moe-sweep run sweeps/quickstart.yaml --out results/quickstart --workers 2
+  moe-sweep run sweeps/quickstart.yaml --out build/quickstart
+  moe-sweep run sweeps/quickstart.yaml --out build/quickstart --workers 2
   moe-sweep run sweeps/sparsity_granularity.yaml --out results/sg \\
       --storage postgresql://user:password@dbhost:5432/sweeps     # same command on every machine
-  moe-sweep status results/quickstart
-  moe-sweep status results/quickstart --json
+  moe-sweep status build/quickstart
+  moe-sweep status build/quickstart --json
   moe-sweep plot results/quickstart                # figures into results/quickstart/plots/
 
 After a crash or kill, rerun the same `run` command: finished runs are skipped and interrupted ones
