@@ -146,6 +146,7 @@ def _recipe_plan(target: Path, ov: Overrides) -> Plan:
                               f"{SFT_STAGE}=CHAT.jsonl (one {{\"messages\": [...]}} per line), or leave the stage out")
         from moe_scaling.train.sft import load_chat
         load_chat(chat)                       # a bad file is refused before any stage trains
+    tokenizer = ov.tokenizer or _recipe_tokenizer(target, recipe)
     total = sum(float(by_name[n]["tokens"]) for n in order)
     stages = []
     first_corpus = None
@@ -161,9 +162,18 @@ def _recipe_plan(target: Path, ov: Overrides) -> Plan:
                   ov.data.get(n) or ov.data.get("*") or first_corpus or DataConfig().corpus)
         first_corpus = first_corpus or (None if n == SFT_STAGE else corpus)
         stage_model = model if seq <= model.max_seq_len else dataclasses.replace(model, max_seq_len=seq)
-        data = DataConfig(corpus=corpus, seq_len=seq, tokenizer=ov.tokenizer or "byte")
+        data = DataConfig(corpus=corpus, seq_len=seq, tokenizer=tokenizer)
         stages.append(Stage(n, stage_model, _stage_train(raw, n, tokens, batch, seq, stage_model, ov), data))
     return Plan(str(target), tuple(stages), frozenset(defaulted))
+
+
+def _recipe_tokenizer(target: Path, recipe: Mapping[str, Any]) -> str:
+    """The tokenizer ``moe-build --tokenizer`` recorded (a file name is relative to the build
+    directory); ``byte`` when the recipe names none."""
+    spec = recipe.get("tokenizer") or "byte"
+    from moe_scaling.train.tokenizers import parse_tokenizer
+    kind, _ = parse_tokenizer(spec, field=f"{target / 'recipe.yaml'}: tokenizer")
+    return str((target / spec).absolute()) if kind == "file" else spec
 
 
 def _check_data_keys(ov: Overrides, names: list[str]) -> None:
