@@ -124,6 +124,16 @@ def test_stages_1_2_with_bpe_and_resume(built_bpe, tmp_path, capsys, monkeypatch
     assert train_main(argv34) == 0                                # done: not trained again
     assert json.loads(capsys.readouterr().out)["stages"] == third["stages"]
 
+    # every stage wrote its TensorBoard scalars into its stage folder (tensorboard --logdir OUT)
+    from conftest import assert_run_scalars
+    model_cfg = yaml.safe_load((built / "model.yaml").read_text())["model"]
+    moe_layers = model_cfg["n_layers"] - model_cfg.get("n_dense_layers", 0)
+    for stage, n in [("pretraining", 31), ("midtraining", 3), ("instruction_finetuning", 10),
+                     ("quantization_aware_training", 25)]:
+        s = assert_run_scalars(out / "stages" / stage, steps=n, moe_layers=moe_layers)
+        logged = [st for st, _ in s["train/loss"]]      # midtraining was stopped and resumed: no step twice
+        assert logged == sorted(set(logged)), (stage, logged)
+
     # the last stage goes to the on-device runtime (INT4 of QAT's weights) with the run's tokenizer
     from moe_scaling.ondevice.runtime import OnnxLM
     onnx_dir = tmp_path / "onnx"

@@ -155,6 +155,17 @@ def test_two_local_workers_run_every_point_exactly_once(reference):
     assert (runs["tokens"] == STEPS * 8 * 32).all()
     sparse = runs["top_k"] < runs["n_experts"]
     assert (runs["params_active"][sparse] < runs["params_total"][sparse]).all()
+    # every run's TensorBoard scalars, in its run folder (tensorboard --logdir OUT lists them all)
+    from conftest import assert_run_scalars, tensorboard_scalars
+    for rid in ids:
+        s = assert_run_scalars(out / "runs" / rid, steps=STEPS, moe_layers=1, log_every=LOG_EVERY)
+        curve = json.loads((out / "runs" / rid / "curve.json").read_text())
+        evals = [(r["step"], r["eval_loss"]) for r in curve if r["eval_loss"] is not None and r["eval_loss"] == r["eval_loss"]]
+        assert [st for st, _ in s["eval/loss"]] == [st for st, _ in evals]
+        # event values are float32 (TensorBoard's simple_value): equal to the curve within its rounding
+        assert all(abs(a - b) <= 1e-6 * abs(b) for (_, a), (_, b) in zip(s["eval/loss"], evals))
+        assert s["train/lr"][-1][1] < s["train/lr"][0][1]            # the cosine schedule decays
+    assert len(tensorboard_scalars(out)) == 0                         # one folder per run, none at the top
     # the persistent compilation cache holds the train steps
     assert any(p.name.startswith("jit__train_step") for p in (out / "jax_cache").iterdir())
     # a second `run` of a finished sweep trains nothing and changes nothing

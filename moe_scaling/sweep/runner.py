@@ -315,12 +315,13 @@ def _execute(ctx: WorkerContext, study: optuna.Study, trials: list[FrozenTrial],
                 from moe_scaling.train.loop import train
 
                 on_end(0, train(first.run.model, first.run.train, first.data, ckpt_dir=first.rdir.ckpt,
-                                progress=False, on_log=partial(on_log, 0)))
+                                progress=False, on_log=partial(on_log, 0), events_dir=first.rdir.events))
             else:
                 from moe_scaling.train.group import train_group
 
                 train_group(first.run.model, [m.run.train for m in members], first.data,
-                            ckpt_dirs=[m.rdir.ckpt for m in members], on_log=on_log, on_end=on_end)
+                            ckpt_dirs=[m.rdir.ckpt for m in members], on_log=on_log, on_end=on_end,
+                            events_dirs=[m.rdir.events for m in members])
         except Exception as err:  # noqa: BLE001 - the runs' exception is their result, not the sweep's
             for m in members:
                 if not m.ended:

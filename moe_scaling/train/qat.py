@@ -34,7 +34,9 @@ from moe_scaling.model.quant import GROUP, check_quantizable, fake_quant_params
 from moe_scaling.model.routing import resolve_dispatch
 from moe_scaling.model.transformer import Transformer
 from moe_scaling.train.data import eval_windows, load_tokens, train_batch
-from moe_scaling.train.step import _dtype, loss_fn, make_optimizer
+from moe_scaling.train.events import EventLog, train_scalars
+from moe_scaling.train.loop import _window_metrics
+from moe_scaling.train.step import _dtype, loss_fn, lr_schedule, make_optimizer
 
 __all__ = ["QATResult", "qat", "eval_loss", "initial_model"]
 
@@ -91,9 +93,10 @@ def eval_loss(model: Transformer, train_cfg: TrainConfig, data_cfg: DataConfig, 
 
 
 def qat(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, init: Any, *,
-        eval_every: int | None = None) -> QATResult:
+        eval_every: int | None = None, events_dir: str | os.PathLike | None = None) -> QATResult:
     """Quantization-aware training of ``init`` (see :func:`initial_model`) for
-    ``train_cfg.tokens`` tokens; batches are drawn from ``(train_cfg.seed, step)`` like ``train()``."""
+    ``train_cfg.tokens`` tokens; batches are drawn from ``(train_cfg.seed, step)`` like ``train()``.
+    ``events_dir``: TensorBoard scalars at every eval row (``eval/loss`` is the INT4 model's)."""
     check_quantizable(model_cfg, GROUP)
     t0 = time.perf_counter()
     model = initial_model(model_cfg, train_cfg, data_cfg, init)
@@ -112,22 +115,38 @@ def qat(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, in
         grad_fn = jax.value_and_grad(partial(_forward_loss, graphdef, kw, True), has_aux=True)
         (_, metrics), grads = grad_fn(params, rest, inputs, targets)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics["loss"]
+        return optax.apply_updates(params, updates), opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
     ev = partial(eval_loss, train_cfg=train_cfg, data_cfg=data_cfg, valid_tokens=valid_tokens)
     init_f32, init_ptq = ev(model), ev(model, quantize=True)
     curve = [{"step": 0, "eval_loss_int4": init_ptq}]
+    events = EventLog(events_dir) if events_dir is not None else None
+    lr, t_steps = lr_schedule(train_cfg, steps), 0.0
+    if events is not None:
+        events.scalars(0, {"eval/loss": init_ptq})
+
+    def row(s: int, metrics: dict, eval_int4: float) -> None:
+        curve.append({"step": s + 1, "train_loss": float(metrics["loss"]), "eval_loss_int4": eval_int4})
+        if events is not None:
+            tps = (s + 1) * batch * seq / max(t_steps, 1e-9)
+            events.scalars(s + 1, {**train_scalars(float(metrics["loss"]), float(lr(s)), tps,
+                                                   _window_metrics([metrics])), "eval/loss": eval_int4})
+
     every = eval_every or max(1, steps)
     for s in range(steps):
         x, y = train_batch(train_tokens, batch, seq, train_cfg.seed, s)
-        params, opt_state, loss = step(params, opt_state, rest, x, y)
-        if not np.isfinite(float(loss)):
+        t = time.perf_counter()
+        params, opt_state, metrics = step(params, opt_state, rest, x, y)
+        metrics = jax.device_get(metrics)
+        t_steps += time.perf_counter() - t
+        if not np.isfinite(float(metrics["loss"])):
             raise FloatingPointError(f"qat: non-finite loss at step {s}")
         if (s + 1) % every == 0 and s + 1 < steps:
-            curve.append({"step": s + 1, "train_loss": float(loss),
-                          "eval_loss_int4": ev(nnx.merge(graphdef, params, rest), quantize=True)})
+            row(s, metrics, ev(nnx.merge(graphdef, params, rest), quantize=True))
     model = nnx.merge(graphdef, params, rest)
     final = ev(model, quantize=True)
-    curve.append({"step": steps, "train_loss": float(loss), "eval_loss_int4": final})
+    row(steps - 1, metrics, final)
+    if events is not None:
+        events.close()
     return QATResult(model=model, steps=steps, initial_eval_loss=init_f32, initial_ptq_loss=init_ptq,
                      final_eval_loss=final, curve=curve, wall_s=time.perf_counter() - t0)

@@ -225,7 +225,7 @@ def _lm_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_
     from moe_scaling.train.loop import train
 
     return train(stage.model, stage.train, stage.data, ckpt_dir=run_dir.ckpt, progress=False,
-                 on_log=on_log, stop_at_step=stop_at_step, init_from=init_from)
+                 on_log=on_log, stop_at_step=stop_at_step, init_from=init_from, events_dir=run_dir.events)
 
 
 def _finished(run_dir: RunDir):
@@ -254,6 +254,14 @@ def _needs_previous(stage: Stage, init_from: Path | None, stop_at_step: int | No
                           "only pretraining and midtraining stop and resume mid-stage")
 
 
+def _start_over(run_dir: RunDir) -> None:
+    """Remove what an interrupted stage 3-4 left (its checkpoint and TensorBoard events)."""
+    if run_dir.ckpt.is_dir():
+        shutil.rmtree(run_dir.ckpt)
+    for f in run_dir.event_files:
+        f.unlink()
+
+
 def _sft_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_step: int | None,
                on_log: Callable | None):
     """Instruction fine-tuning (:func:`moe_scaling.train.sft.sft`) from the previous stage's model."""
@@ -263,9 +271,9 @@ def _sft_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at
     done = _finished(run_dir)
     if done is not None:
         return done
-    if run_dir.ckpt.is_dir():
-        shutil.rmtree(run_dir.ckpt)         # an interrupted stage 3 starts over
-    return sft(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt, on_log=on_log)
+    _start_over(run_dir)                    # an interrupted stage 3 starts over
+    return sft(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt, on_log=on_log,
+               events_dir=run_dir.events)
 
 
 def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_step: int | None,
@@ -285,12 +293,11 @@ def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at
     done = _finished(run_dir)
     if done is not None:
         return done
-    if run_dir.ckpt.is_dir():
-        shutil.rmtree(run_dir.ckpt)
+    _start_over(run_dir)
     t0 = time.perf_counter()
     steps = stage.train.steps(stage.data.seq_len)
     r = qat(stage.model, stage.train, stage.data, init_from,
-            eval_every=max(1, min(stage.train.eval_every, steps)))
+            eval_every=max(1, min(stage.train.eval_every, steps)), events_dir=run_dir.events)
     curve = [{"step": c["step"], "tokens": c["step"] * stage.train.batch_size * stage.data.seq_len,
               "eval_loss": c["eval_loss_int4"], **({"train_loss": c["train_loss"]} if "train_loss" in c else {})}
              for c in r.curve]

@@ -46,9 +46,10 @@ from flax import nnx
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.model.routing import resolve_dispatch
-from moe_scaling.train.loop import TrainResult, run_configs
+from moe_scaling.train.events import EventLog, train_scalars
+from moe_scaling.train.loop import TrainResult, _window_metrics, run_configs
 from moe_scaling.train.qat import initial_model
-from moe_scaling.train.step import make_eval_step, make_optimizer, make_train_step
+from moe_scaling.train.step import lr_schedule, make_eval_step, make_optimizer, make_train_step
 
 __all__ = ["ROLES", "load_chat", "render", "pack", "chat_rows", "sft"]
 
@@ -133,9 +134,11 @@ def chat_rows(data_cfg: DataConfig) -> tuple[tuple[np.ndarray, np.ndarray], tupl
 
 
 def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, init: Any, *,
-        ckpt_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+        ckpt_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None,
+        events_dir: str | Path | None = None) -> TrainResult:
     """Instruction fine-tuning of ``init`` for ``train_cfg.tokens`` tokens (``steps`` = tokens /
-    (batch x seq_len), as pre-training counts them) on the chat file ``data_cfg.corpus``."""
+    (batch x seq_len), as pre-training counts them) on the chat file ``data_cfg.corpus``;
+    ``events_dir``: TensorBoard scalars at every eval row (:mod:`moe_scaling.train.events`)."""
     t0 = time.perf_counter()
     (x_train, y_train), (x_valid, y_valid) = chat_rows(data_cfg)
     model = initial_model(model_cfg, train_cfg, data_cfg, init)
@@ -154,6 +157,10 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, in
         return float(np.sum(losses * weights) / max(weights.sum(), 1.0))
 
     curve = [{"step": 0, "tokens": 0, "eval_loss": eval_loss(state)}]
+    events = EventLog(events_dir) if events_dir is not None else None
+    lr = lr_schedule(train_cfg, steps)
+    if events is not None:
+        events.scalars(0, {"eval/loss": curve[0]["eval_loss"]})
     every = max(1, min(train_cfg.eval_every, steps))
     step_time, loss = 0.0, float("nan")
     for s in range(steps):
@@ -168,8 +175,15 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, in
             row = {"step": s + 1, "tokens": (s + 1) * batch * data_cfg.seq_len, "train_loss": loss,
                    "eval_loss": eval_loss(state)}
             curve.append(row)
+            tps = (s + 1) * batch * data_cfg.seq_len / max(step_time, 1e-9)
             if on_log:
-                on_log({**row, "steps": steps, "tokens_per_s": (s + 1) * batch * data_cfg.seq_len / max(step_time, 1e-9)})
+                on_log({**row, "steps": steps, "tokens_per_s": tps})
+            if events is not None:       # the MoE statistics of the row's own step
+                events.scalars(s + 1, {**train_scalars(loss, float(lr(s)), tps,
+                                                       _window_metrics([jax.device_get(metrics)])),
+                                       "eval/loss": row["eval_loss"]})
+    if events is not None:
+        events.close()
     final = curve[-1]["eval_loss"]
     record = {"step": steps, "status": "completed", "curve": curve,
               "configs": run_configs(model_cfg, train_cfg, data_cfg)}
