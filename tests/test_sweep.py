@@ -255,6 +255,12 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     assert failed["status"] == "failed" and "bad.jsonl:1 is not a JSON object" in failed["error"]
     assert (tmp_path / "out" / "runs" / failed["run_id"] / "error.txt").is_file()
     assert diverged["status"] == "diverged" and 1 <= diverged["diverged_step"] <= 40
+    # the trials tell the three ends apart (optuna-dashboard shows the states): PRUNED = diverged
+    states = {rid: [(t.state, t.user_attrs.get("status")) for t in ts]
+              for rid, ts in trials_by_run(f"sqlite:///{out / 'sweep.db'}", "faults").items()}
+    assert states[diverged["run_id"]] == [(TrialState.PRUNED, "diverged")]
+    assert states[failed["run_id"]] == [(TrialState.FAIL, "failed")]
+    assert states[ok["run_id"]] == [(TrialState.COMPLETE, "completed")]
     assert ok["status"] == "completed" and ok["eval_loss"] < 5.0
 
     status = run_cli("status", out, "--json")
