@@ -230,6 +230,10 @@ def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path)
     assert runs.loc[interrupted, "attempts"] == 2
     trials = trials_by_run(storage, "tiny")[interrupted]
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    # the resumed trial carries the whole learning curve (the dashboard's intermediate values)
+    curve = pd.read_parquet(out / "curves.parquet").query("run_id == @interrupted").dropna(subset=["eval_loss"])
+    assert trials[1].intermediate_values == dict(zip(curve["step"], curve["eval_loss"]))
+    assert sorted(trials[1].intermediate_values) == list(range(0, STEPS + 1, 100))
     # the second attempt resumed from the checkpoint: it trained fewer tokens than the budget
     row = runs.loc[interrupted]
     assert row["tokens_per_s"] * row["step_time_s"] < 0.97 * row["tokens"]

@@ -248,6 +248,8 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
         finish_trial(study, trial, END_STATES[previous["status"]], previous, _objective(previous))
         rebuild_tables(ctx.out)
         return None
+    if previous:                         # a resumed run: its trial's curve starts where it left off
+        _carry_curve(study, trial)
     rdir = SweepDir(ctx.out).run(rid)
     save_config(rdir.config, run.model, run.train, run.data)
     data = dataclasses.replace(run.data, corpus=resolve_corpus(run.data.corpus, ctx.grid_dir))
@@ -259,6 +261,17 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
         "package_version": moe_scaling.__version__, "code_version": code_version()}
     write_record(ctx.out, record)
     return _Member(trial, run, rdir, data, record)
+
+
+def _carry_curve(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Give a resumed run's new trial the eval losses its earlier attempts reported, so the
+    dashboard shows one whole learning curve (the evals redone after the checkpoint report the
+    same values again: resume is bit-exact)."""
+    rid, storage = trial.user_attrs["run_id"], study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.user_attrs.get("run_id") == rid and t.number < trial.number:
+            for step, value in sorted(t.intermediate_values.items()):
+                storage.set_trial_intermediate_value(trial._trial_id, step, value)
 
 
 def _close(ctx: WorkerContext, study: optuna.Study, member: _Member, reporter: Progress,
