@@ -45,7 +45,7 @@ from moe_scaling.units import Precision, parse_precision
 
 __all__ = [
     "ParamCounts", "param_counts", "flops_per_token", "Precision", "parse_precision",
-    "weight_bytes", "kv_cache_bytes", "parse_bytes", "parse_count", "DeviceProfile", "load_device",
+    "weight_bytes", "RUNTIME_STORAGE", "stored_bytes", "kv_cache_bytes", "parse_bytes", "parse_count", "DeviceProfile", "load_device",
     "list_devices", "roofline", "cost_summary", "PublishedModel", "published_models",
 ]
 
@@ -169,6 +169,29 @@ def weight_bytes(cfg: ModelConfig, weights: str | Precision = "int4", *,
     bits = ((attention_matmul + ffn) * w.bits_per_value + emb * e.bits_per_value
             + p.router * r.bits_per_value + small * n.bits_per_value)
     return bits / 8.0
+
+
+RUNTIME_STORAGE: dict[str, dict[str, str]] = {
+    # moe-export --runtime onnx (moe_scaling/ondevice/onnx_graph.py): MatMulNBits / QMoE operands in
+    # INT4 groups of 32 with fp16 scales; the embedding (and an untied head), router, shared-expert
+    # gates, norms and biases in float32; RoPE tables of max_positions x head_dim / 2, cos and sin.
+    "onnxruntime": {"weights": "int4", "embeddings": "fp32", "router": "fp32", "norms": "fp32",
+                    "rope": "fp32"},
+}
+"""What each runtime we export to stores, per weight class (``stored_bytes``)."""
+
+
+def stored_bytes(cfg: ModelConfig, runtime: str = "onnxruntime", *, max_positions: int | None = None) -> float:
+    """Bytes of ``cfg``'s weights as ``runtime`` stores them in its model file (not counting the
+    file format's own few kilobytes): :func:`weight_bytes` at the runtime's precisions plus its
+    RoPE tables for ``max_positions`` (default ``cfg.max_seq_len``)."""
+    if runtime not in RUNTIME_STORAGE:
+        raise ConfigError(f"runtime = {runtime!r}: unknown; use one of {', '.join(RUNTIME_STORAGE)}")
+    s = RUNTIME_STORAGE[runtime]
+    positions = cfg.max_seq_len if max_positions is None else max_positions
+    rope = 2 * positions * (cfg.head_dim // 2) * parse_precision(s["rope"]).bits_per_value / 8.0
+    return weight_bytes(cfg, s["weights"], embeddings=s["embeddings"], router=s["router"],
+                        norms=s["norms"]) + rope
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, kv: str | Precision = "bf16") -> float:

@@ -1,5 +1,6 @@
 """Shared test fixtures: paths to ../shared/data and a CPU-only JAX."""
 
+import math
 import os
 from pathlib import Path
 
@@ -56,7 +57,7 @@ settings.load_profile("moe_scaling")
 # first keeps both workers busy until the end instead of leaving one module running alone.
 # Only the order changes; a module missing here runs after these.
 LONGEST_FIRST = ("test_sweep", "test_seed_batching", "test_model", "test_fit", "test_mesh", "test_routing",
-                 "test_export", "test_recipe", "test_sweep_postgres", "test_notebook", "test_router_bias",
+                 "test_export", "test_recipe", "test_sweep_postgres", "test_dashboard", "test_notebook", "test_router_bias",
                  "test_train", "test_precision")
 
 
@@ -138,3 +139,32 @@ def damage_checkpoint(step_dir: Path, how: str) -> Path:
     else:
         data.unlink()
     return data
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard reads from the event files in ``folder`` (not its subfolders), by
+    tag: ``[(step, value), ...]``, through TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})   # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_run_scalars(folder, *, steps: int, moe_layers: int, log_every: int | None = None) -> dict:
+    """A run's event files hold every scalar of moe_scaling/train/events.py up to its last step."""
+    s = tensorboard_scalars(folder)
+    want = {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "eval/loss"}
+    if moe_layers:
+        want |= {"moe/dropped_fraction", "train/aux_loss"} | {
+            f"moe/load_max_over_mean/layer_{i}" for i in range(moe_layers)}
+    assert want <= set(s), (folder, sorted(want - set(s)))
+    assert not any(t.startswith("moe/") for t in s) or moe_layers, sorted(s)
+    assert s["train/loss"][-1][0] == steps and s["eval/loss"][-1][0] == steps
+    if log_every:
+        assert [st for st, _ in s["train/loss"]] == list(range(log_every, steps + 1, log_every))
+    for tag, rows in s.items():
+        assert all(math.isfinite(v) for _, v in rows), tag
+    for i in range(moe_layers):                       # max / mean load: 1 (balanced) .. n_experts
+        assert all(v >= 1.0 - 1e-6 for _, v in s[f"moe/load_max_over_mean/layer_{i}"])
+    return s

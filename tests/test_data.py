@@ -116,3 +116,95 @@ def test_batches_are_deterministic_windows():
     ev = eval_windows(tokens, 4, 16, 3)
     assert len(ev) == 3 and ev[0][0][0, 0] == 0 and ev[-1][1][-1, -1] == 9999
     assert decode(encode("héllo")) == "héllo"
+
+
+# -- Hugging Face datasets as corpora (the datasets extra) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dataset(tmp_path_factory):
+    """The first 300 speeches of tinyshakespeare, one per row, written four ways by ``datasets``
+    (save_to_disk of a Dataset and of a DatasetDict, parquet, arrow) and as one .txt file per speech."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("hfdata")
+    speeches = SHAKESPEARE.read_text().split("\n\n")[:300]
+    ds = datasets.Dataset.from_dict({"id": list(range(len(speeches))), "text": speeches})
+    ds.save_to_disk(str(root / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(root / "saved_dict"))
+    ds.to_parquet(str(root / "speeches.parquet"))
+    arrow = sorted((root / "saved").glob("*.arrow"))
+    assert len(arrow) == 1
+    (root / "txt").mkdir()
+    for i, s in enumerate(speeches):
+        (root / "txt" / f"{i:04d}.txt").write_text(s)
+    return root, arrow[0]
+
+
+def test_a_dataset_gives_the_tokens_of_the_same_text_read_from_txt_files(shakespeare_dataset, cache):
+    root, arrow = shakespeare_dataset
+    want_train, want_valid, txt_hash = load_tokens(DataConfig(corpus=str(root / "txt"), seq_len=32))
+    hashes = set()
+    for corpus in (root / "saved", root / "saved_dict", root / "speeches.parquet", arrow):
+        train, valid, h = load_tokens(DataConfig(corpus=str(corpus), seq_len=32))
+        assert np.array_equal(train, want_train) and np.array_equal(valid, want_valid), corpus
+        hashes.add(h)
+    assert len(hashes) == 1 and txt_hash not in hashes          # keyed on the rows' content
+    assert (cache / f"tokens-{hashes.pop()}-byte.npy").is_file()
+
+
+def test_a_run_trains_from_a_save_to_disk_folder(shakespeare_dataset, tmp_path, cache):
+    from moe_scaling.config import ModelConfig, TrainConfig
+    from moe_scaling.train.loop import train
+
+    root, _ = shakespeare_dataset
+    data = DataConfig(corpus=str(root / "saved"), seq_len=32)
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=64, n_experts=4, top_k=1)
+    r = train(cfg, TrainConfig(tokens=20 * 4 * 32, batch_size=4, lr=3e-3, eval_every=20, eval_batches=1),
+              data, ckpt_dir=tmp_path / "ckpt", progress=False)
+    assert r.status == "completed" and r.final_eval_loss < r.curve[0]["eval_loss"]
+    assert r.corpus_hash == load_tokens(data)[2]
+
+
+def test_a_changed_dataset_changes_the_hash(shakespeare_dataset, tmp_path, cache):
+    import datasets
+
+    root, _ = shakespeare_dataset
+    ds = datasets.load_from_disk(str(root / "saved"))
+    edited = ds.map(lambda row: {"text": row["text"].upper() if row["id"] == 7 else row["text"]})
+    edited.save_to_disk(str(tmp_path / "edited"))
+    assert load_tokens(DataConfig(corpus=str(tmp_path / "edited"), seq_len=32))[2] != \
+        load_tokens(DataConfig(corpus=str(root / "saved"), seq_len=32))[2]
+
+
+@pytest.mark.parametrize("corpus, fragment", [
+    ("hf:nobody-here/no-such-dataset", "could not be reached"),
+    ("hf:", "write hf:NAME[:SPLIT][:COLUMN]"),
+    ("hf:a::text", "write hf:NAME[:SPLIT][:COLUMN]"),
+])
+def test_an_unreachable_hub_dataset_is_one_line_and_exit_2(tmp_path, corpus, fragment):
+    """Offline (HF_HUB_OFFLINE=1, as on a machine without network), moe-train says so in one line."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model": {"vocab_size": 256, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                             "d_ff": 64},
+                                   "train": {"tokens": 4096, "batch_size": 4},
+                                   "data": {"corpus": corpus, "seq_len": 32}}))
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MOE_SCALING_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "moe_scaling.cli.train", str(run), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("stage train:")]  # progress
+    assert r.returncode == 2 and len(errors) == 1 and fragment in errors[0], r.stderr
+    assert errors[0].startswith("moe-train: error: data.corpus = ")
+
+
+def test_a_dataset_without_a_text_column_names_its_columns(tmp_path, cache):
+    import datasets
+
+    datasets.Dataset.from_dict({"a": ["x"], "b": ["y"], "n": [1]}).to_parquet(str(tmp_path / "t.parquet"))
+    with pytest.raises(ConfigError, match=r"string columns: a, b\); name it"):
+        load_tokens(DataConfig(corpus=str(tmp_path / "t.parquet"), seq_len=4))

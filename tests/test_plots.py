@@ -2,7 +2,7 @@
 units, labels), text never overlaps, files are written as PNG and SVG, and the plot CLI works.
 
 The run-table figures are drawn from the committed quickstart results (results/quickstart, made by
-README's main command); set MOE_SCALING_SWEEP_DIR to draw them from another sweep folder.
+`moe-sweep run sweeps/quickstart.yaml`); set MOE_SCALING_SWEEP_DIR to draw them from another sweep folder.
 """
 
 import json

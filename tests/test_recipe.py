@@ -30,6 +30,15 @@ def built(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def built_bpe(tmp_path_factory):
+    """The same spec built for a 512-id BPE: moe-build records the tokenizer in recipe.yaml."""
+    out = tmp_path_factory.mktemp("build") / "tiny-bpe"
+    assert build_main(["--active", "20M", "--total", "40M", "--granularity", "2", "--shared", "1",
+                       "--tokenizer", "bpe:512", "--out", str(out)]) == 0
+    return out
+
+
 def test_vocab_mismatch_is_one_line(built, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOE_SCALING_CACHE", str(tmp_path / "cache"))
     code = train_main([str(built), "--out", str(tmp_path / "run"), "--tokenizer", "bpe:512",
@@ -56,14 +65,13 @@ def test_bad_input_exit_2(built, tmp_path, capsys, argv, fragment):
     assert code == 2 and "\n" not in err and fragment in err, err
 
 
-def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
+def test_stages_1_2_with_bpe_and_resume(built_bpe, tmp_path, capsys, monkeypatch):
+    """moe-build --tokenizer bpe:512, then moe-train with no --tokenizer and no hand edit."""
     monkeypatch.setenv("MOE_SCALING_CACHE", str(tmp_path / "cache"))
-    model = yaml.safe_load((built / "model.yaml").read_text())
-    model["model"]["vocab_size"] = 512          # the fix the mismatch error names
-    (built / "model.yaml").write_text(yaml.safe_dump(model))
+    built = built_bpe
     out = tmp_path / "run"
     # 10:1 recipe split: pre-training 31 steps, mid-training 3 steps of 1 x 16 tokens
-    argv = [str(built), "--out", str(out), "--tokenizer", "bpe:512", "--tokens", "560", "--batch-size", "1",
+    argv = [str(built), "--out", str(out), "--tokens", "560", "--batch-size", "1",
             "--seq-len", "16", "--data", f"pretraining={CORPUS}", "--data", f"midtraining={CORPUS}", "--json"]
     assert train_main([*argv, "--stop-at-step", "midtraining=1"]) == 0
     first = json.loads(capsys.readouterr().out)
@@ -109,7 +117,7 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     chat = str(__import__("pathlib").Path(__file__).parent / "data" / "chat.jsonl")
     tok_before = (out / "tokenizer.json").read_text()
     capsys.readouterr()
-    argv34 = [str(built), "--out", str(out), "--tokenizer", "bpe:512", "--tokens", "560", "--batch-size", "1",
+    argv34 = [str(built), "--out", str(out), "--tokens", "560", "--batch-size", "1",
               "--seq-len", "16", "--stages", "instruction_finetuning,quantization_aware_training",
               "--data", f"instruction_finetuning={chat}", "--json"]
     assert train_main(argv34) == 0
@@ -126,6 +134,16 @@ def test_stages_1_2_with_bpe_and_resume(built, tmp_path, capsys, monkeypatch):
     assert sft_cfg["train"]["schedule"] == "cosine" and sft_cfg["data"]["corpus"] == chat
     assert train_main(argv34) == 0                                # done: not trained again
     assert json.loads(capsys.readouterr().out)["stages"] == third["stages"]
+
+    # every stage wrote its TensorBoard scalars into its stage folder (tensorboard --logdir OUT)
+    from conftest import assert_run_scalars
+    model_cfg = yaml.safe_load((built / "model.yaml").read_text())["model"]
+    moe_layers = model_cfg["n_layers"] - model_cfg.get("n_dense_layers", 0)
+    for stage, n in [("pretraining", 31), ("midtraining", 3), ("instruction_finetuning", 10),
+                     ("quantization_aware_training", 25)]:
+        s = assert_run_scalars(out / "stages" / stage, steps=n, moe_layers=moe_layers)
+        logged = [st for st, _ in s["train/loss"]]      # midtraining was stopped and resumed: no step twice
+        assert logged == sorted(set(logged)), (stage, logged)
 
     # the last stage goes to the on-device runtime (INT4 of QAT's weights) with the run's tokenizer
     from moe_scaling.ondevice.runtime import OnnxLM

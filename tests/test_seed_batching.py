@@ -49,7 +49,8 @@ def test_a_group_follows_its_solo_runs_and_a_diverging_member_does_not_stop_the_
     cfgs = [_cfg(0), _cfg(1, lr=1e6), _cfg(2, lr=1e-3)]
     ended = []
     group = train_group(MODEL, cfgs, DATA, ckpt_dirs=[tmp_path / str(i) for i in range(3)],
-                        on_end=lambda i, r: ended.append((i, r.status)))
+                        on_end=lambda i, r: ended.append((i, r.status)),
+                        events_dirs=[tmp_path / f"tb{i}" for i in range(3)])
     assert [r.status for r in group] == ["completed", "diverged", "completed"]
     assert ended[0] == (1, "diverged") and sorted(ended[1:]) == [(0, "completed"), (2, "completed")]
     diverged = group[1]
@@ -65,6 +66,12 @@ def test_a_group_follows_its_solo_runs_and_a_diverging_member_does_not_stop_the_
         assert [s for s, _ in evals] == [s for s, _ in solo_evals] == [0, 4, 8, 12]
         assert max(abs(a - b) for (_, a), (_, b) in zip(evals[:3], solo_evals[:3])) <= F32_TOL
         assert group[i].metrics["group_size"] == 3 and group[i].tokens == solo.tokens
+    # each member's TensorBoard scalars, its own learning rate among them; the diverged one's end early
+    from conftest import assert_run_scalars, tensorboard_scalars
+    for i in (0, 2):
+        s = assert_run_scalars(tmp_path / f"tb{i}", steps=12, moe_layers=2, log_every=1)
+        assert max(v for _, v in s["train/lr"]) == pytest.approx(cfgs[i].lr, rel=1e-6)   # float32 events
+    assert max(st for st, _ in tensorboard_scalars(tmp_path / "tb1")["train/loss"]) < diverged.diverged_step
     # A member's checkpoint is train()'s: the finished run comes back without training.
     again = train(MODEL, cfgs[0], DATA, ckpt_dir=tmp_path / "0", progress=False)
     assert again.status == "completed" and again.step_time_s == 0.0

@@ -158,6 +158,17 @@ def test_two_local_workers_run_every_point_exactly_once(reference):
     assert (runs["tokens"] == STEPS * 8 * 32).all()
     sparse = runs["top_k"] < runs["n_experts"]
     assert (runs["params_active"][sparse] < runs["params_total"][sparse]).all()
+    # every run's TensorBoard scalars, in its run folder (tensorboard --logdir OUT lists them all)
+    from conftest import assert_run_scalars, tensorboard_scalars
+    for rid in ids:
+        s = assert_run_scalars(out / "runs" / rid, steps=STEPS, moe_layers=1, log_every=LOG_EVERY)
+        curve = json.loads((out / "runs" / rid / "curve.json").read_text())
+        evals = [(r["step"], r["eval_loss"]) for r in curve if r["eval_loss"] is not None and r["eval_loss"] == r["eval_loss"]]
+        assert [st for st, _ in s["eval/loss"]] == [st for st, _ in evals]
+        # event values are float32 (TensorBoard's simple_value): equal to the curve within its rounding
+        assert all(abs(a - b) <= 1e-6 * abs(b) for (_, a), (_, b) in zip(s["eval/loss"], evals))
+        assert s["train/lr"][-1][1] < s["train/lr"][0][1]            # the cosine schedule decays
+    assert len(tensorboard_scalars(out)) == 0                         # one folder per run, none at the top
     # the persistent compilation cache holds the train steps
     assert any(p.name.startswith("jit__train_step") for p in (out / "jax_cache").iterdir())
     # a second `run` of a finished sweep trains nothing and changes nothing
@@ -222,6 +233,10 @@ def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path)
     assert runs.loc[interrupted, "attempts"] == 2
     trials = trials_by_run(storage, "tiny")[interrupted]
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    # the resumed trial carries the whole learning curve (the dashboard's intermediate values)
+    curve = pd.read_parquet(out / "curves.parquet").query("run_id == @interrupted").dropna(subset=["eval_loss"])
+    assert trials[1].intermediate_values == dict(zip(curve["step"], curve["eval_loss"]))
+    assert sorted(trials[1].intermediate_values) == list(range(0, STEPS + 1, 100))
     # the second attempt resumed from the checkpoint: it trained fewer tokens than the budget
     row = runs.loc[interrupted]
     assert row["tokens_per_s"] * row["step_time_s"] < 0.97 * row["tokens"]   # >= 1 checkpoint (20 of 300 steps) skipped
@@ -248,6 +263,12 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     assert failed["status"] == "failed" and "bad.jsonl:1 is not a JSON object" in failed["error"]
     assert (tmp_path / "out" / "runs" / failed["run_id"] / "error.txt").is_file()
     assert diverged["status"] == "diverged" and 1 <= diverged["diverged_step"] <= 40
+    # the trials tell the three ends apart (optuna-dashboard shows the states): PRUNED = diverged
+    states = {rid: [(t.state, t.user_attrs.get("status")) for t in ts]
+              for rid, ts in trials_by_run(f"sqlite:///{out / 'sweep.db'}", "faults").items()}
+    assert states[diverged["run_id"]] == [(TrialState.PRUNED, "diverged")]
+    assert states[failed["run_id"]] == [(TrialState.FAIL, "failed")]
+    assert states[ok["run_id"]] == [(TrialState.COMPLETE, "completed")]
     assert ok["status"] == "completed" and ok["eval_loss"] < 5.0
 
     status = run_cli("status", out, "--json")

@@ -24,6 +24,7 @@ from moe_scaling.units import parse_count
 
 EXAMPLES = """\
   moe-build --active 922M --total 5.3B --granularity 8 --shared 1 --out configs/mobilemoe-l
+  moe-build --active 20M --total 40M --granularity 2 --tokenizer bpe:2048 --out build/tiny   # then: moe-train build/tiny ...
   moe-build --sweet-spot sweet_2gb.json --out configs/phone-2gb --device snapdragon-8-gen-3
   moe-build --fit fits/joint_moe_published.json --budget-mem 2GB --train-compute 1e21 --out configs/phone-2gb
   moe-build --config my_model.yaml --out configs/mine --weights int4 --kv int8 --context 4096
@@ -53,6 +54,9 @@ def _parser():
     parser.add_argument("--granularity", type=int, default=None, help="with --active/--total: G (default 8)")
     parser.add_argument("--shared", type=int, default=None, choices=(0, 1),
                         help="with --active/--total: one shared expert of width d_ff/2 (default 1)")
+    parser.add_argument("--tokenizer", default=None, metavar="SPEC",
+                        help="byte, bpe:N or a tokenizer.json path: sets the vocabulary (as --vocab would) and is "
+                             "written to recipe.yaml, so moe-train uses it without --tokenizer")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--name", default=None, help="model name for the card (default: DIR's name)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -70,14 +74,29 @@ def _source(args) -> str:
     source = given[0]
     if args.budget_mem and source != "fit":
         raise InputError("--budget-mem: only with --fit (the budget is searched with the fit's law)")
+    if source not in ("fit", "active") and args.vocab is not None:
+        raise InputError(f"--vocab {args.vocab}: only acts with --fit or --active/--total (the {source.replace('_', '-')} "
+                         "source has its own vocabulary); drop it")
     if source != "fit":
-        for flag in given_options(args, SEARCH_ONLY):
+        for flag in given_options(args, tuple(n for n in SEARCH_ONLY if n != "vocab")):
             raise InputError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: only acts with --fit "
                              "(it sets the budget search); drop it or build from --fit")
     if source != "active":
         for flag in given_options(args, ("granularity", "shared")):
             raise InputError(f"{flag} {getattr(args, flag[2:])}: only acts with --active/--total; drop it")
     return source
+
+
+def _vocab(args) -> int | None:
+    """The vocabulary asked for: ``--vocab``, or the one ``--tokenizer`` implies (they must agree)."""
+    if args.tokenizer is None:
+        return args.vocab
+    from moe_scaling.train.tokenizers import tokenizer_vocab_size
+    n = tokenizer_vocab_size(args.tokenizer, field="--tokenizer")
+    if args.vocab is not None and args.vocab != n:
+        raise InputError(f"--vocab {args.vocab}: --tokenizer {args.tokenizer} has {n} ids; drop --vocab "
+                         f"or give --vocab {n}")
+    return n
 
 
 def _from_fit(args) -> dict:
@@ -89,9 +108,9 @@ def _from_fit(args) -> dict:
     fit = load_fit(args.fit)  # a bad fit file is a FitError: a UserError, exit 2
     try:
         result, summary = build_from_fit(
-            fit, budget, args.out, space=ArchSpace(vocab_size=option(args, "vocab")),
+            fit, budget, args.out, space=ArchSpace(vocab_size=_vocab(args) or option(args, "vocab")),
             method=option(args, "search_method"), seed=option(args, "search_seed"),
-            level=option(args, "interval_level"), name=args.name,
+            level=option(args, "interval_level"), name=args.name, tokenizer=args.tokenizer,
             source=f"the sweet spot of a {args.budget_mem} budget under {Path(args.fit).name}")
     except NothingFits:
         raise nothing_fits(args) from None
@@ -118,7 +137,7 @@ def _body(argv: Sequence[str] | None) -> int:
             origin = Path(args.config).name
         summary = build(cfg, args.out, name=args.name, weights=option(args, "weights"),
                         kv=option(args, "kv"), context=option(args, "context"), device=args.device,
-                        tokens=tokens, source=origin, prediction=prediction)
+                        tokens=tokens, source=origin, prediction=prediction, tokenizer=args.tokenizer)
         summary.update(note)
     if args.json:
         print_json(summary)
@@ -139,8 +158,11 @@ def _from_spec(args):
     shared = 1 if args.shared is None else args.shared
     if G < 1:
         raise InputError(f"--granularity {G}: must be a whole number >= 1; e.g. 8")
-    match = config_from_spec(args.active, args.total, granularity=G, shared=shared)
-    origin = f"the spec --active {args.active} --total {args.total} --granularity {G} --shared {shared}"
+    vocab = _vocab(args)
+    space = ArchSpace(n_layers_max=96, **({"vocab_size": vocab} if vocab else {}))
+    match = config_from_spec(args.active, args.total, granularity=G, shared=shared, space=space)
+    origin = (f"the spec --active {args.active} --total {args.total} --granularity {G} --shared {shared}"
+              + (f" --vocab {vocab}" if vocab else ""))
     return match.config, origin, {"spec_within_tolerance": match.within_tolerance,
                                   "spec_candidates_within_tolerance": match.candidates_within_tolerance}
 

@@ -41,7 +41,8 @@ def _body(argv: Sequence[str] | None) -> int:
 
         summary = export_onnx_checkpoint(args.run, args.out, activations=args.activations, step=args.step)
         detail = (f"ONNX Runtime: step {summary['step']} ({summary['status']}), {summary['bytes'] / 1e6:.1f} MB "
-                  f"({summary['int4_weight_bytes'] / 1e6:.1f} MB INT4 weights), {summary['activations']} activations")
+                  f"({summary['int4_weight_bytes'] / 1e6:.1f} MB INT4 weights; the cost model counts "
+                  f"{summary['cost_model_bytes'] / 1e6:.1f} MB as ONNX Runtime stores it), {summary['activations']} activations")
     else:
         summary = export_checkpoint(args.run, args.out, dtype=args.dtype, step=args.step)
         detail = (f"{summary['model_type']}: step {summary['step']} ({summary['status']}), "

@@ -16,12 +16,13 @@ from moe_scaling.cli.plot import add_sweep_plot_parser, sweep_plot_main
 PROG = "moe-sweep"
 EXAMPLES = """\
   moe-sweep validate sweeps/quickstart.yaml
-  moe-sweep run sweeps/quickstart.yaml --out results/quickstart
-  moe-sweep run sweeps/quickstart.yaml --out results/quickstart --workers 2
+  moe-sweep run sweeps/quickstart.yaml --out build/quickstart
+  moe-sweep run sweeps/quickstart.yaml --out build/quickstart --workers 2
   moe-sweep run sweeps/sparsity_granularity.yaml --out results/sg \\
       --storage postgresql://user:password@dbhost:5432/sweeps     # same command on every machine
-  moe-sweep status results/quickstart
-  moe-sweep status results/quickstart --json
+  moe-sweep status build/quickstart
+  moe-sweep status build/quickstart --json
+  moe-sweep dashboard results/quickstart --port 8080   # optuna-dashboard (pip install -e ".[dashboard]")
   moe-sweep plot results/quickstart                # figures into results/quickstart/plots/
 
 After a crash or kill, rerun the same `run` command: finished runs are skipped and interrupted ones
@@ -34,7 +35,7 @@ with --retry-failed)."""
 def _parser():
     p = make_parser(PROG, "Grid sweeps over MoE architectures: every run once, across workers and "
                     "restarts, recorded in DIR/runs.parquet and DIR/curves.parquet.", EXAMPLES)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{validate,run,status,plot}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{validate,run,status,plot,dashboard}")
     v = sub.add_parser("validate", help="check a grid file, list its runs and estimate their time "
                        "(writes nothing)")
     v.add_argument("grid", help="grid YAML file")
@@ -63,6 +64,13 @@ def _parser():
     s.add_argument("--top", type=_positive, default=5, help="how many best runs to list (default 5)")
     s.add_argument("--json", action="store_true", help="print JSON")
     add_sweep_plot_parser(sub)
+    d = sub.add_parser("dashboard", help="optuna-dashboard on the sweep's storage, while it runs or after "
+                       "(the dashboard extra)")
+    d.add_argument("out", help="sweep folder given to `run --out`")
+    d.add_argument("--storage", help="the storage URL given to `run` (default: the one in OUT/sweep.json; "
+                   "a server's password is not stored there)")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    d.add_argument("--port", type=_positive, default=8080, help="port (default 8080)")
     for command in sub.choices.values():   # every subcommand's --help ends with the examples too
         command.epilog, command.formatter_class = p.epilog, p.formatter_class
     return p
@@ -88,6 +96,10 @@ def _body(argv: Sequence[str] | None) -> int:
         return _run(args)
     if args.command == "plot":
         return sweep_plot_main(args)
+    if args.command == "dashboard":
+        from moe_scaling.sweep.dashboard import serve
+        serve(args.out, args.storage, host=args.host, port=args.port)
+        return 0
     return _status(args)
 
 

@@ -11,7 +11,7 @@ from moe_scaling.cli._common import make_parser, print_json, result_stdout, run_
 from moe_scaling.errors import ConfigError
 
 EXAMPLES = """\
-  moe-build --active 20M --total 40M --granularity 2 --out build/tiny
+  moe-build --active 20M --total 40M --granularity 2 --tokenizer bpe:2048 --out build/tiny
   moe-train build/tiny --out runs/tiny --tokens 200000 --batch-size 8 --seq-len 64 \\
       --data pretraining=../shared/data/text/tinystories --data midtraining=../shared/data/text/gutenberg
   # stages 3-4 after 1-2 in the same OUT: instruction tuning on chat JSONL, then INT4 QAT
@@ -67,7 +67,9 @@ def _body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--tokens", help="total training tokens, split across the stages in the recipe's proportions")
     parser.add_argument("--batch-size", type=int, help="every stage's batch size (sequences)")
     parser.add_argument("--seq-len", type=int, help="every stage's sequence length")
-    parser.add_argument("--tokenizer", help="byte (default), bpe:N or a tokenizer.json path")
+    parser.add_argument("--tokenizer", help="byte, bpe:N or a tokenizer.json path (default: the one moe-build "
+                                             "--tokenizer recorded in recipe.yaml, else byte); its number of ids "
+                                             "must be the model's vocab_size (moe-build --tokenizer/--vocab sets it)")
     parser.add_argument("--mesh", help="data=D,fsdp=F,expert=X (default: one device)")
     parser.add_argument("--dispatch", help="MoE dispatch: auto, capacity, dropless, ragged, reference")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="matmul compute dtype")

@@ -154,9 +154,11 @@ class RecipeDefaults:
 
 
 def make_recipe(cfg: ModelConfig, *, tokens: float, weights: str = "int4", kv: str = "int8",
-                defaults: RecipeDefaults = RecipeDefaults()) -> dict[str, Any]:
+                defaults: RecipeDefaults = RecipeDefaults(), tokenizer: str | None = None) -> dict[str, Any]:
     """The four-stage recipe (pre-training, mid-training, instruction fine-tuning, QAT) as a
-    mapping; ``weights`` / ``kv`` set the QAT target (bits, group size, scale format)."""
+    mapping; ``weights`` / ``kv`` set the QAT target (bits, group size, scale format);
+    ``tokenizer`` (``byte``, ``bpe:N`` or ``tokenizer.json`` beside the recipe) is the one
+    ``moe-train`` uses when it is given none."""
     d = defaults
     w, k = parse_precision(weights), parse_precision(kv, field="kv")
     moe = {"aux_loss_coef": d.aux_loss_coef, "z_loss_coef": d.z_loss_coef,
@@ -165,6 +167,7 @@ def make_recipe(cfg: ModelConfig, *, tokens: float, weights: str = "int4", kv: s
               "grad_clip": 1.0, **moe}
     return {
         "model": "model.yaml",
+        **({"tokenizer": tokenizer} if tokenizer else {}),
         "note": "Every value is a stated default (moe_scaling.design.builder.RecipeDefaults), not a measured optimum.",
         "stages": [
             {"name": "pretraining", "tokens": float(tokens), "batch_size": d.pretrain_batch,
@@ -246,17 +249,29 @@ def build(cfg: ModelConfig, out_dir: str | Path, *, name: str | None = None, wei
           kv: str = "int8", context: int = 4096, device: str | None = None, tokens: float = 1e12,
           source: str = "an explicit config", prediction: Mapping[str, Any] | None = None,
           recipe_defaults: RecipeDefaults = RecipeDefaults(),
-          costs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          costs: Mapping[str, Any] | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """Write config.json, model.yaml, recipe.yaml, costs.json and README.md into ``out_dir``
     (atomically, each file). Returns a summary with the paths and the costs.
 
     ``costs``: :func:`costs.cost_summary` of ``cfg`` at these precisions, context and device when
-    the caller already holds it (a :class:`Candidate`'s costs); computed here otherwise."""
+    the caller already holds it (a :class:`Candidate`'s costs); computed here otherwise.
+    ``tokenizer``: ``byte``, ``bpe:N`` or a ``tokenizer.json`` path (copied into ``out_dir``),
+    recorded in ``recipe.yaml``; its vocabulary must be ``cfg.vocab_size``."""
     hf = hf_config(cfg)                           # refuses before anything is written
+    tok_file = None
+    if tokenizer is not None:
+        from moe_scaling.train.tokenizers import parse_tokenizer, tokenizer_vocab_size
+        n = tokenizer_vocab_size(tokenizer, field="tokenizer")
+        if n != cfg.vocab_size:
+            raise ConfigError(f"tokenizer = {tokenizer!r}: has {n} ids but the model's vocab_size is "
+                              f"{cfg.vocab_size}; build with --vocab {n} or use a tokenizer of {cfg.vocab_size} ids")
+        if parse_tokenizer(tokenizer)[0] == "file":
+            tok_file, tokenizer = Path(tokenizer).expanduser().read_text(), "tokenizer.json"
     if costs is None:
         costs = cost_summary(cfg, weights=weights, kv=kv, context=context, device=device)
     costs = dict(costs)
-    recipe = make_recipe(cfg, tokens=tokens, weights=weights, kv=kv, defaults=recipe_defaults)
+    recipe = make_recipe(cfg, tokens=tokens, weights=weights, kv=kv, defaults=recipe_defaults,
+                         tokenizer=tokenizer)
     out = Path(out_dir)
     name = name or out.name
     files = {
@@ -266,6 +281,7 @@ def build(cfg: ModelConfig, out_dir: str | Path, *, name: str | None = None, wei
                        + yaml.safe_dump(recipe, sort_keys=False),
         "costs.json": json.dumps(costs, indent=2) + "\n",
         "README.md": model_card(name, cfg, costs, recipe, source, prediction),
+        **({"tokenizer.json": tok_file} if tok_file is not None else {}),
     }
     for fname, text in files.items():
         atomic_write_text(out / fname, text)
@@ -276,7 +292,7 @@ def build(cfg: ModelConfig, out_dir: str | Path, *, name: str | None = None, wei
 
 def build_from_fit(fit: LossModel, budget: Budget, out_dir: str | Path, *, space: ArchSpace = ArchSpace(),
                    method: str = "auto", seed: int = 0, level: float = 0.9, name: str | None = None,
-                   source: str | None = None) -> tuple[SearchResult, dict[str, Any]]:
+                   source: str | None = None, tokenizer: str | None = None) -> tuple[SearchResult, dict[str, Any]]:
     """Search ``budget`` with ``fit``'s law over ``space`` and build the sweet spot into ``out_dir``.
 
     The model directory is costed on the budget's precisions, context and device, with the sweet
@@ -291,5 +307,5 @@ def build_from_fit(fit: LossModel, budget: Budget, out_dir: str | Path, *, space
     summary = build(spot.config, out_dir, name=name, weights=budget.weights, kv=budget.kv,
                     context=budget.context, device=budget.device, tokens=spot.tokens,
                     source=source or f"the sweet spot of a {budget.memory / 1e9:g} GB budget",
-                    prediction=spot.to_dict(), costs=spot.costs)
+                    prediction=spot.to_dict(), costs=spot.costs, tokenizer=tokenizer)
     return result, summary

@@ -4,16 +4,21 @@
 (batch 1) with every linear and expert weight stored as ONNX Runtime's ``com.microsoft.MatMulNBits``
 operand: 4-bit codes, groups of 32 along the input axis, one scale per group. The codes and scales
 are exactly :func:`moe_scaling.model.quant.quantize_int4`'s (``q in [-8, 7]`` stored as the unsigned
-nibble ``q + 8``, MatMulNBits' default zero point 8; the fp16 scales stored as float32, which
-represents them exactly), so the runtime multiplies by the weights our QAT trained against:
+nibble ``q + 8``, MatMulNBits' default zero point 8; the scales stored as float16, which holds
+them exactly), so the runtime multiplies by the weights our QAT trained against:
 
     y = x @ W_hat,   W_hat[k, n] = (code[n, k] - 8) * scale[n, k // 32]
+
+MatMulNBits and QMoE take their scales in the activations' type (float32 here), so each fp16 scale
+tensor goes through a ``Cast`` that ONNX Runtime folds into a constant when the session loads: the
+file holds the 4.5 bits per weight the cost model counts (:data:`moe_scaling.costs.RUNTIME_STORAGE`),
+the kernels see the same float32 values as before.
 
 ``accuracy_level`` selects how the runtime multiplies: 0 computes in float32 (the reference), 4
 quantizes the activations to int8 on the fly, in blocks along the contraction axis, and uses integer
 dot products: the int8-dynamic-activation / int4-weight scheme of phone runtimes.
 Embeddings, the router, the shared-expert gates and the norms stay float32, as the cost model
-counts them (:func:`moe_scaling.costs.weight_bytes`).
+counts them for this runtime (:func:`moe_scaling.costs.stored_bytes`).
 
 Inputs and outputs (``L`` layers, ``kv`` KV heads, ``hd = head_dim``; ``P`` cached positions, ``S``
 new tokens)::
@@ -96,6 +101,14 @@ class _Graph:
         self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def scales(self, name: str, array: np.ndarray) -> str:
+        """INT4 group scales stored as float16 (exact: :func:`quantize_int4` rounds them to fp16),
+        cast to float32 for the kernel; the cast of a constant is folded when the session loads."""
+        s16 = np.asarray(array, np.float16)
+        if not np.array_equal(s16.astype(np.float32), array):
+            raise ValueError(f"{name}: scales not exactly representable in float16")
+        return self.op("Cast", [self.init(name, s16)], to=self.onnx.TensorProto.FLOAT)
+
     def const(self, values, dtype=np.int64) -> str:
         """A 1-D (or scalar when ``values`` is a number) constant initializer, shared by value."""
         arr = np.asarray(values, dtype)
@@ -124,7 +137,7 @@ class _Builder:
         """``x @ w`` for an input-major ``w [K, N]`` as an INT4 MatMulNBits."""
         k, n = w.shape
         b, s = pack_int4(w)
-        return self.g.op("MatMulNBits", [x, self.g.init(f"{name}.q4", b), self.g.init(f"{name}.scales", s)],
+        return self.g.op("MatMulNBits", [x, self.g.init(f"{name}.q4", b), self.g.scales(f"{name}.scales", s)],
                          domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=GROUP, accuracy_level=self.level)
 
     def add_norm(self, y: str, residual: str | None, scale: np.ndarray, name: str) -> tuple[str, str]:
@@ -204,9 +217,9 @@ class _Builder:
         packed = [pack_int4(inter[j]) for j in range(e)]
         down = [pack_int4(np.asarray(f["w_down"][j])) for j in range(e)]
         fc1 = g.init(f"layers.{i}.experts.fc1.q4", np.stack([b.reshape(2 * fw, -1) for b, _ in packed]))
-        fc1s = g.init(f"layers.{i}.experts.fc1.scales", np.stack([s for _, s in packed]))
+        fc1s = g.scales(f"layers.{i}.experts.fc1.scales", np.stack([s for _, s in packed]))
         fc2 = g.init(f"layers.{i}.experts.fc2.q4", np.stack([b.reshape(d, -1) for b, _ in down]))
-        fc2s = g.init(f"layers.{i}.experts.fc2.scales", np.stack([s for _, s in down]))
+        fc2s = g.scales(f"layers.{i}.experts.fc2.scales", np.stack([s for _, s in down]))
         return g.op("QMoE", [x, select, fc1, fc1s, "", fc2, fc2s, "", "", "", "", "", "", "", scores],
                     domain=MS_DOMAIN, k=cfg.top_k, activation_type="swiglu", swiglu_fusion=1,
                     activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(cfg.norm_topk),
@@ -237,9 +250,11 @@ class _Builder:
             else:
                 y = self.swiglu(h, ff["w_gate_up"], np.asarray(ff["w_down"]).T, f"layers.{i}.ffn")
         x, _ = self.add_norm(y, residual, p["final_norm"]["scale"], "final_norm")
-        head = np.asarray(p["embed"], np.float32).T if p.get("lm_head") is None else np.asarray(p["lm_head"], np.float32)
-        logits = g.op("MatMul", [x, g.init("lm_head", np.ascontiguousarray(head))])
-        g.nodes.append(g.h.make_node("Reshape", [logits, g.const([-1, cfg.vocab_size])], ["logits"]))
+        # a tied head reads the embedding table itself (Gemm with transB): stored once, as counted
+        tied = p.get("lm_head") is None
+        head = embed if tied else g.init("lm_head", np.asarray(p["lm_head"], np.float32))
+        rows = g.op("Reshape", [x, g.const([-1, cfg.d_model])])
+        g.nodes.append(g.h.make_node("Gemm", [rows, head], ["logits"], transB=int(tied)))
         return "logits"
 
 

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_scaling.config import ModelConfig
+from moe_scaling.costs import stored_bytes
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path, atomic_write_text
 
@@ -67,13 +68,14 @@ def export_onnx(cfg: ModelConfig, params: Any, out_dir: str | os.PathLike, *, ac
     with atomic_path(out / "model.onnx") as tmp:
         tmp.write_bytes(data)
     meta = {"format": RUNTIME_FORMAT, "model": cfg.to_dict(), "activations": activations,
-            "max_positions": max_positions, "weights": "int4 (group 32, fp16-exact scales)",
+            "max_positions": max_positions, "weights": "int4 (group 32, fp16 scales)",
             "kv_cache": "float32 [1, n_kv_heads, positions, head_dim] per layer (BNSH)",
             "inputs": ["input_ids"] + [f"past_{k}_{i}" for i in range(cfg.n_layers) for k in ("key", "value")],
             "outputs": ["logits"] + [f"present_{k}_{i}" for i in range(cfg.n_layers) for k in ("key", "value")]}
     atomic_write_text(out / "runtime.json", json.dumps(meta, indent=1) + "\n")
     return {"out": str(out), "files": ["model.onnx", "runtime.json"], "bytes": len(data),
-            "int4_weight_bytes": int4, "activations": activations, "max_positions": max_positions}
+            "int4_weight_bytes": int4, "cost_model_bytes": int(stored_bytes(cfg, "onnxruntime", max_positions=max_positions)),
+            "activations": activations, "max_positions": max_positions}
 
 
 def export_onnx_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, activations: str = "int8",

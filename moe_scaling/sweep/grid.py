@@ -69,6 +69,7 @@ import yaml
 from moe_scaling.config import apply_granularity, reference_d_ff, DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.sweep.exclude import DERIVED_PROPERTIES, compile_exclude, did_you_mean
+from moe_scaling.train.datasets_corpus import HF_PREFIX
 
 __all__ = ["GridSpec", "RunSpec", "load_grid", "expand_grid", "run_id", "resolve_corpus", "namespace",
            "DERIVED_AXES"]
@@ -348,7 +349,7 @@ def _build(sections: Mapping[str, dict], index: int, axes: Mapping[str, Any], la
 
 def _check_corpus(run: RunSpec, base: Path, label: str) -> None:
     corpus = run.data.corpus
-    if corpus == "stdlib":
+    if corpus == "stdlib" or corpus.startswith(HF_PREFIX):     # a Hub dataset is checked when it loads
         return
     if not glob.glob(str(resolve_corpus(corpus, base))):
         raise ConfigError(f"{label}: data.corpus = {corpus!r}: matches no file (relative paths are "
@@ -357,8 +358,8 @@ def _check_corpus(run: RunSpec, base: Path, label: str) -> None:
 
 def resolve_corpus(corpus: str, base: str | os.PathLike) -> str:
     """A corpus path as the trainer should read it: relative paths are taken from ``base``
-    (the grid file's folder); ``stdlib`` and absolute paths are returned unchanged."""
-    if corpus == "stdlib" or os.path.isabs(corpus):
+    (the grid file's folder); ``stdlib``, ``hf:`` datasets and absolute paths are returned unchanged."""
+    if corpus == "stdlib" or corpus.startswith(HF_PREFIX) or os.path.isabs(corpus):
         return corpus
     return os.path.normpath(os.path.join(os.path.abspath(base), corpus))
 

@@ -20,6 +20,7 @@ Layout of a sweep folder ``DIR`` (the ``--out`` of ``moe-sweep run``)::
         curve.json                 its loss curve from step 0 (written when the run ends)
         error.txt                  the traceback of an exception that ended the run
         ckpt/                      orbax checkpoints (a resumed run continues from here)
+        events.out.tfevents.*      TensorBoard scalars (tensorboard --logdir DIR shows every run)
 
 The record files are the source of truth; the two parquet tables are rebuilt from all of them
 (:func:`moe_scaling.sweep.results.rebuild_tables`) whenever a run ends and when the sweep ends, so

@@ -3,13 +3,18 @@
 The queue is an optuna storage (``sqlite:///DIR/sweep.db`` by default, any optuna RDB URL such
 as ``postgresql://user@host/db`` for workers on many machines). Each resolved run of the grid
 (:mod:`moe_scaling.sweep.grid`) is one *enqueued* trial whose user attributes carry its run id and
-its full resolved config, so any worker that can reach the storage can run it. The sampler is
+its full resolved config (and, flat, the fields a user filters by in optuna-dashboard), so any
+worker that can reach the storage can run it. The sampler is
 never used: workers claim WAITING trials with the storage's atomic WAITING -> RUNNING transition
 (:func:`claim_next`).
 
 This module owns the storage URL checks, opening the study, enqueueing and re-enqueueing runs,
 claims, heartbeats, worker liveness (:func:`recover_stale`) and the per-run counts. How the
 queue is filled and worked is :mod:`moe_scaling.sweep.runner`.
+
+A run's trial ends in the state of its status (:data:`END_STATES`): ``completed`` is COMPLETE with
+the final eval loss as its value, ``diverged`` is PRUNED (stopped by its own curve), ``failed`` is
+FAIL; its eval losses are the trial's intermediate values by step while it runs.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from moe_scaling.errors import ConfigError
 
-__all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "WorkerContext", "check_storage_url",
+__all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "END_STATES", "WorkerContext", "check_storage_url",
            "open_study", "enqueue_run", "trials_by_run", "needs_enqueue", "redact", "recover_stale",
            "claim_next", "claim_group", "superseded", "finish_trial", "sweep_counts", "Heartbeat",
            "no_experimental_warning"]
@@ -42,8 +47,11 @@ __all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "WorkerContext", "c
 HEARTBEAT_S = 5          # optuna heartbeat interval of a running trial
 DEFAULT_GRACE_S = 60     # a heartbeat older than this marks a trial of another host as dead
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
-RUN_ATTRS = ("run_id", "index", "label", "config", "sweep")
+RUN_ATTRS = ("run_id", "index", "label", "config", "sweep", "axes")
 END_STATUSES = ("completed", "diverged", "failed")
+END_STATES = {"completed": TrialState.COMPLETE, "diverged": TrialState.PRUNED, "failed": TrialState.FAIL,
+              "duplicate": TrialState.PRUNED}
+"""The trial state each end status closes a trial in (``duplicate``: a second trial of one run)."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,9 @@ def open_study(url: str, name: str, grace_s: int = DEFAULT_GRACE_S, create: bool
 def enqueue_run(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
     """Enqueue one run (its id, index, label, config, sweep name and ``retry_of``)."""
     keep = RUN_ATTRS + ("retry_of",)
-    study.enqueue_trial(params={}, user_attrs={k: attrs[k] for k in keep if k in attrs})
+    user = {k: attrs[k] for k in keep if k in attrs}
+    user.update(attrs.get("axes") or {})          # flat: one dashboard column per field
+    study.enqueue_trial(params={}, user_attrs=user)
 
 
 def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -141,10 +151,11 @@ def _requeue(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def _ended(trial: FrozenTrial) -> bool:
-    """The run of this trial reached its end: COMPLETE, or FAIL after its worker recorded an end
-    status (an exception, or a crash between recording the status and closing the trial)."""
+    """The run of this trial reached its end: COMPLETE, PRUNED as diverged, or FAIL after its
+    worker recorded an end status (an exception, or a crash between recording the status and
+    closing the trial)."""
     return trial.state == TrialState.COMPLETE or (
-        trial.state == TrialState.FAIL and trial.user_attrs.get("status") in END_STATUSES)
+        trial.state in (TrialState.FAIL, TrialState.PRUNED) and trial.user_attrs.get("status") in END_STATUSES)
 
 
 def trials_by_run(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
@@ -161,7 +172,7 @@ def needs_enqueue(trials: list[FrozenTrial], retry_failed: bool) -> bool:
     ``retry_failed``, only failed ones)."""
     if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
         return False
-    ends = {t.user_attrs.get("status") if t.state == TrialState.FAIL else "completed"
+    ends = {t.user_attrs.get("status") if t.state != TrialState.COMPLETE else "completed"
             for t in trials if _ended(t)}
     if ends - {"failed"}:
         return False
@@ -229,12 +240,9 @@ def recover_stale(study: optuna.Study, grace_s: int = DEFAULT_GRACE_S) -> int:
         if "run_id" not in t.user_attrs or not _dead(t, grace_s):
             continue
         status = t.user_attrs.get("status")
-        if status in ("completed", "diverged"):   # died while closing a finished run: close it
-            state, values = TrialState.COMPLETE, [t.user_attrs.get("objective", math.inf)]
-        elif status == "failed":
-            state, values = TrialState.FAIL, None
-        else:
-            state, values = (TrialState.PRUNED if status == "duplicate" else TrialState.FAIL), None
+        # died while closing a finished run: close it as the run ended; else it failed (re-enqueued)
+        state = END_STATES.get(status, TrialState.FAIL)
+        values = [t.user_attrs.get("objective", math.inf)] if state == TrialState.COMPLETE else None
         try:
             ok = storage.set_trial_state_values(t._trial_id, state, values)
         except UpdateFinishedTrialError:  # another process recovered it first

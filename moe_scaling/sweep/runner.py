@@ -21,8 +21,8 @@ Guarantees and how they are kept:
 * **Same data.** A run's record holds its corpus content hash from the start; a sweep whose
   unfinished runs would resume on a corpus that changed since is a :class:`ConfigError` before
   anything is written (and :func:`moe_scaling.train.loop.train` refuses such a checkpoint too).
-* **Divergence and errors.** A diverged run (``train`` returns status ``diverged``) is COMPLETE in
-  the storage (value +inf) and ``diverged`` in the tables; an exception inside one run is recorded as
+* **Divergence and errors.** A diverged run (``train`` returns status ``diverged``) is PRUNED in
+  the storage (no value) and ``diverged`` in the tables; an exception inside one run is recorded as
   ``failed`` with its message (traceback in the run's ``error.txt``) and the sweep goes on.
 * **Seed batching.** By default a worker claims a group: the next waiting run and the waiting runs
   that differ from it only in ``seed``, ``lr``, ``min_lr_ratio`` or ``weight_decay``
@@ -71,7 +71,8 @@ from moe_scaling.sweep.devices import assign_devices, detect_accelerators, worke
 from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
 from moe_scaling.sweep.layout import SweepDir
 from moe_scaling.sweep.progress import Progress, Report, read_snapshot
-from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, Heartbeat, WorkerContext, check_storage_url,
+from moe_scaling.sweep.exclude import DERIVED_PROPERTIES
+from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, END_STATES, Heartbeat, WorkerContext, check_storage_url,
                                      claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue, open_study,
                                      recover_stale, redact, superseded, sweep_counts, trials_by_run)
 from moe_scaling.sweep.results import code_version, read_record, rebuild_tables, write_curve, write_record
@@ -122,7 +123,7 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
     for run in plan.runs:
         if needs_enqueue(trials.get(run.run_id, []), retry_failed):
             enqueue_run(study, {"run_id": run.run_id, "index": run.index, "label": run.label,
-                                "config": run.to_dict(), "sweep": plan.spec.name})
+                                "config": run.to_dict(), "sweep": plan.spec.name, "axes": trial_axes(run)})
     return study, url
 
 
@@ -236,7 +237,7 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
     """Check a claimed trial and write its ``running`` record; None when there is nothing to train
     (a duplicate trial, or a run whose record already says completed/diverged: closed here)."""
     if superseded(study, trial):
-        finish_trial(study, trial, TrialState.PRUNED, {"status": "duplicate"})
+        finish_trial(study, trial, END_STATES["duplicate"], {"status": "duplicate"})
         return None
     run = RunSpec.from_dict(trial.user_attrs["config"], index=trial.user_attrs.get("index", 0))
     rid = trial.user_attrs["run_id"]
@@ -244,9 +245,11 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
         raise RuntimeError(f"trial {trial.number}: config hashes to {run.run_id}, not {rid}")
     previous = read_record(ctx.out, rid)
     if previous and previous["status"] in ("completed", "diverged"):
-        finish_trial(study, trial, TrialState.COMPLETE, previous, _objective(previous))
+        finish_trial(study, trial, END_STATES[previous["status"]], previous, _objective(previous))
         rebuild_tables(ctx.out)
         return None
+    if previous:                         # a resumed run: its trial's curve starts where it left off
+        _carry_curve(study, trial)
     rdir = SweepDir(ctx.out).run(rid)
     save_config(rdir.config, run.model, run.train, run.data)
     data = dataclasses.replace(run.data, corpus=resolve_corpus(run.data.corpus, ctx.grid_dir))
@@ -258,6 +261,17 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
         "package_version": moe_scaling.__version__, "code_version": code_version()}
     write_record(ctx.out, record)
     return _Member(trial, run, rdir, data, record)
+
+
+def _carry_curve(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Give a resumed run's new trial the eval losses its earlier attempts reported, so the
+    dashboard shows one whole learning curve (the evals redone after the checkpoint report the
+    same values again: resume is bit-exact)."""
+    rid, storage = trial.user_attrs["run_id"], study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.user_attrs.get("run_id") == rid and t.number < trial.number:
+            for step, value in sorted(t.intermediate_values.items()):
+                storage.set_trial_intermediate_value(trial._trial_id, step, value)
 
 
 def _close(ctx: WorkerContext, study: optuna.Study, member: _Member, reporter: Progress,
@@ -272,7 +286,7 @@ def _close(ctx: WorkerContext, study: optuna.Study, member: _Member, reporter: P
     else:
         record.update(_result_fields(result), finished_at=_now())
         write_curve(ctx.out, rid, result.curve)
-        state, value = TrialState.COMPLETE, _objective(record)
+        state, value = END_STATES[record["status"]], _objective(record)
     write_record(ctx.out, record)
     rebuild_tables(ctx.out)
     finish_trial(study, member.trial, state, record, value)
@@ -298,6 +312,9 @@ def _execute(ctx: WorkerContext, study: optuna.Study, trials: list[FrozenTrial],
     def on_log(i: int, entry: dict) -> None:
         if i == lead[0]:
             reporter.log(entry)
+        loss = entry.get("eval_loss")
+        if loss is not None and math.isfinite(loss):   # the trial's learning curve (optuna-dashboard)
+            study._storage.set_trial_intermediate_value(members[i].trial._trial_id, entry["step"], loss)
 
     def on_end(i: int, result: Any) -> None:
         _close(ctx, study, members[i], reporter, result)
@@ -315,12 +332,13 @@ def _execute(ctx: WorkerContext, study: optuna.Study, trials: list[FrozenTrial],
                 from moe_scaling.train.loop import train
 
                 on_end(0, train(first.run.model, first.run.train, first.data, ckpt_dir=first.rdir.ckpt,
-                                progress=False, on_log=partial(on_log, 0)))
+                                progress=False, on_log=partial(on_log, 0), events_dir=first.rdir.events))
             else:
                 from moe_scaling.train.group import train_group
 
                 train_group(first.run.model, [m.run.train for m in members], first.data,
-                            ckpt_dirs=[m.rdir.ckpt for m in members], on_log=on_log, on_end=on_end)
+                            ckpt_dirs=[m.rdir.ckpt for m in members], on_log=on_log, on_end=on_end,
+                            events_dirs=[m.rdir.events for m in members])
         except Exception as err:  # noqa: BLE001 - the runs' exception is their result, not the sweep's
             for m in members:
                 if not m.ended:
@@ -338,10 +356,25 @@ def _result_fields(result: Any) -> dict[str, Any]:
             "metrics": dict(result.metrics or {})}
 
 
-def _objective(record: Mapping[str, Any]) -> float:
-    """The trial value: final eval loss (train loss if no eval), +inf for a diverged run."""
+AXES = ("d_model", "n_layers", "n_experts", "top_k", "d_expert", "n_shared", "router", "lr", "seed", "tokens")
+
+
+def trial_axes(run: RunSpec) -> dict[str, Any]:
+    """The fields a user filters a sweep's trials by (flat user attributes, one optuna-dashboard
+    column each): the usual grid axes, the derived sparsity vocabulary and the parameter counts."""
+    from moe_scaling.costs import param_counts
+
+    fields = run.model.to_dict() | run.train.to_dict()
+    counts = param_counts(run.model)
+    return ({k: fields[k] for k in AXES if fields.get(k) is not None}
+            | {p: float(getattr(run.model, p)) for p in DERIVED_PROPERTIES}
+            | {"params_active": counts.active, "params_total": counts.total})
+
+
+def _objective(record: Mapping[str, Any]) -> float | None:
+    """The trial value: final eval loss (train loss if no eval); None for a diverged run (PRUNED)."""
     if record["status"] != "completed":
-        return math.inf
+        return None
     for key in ("eval_loss", "final_train_loss"):
         v = record.get(key)
         if v is not None and math.isfinite(v):

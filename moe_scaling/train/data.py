@@ -9,7 +9,9 @@ A corpus (``DataConfig.corpus``) is one of:
 * a ``.txt`` file (one document), a ``.jsonl`` file (one document per line, its ``text`` field),
   or a ``.npy`` file of pre-tokenized integer ids (1-D);
 * a directory (every ``.txt``/``.jsonl`` below it, or every ``.npy``, in sorted order) or a glob
-  pattern (``**`` allowed) of such files.
+  pattern (``**`` allowed) of such files;
+* a Hugging Face dataset: a ``save_to_disk`` folder, a ``.parquet``/``.arrow`` file or
+  ``hf:NAME[:SPLIT][:COLUMN]``, one document per row (:mod:`moe_scaling.train.datasets_corpus`).
 
 The ``byte`` tokenizer maps UTF-8 bytes to ids 0..255; documents are joined with byte 0
 (``EOS``, which plain text never contains). ``bpe:N`` and ``tokenizer.json`` tokenizers are
@@ -38,6 +40,7 @@ import numpy as np
 from moe_scaling.config import DataConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path
+from moe_scaling.train.datasets_corpus import dataset_documents, dataset_files, is_dataset_corpus
 from moe_scaling.train.tokenizers import Tokenizer, load_tokenizer, parse_tokenizer
 
 __all__ = ["EOS", "BYTE_VOCAB", "load_tokens", "corpus_files", "tokenizer_vocab_size", "tokenizer_for", "encode",
@@ -68,11 +71,11 @@ def tokenizer_for(data_cfg: DataConfig, *, cache: str | os.PathLike | None = Non
     corpus_hash = corpus_content_hash(data_cfg.corpus)
 
     def docs() -> list[bytes]:
-        _, files, raws = _read_corpus(data_cfg.corpus)
-        if files[0].suffix == ".npy":
+        _, content = _read_corpus(data_cfg.corpus)
+        if isinstance(content, np.ndarray):
             raise ConfigError(f"data.tokenizer = {data_cfg.tokenizer!r}: the corpus {data_cfg.corpus!r} is "
                               "already token ids (.npy); use a text corpus or tokenizer: byte")
-        return [d for p, r in zip(files, raws) for d in _documents(p, r, data_cfg.corpus)]
+        return content
 
     return load_tokenizer(data_cfg.tokenizer, corpus_hash=corpus_hash, docs=docs,
                           cache=Path(cache or cache_dir()))
@@ -96,7 +99,7 @@ def cache_dir() -> Path:
 
 def _bad(corpus: str, problem: str) -> ConfigError:
     return ConfigError(f"data.corpus = {corpus!r}: {problem}; give 'stdlib', a .txt/.jsonl/.npy "
-                       "file, a directory or a glob of them")
+                       "file, a directory or a glob of them, or a Hugging Face dataset")
 
 
 def corpus_files(corpus: str) -> list[Path]:
@@ -159,19 +162,29 @@ def _npy_tokens(path: Path, raw: bytes, corpus: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _read_corpus(corpus: str) -> tuple[str, list[Path], list[bytes]]:
-    """Read the raw bytes of every file of a corpus; return (content hash, files, raw bytes).
+def _read_corpus(corpus: str) -> tuple[str, list[bytes] | np.ndarray]:
+    """Read a corpus: ``(content hash, its documents)``, or the token ids of a ``.npy`` corpus.
 
     The hash covers each file's type and bytes in order (not its path), so the same text read
-    from another folder has the same hash."""
-    files = corpus_files(corpus)
+    from another folder has the same hash; a dataset's covers its rows' text in order."""
     h = hashlib.sha256()
+    if is_dataset_corpus(corpus):
+        docs = dataset_documents(corpus)
+        if not docs:
+            raise _bad(corpus, "the dataset has no rows of text")
+        h.update(b"datasets")
+        for doc in docs:
+            h.update(len(doc).to_bytes(8, "little")), h.update(doc)
+        return h.hexdigest()[:16], docs
+    files = corpus_files(corpus)
     raws = []
     for path in files:
         raw = path.read_bytes()
         h.update(path.suffix.encode()), h.update(len(raw).to_bytes(8, "little")), h.update(raw)
         raws.append(raw)
-    return h.hexdigest()[:16], files, raws
+    if files[0].suffix == ".npy":
+        return h.hexdigest()[:16], np.concatenate([_npy_tokens(p, r, corpus) for p, r in zip(files, raws)])
+    return h.hexdigest()[:16], [doc for p, r in zip(files, raws) for doc in _documents(p, r, corpus)]
 
 
 # (corpus, (path, size, mtime_ns) of every file) -> content hash, for this process: a sweep
@@ -185,7 +198,7 @@ def corpus_content_hash(corpus: str) -> str:
     """The 16-hex-digit content hash of a corpus (:func:`_read_corpus`; what :func:`load_tokens`
     returns and a checkpoint records), reusing this process's earlier result while no
     file of the corpus has changed size or modification time."""
-    files = corpus_files(corpus)
+    files = dataset_files(corpus) if is_dataset_corpus(corpus) else corpus_files(corpus)
     stats = tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),))
     key = (corpus, stats)
     if key not in _HASHES:
@@ -193,13 +206,11 @@ def corpus_content_hash(corpus: str) -> str:
     return _HASHES[key]
 
 
-def _tokenize(files: list[Path], raws: list[bytes], corpus: str, tokenizer: Tokenizer) -> np.ndarray:
-    if files[0].suffix == ".npy":
-        ids = np.concatenate([_npy_tokens(p, r, corpus) for p, r in zip(files, raws)])
-        top = int(ids.max(initial=0))
-        return ids.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
-    docs = [doc for p, r in zip(files, raws) for doc in _documents(p, r, corpus)]
-    return tokenizer.encode_documents(docs)
+def _tokenize(content: list[bytes] | np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    if isinstance(content, np.ndarray):
+        top = int(content.max(initial=0))
+        return content.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+    return tokenizer.encode_documents(content)
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
@@ -226,9 +237,9 @@ def load_tokens(data_cfg: DataConfig, *, cache: str | os.PathLike | None = None,
         except (ValueError, OSError):
             tokens = None  # a damaged cache entry is rebuilt
     if tokens is None:
-        corpus_hash, files, raws = _read_corpus(data_cfg.corpus)
+        corpus_hash, content = _read_corpus(data_cfg.corpus)
         path = Path(cache or cache_dir()) / f"tokens-{corpus_hash}-{tok.key}.npy"
-        tokens = _tokenize(files, raws, data_cfg.corpus, tok)
+        tokens = _tokenize(content, tok)
         try:
             _save_npy_atomic(path, tokens)
         except OSError:

@@ -133,7 +133,8 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
                 ckpt_dirs: Sequence[str | os.PathLike | None] | None = None,
                 on_log: Callable[[int, dict], None] | None = None,
                 on_end: Callable[[int, TrainResult], None] | None = None,
-                stop_at_step: int | None = None) -> list[TrainResult]:
+                stop_at_step: int | None = None,
+                events_dirs: Sequence[str | os.PathLike | None] | None = None) -> list[TrainResult]:
     """Train one :func:`moe_scaling.train.loop.train` run per ``train_cfgs`` entry, all at once.
 
     Args:
@@ -145,6 +146,7 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
       on_end: ``on_end(i, result)`` as soon as member ``i`` has ended: when it diverges, else when
         the group ends.
       stop_at_step: as in ``train()``: stop every member once it has done this many steps.
+      events_dirs: one TensorBoard folder per member (or None), as ``train()``'s ``events_dir``.
 
     Returns:
       The members' :class:`TrainResult`s in order; a diverged member has status ``diverged`` and
@@ -158,8 +160,10 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
         raise ConfigError(f"train_group: members differ in fields other than {', '.join(BATCHED_FIELDS)}; "
                           "train them separately")
     ckpt_dirs = list(ckpt_dirs) if ckpt_dirs is not None else [None] * n
-    if len(ckpt_dirs) != n:
-        raise ConfigError(f"train_group: {len(ckpt_dirs)} ckpt_dirs for {n} members; give one per member")
+    events_dirs = list(events_dirs) if events_dirs is not None else [None] * n
+    for name, dirs in (("ckpt_dirs", ckpt_dirs), ("events_dirs", events_dirs)):
+        if len(dirs) != n:
+            raise ConfigError(f"train_group: {len(dirs)} {name} for {n} members; give one per member")
     train_tokens, valid_tokens, corpus_hash = load_tokens(data_cfg)
     _check_compatible(model_cfg, data_cfg, train_tokens, valid_tokens)
     base = train_cfgs[0]
@@ -195,7 +199,7 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
         log = None if on_log is None else partial(on_log, i)
         run = _Run(None, records[i], train_cfg=cfg, seq=seq, steps=steps,
                    configs=run_configs(model_cfg, cfg, data_cfg), corpus_hash=corpus_hash, ckpt=ckpts[i],
-                   eval_loss=lambda _state, i=i: group.eval_loss(i), on_log=log)
+                   eval_loss=lambda _state, i=i: group.eval_loss(i), on_log=log, events_dir=events_dirs[i])
         run.metrics.update(dispatch=dispatch, eval_dispatch=eval_dispatch, group_size=n)
         run.timings["compile_s"] += eval_compile_s / n
         group.runs.append(run)
@@ -219,6 +223,8 @@ def train_group(model_cfg: ModelConfig, train_cfgs: Sequence[TrainConfig], data_
         for i, c in enumerate(ckpts):
             if results[i] is None:
                 _close(c)
+                if group.runs[i].events is not None:
+                    group.runs[i].events.close()
         raise
     return results
 

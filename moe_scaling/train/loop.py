@@ -47,7 +47,7 @@ from moe_scaling.train.checkpoints import Checkpoints, init_model_from
 from moe_scaling.train.mesh import place_run
 from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_for, tokenizer_vocab_size, train_batch
 from moe_scaling.train.tokenizers import check_vocab
-from moe_scaling.train.step import init_state, make_eval_step, make_train_step
+from moe_scaling.train.step import init_state, lr_schedule, make_eval_step, make_train_step
 
 __all__ = ["TrainResult", "train", "resume_and_train", "end_step_of", "compile_for", "compiled", "program_config",
            "eval_program"]
@@ -256,7 +256,7 @@ class _Run:
     def __init__(self, state: Any, record: dict | None, *, train_cfg: TrainConfig, seq: int, steps: int,
                  configs: dict, corpus_hash: str, ckpt: Checkpoints | None,
                  eval_loss: Callable[[Any], float], on_log: Callable[[dict], None] | None,
-                 place: Callable = lambda x, y: (x, y)) -> None:
+                 place: Callable = lambda x, y: (x, y), events_dir: str | os.PathLike | None = None) -> None:
         self.state, self.record, self.train_cfg, self.seq, self.steps = state, record, train_cfg, seq, steps
         self.per_step = train_cfg.batch_size * seq
         self.configs, self.corpus_hash, self.ckpt = configs, corpus_hash, ckpt
@@ -277,6 +277,12 @@ class _Run:
         # averages the same steps) and their MoE statistics (for ``metrics``).
         self.window = [float(v) for v in (record or {}).get("window_losses") or []]
         self.window_stats: list[dict] = []
+        # TensorBoard scalars (moe_scaling/train/events.py) when the run has a folder for them
+        self.events = None
+        if events_dir is not None and self.start < steps:    # a finished run writes nothing more
+            from moe_scaling.train.events import EventLog
+            self.events = EventLog(events_dir, purge_step=self.start)
+            self.lr = lr_schedule(train_cfg, steps)
 
     def evaluate(self, step: int) -> float:
         t0 = time.perf_counter()
@@ -287,6 +293,8 @@ class _Run:
             self.best_eval = loss if self.best_eval is None else min(self.best_eval, loss)
         if self.on_log is not None:
             self.on_log({"step": step, "steps": self.steps, "tokens": step * self.per_step, "eval_loss": loss})
+        if self.events is not None:
+            self.events.scalars(step, {"eval/loss": loss})
         return loss
 
     def save(self, step: int, status: str) -> None:
@@ -352,10 +360,13 @@ class _Run:
         if not (step % self.train_cfg.log_every == 0 or eval_now):
             return
         train_loss = float(np.mean(self.window))
-        if self.window_stats:
-            self.metrics.update(_window_metrics(self.window_stats))
+        window = _window_metrics(self.window_stats) if self.window_stats else {}
+        self.metrics.update(window)
         self.window, self.window_stats = [], []
         tps = (step - self.start) * self.per_step / max(self.step_time, 1e-9)
+        if self.events is not None:
+            from moe_scaling.train.events import train_scalars
+            self.events.scalars(step, train_scalars(train_loss, float(self.lr(step - 1)), tps, window))
         row = {"step": step, "tokens": step * self.per_step, "train_loss": train_loss,
                "eval_loss": self.evaluate(step) if eval_now else float("nan")}
         self.curve.append(row)
@@ -381,6 +392,8 @@ class _Run:
                 self.save(done, status)
         if self.ckpt is not None:
             self.ckpt.close()
+        if self.events is not None:
+            self.events.close()
         trained = (done - self.start) * self.per_step
         train_rows = [r["train_loss"] for r in self.curve if math.isfinite(r["train_loss"])]
         self.metrics.update(self.timings)
@@ -401,6 +414,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
           stop_at_step: int | None = None,
           mesh: str | None = None,
           init_from: str | os.PathLike | None = None,
+          events_dir: str | os.PathLike | None = None,
           ) -> TrainResult:
     """Train ``model_cfg`` on ``data_cfg`` for ``train_cfg.tokens`` tokens.
 
@@ -421,6 +435,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
       init_from: a checkpoint folder of another run (the previous stage of a recipe) whose final
         model weights replace the fresh initialisation; the optimiser starts fresh. Ignored when
         ``ckpt_dir`` holds a checkpoint of this run (it resumes from that).
+      events_dir: write TensorBoard event files there (:mod:`moe_scaling.train.events`): train and
+        eval loss, learning rate, tokens/s, gradient norm, expert load and dropped tokens.
 
     Returns:
       A :class:`TrainResult`; a NaN/inf loss gives status ``diverged`` (never an exception).
@@ -457,7 +473,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
         train_cfg=train_cfg, steps=steps, stop_at_step=stop_at_step, train_step=train_step,
         batch_at=lambda s: train_batch(train_tokens, batch, seq, train_cfg.seed, s), eval_loss=eval_loss,
         on_log=on_log, progress=progress, place=place, t_call=t_call, compile_s=time.perf_counter() - t0,
-        metrics={"dispatch": dispatch, "eval_dispatch": eval_dispatch})
+        metrics={"dispatch": dispatch, "eval_dispatch": eval_dispatch}, events_dir=events_dir)
     return result
 
 
@@ -477,20 +493,23 @@ def resume_and_train(state: Any, *, ckpt_dir: str | os.PathLike | None, configs:
                      train_step: Callable[..., Any], batch_at: Callable[[int], tuple],
                      eval_loss: Callable[[Any], float], on_log: Callable[[dict], None] | None = None,
                      progress: bool = False, place: Callable = lambda x, y: (x, y), t_call: float | None = None,
-                     compile_s: float = 0.0, metrics: dict | None = None) -> tuple[TrainResult, Any]:
+                     compile_s: float = 0.0, metrics: dict | None = None,
+                     events_dir: str | os.PathLike | None = None) -> tuple[TrainResult, Any]:
     """What every training stage does once its state and programs exist (pre-/mid-training through
     :func:`train`, instruction tuning and QAT directly): resume from the newest checkpoint in
     ``ckpt_dir`` that restores (a finished run returns its record), evaluate step 0 on a fresh
     start, train to ``steps`` (or ``stop_at_step``: status ``stopped``) with a checkpoint every
     ``ckpt_every`` steps, and write the last one. ``train_step(state, x, y)`` gives the compiled
     step, ``batch_at(s)`` step ``s``'s host batch, ``eval_loss(state)`` the held-out loss;
-    ``metrics`` are added to the run's. Returns ``(result, final state)``."""
+    ``metrics`` are added to the run's; ``events_dir`` gets TensorBoard event files
+    (:mod:`moe_scaling.train.events`). Returns ``(result, final state)``."""
     t_call = time.perf_counter() if t_call is None else t_call
     end_step = end_step_of(steps, stop_at_step)
     ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
     state, record = _resume(ckpt, ckpt_dir, state, configs, corpus_hash, data_cfg)
     run = _Run(state, record, train_cfg=train_cfg, seq=data_cfg.seq_len, steps=steps, configs=configs,
-               corpus_hash=corpus_hash, ckpt=ckpt, eval_loss=eval_loss, on_log=on_log, place=place)
+               corpus_hash=corpus_hash, ckpt=ckpt, eval_loss=eval_loss, on_log=on_log, place=place,
+               events_dir=events_dir)
     run.metrics.update(metrics or {})
     run.timings["compile_s"] += compile_s
     if run.start == 0 and not run.curve:

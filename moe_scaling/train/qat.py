@@ -113,12 +113,13 @@ def _qat_step(graphdef, kw, state, inputs, targets):
 
 def qat(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, init: Any, *,
         ckpt_dir: str | os.PathLike | None = None, stop_at_step: int | None = None,
-        on_log: Callable[[dict], None] | None = None) -> QATResult:
+        on_log: Callable[[dict], None] | None = None, events_dir: str | os.PathLike | None = None) -> QATResult:
     """Quantization-aware training of ``init`` (see :func:`initial_model`) for
     ``train_cfg.tokens`` tokens; batches are drawn from ``(train_cfg.seed, step)`` like ``train()``.
     Evaluated (INT4) at step 0, every ``eval_every`` steps and at the end. With ``ckpt_dir`` it
     checkpoints the ``(model, optimizer)`` state every ``ckpt_every`` steps and resumes bit-exactly
-    (:func:`moe_scaling.train.loop.resume_and_train`); ``stop_at_step`` stops as if interrupted."""
+    (:func:`moe_scaling.train.loop.resume_and_train`); ``stop_at_step`` stops as if interrupted.
+    ``events_dir``: TensorBoard scalars like pre-training's (``eval/loss`` is the INT4 model's)."""
     check_quantizable(model_cfg, GROUP)
     t0 = time.perf_counter()
     model = initial_model(model_cfg, train_cfg, data_cfg, init)
@@ -141,7 +142,8 @@ def qat(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, in
         state, ckpt_dir=ckpt_dir, configs=run_configs(model_cfg, train_cfg, data_cfg), corpus_hash=corpus_hash,
         data_cfg=data_cfg, train_cfg=train_cfg, steps=steps, stop_at_step=stop_at_step,
         train_step=compile_for(step), batch_at=lambda s: train_batch(train_tokens, batch, seq, train_cfg.seed, s),
-        eval_loss=eval_int4, on_log=on_log, t_call=t0, metrics={"initial_eval_loss_f32": init_f32})
+        eval_loss=eval_int4, on_log=on_log, t_call=t0, metrics={"initial_eval_loss_f32": init_f32},
+        events_dir=events_dir)
     result.metrics["initial_eval_loss_int4"] = result.curve[0]["eval_loss"]
     return QATResult(model=nnx.merge(graphdef, state)[0], steps=result.steps, initial_eval_loss=init_f32,
                      initial_ptq_loss=result.curve[0]["eval_loss"], final_eval_loss=result.final_eval_loss,

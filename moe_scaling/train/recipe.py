@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +146,7 @@ def _recipe_plan(target: Path, ov: Overrides) -> Plan:
                               f"{SFT_STAGE}=CHAT.jsonl (one {{\"messages\": [...]}} per line), or leave the stage out")
         from moe_scaling.train.sft import load_chat
         load_chat(chat)                       # a bad file is refused before any stage trains
+    tokenizer = ov.tokenizer or _recipe_tokenizer(target, recipe)
     total = sum(float(by_name[n]["tokens"]) for n in order)
     stages = []
     first_corpus = None
@@ -162,9 +162,18 @@ def _recipe_plan(target: Path, ov: Overrides) -> Plan:
                   ov.data.get(n) or ov.data.get("*") or first_corpus or DataConfig().corpus)
         first_corpus = first_corpus or (None if n == SFT_STAGE else corpus)
         stage_model = model if seq <= model.max_seq_len else dataclasses.replace(model, max_seq_len=seq)
-        data = DataConfig(corpus=corpus, seq_len=seq, tokenizer=ov.tokenizer or "byte")
+        data = DataConfig(corpus=corpus, seq_len=seq, tokenizer=tokenizer)
         stages.append(Stage(n, stage_model, _stage_train(raw, n, tokens, batch, seq, stage_model, ov), data))
     return Plan(str(target), tuple(stages), frozenset(defaulted))
+
+
+def _recipe_tokenizer(target: Path, recipe: Mapping[str, Any]) -> str:
+    """The tokenizer ``moe-build --tokenizer`` recorded (a file name is relative to the build
+    directory); ``byte`` when the recipe names none."""
+    spec = recipe.get("tokenizer") or "byte"
+    from moe_scaling.train.tokenizers import parse_tokenizer
+    kind, _ = parse_tokenizer(spec, field=f"{target / 'recipe.yaml'}: tokenizer")
+    return str((target / spec).absolute()) if kind == "file" else spec
 
 
 def _check_data_keys(ov: Overrides, names: list[str]) -> None:
@@ -216,7 +225,7 @@ def _lm_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_
     from moe_scaling.train.loop import train
 
     return train(stage.model, stage.train, stage.data, ckpt_dir=run_dir.ckpt, progress=False,
-                 on_log=on_log, stop_at_step=stop_at_step, init_from=init_from)
+                 on_log=on_log, stop_at_step=stop_at_step, init_from=init_from, events_dir=run_dir.events)
 
 
 def _needs_previous(stage: Stage, init_from: Path | None) -> None:
@@ -232,7 +241,7 @@ def _sft_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at
 
     _needs_previous(stage, init_from)
     return sft(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt, on_log=on_log,
-               stop_at_step=stop_at_step)
+               stop_at_step=stop_at_step, events_dir=run_dir.events)
 
 
 def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at_step: int | None,
@@ -243,7 +252,7 @@ def _qat_stage(stage: Stage, run_dir: RunDir, init_from: Path | None, *, stop_at
 
     _needs_previous(stage, init_from)
     return qat(stage.model, stage.train, stage.data, init_from, ckpt_dir=run_dir.ckpt,
-               stop_at_step=stop_at_step, on_log=on_log).result
+               stop_at_step=stop_at_step, on_log=on_log, events_dir=run_dir.events).result
 
 
 # stage name -> runner(stage, run_dir, previous stage's checkpoint folder, stop_at_step=, on_log=)

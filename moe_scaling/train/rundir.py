@@ -10,6 +10,8 @@ one back. Layout of a run folder ``RUN``::
     RUN/error.txt     the traceback of an exception that ended the run
     RUN/ckpt/         orbax checkpoints (train(..., ckpt_dir=RUN/ckpt)); a resumed run continues here
     RUN/ckpt/damaged/ checkpoints that did not restore, set aside (Checkpoints.restore_newest)
+    RUN/events.out.tfevents.*   TensorBoard scalars (train(..., events_dir=RUN); train/events.py), so
+                      ``tensorboard --logdir`` on the folder above names each run by its folder
 
 A bare ``ckpt_dir`` given to :func:`moe_scaling.train.loop.train` is a checkpoint folder without
 the rest; :attr:`RunDir.checkpoints` finds the checkpoints in either.
@@ -52,6 +54,16 @@ class RunDir:
     @property
     def ckpt(self) -> Path:
         return self.path / "ckpt"
+
+    @property
+    def events(self) -> Path:
+        """Where the run's TensorBoard event files go: the run folder itself."""
+        return self.path
+
+    @property
+    def event_files(self) -> list[Path]:
+        """The TensorBoard event files written so far (oldest first)."""
+        return sorted(self.events.glob("events.out.tfevents.*"))
 
     @property
     def checkpoints(self) -> Path:

@@ -135,12 +135,13 @@ def chat_rows(data_cfg: DataConfig) -> tuple[tuple[np.ndarray, np.ndarray], tupl
 
 def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, init: Any, *,
         ckpt_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None,
-        stop_at_step: int | None = None) -> TrainResult:
+        stop_at_step: int | None = None, events_dir: str | Path | None = None) -> TrainResult:
     """Instruction fine-tuning of ``init`` for ``train_cfg.tokens`` tokens (``steps`` = tokens /
     (batch x seq_len), as pre-training counts them) on the chat file ``data_cfg.corpus``. With
     ``ckpt_dir`` it checkpoints every ``ckpt_every`` steps and resumes from there bit-exactly
     (:func:`moe_scaling.train.loop.resume_and_train`, as pre-training does); ``stop_at_step`` stops
-    early as if interrupted. A non-finite loss ends it with status ``diverged``."""
+    early as if interrupted. A non-finite loss ends it with status ``diverged``. ``events_dir``:
+    TensorBoard scalars like pre-training's (:mod:`moe_scaling.train.events`)."""
     t0 = time.perf_counter()
     (x_train, y_train), (x_valid, y_valid) = chat_rows(data_cfg)
     model = initial_model(model_cfg, train_cfg, data_cfg, init)
@@ -166,6 +167,6 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, in
         state, ckpt_dir=ckpt_dir, configs=run_configs(model_cfg, train_cfg, data_cfg),
         corpus_hash=corpus_content_hash(data_cfg.corpus), data_cfg=data_cfg, train_cfg=train_cfg, steps=steps,
         stop_at_step=stop_at_step, train_step=compile_for(step), batch_at=batch_at, eval_loss=eval_loss,
-        on_log=on_log, t_call=t0,
+        on_log=on_log, t_call=t0, events_dir=events_dir,
         metrics={"trained_targets_per_row": float((y_train >= 0).mean() * data_cfg.seq_len)})
     return result

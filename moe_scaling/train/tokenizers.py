@@ -26,7 +26,8 @@ import numpy as np
 
 from moe_scaling.errors import ConfigError
 
-__all__ = ["Tokenizer", "parse_tokenizer", "load_tokenizer", "check_vocab", "EOS_NAMES", "BPE_EOS"]
+__all__ = ["Tokenizer", "parse_tokenizer", "load_tokenizer", "tokenizer_vocab_size", "check_vocab", "EOS_NAMES",
+           "BPE_EOS"]
 
 BPE_EOS = "<|endoftext|>"
 EOS_NAMES = (BPE_EOS, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
@@ -131,6 +132,15 @@ def load_tokenizer(spec: str, *, corpus_hash: str | None = None, docs=None, cach
         from moe_scaling.files import atomic_write_text
         atomic_write_text(path, train_bpe(docs(), arg))
     return _from_json_text(spec, path.read_text(), arg, f"bpe{arg}")
+
+
+def tokenizer_vocab_size(spec: str, field: str = "data.tokenizer") -> int:
+    """The number of ids ``spec`` gives, known before any corpus is read: 256 for ``byte``, N for
+    ``bpe:N``, the file's own count for a ``tokenizer.json`` (one-line ConfigError otherwise)."""
+    kind, arg = parse_tokenizer(spec, field)
+    if kind == "bpe":
+        return int(arg)
+    return load_tokenizer(spec, field=field).vocab_size
 
 
 def check_vocab(vocab_size: int, tok: Tokenizer) -> None:
