@@ -93,7 +93,7 @@ def test_percentile_mc_se_is_the_spread_of_the_percentile_over_redraws():
     percentile over 400 independent samples of n normal draws. An sd estimated from 400 replicates has
     relative sd 1 / sqrt(2 x 400) = 3.5%, so 4 of those (14%) bound the ratio at n = 1,000, plus the
     estimator's small upward bias in the tails (documented: ~6%). With few tail draws (n = 200) it
-    must err wide, never narrow."""
+    errs wide on average; where the ranks run past the sample (n = 50, 97.5th) it says inf."""
     rng = np.random.default_rng(0)
     for n, q in ((1000, 2.5), (1000, 50.0), (1000, 97.5), (200, 2.5)):
         draws = rng.standard_normal((400, n))
@@ -103,6 +103,7 @@ def test_percentile_mc_se_is_the_spread_of_the_percentile_over_redraws():
             assert 1 - 0.14 <= estimated / actual <= 1 + 0.14 + 0.06, (n, q, estimated, actual)
         else:
             assert estimated >= actual, (n, q, estimated, actual)
+    assert percentile_mc_se(rng.standard_normal(50), 97.5) == np.inf
     with pytest.raises(FitError, match="at least 2 draws"):
         percentile_mc_se(np.array([1.0]), 50.0)
 
@@ -394,12 +395,15 @@ def test_noise_floor_pools_every_repeat_degree_of_freedom():
                       "loss": [2.0, 2.1, 2.3, 1.9, 1.95, 1.7], "seed": [0, 1, 2, 0, 1, 0]})
     got = pooled_seed_sd(t)
     want = np.sqrt((2 * np.var([2.0, 2.1, 2.3], ddof=1) + 1 * np.var([1.9, 1.95], ddof=1)) / 3)
-    assert got == {"noise_floor": pytest.approx(want, rel=1e-12), "noise_floor_dof": 3, "noise_floor_configs": 2}
+    assert got == {"noise_floor": pytest.approx(want, rel=1e-12), "noise_floor_dof": 3, "noise_floor_configs": 2,
+                   "noise_floor_steps": None}
+    assert pooled_seed_sd(pd.concat([t, t]))["noise_floor_dof"] == 3         # a run listed twice counts once
+    assert pooled_seed_sd(t.drop(columns="seed"))["noise_floor"] is None    # no seeds: nothing says what repeats
     assert pooled_seed_sd(t.assign(lr=[1, 2, 3, 4, 5, 6]))["noise_floor"] is None     # other lr: no repeats
     study = canonical_table(pd.read_parquet(REPO / "results" / "ondevice_isoflop" / "runs.parquet")
                             .rename(columns={"eval_loss": "loss"}))
     long = pooled_seed_sd(study[study["steps"] >= 700])
-    assert (long["noise_floor_configs"], long["noise_floor_dof"]) == (18, 36)
+    assert (long["noise_floor_configs"], long["noise_floor_dof"], long["noise_floor_steps"]) == (18, 36, [769, 3909])
     assert long["noise_floor"] == pytest.approx(0.0178, abs=5e-5)      # float64 NumPy on a committed table
 
 
@@ -453,3 +457,29 @@ def test_published_granularity_factor_is_krajewskis_on_the_joint_laws_parameter_
     assert [t["law"] for t in both.settings["terms"]] == ["joint_moe", "krajewski", None]
     with pytest.raises(FitError, match="goes on a joint_moe fit"):
         with_published_granularity(load_fit(REPO / "fits" / "chinchilla_epoch.json"))
+
+
+def test_max_train_compute_under_each_rule_and_the_granularity_factor_keeps_bootstrap_samples():
+    """max_train_compute by hand (6 N_non-embedding D and 3 F D); a joint fit's bootstrap samples
+    travel into the composed ondevice fit column by column, with the factor's fixed values."""
+    from moe_scaling.laws.fit import max_train_compute, with_published_granularity
+
+    t = pd.DataFrame({"params_active": [1e6, 4e6], "params_embedding": [1e5, 2e5], "tokens": [1e9, 2e8],
+                      "flops_per_token_forward": [3e6, 9e6]})
+    got = max_train_compute(t)
+    assert got["6N"] == pytest.approx(max(6 * 9e5 * 1e9, 6 * 3.8e6 * 2e8), rel=1e-12)
+    assert got["3x-forward"] == pytest.approx(max(3 * 3e6 * 1e9, 3 * 9e6 * 2e8), rel=1e-12)
+    joint = LAWS["joint_moe"]
+    ref = [joint.reference[p] for p in joint.params]
+    samples = np.array([ref, [v * 1.01 for v in ref], [v * 0.99 for v in ref]])
+    fit = Fit(law="joint_moe", params=dict(joint.reference), samples=samples, metrics={"noise_floor": 0.01})
+    both = with_published_granularity(fit)
+    law = LAWS["ondevice"]
+    cols = {p: both.samples[:, i] for i, p in enumerate(law.params)}
+    for i, p in enumerate(joint.params):
+        np.testing.assert_array_equal(cols[p], samples[:, i])
+    assert np.all(cols["g"] == both.params["g"]) and np.all(cols["sigma"] == 0.0)
+    X = {"params_active": np.array([3e8]), "params_embedding": np.array([2e7]), "tokens": np.array([6e9]),
+         "expansion": np.array([8.0]), "granularity": np.array([4.0]), "n_shared": np.array([0.0])}
+    lo, hi = both.predict_interval(X, level=0.9, seeds=3)
+    assert lo[0] < both.predict(X)[0] < hi[0]

@@ -36,8 +36,9 @@ def test_candidates_are_the_optimum_runners_up_and_named_alternatives():
 
 
 # A law that reads granularity and the shared expert (ondevice: joint_moe's N term times
-# (1 + g (G^-eta - 1)) (1 + n_shared)^-sigma), coefficients chosen so that both matter.
-LAYOUT_LAW = published_fit("ondevice", {**LAWS["ondevice"].reference, "g": 0.3, "eta": 0.8, "sigma": 0.1},
+# (1 + g (G^-eta - 1)) (1 + n_shared)^-sigma), coefficients chosen so that both matter and the best
+# layout (G = 4, no shared expert: sigma < 0) is not the study space's preferred one (G = 4 + shared).
+LAYOUT_LAW = published_fit("ondevice", {**LAWS["ondevice"].reference, "g": 0.3, "eta": 0.8, "sigma": -0.1},
                            "test coefficients")
 
 
@@ -50,6 +51,9 @@ def test_when_the_law_reads_the_layout_the_optimum_is_its_argmin_over_every_layo
     every = _best_per_line(LAYOUT_LAW, budget, STUDY_SPACE)
     by = {n.name: n.candidate for n in named}
     assert by["optimum"].config == every[0][1] and by["optimum"].predicted_loss == every[0][0]
+    # not the pinned layout: a search that fixed the knobs the law reads would give G = 4 + shared
+    assert (by["optimum"].config.granularity, by["optimum"].config.n_shared) == (4, 0)
+    assert STUDY_SPACE.shared[0] == 1 and by["with_shared"].predicted_loss > by["optimum"].predicted_loss
     assert all(c.predicted_loss >= by["optimum"].predicted_loss for c in by.values())
     want = {"coarse_g1": lambda c: c.granularity == 1, "g2": lambda c: c.granularity == 2,
             "finest_g": lambda c: c.granularity == max(STUDY_SPACE.granularities),
@@ -65,8 +69,9 @@ def test_space_bounds_and_concordance():
     cfg = validation_candidates(LAW, Budget(memory=2_000_000, train_compute=5e12, context=128))[0].candidate.config
     small = dataclasses.replace(STUDY_SPACE, d_model_min=cfg.d_model, n_layers_max=cfg.n_layers)
     assert {"d_model_min", "n_layers_max"} <= set(space_bounds(cfg, small))
+    assert "granularity_max" in space_bounds(cfg, STUDY_SPACE)            # G = 4, the largest there
     roomy = dataclasses.replace(STUDY_SPACE, d_model_min=16, d_model_max=512, n_layers_min=1, n_layers_max=16,
-                                expansion_max=1024.0)
+                                expansion_max=1024.0, granularities=(4, 8, 2, 1), aspect_min=1.0, aspect_max=512.0)
     assert space_bounds(cfg, roomy) == []
     # pairs told apart beyond 2 floors (0.1): (a,c) and (b,c) and (a,b)? |2.0-2.15| = 0.15 <= 0.2: no
     pred, meas = np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.15, 2.5])

@@ -78,18 +78,21 @@ def percentile_mc_se(draws: np.ndarray, q: float) -> float:
 
         se = (x_(k) - x_(j)) / (2 z),   j = floor(n p - z sqrt(n p (1-p))),  k = ceil(n p + z sqrt(n p (1-p)))
 
-    (0-based ranks clipped to ``[0, n - 1]``). For a normal sample this tends to the textbook
-    ``sqrt(p (1 - p) / n) / phi(z_p)`` times its sd; it shrinks as ``1 / sqrt(n)``. With few draws
-    in the tail it errs wide, never narrow (normal draws, 2.5th percentile: 1.06x the true spread at
-    n = 1,000, 1.5x at n = 200, where the lower rank is clipped at the sample's minimum)."""
+    (0-based ranks). For a normal sample this tends to the textbook ``sqrt(p (1 - p) / n) / phi(z_p)``
+    times its sd; it shrinks as ``1 / sqrt(n)``. It is itself an estimate from one sample: over 400
+    samples of normal draws its mean was 1.04-1.06x the true spread at n = 1,000 (2.5th, 50th, 97.5th
+    percentiles) and 1.5x at n = 200 (2.5th), and single samples scatter around that. When the ranks
+    run past the sample (too few draws in that tail to bracket the quantile) it returns ``inf``: the
+    percentile's error is then unknown, not small."""
     x = np.sort(np.asarray(draws, float).ravel())
     n = x.size
     if n < 2:
         raise FitError(f"a percentile's Monte Carlo error needs at least 2 draws, got {n}")
     p, z = q / 100.0, 1.96
     half = z * np.sqrt(n * p * (1.0 - p))
-    j = int(np.clip(np.floor(n * p - half), 0, n - 1))
-    k = int(np.clip(np.ceil(n * p + half), 0, n - 1))
+    j, k = int(np.floor(n * p - half)), int(np.ceil(n * p + half))
+    if j < 0 or k > n - 1:
+        return math.inf
     return float((x[k] - x[j]) / (2.0 * z))
 
 

@@ -177,14 +177,22 @@ def _read_corpus(corpus: str) -> tuple[str, list[bytes] | np.ndarray]:
             h.update(len(doc).to_bytes(8, "little")), h.update(doc)
         return h.hexdigest()[:16], docs
     files = corpus_files(corpus)
+    digest, raws = _files_hash(files)
+    if files[0].suffix == ".npy":
+        return digest, np.concatenate([_npy_tokens(p, r, corpus) for p, r in zip(files, raws)])
+    return digest, [doc for p, r in zip(files, raws) for doc in _documents(p, r, corpus)]
+
+
+def _files_hash(files: list[Path]) -> tuple[str, list[bytes]]:
+    """The content hash of corpus files (each file's type and bytes in order) and their bytes; it
+    reads no document structure, so any file (a chat JSONL as well) has one."""
+    h = hashlib.sha256()
     raws = []
     for path in files:
         raw = path.read_bytes()
         h.update(path.suffix.encode()), h.update(len(raw).to_bytes(8, "little")), h.update(raw)
         raws.append(raw)
-    if files[0].suffix == ".npy":
-        return h.hexdigest()[:16], np.concatenate([_npy_tokens(p, r, corpus) for p, r in zip(files, raws)])
-    return h.hexdigest()[:16], [doc for p, r in zip(files, raws) for doc in _documents(p, r, corpus)]
+    return h.hexdigest()[:16], raws
 
 
 # (corpus, (path, size, mtime_ns) of every file) -> content hash, for this process: a sweep
@@ -202,7 +210,7 @@ def corpus_content_hash(corpus: str) -> str:
     stats = tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),))
     key = (corpus, stats)
     if key not in _HASHES:
-        _HASHES[key] = _read_corpus(corpus)[0]
+        _HASHES[key] = _read_corpus(corpus)[0] if is_dataset_corpus(corpus) else _files_hash(files)[0]
     return _HASHES[key]
 
 
