@@ -14,7 +14,7 @@ import sys
 import traceback
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from moe_scaling.errors import InputError, UserError
+from moe_scaling.errors import UserError
 from moe_scaling.files import json_default
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2

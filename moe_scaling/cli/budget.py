@@ -151,11 +151,18 @@ def _describe(p: dict[str, Any]) -> str:
             f"{p['tokens']:.3g} tokens, predicted loss {loss}")
 
 
-def _indistinct_line(law: dict[str, Any]) -> str:
-    """One line: the knobs the law cannot see, the layouts it predicts alike, what they were fixed to."""
-    alike = "; ".join(f"{k} in {tuple(v)}" for k, v in law.get("indistinct_layouts", {}).items())
-    fixed = ", ".join(f"{k}={v}" for k, v in law["fixed_knobs"].items())
-    return f"law cannot see {', '.join(law['fixed_knobs'])}: predicts {alike} alike; fixed to {fixed}"
+def law_scope_lines(law: dict[str, Any]) -> list[str]:
+    """The law's scope as lines: the knobs it cannot see, the layouts it predicts alike and what
+    they were fixed to; then the source (and the scale it was fitted at) of each of its terms."""
+    lines = []
+    if law["fixed_knobs"]:
+        alike = "; ".join(f"{k} in {tuple(v)}" for k, v in law.get("indistinct_layouts", {}).items())
+        fixed = ", ".join(f"{k}={v}" for k, v in law["fixed_knobs"].items())
+        lines.append(f"law cannot see {', '.join(law['fixed_knobs'])}: predicts {alike} alike; fixed to {fixed}")
+    for t in law.get("terms", []):
+        if t.get("law") or t.get("source"):
+            lines.append(f"law term {t['term']}: {t['source']}" + (f" ({t['scale']})" if t.get("scale") else ""))
+    return lines
 
 
 def format_budget(result: dict[str, Any]) -> str:
@@ -174,12 +181,7 @@ def format_budget(result: dict[str, Any]) -> str:
     if result["dense"]:
         lines.append("best dense: " + _describe(result["dense"]))
         lines.append(f"MoE advantage (dense loss - sweet spot loss): {result['moe_advantage']:+.4f}")
-    law = result["law_scope"]
-    if law["fixed_knobs"]:
-        lines.append(_indistinct_line(law))
-    for t in law.get("terms", []):
-        if t.get("law") or t.get("source"):
-            lines.append(f"law term {t['term']}: {t['source']}" + (f" ({t['scale']})" if t.get("scale") else ""))
+    lines += law_scope_lines(result["law_scope"])
     lines.append(f"frontier: {len(result['frontier'])} points (loss vs memory), "
                  f"{len(result['frontier_flops'])} (loss vs FLOPs); --json for all")
     if "emitted" in result:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +29,7 @@ from moe_scaling.cli._common import make_parser, print_json, run_cli
 from moe_scaling.errors import InputError
 from moe_scaling.cli.budget import add_budget_arguments, format_budget, run_budget
 from moe_scaling.units import format_count
-from moe_scaling.cli.budget import _indistinct_line, budget_from_args, option
+from moe_scaling.cli.budget import budget_from_args, law_scope_lines, option
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
 from moe_scaling.design.search import search_by_compute
 from moe_scaling.design.space import ArchSpace
@@ -237,9 +236,7 @@ def format_by_compute(bc: dict[str, Any]) -> str:
                                              "no budget listed: MoE is the sweet spot at the largest")
                  + (f" (best MoE and best dense predictions cross at {cross:.3g} FLOPs)" if cross else "")
                  + "; add --train-compute C (or --tokens, --budget-latency) for one sweet spot with its frontier")
-    law = bc["law_scope"]
-    if law["fixed_knobs"]:
-        lines.append(_indistinct_line(law))
+    lines += law_scope_lines(bc["law_scope"])
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ from moe_scaling.costs import load_device, published_models
 from moe_scaling.design.candidate import Candidate, FrontierPoint, LossModel, describe, law_columns
 from moe_scaling.design.space import ArchSpace, Budget, ExpertLine, Layout, Trunk, expert_line, layouts, trunks
 from moe_scaling.errors import ConfigError
+from moe_scaling.laws.fit import Fit, fitted_scale
 from moe_scaling.laws.registry import LAW_INPUTS
 
 __all__ = ["law_reads", "search", "SearchResult", "NothingFits", "search_by_compute", "ByCompute", "ComputeRow",
@@ -302,7 +303,8 @@ def _terms(model: LossModel) -> list[dict[str, Any]]:
         return list(settings["terms"])
     law = getattr(model, "law", None)
     source = settings.get("reference") or (f"fitted to {model.n_points} runs" if getattr(model, "n_points", 0) else None)
-    return [{"term": "the whole law", "law": law, "source": source, "scale": None}]
+    scale = fitted_scale(model) if isinstance(model, Fit) else None
+    return [{"term": "the whole law", "law": law, "source": source, "scale": scale}]
 
 
 def _law_scope(reads: dict[str, bool], space: ArchSpace, budget: Budget) -> dict[str, Any]:
@@ -509,5 +511,6 @@ def search_by_compute(model: LossModel, budget: Budget, computes: Iterable[float
                 _, _, m, d = best_at(math.exp(mid))
                 lo, hi = (mid, hi) if (m.line is not None and m.loss < d.loss) else (lo, mid)
             crossover = math.exp(hi)
-    scope = _law_scope(reads, space, dataclasses.replace(budget, tokens=None, train_compute=Cs[0]))
+    scope = {**_law_scope(reads, space, dataclasses.replace(budget, tokens=None, train_compute=Cs[0])),
+             "terms": _terms(model)}
     return ByCompute(budget=budget, rows=tuple(rows), law=scope, crossover=crossover)

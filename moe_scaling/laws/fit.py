@@ -48,7 +48,8 @@ from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, Law, get_law
 from moe_scaling.laws.tables import FitData, holdout_mask
 
 __all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "fit_starts_and_cold",
-           "percentile_mc_se", "pooled_seed_sd", "max_train_compute", "with_published_granularity", "FORMAT"]
+           "percentile_mc_se", "pooled_seed_sd", "max_train_compute", "with_published_granularity",
+           "fitted_scale", "FORMAT"]
 
 FORMAT = "moe-scaling-fit/1"
 
@@ -563,7 +564,7 @@ def with_published_granularity(fit: Fit) -> Fit:
         cols = dict(zip(LAWS["joint_moe"].params, np.asarray(fit.samples, float).T))
         samples = np.column_stack([cols[p] if p in cols else np.full(len(fit.samples), extra[p]) for p in law.params])
     terms = [{"term": "N, D and expansion (Ehat)", "law": "joint_moe", "source": fit.settings.get("reference")
-              or f"fitted to {fit.n_points} runs", "scale": _fitted_scale(fit)},
+              or f"fitted to {fit.n_points} runs", "scale": fitted_scale(fit)},
              {"term": "granularity factor 1 + g (G^-eta - 1), g = 0.104, eta = 0.58", "law": "krajewski",
               "source": LAWS["krajewski"].citation + ": g / (g + a) and gamma of its published a = 18.1, "
                         "g = 2.1, gamma = 0.58",
@@ -580,8 +581,9 @@ def with_published_granularity(fit: Fit) -> Fit:
 _PUBLISHED_SCALE = {"joint_moe": "Ludziejewski et al. 2025: 280+ runs up to 2.7B active / 5B total parameters"}
 
 
-def _fitted_scale(fit: Fit) -> str:
-    """Where a fit's coefficients come from, in size: the published joint law's paper, or the fitted runs."""
+def fitted_scale(fit: Fit) -> str:
+    """The scale a fit's coefficients come from: a published law's own runs (as its paper states),
+    or the runs fitted here and their largest training compute."""
     if fit.source == "published":
         return _PUBLISHED_SCALE.get(fit.law, "the authors' own runs (see the citation)")
     m = (fit.metrics.get("max_train_compute") or {}).get("3x-forward")
