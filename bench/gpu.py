@@ -47,7 +47,7 @@ rewritten after every part, so a session cut short keeps what was measured.
     models do not depend on the text), or give ``--corpus``.
 
 ``--tiny``: each part at toy size on whatever JAX finds (a 2-layer d64 MoE for (a), a d64 MoE for (b),
-a 2-run grid written to a temporary folder for (c)), under a minute on 2 CPU cores. The JSON records
+a 2-run grid written to a temporary folder for (c)), about a minute on 2 CPU cores (70 s under load). The JSON records
 the device (``jax.devices()[0].device_kind``), ``gpu_figures`` (false on any non-GPU backend: then the
 figures are not GPU figures), :func:`moe_scaling.runtime.machine_info`, what ran and each part's time.
 
