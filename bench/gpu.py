@@ -47,9 +47,10 @@ rewritten after every part, so a session cut short keeps what was measured.
     models do not depend on the text), or give ``--corpus``.
 
 ``--tiny``: each part at toy size on whatever JAX finds (a 2-layer d64 MoE for (a), a d64 MoE for (b),
-a 2-run grid written to a temporary folder for (c)), about a minute on 2 CPU cores (70 s under load). The JSON records
-the device (``jax.devices()[0].device_kind``), ``gpu_figures`` (false on any non-GPU backend: then the
-figures are not GPU figures), :func:`moe_scaling.runtime.machine_info`, what ran and each part's time.
+a 2-run grid written to a temporary folder for (c)), about a minute on 2 CPU cores (70 s under load).
+The JSON records the device (``jax.devices()[0].device_kind``), ``gpu_figures`` (false on any non-GPU
+backend: then the figures are not GPU figures), :func:`moe_scaling.runtime.machine_info`, what ran and
+each part's time.
 
 Results: bench/gpu.json (not run yet: no GPU was available) and bench/README.md, section "gpu".
 """
@@ -394,7 +395,8 @@ def _run_part(part: str, args, deadline: float, env: dict) -> dict:
                 env = env | {"XLA_PYTHON_CLIENT_MEM_FRACTION": env.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")}
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit + 30)
         except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {limit + 30:.0f} s", "wall_s": round(time.perf_counter() - t0, 1)}
+            return {"ok": False, "error": f"timed out after {limit + 30:.0f} s",
+                    "wall_s": round(time.perf_counter() - t0, 1)}
         wall = round(time.perf_counter() - t0, 1)
         if out.exists():
             return json.loads(out.read_text()) | {"wall_s": wall}
@@ -420,7 +422,7 @@ def _child(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(RESULTS), help="JSON file to write (default bench/gpu.json)")
-    p.add_argument("--tiny", action="store_true", help="toy sizes: the whole script in under a minute on CPU")
+    p.add_argument("--tiny", action="store_true", help="toy sizes: the whole script in about a minute on CPU")
     p.add_argument("--parts", default="a,b,c", help="which parts, comma-separated (default a,b,c)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the card's bf16 dense peak for MFU (default: by device kind, H100 SXM / H200 989)")
