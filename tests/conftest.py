@@ -58,7 +58,7 @@ settings.load_profile("moe_scaling")
 # Only the order changes; a module missing here runs after these.
 LONGEST_FIRST = ("test_sweep", "test_seed_batching", "test_model", "test_fit", "test_mesh", "test_routing",
                  "test_export", "test_recipe", "test_sweep_postgres", "test_dashboard", "test_notebook", "test_router_bias",
-                 "test_train", "test_precision")
+                 "test_train", "test_precision", "test_gpu_bench")
 
 
 def pytest_collection_modifyitems(items):
