@@ -45,7 +45,7 @@ from moe_scaling.units import Precision, parse_precision
 
 __all__ = [
     "ParamCounts", "param_counts", "flops_per_token", "Precision", "parse_precision",
-    "weight_bytes", "RUNTIME_STORAGE", "stored_bytes", "kv_cache_bytes", "parse_bytes", "parse_count", "DeviceProfile", "load_device",
+    "weight_bytes", "RUNTIME_STORAGE", "stored_bytes", "kv_cache_bytes", "DeviceProfile", "load_device",
     "list_devices", "roofline", "cost_summary", "PublishedModel", "published_models",
 ]
 
