@@ -14,7 +14,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 #   * float round-off, for two computations of the same mathematics: F32_TOL / F64_TOL below, or a
 #     bound derived at the test (bf16: 8 significand bits, relative 2^-9 = 0.002 per rounding);
 #   * Monte Carlo error, for a statistic of random draws (a bootstrap percentile: its standard error
-#     from the draws themselves, moe_scaling.laws.fit.percentile_mc_se);
+#     from the draws themselves, moe_scaling.laws.noise.percentile_mc_se);
 #   * seed-to-seed spread, for a trained loss: measured on this code with many seeds (never a 3-seed
 #     range), recorded where it is used with the command that measures it;
 #   * the rounding of a published figure (6.9B is +-0.05B) or the resolution of a search;

@@ -1,5 +1,8 @@
 """Training: one configuration to its token budget, with periodic eval, exact resume and divergence.
 
+One module (~530 lines): ``train`` and the stages 3-4 share ``resume_and_train`` and its run state
+(resume, eval, checkpoints, logs, events); the step maths lives in step.py, checkpoints in checkpoints.py.
+
 :func:`train` runs one configuration and returns a :class:`TrainResult`. The step math (schedule,
 optimiser, loss, router-bias update, jitted steps) is :mod:`moe_scaling.train.step`; checkpoints
 are :mod:`moe_scaling.train.checkpoints`.
