@@ -307,3 +307,24 @@ def test_random_exclude_expressions_give_a_value_or_a_config_error():
             assert "\n" not in str(err)
 
     check()
+
+
+def test_only_keeps_a_subset_with_the_whole_grids_numbering(tmp_path):
+    """``--only`` selects runs after validation: the kept runs are exactly the whole grid's runs
+    for which the expression holds, with the same ids, indices and labels, in the same order."""
+    spec = load_grid(write(tmp_path, ISSUE_EXAMPLE))
+    whole = expand_grid(spec)
+    some = expand_grid(spec, only="d_model == 128 and n_shared == 1")
+    expected = [r for r in whole if r.model.d_model == 128 and r.model.n_shared == 1]
+    assert 0 < len(some) < len(whole)
+    assert [(r.run_id, r.index, r.label) for r in some] == [(r.run_id, r.index, r.label) for r in expected]
+    # train_compute = 3 x forward FLOPs per token x tokens (the isoFLOP budgets' count)
+    from moe_scaling.costs import flops_per_token
+    small = expand_grid(spec, only="train_compute < 9e11")
+    computes = {r.run_id: 3 * flops_per_token(r.model, r.data.seq_len) * r.train.tokens for r in whole}
+    assert 0 < len(small) < len(whole)
+    assert {r.run_id for r in small} == {k for k, c in computes.items() if c < 9e11}
+    with pytest.raises(ConfigError, match=r"--only = 'd_model == 7': matches no run of .*grid\.yaml"):
+        expand_grid(spec, only="d_model == 7")
+    with pytest.raises(ConfigError, match=r"--only = .*unsafe expression \(function call not allowed\)"):
+        expand_grid(spec, only="open('x')")

@@ -317,6 +317,25 @@ def test_a_damaged_newest_checkpoint_costs_one_interval(tmp_path):
     assert (ckpt / "damaged" / "25").is_dir()
 
 
+def test_only_trains_a_subset_first_and_the_whole_grid_then_trains_the_rest(tmp_path):
+    """`run --only EXPR` trains the runs for which EXPR holds and nothing else; the same command
+    without it then trains only the others (the subset is complete, not trained again)."""
+    grid = write_grid(tmp_path, "ordered", train={"tokens": 30 * 8 * 32}, grid={"n_experts": [2, 4]})
+    out = tmp_path / "out"
+    first = run_cli("run", grid, "--out", out, "--only", "n_experts == 4", "--json")
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert (summary["done"], summary["total"], summary["status"]["counts"]["completed"]) == (1, 1, 1)
+    (done,) = [json.loads(p.read_text()) for p in out.glob("runs/*/record.json")]
+    assert done["config"]["model"]["n_experts"] == 4
+    rest = run_cli("run", grid, "--out", out, "--json")
+    assert rest.returncode == 0, rest.stderr
+    summary = json.loads(rest.stdout)
+    assert (summary["done"], summary["total"], summary["status"]["counts"]["completed"]) == (2, 2, 2)
+    again = json.loads((out / "runs" / done["run_id"] / "record.json").read_text())
+    assert again == done                                            # untouched by the second command
+
+
 def test_a_silent_worker_on_another_machine_is_recovered_after_the_grace_period(reference, tmp_path):
     grid, out = copy_reference(reference, tmp_path)
     interrupted = kill_midway(grid, out, workers=1, after_completed=0)

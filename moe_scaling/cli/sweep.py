@@ -18,6 +18,7 @@ EXAMPLES = """\
   moe-sweep validate sweeps/quickstart.yaml
   moe-sweep run sweeps/quickstart.yaml --out build/quickstart
   moe-sweep run sweeps/quickstart.yaml --out build/quickstart --workers 2
+  moe-sweep run sweeps/quickstart.yaml --out build/quickstart --only "n_shared == 0"   # a subset first
   moe-sweep run sweeps/sparsity_granularity.yaml --out results/sg \\
       --storage postgresql://user:password@dbhost:5432/sweeps     # same command on every machine
   moe-sweep status build/quickstart
@@ -39,6 +40,7 @@ def _parser():
     v = sub.add_parser("validate", help="check a grid file, list its runs and estimate their time "
                        "(writes nothing)")
     v.add_argument("grid", help="grid YAML file")
+    v.add_argument("--only", metavar="EXPR", help="list only the runs for which EXPR holds (as `run --only`)")
     v.add_argument("--json", action="store_true", help="print the runs as JSON")
     r = sub.add_parser("run", help="run (or continue) a sweep")
     r.add_argument("grid", help="grid YAML file")
@@ -58,6 +60,8 @@ def _parser():
     r.add_argument("--devices-per-run", type=_positive, default=None, metavar="K",
                    help="give each worker its own K accelerators (CUDA_VISIBLE_DEVICES, ...; K host "
                         "devices on CPU); default: workers see every device")
+    r.add_argument("--only", metavar="EXPR", help="train only the runs for which EXPR holds (exclude's "
+                   "language, e.g. \"tokens < 1e7 and seed == 0\"); the others wait for a run without it")
     r.add_argument("--json", action="store_true", help="print the final status as JSON")
     s = sub.add_parser("status", help="status counts and best runs of a sweep folder")
     s.add_argument("out", help="sweep folder given to `run --out`")
@@ -108,7 +112,7 @@ def _validate(args) -> int:
     from moe_scaling.sweep.estimate import estimate_sweep
     from moe_scaling.sweep.runner import plan_sweep
 
-    plan = plan_sweep(args.grid)
+    plan = plan_sweep(args.grid, only=args.only)
     rows = []
     for run in plan.runs:
         counts = param_counts(run.model)
@@ -140,7 +144,7 @@ def _run(args) -> int:
     from moe_scaling.sweep.queue import check_storage_url
     from moe_scaling.sweep.runner import plan_sweep, run_sweep
 
-    plan = plan_sweep(args.grid)           # a bad grid stops here, before anything is written
+    plan = plan_sweep(args.grid, only=args.only)   # a bad grid stops here, before anything is written
     if args.storage:
         check_storage_url(args.storage)
     out = Path(args.out)

@@ -1,8 +1,10 @@
 """Grid ``exclude`` expressions: parsed with :mod:`ast` and interpreted here, never passed to ``eval``.
 
 An expression sees every resolved field by its plain name (``n_experts``, ``top_k``, ``d_expert``,
-``lr``, ``seq_len``, ``seed``, ...) plus ``granularity``, ``expansion``, ``sparsity`` and
-``activation_ratio`` (:data:`EXCLUDE_NAMES`), and may use only names, numbers, strings,
+``lr``, ``seq_len``, ``seed``, ...) plus ``granularity``, ``expansion``, ``sparsity``,
+``activation_ratio`` and, for points that validate, ``train_compute`` (3 x forward FLOPs per token
+at ``seq_len`` x ``tokens``: the compute a budget of the isoFLOP studies counts)
+(:data:`EXCLUDE_NAMES`), and may use only names, numbers, strings,
 ``True``/``False``/``None``, comparisons, ``and``/``or``/``not`` and arithmetic
 (``+ - * / // % **``). Anything else (calls, attributes, subscripts, lambdas, comprehensions,
 shifts, bit operations, ...) is rejected as unsafe.
@@ -31,7 +33,7 @@ __all__ = ["compile_exclude", "EXCLUDE_NAMES", "DERIVED_PROPERTIES", "did_you_me
 
 DERIVED_PROPERTIES = ("granularity", "expansion", "sparsity", "activation_ratio")
 EXCLUDE_NAMES = frozenset(f.name for cls in (ModelConfig, TrainConfig, DataConfig) for f in fields(cls)) \
-    | frozenset(DERIVED_PROPERTIES)
+    | frozenset(DERIVED_PROPERTIES) | {"train_compute"}
 
 MAX_CHARS = 1000      # characters in one expression
 MAX_DEPTH = 100       # nesting depth of its syntax tree

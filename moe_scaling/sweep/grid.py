@@ -67,6 +67,7 @@ from typing import Any, Mapping
 import yaml
 
 from moe_scaling.config import apply_granularity, reference_d_ff, DataConfig, ModelConfig, TrainConfig
+from moe_scaling.costs import flops_per_token
 from moe_scaling.errors import ConfigError
 from moe_scaling.sweep.exclude import DERIVED_PROPERTIES, compile_exclude, did_you_mean
 from moe_scaling.train.datasets_corpus import HF_PREFIX
@@ -245,11 +246,17 @@ def _axis_key(kind: str, key: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def expand_grid(spec: GridSpec, check_corpus: bool = True) -> list[RunSpec]:
+def expand_grid(spec: GridSpec, check_corpus: bool = True, only: str | None = None) -> list[RunSpec]:
     """Resolve every point of ``spec`` into a validated :class:`RunSpec` (excluded points dropped,
     identical configs merged). Raises :class:`ConfigError` naming the run, field and value of the
-    first invalid point; with ``check_corpus`` a corpus path that matches no file is an error too."""
+    first invalid point; with ``check_corpus`` a corpus path that matches no file is an error too.
+
+    ``only``: an expression in ``exclude``'s language; the runs for which it is false are left out
+    after validation, keeping their place in the numbering (so a run's index and label are the
+    same as in the whole grid): how a large study is trained in an order of one's choosing, e.g.
+    its smallest budget first (``moe-sweep run --only``)."""
     excludes = [compile_exclude(expr, where=f"exclude[{i}]") for i, expr in enumerate(spec.exclude)]
+    keep = compile_exclude(only, where="--only") if only is not None else None
     grid_keys = list(spec.grid)
     zip_rows = [dict(zip(spec.zip, row)) for row in zip(*spec.zip.values())] or [{}]
     seeds = spec.seeds if spec.seeds is not None else (None,)
@@ -264,17 +271,22 @@ def expand_grid(spec: GridSpec, check_corpus: bool = True) -> list[RunSpec]:
                     axes["train.seed"] = seed
                 label = _label(index, axes)
                 sections = _assign(spec, axes, seed, label)
-                env = namespace(sections) if excludes else {}
+                env = namespace(sections) if excludes or keep else {}
                 if any(fn(env, label) for fn in excludes):
                     continue
                 run = _build(sections, index, axes, label)
                 if check_corpus:
                     _check_corpus(run, spec.path.parent, label)
                 index += 1
+                if keep is not None and not keep(env, label):
+                    continue
                 if run.run_id not in seen:
                     seen.add(run.run_id)
                     runs.append(run)
     if not runs:
+        if keep is not None:
+            raise ConfigError(f"--only = {only!r}: matches no run of {spec.path}; check the expression "
+                              "against the grid's values (moe-sweep validate lists them)")
         raise ConfigError(f"{spec.path}: the grid has no runs left after exclude; loosen exclude")
     return runs
 
@@ -366,12 +378,14 @@ def resolve_corpus(corpus: str, base: str | os.PathLike) -> str:
 
 def namespace(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The names an exclude expression sees for one point: every field (with config defaults),
-    plus granularity, expansion, sparsity and activation_ratio. Works on invalid points too, so
-    that exclude can drop a point that would not validate."""
+    plus granularity, expansion, sparsity, activation_ratio and ``train_compute`` (3 x forward
+    FLOPs per token at the training context x tokens; only for points that validate). Works on
+    invalid points too, so that exclude can drop a point that would not validate."""
     try:
         run = RunSpec.from_dict(sections)
         env = run.model.to_dict() | run.train.to_dict() | run.data.to_dict()
         env.update({p: getattr(run.model, p) for p in DERIVED_PROPERTIES})
+        env["train_compute"] = 3.0 * flops_per_token(run.model, run.data.seq_len) * run.train.tokens
         return env
     except (ConfigError, TypeError, ValueError):
         pass

@@ -92,10 +92,11 @@ class SweepPlan:
     runs: list[RunSpec]
 
 
-def plan_sweep(grid_path: str | os.PathLike) -> SweepPlan:
-    """Load, expand and validate a grid file; raises :class:`ConfigError` on any bad point."""
+def plan_sweep(grid_path: str | os.PathLike, only: str | None = None) -> SweepPlan:
+    """Load, expand and validate a grid file; raises :class:`ConfigError` on any bad point.
+    ``only``: keep just the runs for which this expression holds (:func:`expand_grid`)."""
     spec = load_grid(grid_path)
-    return SweepPlan(spec, expand_grid(spec))
+    return SweepPlan(spec, expand_grid(spec, only=only))
 
 
 def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = None, *,
