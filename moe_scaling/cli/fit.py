@@ -276,9 +276,10 @@ def format_fit(result: dict[str, Any]) -> str:
                      f"{s.get('bootstrap', 0)} bootstrap refits, {s.get('n_starts')} starts")
     level = result["interval_level"]
     lines.append(f"  {'param':<10}{'value':>14}" + (f"   {level:.0%} interval" if level else ""))
+    cut = set(result["metrics"].get("intervals_at_bounds") or ())
     for name, value in result["params"].items():
         iv = result["intervals"].get(name)
-        tag = "  (fixed)" if name in result["fixed"] else ""
+        tag = "  (fixed)" if name in result["fixed"] else "  (interval ends at a bound)" if name in cut else ""
         lines.append(f"  {name:<10}{value:>14.6g}" + (f"   [{iv[0]:.6g}, {iv[1]:.6g}]" if iv else "") + tag)
     m = result["metrics"]
     if "rmse" in m:
@@ -287,6 +288,8 @@ def format_fit(result: dict[str, Any]) -> str:
             parts.append(f"held-out rmse {m['heldout_rmse']:.4f} ({m['heldout_n']} runs: {m['heldout_rule']})")
         if m.get("kfold_rmse") is not None:
             parts.append(f"{m['kfold']}-fold rmse {m['kfold_rmse']:.4f}")
+        if m.get("noise_floor"):
+            parts.append(f"seed noise floor {m['noise_floor']:.4f} (pooled, {m['noise_floor_dof']} dof)")
         lines.append("; ".join(parts))
     for row in m.get("candidates", []):
         lines.append(f"  candidate {row['law']:<11}" + (f"skipped: {row['skipped']}" if "skipped" in row else

@@ -300,11 +300,29 @@ def _bootstrap_intervals(problem: Problem, starts: np.ndarray, bootstrap: int, s
     return intervals, boot[:keep_samples], int(ok.sum())
 
 
+def _at_bound(law: Law, x: np.ndarray) -> np.ndarray:
+    """Per coordinate of the internal point ``x``: within 1e-6 (relative) of a bound."""
+    blo, bhi = law.internal_bounds()
+    return np.minimum(x - blo, bhi - x) <= 1e-6 * np.maximum(1.0, np.abs(x))
+
+
 def _bound_notes(law: Law, x: np.ndarray, params: Mapping[str, float], free: Sequence[int]) -> list[str]:
     """A note for every free parameter within 1e-6 (relative) of a bound of its internal coordinate."""
-    blo, bhi = law.internal_bounds()
+    near = _at_bound(law, x)
     return [f"{law.params[i]} = {params[law.params[i]]:.6g} is at its bound: the data do not pin it down; "
-            "consider --fix" for i in free if min(x[i] - blo[i], bhi[i] - x[i]) <= 1e-6 * max(1.0, abs(x[i]))]
+            "consider --fix" for i in free if near[i]]
+
+
+def intervals_at_bounds(law: Law, intervals: Mapping[str, tuple[float, float]], free: Sequence[int]) -> list[str]:
+    """The free coefficients whose interval reaches a bound (either endpoint within 1e-6 of it, in
+    internal coordinates): at least ``(1 - level) / 2`` of the bootstrap refits ended on that bound,
+    so the interval is cut by the bound, not by the data."""
+    if not intervals:
+        return []
+    ends = np.array([[intervals[p][j] for p in law.params] for j in (0, 1)], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        near = _at_bound(law, law.to_internal(ends))
+    return [law.params[i] for i in free if near[:, i].any()]
 
 
 def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_delta: float = 1e-3,
@@ -369,6 +387,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
     if bootstrap:
         intervals, samples, metrics["bootstrap_ok"] = _bootstrap_intervals(
             problem, cold, bootstrap, seed, level, keep_samples, notes)
+        metrics["intervals_at_bounds"] = intervals_at_bounds(law, intervals, free)
     notes += _bound_notes(law, bx[0], params, free)
     settings = {"huber_delta": problem.delta, "bootstrap": int(bootstrap), "seed": int(seed),
                 "interval_level": level, "kfold": int(kfold), "heldout_frac": float(heldout_frac),
