@@ -503,3 +503,38 @@ def test_intervals_at_bounds_names_the_free_coefficients_whose_interval_a_bound_
     assert intervals_at_bounds(law, iv, free) == ["g"]
     assert intervals_at_bounds(law, iv, range(len(law.params))) == ["E_max", "g"]
     assert intervals_at_bounds(law, {}, free) == []
+
+
+def test_layout_effects_recover_the_drawn_granularity_and_shared_gaps():
+    """On runs drawn from ``ondevice`` (g = 0.3, eta = 0.8, sigma = 0.1, 0.3% noise), the fit's
+    layout effects at the middle size: G* = 4 (the finest drawn), and the true gaps, by hand from the
+    law's sum of terms (L = N-term + D-term + c, the N-term scaled by 1 + g (G^-eta - 1) and by
+    (1 + n_shared)^-sigma), lie inside their 95% intervals."""
+    law = LAWS["ondevice"]
+    X, true = SYNTHETIC["ondevice"]
+    loss = law.predict(true, X) * np.exp(np.random.default_rng(1).normal(0.0, 0.003, X["params_active"].size))
+    f = fit_law("ondevice", {**X, "loss": loss}, bootstrap=64, kfold=0, heldout_frac=0.0, seed=1)
+    eff = f.metrics["layout_effects"]
+    active = np.unique(X["params_active"])
+    assert eff["at"]["params_active"] == active[(len(active) - 1) // 2]
+    assert eff["granularities"] == [1.0, 4.0]
+    assert [e["expansion"] for e in eff["by_expansion"]] == [2.0, 8.0, 32.0, 64.0]
+    at = eff["at"]
+    for entry in eff["by_expansion"]:
+        e = entry["expansion"]
+        one = {k: np.array([v]) for k, v in {**at, "expansion": e, "granularity": 1.0, "n_shared": 0.0}.items()}
+        joint = dict(true)
+        n_term = LAWS["joint_moe"].predict({p: joint[p] for p in LAWS["joint_moe"].params}, one)[0] \
+            - LAWS["joint_moe"].predict({**{p: joint[p] for p in LAWS["joint_moe"].params}, "a": 1e-12}, one)[0]
+        factor = 1 + true["g"] * (4.0 ** -true["eta"] - 1)
+        g_gap = n_term * (1 - factor)
+        s_gap = n_term * factor * (1 - 2.0 ** -true["sigma"])
+        assert entry["best_granularity"] == 4.0
+        for key, truth in (("granularity", g_gap), ("shared", s_gap)):
+            lo, hi = entry[key]["interval"]
+            assert lo <= truth <= hi, (e, key, truth, entry[key])
+            assert entry[key]["width"] == pytest.approx(hi - lo)
+    from moe_scaling.cli.fit import format_fit, summary
+    lines = format_fit(summary(f)).splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("layout effects at the middle size"))
+    assert lines[i + 1].startswith("  E 2: L(G=1) - L(G=4) +") and "L(no shared) - L(shared) +" in lines[i + 1]

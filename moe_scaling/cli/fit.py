@@ -267,6 +267,33 @@ def summary(fit: Fit) -> dict[str, Any]:
             "data_hash": fit.data_hash, "settings": fit.settings}
 
 
+def _effect_lines(effects: dict[str, Any] | None) -> list[str]:
+    """The law's layout gaps (moe_scaling.laws.effects), one line per expansion."""
+    if not effects:
+        return []
+    at, floor = effects["at"], effects.get("noise_floor")
+
+    def gap(name: str, g: dict[str, Any]) -> str:
+        iv = g.get("interval")
+        text = f"{name} {g['gap']:+.4f}"
+        if iv:
+            text += f" [{iv[0]:+.4f}, {iv[1]:+.4f}]"
+            if floor:
+                text += f" ({g['width'] / floor:.2f} noise floors wide)"
+        return text
+
+    lines = [f"layout effects at the middle size ({format_count(at['params_active'])} active, "
+             f"{at['tokens']:.3g} tokens), {effects['level']:.0%} intervals:"]
+    for e in effects["by_expansion"]:
+        parts = []
+        if "granularity" in e:
+            parts.append(gap(f"L(G=1) - L(G={e['best_granularity']:g})", e["granularity"]))
+        if "shared" in e:
+            parts.append(gap("L(no shared) - L(shared)", e["shared"]))
+        lines.append(f"  E {e['expansion']:g}: " + "; ".join(parts))
+    return lines
+
+
 def format_fit(result: dict[str, Any]) -> str:
     """Readable lines of a :func:`summary` (plus predictions when present)."""
     lines = [f"law {result['law']} ({result['source']}): {result['formula']}"]
@@ -291,6 +318,7 @@ def format_fit(result: dict[str, Any]) -> str:
         if m.get("noise_floor"):
             parts.append(f"seed noise floor {m['noise_floor']:.4f} (pooled, {m['noise_floor_dof']} dof)")
         lines.append("; ".join(parts))
+    lines += _effect_lines(m.get("layout_effects"))
     for row in m.get("candidates", []):
         lines.append(f"  candidate {row['law']:<11}" + (f"skipped: {row['skipped']}" if "skipped" in row else
                      "held-out rmse " + (f"{row['heldout_rmse']:.4f}" if row["heldout_rmse"] is not None else "n/a")
