@@ -89,11 +89,19 @@ def test_moe_fit_budget_mem_alone_uses_the_default_fit_and_answers_by_compute(mo
     out = json.loads(capsys.readouterr().out)
     assert out["default_fit"].endswith("fits/joint_moe_published.json") and "default fit" in out["notes"][0]
     bc = out["by_compute"]
-    assert "sweet_spot" not in out and bc["dense_takes_over"] == 1e21 and len(bc["rows"]) == 7
-    assert bc["rows"][0]["winner"] == "moe" and bc["rows"][0]["architecture"]["expansion"] > 1
+    # the layout is chosen by Krajewski et al.'s published granularity factor on the joint law (issue
+    # 23, item 6), named as a term of the law; at G = 16 it scales the parameter term of every MoE by
+    # 1 + 0.104 (16^-0.58 - 1) = 0.917, so at 2 GB MoE now wins at every compute (the joint law
+    # alone: dense from 1e21, test_moe_rows_exactly_where_the_law_prefers_moe), at the space's
+    # largest G, 16
+    terms = {t["law"]: t for t in bc["law_scope"]["terms"]}
+    assert set(terms) == {"joint_moe", "krajewski", None} and "Krajewski et al. 2024" in terms["krajewski"]["source"]
+    assert "sweet_spot" not in out and bc["dense_takes_over"] is None and len(bc["rows"]) == 7
+    assert all(r["winner"] == "moe" and r["architecture"]["granularity"] == 16 for r in bc["rows"])
+    assert bc["rows"][0]["architecture"]["expansion"] > 1
     assert cli.main(["--budget-mem", "2GB"]) == 0
     text = capsys.readouterr().out
-    assert "sweet spot by training compute" in text and "dense takes over from 1e+21" in text
+    assert "sweet spot by training compute" in text and "law term granularity factor" in text
 
 
 @pytest.mark.parametrize("argv, single", [
@@ -114,3 +122,26 @@ def test_by_compute_bad_input_is_one_line(capsys, argv, message):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_at_phone_scale_a_law_chooses_the_layout_and_the_space_bound_it_stops_at_is_named():
+    """``layout_law``: an ondevice fit (reads G and n_shared) is used as it is; a joint_moe fit gets
+    Krajewski et al.'s published granularity factor (G read, n_shared not: no published term); other
+    laws are left alone. Under the factor the search's G is its argmin over the space's G values, and
+    since the factor falls monotonically in G that is the space's largest: the result says so
+    (``space_bounds``: granularity_max)."""
+    from moe_scaling.laws.fit import layout_law
+
+    own = published_fit("ondevice", {**LAWS["joint_moe"].reference, "g": 0.3, "eta": 1.0, "sigma": 0.1}, "test")
+    chinchilla = load_fit(REPO / "fits" / "chinchilla_epoch.json")
+    assert layout_law(own) is own and layout_law(chinchilla) is chinchilla
+    phone = layout_law(LAW)
+    assert phone.law == "ondevice" and law_reads(phone) == {"granularity": True, "n_shared": False}
+    budget = Budget(memory=2 * GB, tokens=1e12, latency_ms=8, device="snapdragon-8-gen-3")
+    r = search(phone, budget, SMALL).to_dict()
+    assert r["sweet_spot"]["granularity"] == max(SMALL.granularities) and "granularity_max" in r["space_bounds"]
+    assert r["law_scope"]["fixed_knobs"] == {"n_shared": SMALL.shared[0]}
+    one_less = ArchSpace(**{**SMALL.__dict__, "granularities": (8, 1, 2, 4)})
+    assert search(phone, budget, one_less).to_dict()["sweet_spot"]["granularity"] == 8
+    plain = search(LAW, budget, SMALL).to_dict()                       # the joint law alone: G fixed to 8
+    assert plain["sweet_spot"]["granularity"] == 8 and "granularity_max" not in plain["space_bounds"]

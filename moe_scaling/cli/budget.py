@@ -25,6 +25,7 @@ from moe_scaling.units import format_count, parse_bytes, parse_count, parse_flop
 from moe_scaling.design.candidate import LossModel
 from moe_scaling.design.search import NothingFits, search
 from moe_scaling.design.space import ArchSpace, Budget
+from moe_scaling.laws.fit import Fit, layout_law
 
 __all__ = ["DEFAULTS", "SEARCH_ONLY", "add_budget_arguments", "option", "given_options", "budget_from_args",
            "run_budget", "format_budget", "nothing_fits"]
@@ -120,6 +121,8 @@ def run_budget(args: argparse.Namespace, fit: LossModel) -> dict[str, Any]:
     budget = budget_from_args(args)
     if budget is None:
         return {}
+    if isinstance(fit, Fit):
+        fit = layout_law(fit)
     level = option(args, "interval_level")
     if not 0 < level < 1:
         raise ConfigError(f"--interval-level = {level}: must be in (0, 1); e.g. 0.9")
@@ -178,6 +181,9 @@ def format_budget(result: dict[str, Any]) -> str:
         return "\n".join(lines + ["sweet spot: nothing in the space fits this budget"])
     lines.append("sweet spot: " + _describe(result["sweet_spot"]))
     lines.append(f"binding: {', '.join(result['binding'])}")
+    if result.get("space_bounds"):
+        lines.append(f"on the search space's bounds: {', '.join(result['space_bounds'])} (there the space, "
+                     "not a budget or the law, stops the optimum)")
     if result["dense"]:
         lines.append("best dense: " + _describe(result["dense"]))
         lines.append(f"MoE advantage (dense loss - sweet spot loss): {result['moe_advantage']:+.4f}")

@@ -100,12 +100,12 @@ def _vocab(args) -> int | None:
 
 
 def _from_fit(args) -> dict:
-    from moe_scaling.laws.fit import load_fit
+    from moe_scaling.laws.fit import layout_law, load_fit
 
     if args.budget_mem is None:
         raise InputError("--fit: needs a budget; add --budget-mem, e.g. --budget-mem 2GB")
     budget = budget_from_args(args)
-    fit = load_fit(args.fit)  # a bad fit file is a FitError: a UserError, exit 2
+    fit = layout_law(load_fit(args.fit))  # a bad fit file is a FitError: a UserError, exit 2
     try:
         result, summary = build_from_fit(
             fit, budget, args.out, space=ArchSpace(vocab_size=_vocab(args) or option(args, "vocab")),

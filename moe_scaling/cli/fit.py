@@ -33,7 +33,7 @@ from moe_scaling.cli.budget import budget_from_args, law_scope_lines, option
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
 from moe_scaling.design.search import search_by_compute
 from moe_scaling.design.space import ArchSpace
-from moe_scaling.laws.fit import Fit, fit_law, load_fit, select_law
+from moe_scaling.laws.fit import Fit, fit_law, layout_law, load_fit, select_law
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, get_law
 from moe_scaling.laws.tables import load_runs
 from moe_scaling.runtime import default_cache_dir, enable_compilation_cache
@@ -193,7 +193,8 @@ def run_by_compute(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
     if not 0 < level < 1:
         raise InputError(f"--interval-level = {level}: must be in (0, 1); e.g. 0.9")
     budget = budget_from_args(args)
-    result = search_by_compute(fit, budget, space=ArchSpace(vocab_size=option(args, "vocab")), level=level)
+    result = search_by_compute(layout_law(fit), budget, space=ArchSpace(vocab_size=option(args, "vocab")),
+                               level=level)
     return {"by_compute": result.to_dict()}
 
 
@@ -232,8 +233,9 @@ def format_by_compute(bc: dict[str, Any]) -> str:
                      f"{a['n_shared']:>6d} {format_count(a['params_active']):>7} / {format_count(a['params_total']):<7} "
                      f"{r['tokens']:>9.3g}  {loss:<24} {r['dense_loss']:>7.4f} {gain:>9}")
     over, cross = bc["dense_takes_over"], bc["crossover"]
-    lines.append("dense takes over from " + (f"{over:.0e} FLOPs of training compute" if over is not None else
-                                             "no budget listed: MoE is the sweet spot at the largest")
+    last = bc["rows"][-1]["train_compute"] if bc["rows"] else None
+    lines.append((f"dense takes over from {over:.0e} FLOPs of training compute" if over is not None else
+                  f"dense never takes over up to {last:.0e} FLOPs: MoE is the sweet spot at every compute listed")
                  + (f" (best MoE and best dense predictions cross at {cross:.3g} FLOPs)" if cross else "")
                  + "; add --train-compute C (or --tokens, --budget-latency) for one sweet spot with its frontier")
     lines += law_scope_lines(bc["law_scope"])

@@ -41,7 +41,8 @@ import numpy as np
 
 from moe_scaling.costs import load_device, published_models
 from moe_scaling.design.candidate import Candidate, FrontierPoint, LossModel, describe, law_columns
-from moe_scaling.design.space import ArchSpace, Budget, ExpertLine, Layout, Trunk, expert_line, layouts, trunks
+from moe_scaling.design.space import (ArchSpace, Budget, ExpertLine, Layout, Trunk, expert_line, layouts, space_bounds,
+                                     trunks)
 from moe_scaling.errors import ConfigError
 from moe_scaling.laws.fit import Fit, fitted_scale
 from moe_scaling.laws.registry import LAW_INPUTS
@@ -207,7 +208,10 @@ class SearchResult:
             "budget": self.budget.to_dict(), "sweet_spot": s.to_dict() if s else None,
             "dense": d.to_dict() if d else None,
             "moe_advantage": None if not (s and d) else d.predicted_loss - s.predicted_loss,
-            "binding": self.binding, "frontier": [p.to_dict() for p in self.frontier],
+            "binding": self.binding,
+            # the search-space bounds the sweet spot sits on: there the space, not a budget, stopped it
+            "space_bounds": space_bounds(s.config, self.space) if s else [],
+            "frontier": [p.to_dict() for p in self.frontier],
             "frontier_flops": [p.to_dict() for p in self.frontier_flops],
             "frontier_dense": [p.to_dict() for p in self.frontier_dense],
             "published": self.published, "law_scope": self.law,

@@ -26,7 +26,7 @@ from moe_scaling.costs import flops_per_token, kv_cache_bytes, load_device, para
 from moe_scaling.errors import ConfigError
 from moe_scaling.units import parse_precision
 
-__all__ = ["COMPUTE_RULES", "Budget", "ArchSpace", "Trunk", "Layout", "ExpertLine", "expert_line",
+__all__ = ["COMPUTE_RULES", "Budget", "ArchSpace", "Trunk", "Layout", "ExpertLine", "expert_line", "space_bounds",
            "trunks", "layouts"]
 
 
@@ -290,3 +290,24 @@ def expert_line(space: ArchSpace, trunk: Trunk, layout: Layout | None, budget: B
             return None
         line = line.take(np.flatnonzero(keep))
     return line
+
+
+def space_bounds(cfg: ModelConfig, space: ArchSpace) -> list[str]:
+    """The search-space bounds ``cfg`` sits on: ``d_model_min`` / ``d_model_max``,
+    ``n_layers_min`` / ``n_layers_max``, ``aspect_min`` / ``aspect_max`` (d_model / n_layers),
+    ``expansion_max``, and ``granularity_min`` / ``granularity_max`` (the ends of the space's
+    granularities, when it has several): an optimum there may have been cut off by the space, not by
+    a budget."""
+    aspect = cfg.d_model / cfg.n_layers
+    hits = [name for name, at in (("d_model_min", cfg.d_model <= space.d_model_min),
+                                  ("d_model_max", cfg.d_model >= space.d_model_max),
+                                  ("n_layers_min", cfg.n_layers <= space.n_layers_min),
+                                  ("n_layers_max", cfg.n_layers >= space.n_layers_max),
+                                  ("aspect_min", aspect <= space.aspect_min),
+                                  ("aspect_max", aspect >= space.aspect_max)) if at]
+    if cfg.is_moe and cfg.expansion >= space.expansion_max:
+        hits.append("expansion_max")
+    if cfg.is_moe and len(space.granularities) > 1:
+        hits += [name for name, at in (("granularity_min", cfg.granularity <= min(space.granularities)),
+                                       ("granularity_max", cfg.granularity >= max(space.granularities))) if at]
+    return hits

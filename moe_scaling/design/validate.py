@@ -51,7 +51,7 @@ import numpy as np
 from moe_scaling.config import ModelConfig
 from moe_scaling.design.candidate import Candidate, LossModel, config_columns, describe
 from moe_scaling.design.search import NothingFits, _Evaluator, law_reads, search
-from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, trunks
+from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, space_bounds, trunks
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
 
@@ -205,27 +205,6 @@ def summarize(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             "within_interval": (sum(inside) / len(inside)) if inside else None,
             "optimum_gap": float(opt[0] - meas.min()) if opt else None,
             "concordance": concordance(pred, meas, floor)}
-
-
-def space_bounds(cfg: ModelConfig, space: ArchSpace) -> list[str]:
-    """The search-space bounds ``cfg`` sits on: ``d_model_min`` / ``d_model_max``,
-    ``n_layers_min`` / ``n_layers_max``, ``aspect_min`` / ``aspect_max`` (d_model / n_layers),
-    ``expansion_max``, and ``granularity_min`` / ``granularity_max`` (the ends of the space's
-    granularities, when it has several): an optimum there may have been cut off by the space, not by
-    a budget."""
-    aspect = cfg.d_model / cfg.n_layers
-    hits = [name for name, at in (("d_model_min", cfg.d_model <= space.d_model_min),
-                                  ("d_model_max", cfg.d_model >= space.d_model_max),
-                                  ("n_layers_min", cfg.n_layers <= space.n_layers_min),
-                                  ("n_layers_max", cfg.n_layers >= space.n_layers_max),
-                                  ("aspect_min", aspect <= space.aspect_min),
-                                  ("aspect_max", aspect >= space.aspect_max)) if at]
-    if cfg.is_moe and cfg.expansion >= space.expansion_max:
-        hits.append("expansion_max")
-    if cfg.is_moe and len(space.granularities) > 1:
-        hits += [name for name, at in (("granularity_min", cfg.granularity <= min(space.granularities)),
-                                       ("granularity_max", cfg.granularity >= max(space.granularities))) if at]
-    return hits
 
 
 def _interval_of_mean(model: LossModel, cfg: ModelConfig, tokens: float, level: float,

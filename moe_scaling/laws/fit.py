@@ -49,7 +49,7 @@ from moe_scaling.laws.effects import layout_effects
 from moe_scaling.laws.tables import FitData, holdout_mask
 
 __all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "fit_starts_and_cold",
-           "with_published_granularity", "fitted_scale", "FORMAT"]
+           "with_published_granularity", "layout_law", "fitted_scale", "FORMAT"]
 
 FORMAT = "moe-scaling-fit/1"
 
@@ -494,6 +494,18 @@ def with_published_granularity(fit: Fit) -> Fit:
         fixed={**fit.fixed, **extra}, settings={**fit.settings, "terms": terms},
         notes=tuple(fit.notes) + ("granularity from Krajewski et al. 2024's published factor on top of the "
                                   "joint law (relative to G = 1); no published shared-expert term",))
+
+
+def layout_law(fit: Fit) -> Fit:
+    """The fit a sweet-spot search chooses the layout with (issue 23, item 6): ``fit`` itself when
+    its law reads granularity (e.g. an ``ondevice`` fit of the user's own layout study); a
+    ``joint_moe`` fit (the published default or the user's) with Krajewski et al. 2024's published
+    granularity factor put on its parameter term (:func:`with_published_granularity`); any other
+    fit unchanged (its search fixes the layout and says so). The shared expert is read only by a
+    fit that reads it: no published law prices one."""
+    if "granularity" in fit.law_obj.inputs or fit.law != "joint_moe":
+        return fit
+    return with_published_granularity(fit)
 
 
 _PUBLISHED_SCALE = {"joint_moe": "Ludziejewski et al. 2025: 280+ runs up to 2.7B active / 5B total parameters"}
