@@ -486,3 +486,17 @@ def test_isoflop_panels_group_runs_by_their_planned_budget():
     assert len(axes[-1].get_legend().get_texts()) == 6
     quick = pd.read_parquet(REPO / "results" / "quickstart" / "runs.parquet")
     assert isoflop_figure(quick) is None
+    # the minima (issue 23's finding on this study): every MoE layout's lowest mean is at its budget's
+    # smallest size, so no MoE minimum is bracketed; dense's is interior at the two larger budgets
+    from moe_scaling.plots.isoflop import isoflop_minima
+    m = isoflop_minima(runs)
+    assert len(m) == 18 and sorted(m["budget"].unique()) == levels
+    moe = m[m["arch"] != "dense"]
+    assert not moe["interior"].any() and (moe["best_size"] == [s[0] for s in moe["sizes"]]).all()
+    assert m[m["arch"] == "dense"]["interior"].tolist() == [False, True, True]
+    from moe_scaling.plots.runs import run_label
+    first = m.iloc[0]                                      # a mean over its seeds, by hand
+    labels = pd.Series([run_label(r) for _, r in runs.iterrows()], index=runs.index)
+    sel = (budgets == first["budget"]) & (runs["d_model"] == 48) & (labels == first["arch"])
+    assert sel.sum() == first["seeds"][0] == 3
+    assert first["losses"][0] == pytest.approx(runs.loc[sel, "eval_loss"].mean(), rel=1e-12)

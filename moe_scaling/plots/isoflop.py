@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from moe_scaling.plots.runs import completed, run_label
 from moe_scaling.plots.style import LOSS_LABEL, palette
 
-__all__ = ["GROUP_FACTOR", "compute_budgets", "isoflop_figure"]
+__all__ = ["GROUP_FACTOR", "compute_budgets", "isoflop_minima", "isoflop_figure"]
 
 GROUP_FACTOR = 1.3
 """Budgets closer than this factor are one panel."""
@@ -38,6 +38,33 @@ def compute_budgets(runs: pd.DataFrame) -> pd.Series:
         if not levels or v > levels[-1] * GROUP_FACTOR:
             levels.append(v)
     return own.map(lambda v: max(lv for lv in levels if lv <= v))
+
+
+def isoflop_minima(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
+    """The numbers behind the figure: one row per (budget, architecture) with at least two sizes:
+    ``budget``, ``arch``, ``sizes`` (``d<d_model> L<n_layers>`` by width), the mean ``losses`` over
+    seeds at each size and their ``seeds`` counts, the size of the lowest mean (``best_size``), its
+    loss (``best_loss``) and ``interior``: whether that size is neither the budget's smallest nor
+    its largest trained size (a minimum at an end says the budget's sizes did not bracket it)."""
+    cols = ["budget", "arch", "sizes", "losses", "seeds", "best_size", "best_loss", "interior"]
+    done = completed(runs, loss).copy()
+    if done.empty or "flops_per_token_forward" not in done:
+        return pd.DataFrame(columns=cols)
+    done["budget"] = compute_budgets(done)
+    done["arch"] = [run_label(r) for _, r in done.iterrows()]
+    rows = []
+    for b, g in done.groupby("budget"):
+        sizes = sorted(set(zip(g["d_model"], g["n_layers"])))
+        for arch, a in g.groupby("arch"):
+            s = a.groupby(["d_model", "n_layers"])[loss].agg(["mean", "count"]).sort_index()
+            if len(s) < 2:
+                continue
+            best = s["mean"].idxmin()
+            rows.append({"budget": float(b), "arch": arch, "sizes": [f"d{d} L{n}" for d, n in s.index],
+                         "losses": s["mean"].tolist(), "seeds": s["count"].astype(int).tolist(),
+                         "best_size": f"d{best[0]} L{best[1]}", "best_loss": float(s["mean"].min()),
+                         "interior": sizes[0] < best < sizes[-1]})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def isoflop_figure(runs: pd.DataFrame, loss: str = "eval_loss") -> Figure | None:
