@@ -318,7 +318,10 @@ def format_fit(result: dict[str, Any]) -> str:
         if m.get("kfold_rmse") is not None:
             parts.append(f"{m['kfold']}-fold rmse {m['kfold_rmse']:.4f}")
         if m.get("noise_floor"):
-            parts.append(f"seed noise floor {m['noise_floor']:.4f} (pooled, {m['noise_floor_dof']} dof)")
+            regimes = ", ".join(f"{b['steps'][0]}-{b['steps'][1] or ''} steps {b['noise_floor']:.4f} ({b['dof']} dof)"
+                                for b in m.get("noise_floor_by_steps") or [])
+            parts.append(f"seed noise floor {m['noise_floor']:.4f} (pooled, {m['noise_floor_dof']} dof"
+                         + (f"; {regimes}" if regimes else "") + ")")
         lines.append("; ".join(parts))
     lines += _effect_lines(m.get("layout_effects"))
     for row in m.get("candidates", []):

@@ -17,7 +17,7 @@ import pandas as pd
 from moe_scaling.laws.errors import FitError
 from moe_scaling.laws.registry import CANONICAL_COLUMNS
 
-__all__ = ["pooled_seed_sd", "max_train_compute", "percentile_mc_se", "mixture_quantile"]
+__all__ = ["STEP_REGIMES", "pooled_seed_sd", "max_train_compute", "percentile_mc_se", "mixture_quantile"]
 
 
 def percentile_mc_se(draws: np.ndarray, q: float) -> float:
@@ -91,6 +91,10 @@ def _config_columns() -> frozenset[str]:
     return frozenset(names | set(CANONICAL_COLUMNS) | {"corpus_hash", "steps"}) - {"seed", "loss"}
 
 
+STEP_REGIMES = (0, 1000, 3000, 10000, math.inf)
+"""Edges of the optimizer-step regimes the noise floor is also pooled in (lower edge included)."""
+
+
 def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     """The seed-to-seed noise of a runs table with a ``seed`` column: runs equal in every
     configuration column the table has (:func:`_config_columns`: every config field and canonical
@@ -103,8 +107,11 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     contributes its degrees of freedom, not one 2-dof sd per configuration. Without a seed column
     (e.g. published run data) nothing says which rows repeat: None. Returns ``{"noise_floor": sigma
     or None, "noise_floor_dof": sum(n_i - 1), "noise_floor_configs": count, "noise_floor_steps":
-    [min, max] optimizer steps of the repeats, where the table has steps}``."""
-    none = {"noise_floor": None, "noise_floor_dof": 0, "noise_floor_configs": 0, "noise_floor_steps": None}
+    [min, max] optimizer steps of the repeats, "noise_floor_by_steps": the same pooled sd within each
+    step regime of :data:`STEP_REGIMES` that has repeats ([{"steps": [lo, hi or None], "configs",
+    "dof", "noise_floor"}]: short runs end noisier), where the table has steps}``."""
+    none = {"noise_floor": None, "noise_floor_dof": 0, "noise_floor_configs": 0, "noise_floor_steps": None,
+            "noise_floor_by_steps": None}
     if "seed" not in table.columns or len(table) < 2:
         return none
     keys = [c for c in table.columns if c in _config_columns()
@@ -116,9 +123,18 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     dof = int((n[rep] - 1).sum())
     if not dof:
         return none
-    steps = None
+    steps, by_steps = None, None
     if "steps" in t.columns:
-        s = pd.concat([grp["steps"] for (_, grp), r in zip(g, rep) if r])
-        steps = [int(s.min()), int(s.max())]
+        first = g["steps"].min()[rep]                       # a configuration's repeats share their steps
+        steps = [int(first.min()), int(first.max())]
+        by_steps = []
+        for lo, hi in zip(STEP_REGIMES[:-1], STEP_REGIMES[1:]):
+            inside = (first >= lo) & (first < hi)
+            k = int((n[rep][inside] - 1).sum())
+            if k:
+                by_steps.append({"steps": [lo, None if math.isinf(hi) else hi], "configs": int(inside.sum()),
+                                 "dof": k, "noise_floor": float(math.sqrt(
+                                     ((n[rep][inside] - 1) * var[rep][inside]).sum() / k))})
     return {"noise_floor": float(math.sqrt(((n[rep] - 1) * var[rep]).sum() / dof)), "noise_floor_dof": dof,
-            "noise_floor_configs": int(rep.sum()), "noise_floor_steps": steps}
+            "noise_floor_configs": int(rep.sum()), "noise_floor_steps": steps,
+            "noise_floor_by_steps": by_steps}
