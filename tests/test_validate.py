@@ -10,6 +10,7 @@ from moe_scaling.cli import fit as cli
 from moe_scaling.design.space import Budget
 from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, space_bounds, summarize, validate,
                                          validation_candidates)
+from conftest import REPO
 from moe_scaling.laws.fit import published_fit
 from moe_scaling.laws.registry import LAWS
 
@@ -125,6 +126,8 @@ def test_summary_numbers_follow_from_the_measurements():
     (["fits/joint_moe_published.json", "--budget-mem", "2MB", "--validate", "d"], "needs --budget-mem M and --train-compute C"),
     (["fits/joint_moe_published.json", "--seeds", "3"], "--seeds 3: only acts with --validate"),
     (["fits/joint_moe_published.json", "--workers", "4"], "--workers 4: only acts with --validate"),
+    (["fits/joint_moe_published.json", "--like", "sweeps/layout_isoflop.yaml"], "--like sweeps/layout_isoflop.yaml: "
+     "only acts with --validate"),
     (["fits/joint_moe_published.json", "--budget-mem", "2MB", "--train-compute", "5e12", "--validate", "d",
       "--workers", "0"], "--workers 0: must be at least 1"),
 ])
@@ -150,3 +153,35 @@ def test_validation_runs_train_like_the_isoflop_study():
     doc = _grid_doc(named, name="v", data={"corpus": "stdlib", "seq_len": 128}, train={"batch_size": 16}, seeds=2)
     assert doc["model"] == STUDY_MODEL and not set(STUDY_MODEL) & set(doc["zip"])
     assert doc["zip"]["d_model"] == [n.candidate.config.d_model for n in named]
+
+
+def test_like_a_study_trains_the_candidates_as_its_runs_with_its_learning_rate_by_size():
+    """``--like GRID``: the closed loop's grid takes the study's data, train and router settings and
+    each candidate's lr from the study's rule (log lr linear in log N through its dense sizes, the end
+    segment's power law beyond them), in a space around the study's sizes."""
+    from moe_scaling.config import ModelConfig
+    from moe_scaling.design.validate import _grid_doc, study_settings
+
+    like = study_settings(REPO / "sweeps" / "layout_isoflop.yaml")
+    assert like.train["batch_size"] == 8 and like.train["eval_every"] == 250 and "lr" not in like.train
+    assert like.model == {"router": "softmax", "norm_topk": False}
+    assert like.data["corpus"] == str(REPO.parent / "shared" / "data" / "text" / "gutenberg")
+    size = lambda d, n: ModelConfig(vocab_size=256, d_model=d, n_layers=n, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    # the grid's own rows (its header: 3e-3 at N = 17,424, 1e-3 at N = 1,537,760, 1.86e-3 at d64)
+    assert like.lr(size(24, 2)) == pytest.approx(3e-3, rel=1e-12)
+    assert like.lr(size(64, 2)) == pytest.approx(1.86e-3, rel=1e-12)
+    # beyond the largest size: 1e-3 (N / 1,537,760)^(ln(1e-3 / 1.12e-3) / ln(1,537,760 / 984,448))
+    big = size(256, 8)
+    from moe_scaling.costs import param_counts
+    n = param_counts(big).active - param_counts(big).embedding
+    slope = np.log(1e-3 / 1.12e-3) / np.log(1537760 / 984448)
+    assert like.lr(big) == pytest.approx(1e-3 * (n / 1537760) ** slope, rel=1e-12) and like.lr(big) < 1e-3
+    space = like.space()
+    assert (space.d_model_min, space.d_model_max, space.n_layers_min, space.n_layers_max) == (16, 320, 1, 8)
+    assert set(space.granularities) == {1, 2, 4, 8} and space.expansion_max == 32.0
+    named = validation_candidates(LAW, Budget(memory=2_000_000, train_compute=5e12, context=128), space)
+    doc = _grid_doc(named, name="v", data=like.data, train={**like.train, "lr": 0.003}, seeds=3,
+                    model=like.model, like=like)
+    assert doc["model"] == like.model and doc["train"]["batch_size"] == 8
+    assert doc["zip"]["lr"] == [float(f"{like.lr(n.candidate.config):.3g}") for n in named]
+    assert len(set(doc["zip"]["lr"])) > 1

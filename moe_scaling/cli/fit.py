@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per candidate with --validate (default 3)")
     v.add_argument("--workers", type=int, default=None, metavar="N",
                    help="local worker processes training the candidates with --validate (default 1)")
+    v.add_argument("--like", metavar="GRID", default=None,
+                   help="with --validate: train the candidates as the study GRID trained its runs (its data, "
+                        "batch, schedule, router, its learning rate by size) in a space around its sizes")
     add_fit_plot_argument(p)
     return p
 
@@ -201,7 +204,7 @@ def run_by_compute(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
 def run_validation(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
     """``{"validation": ...}``: :func:`moe_scaling.design.validate.validate` under the budget given
     (it needs --budget-mem and --train-compute), in the study space (byte vocabulary unless --vocab)."""
-    from moe_scaling.design.validate import STUDY_SPACE, validate
+    from moe_scaling.design.validate import STUDY_SPACE, study_settings, validate
 
     if args.budget_mem is None or args.train_compute is None:
         raise InputError(f"--validate {args.validate}: needs --budget-mem M and --train-compute C at the study's "
@@ -209,13 +212,17 @@ def run_validation(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
     if getattr(args, "emit", None):
         raise InputError("--emit: not with --validate (the closed loop trains study-scale models)")
     level = option(args, "interval_level")
-    space = STUDY_SPACE if args.vocab is None else dataclasses.replace(STUDY_SPACE, vocab_size=args.vocab)
+    like = study_settings(args.like) if args.like else None
+    if like is not None:
+        space = like.space(args.vocab)
+    else:
+        space = STUDY_SPACE if args.vocab is None else dataclasses.replace(STUDY_SPACE, vocab_size=args.vocab)
     seeds = 3 if args.seeds is None else args.seeds
     workers = 1 if args.workers is None else args.workers
     if workers < 1:
         raise InputError(f"--workers {workers}: must be at least 1")
     return {"validation": validate(fit, budget_from_args(args), args.validate, seeds=seeds, space=space,
-                                   level=level, workers=workers)}
+                                   level=level, workers=workers, like=like)}
 
 
 def format_by_compute(bc: dict[str, Any]) -> str:
@@ -357,6 +364,8 @@ def _main(argv: Sequence[str] | None) -> int:
         raise InputError(f"--seeds {args.seeds}: only acts with --validate DIR; add it or drop --seeds")
     if args.workers is not None and not args.validate:
         raise InputError(f"--workers {args.workers}: only acts with --validate DIR; add it or drop --workers")
+    if args.like is not None and not args.validate:
+        raise InputError(f"--like {args.like}: only acts with --validate DIR; add it or drop --like")
     if args.validate:
         result.update(run_validation(args, fit))
     elif by_compute_wanted(args):

@@ -55,7 +55,7 @@ from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, sp
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
 
-__all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "Named", "validation_candidates", "summarize", "concordance",
+__all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "StudySettings", "study_settings", "Named", "validation_candidates", "summarize", "concordance",
            "space_bounds", "where_it_binds", "validate"]
 
 STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model_step=16, n_layers_min=2,
@@ -73,6 +73,79 @@ sections) and the validation runs, so that both train alike on any backend: the 
 (the space's builder defaults to MobileMoE's sigmoid router), top-k weights not renormalised (a renormalised top-1 weight is always 1 and the router would learn from the balance
 loss alone), and the capacity dispatch (``auto`` picks the dropless ``ragged`` one on accelerators,
 which drops no token and so trains a different model than the CPU's)."""
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """How a study trained its runs, for closed-loop runs that must train alike (``--like GRID``):
+    the grid's ``data`` (corpus made absolute) and ``train`` sections (without tokens and seed), its
+    router settings, and its learning rate as a rule of size: ``lr_points`` are the distinct
+    (N, lr) pairs of its dense runs, N the non-embedding active parameters; :meth:`lr` interpolates
+    log(lr) linearly in log(N) between them and continues the end segment's power law beyond them
+    (one pair: that lr)."""
+
+    data: dict[str, Any]
+    train: dict[str, Any]
+    model: dict[str, Any]
+    lr_points: tuple[tuple[float, float], ...]
+    sizes: tuple[tuple[int, int], ...]         # (d_model, n_layers) of the study's runs
+    granularities: tuple[int, ...]
+    expansion_max: float
+
+    def lr(self, cfg: ModelConfig) -> float:
+        """The study's learning rate for a model of ``cfg``'s size (class docstring)."""
+        from moe_scaling.costs import param_counts
+
+        c = param_counts(cfg)
+        n = float(c.active - c.embedding)
+        xs = np.log([p[0] for p in self.lr_points])
+        ys = np.log([p[1] for p in self.lr_points])
+        x = math.log(n)
+        if len(xs) < 2 or xs[0] <= x <= xs[-1]:
+            return float(np.exp(np.interp(x, xs, ys)))
+        i = (0, 1) if x < xs[0] else (-2, -1)            # beyond the ends: the end segment's power law
+        slope = (ys[i[1]] - ys[i[0]]) / (xs[i[1]] - xs[i[0]])
+        return float(np.exp(ys[i[0]] + slope * (x - xs[i[0]])))
+
+    def space(self, vocab_size: int | None = None) -> ArchSpace:
+        """:data:`STUDY_SPACE` widened around the study: d_model from half its smallest to twice its
+        largest width, 1 to twice its deepest layer count, its granularities (and 1 and 2), experts up
+        to twice its largest expansion; so that a closed loop's optimum is stopped by its budget,
+        not by the space (``space_bounds`` reports it if it still is)."""
+        widths, depths = [d for d, _ in self.sizes], [n for _, n in self.sizes]
+        step = STUDY_SPACE.d_model_step
+        grans = tuple(dict.fromkeys((*STUDY_SPACE.granularities[:1], *sorted({1, 2, *self.granularities}))))
+        return dataclasses.replace(
+            STUDY_SPACE, vocab_size=vocab_size or STUDY_SPACE.vocab_size,
+            d_model_min=max(step, step * (min(widths) // 2 // step)), d_model_max=2 * max(widths),
+            n_layers_min=1, n_layers_max=2 * max(depths), aspect_min=2.0, aspect_max=128.0,
+            granularities=grans, expansion_max=2.0 * self.expansion_max)
+
+
+def study_settings(grid: str | Path) -> StudySettings:
+    """The :class:`StudySettings` of the study grid file ``grid`` (expanded as ``moe-sweep`` does)."""
+    from moe_scaling.costs import param_counts
+    from moe_scaling.sweep.grid import expand_grid, load_grid, resolve_corpus
+
+    spec = load_grid(grid)
+    runs = expand_grid(spec)
+    data = {**runs[0].data.to_dict(), "corpus": resolve_corpus(runs[0].data.corpus, Path(grid).resolve().parent)}
+    train = {k: v for k, v in runs[0].train.to_dict().items() if k not in ("tokens", "seed", "lr")}
+    model = {k: getattr(runs[0].model, k) for k in STUDY_MODEL}
+    points = {}
+    for r in runs:
+        c = param_counts(r.model)
+        if not r.model.is_moe:
+            points.setdefault(float(c.active - c.embedding), set()).add(float(r.train.lr))
+    if not points:                                   # no dense run: the runs' own sizes
+        for r in runs:
+            c = param_counts(r.model)
+            points.setdefault(float(c.active - c.embedding), set()).add(float(r.train.lr))
+    lr_points = tuple((n, float(np.exp(np.mean(np.log(sorted(lrs)))))) for n, lrs in sorted(points.items()))
+    return StudySettings(data=data, train=train, model=model, lr_points=lr_points,
+                         sizes=tuple(sorted({(r.model.d_model, r.model.n_layers) for r in runs})),
+                         granularities=tuple(sorted({int(r.model.granularity) for r in runs})),
+                         expansion_max=max(float(r.model.expansion) for r in runs))
 
 
 @dataclass(frozen=True)
@@ -147,14 +220,19 @@ def validation_candidates(model: LossModel, budget: Budget, space: ArchSpace = S
 
 
 def _grid_doc(named: list[Named], *, name: str, data: Mapping[str, Any], train: Mapping[str, Any],
-              seeds: int) -> dict[str, Any]:
-    """The grid file: the :data:`STUDY_MODEL` settings as its ``model`` section, one zip row per
-    candidate with every other ModelConfig field explicit, tokens rounded to whole steps (at least one)."""
+              seeds: int, model: Mapping[str, Any] | None = None,
+              like: StudySettings | None = None) -> dict[str, Any]:
+    """The grid file: the :data:`STUDY_MODEL` settings (or ``model``'s) as its ``model`` section, one
+    zip row per candidate with every other ModelConfig field explicit, tokens rounded to whole steps
+    (at least one), and with ``like`` each candidate's learning rate from the study's rule."""
+    model = dict(model or STUDY_MODEL)
     step = int(train["batch_size"]) * int(data["seq_len"])
-    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in STUDY_MODEL]
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in model]
     zip_ = {f: [getattr(n.candidate.config, f) for n in named] for f in fields}
     zip_["tokens"] = [max(1, round(n.candidate.tokens / step)) * step for n in named]
-    return {"name": name, "data": dict(data), "train": dict(train), "model": dict(STUDY_MODEL), "zip": zip_,
+    if like is not None:
+        zip_["lr"] = [float(f"{like.lr(n.candidate.config):.3g}") for n in named]
+    return {"name": name, "data": dict(data), "train": dict(train), "model": model, "zip": zip_,
             "seeds": list(range(seeds))}
 
 
@@ -232,11 +310,13 @@ def where_it_binds(model: LossModel, budget: Budget, space: ArchSpace, optimum: 
 def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 3,
              space: ArchSpace = STUDY_SPACE, data: Mapping[str, Any] | None = None,
              train: Mapping[str, Any] | None = None, level: float = 0.9, name: str = "validation",
-             workers: int = 1) -> dict[str, Any]:
+             workers: int = 1, like: StudySettings | None = None) -> dict[str, Any]:
     """Train :func:`validation_candidates` (``seeds`` seeds each) under ``out`` and write
     ``out/validation.json`` (see the module docstring). ``budget`` needs ``train_compute`` (the
     study's compute; tokens follow per architecture). ``data`` and ``train`` are the grid's base
-    sections (defaults: the Gutenberg corpus beside the repository at seq_len 128, batch 16, lr 3e-3)."""
+    sections (defaults: the Gutenberg corpus beside the repository at seq_len 128, batch 16, lr 3e-3);
+    ``like``: train as that study did (its data, train and router settings, its lr rule of size;
+    :func:`study_settings`), overriding those defaults."""
     import yaml
 
     from moe_scaling.sweep.runner import run_sweep
@@ -254,8 +334,11 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
                          "seq_len": 128})
     train = {"batch_size": 16, "lr": 0.003, "eval_every": 200, "eval_batches": 8, "ckpt_every": 200,
              "log_every": 20, **STUDY_TRAIN, **(train or {})}
+    settings = dict(STUDY_MODEL)
+    if like is not None:
+        data, train, settings = dict(like.data), {**like.train, "lr": 0.003}, dict(like.model)
     named = validation_candidates(model, budget, space, level=level)
-    doc = _grid_doc(named, name=name, data=data, train=train, seeds=seeds)
+    doc = _grid_doc(named, name=name, data=data, train=train, seeds=seeds, model=settings, like=like)
     grid = out / "grid.yaml"
     atomic_write_text(grid, yaml.safe_dump(doc, sort_keys=False))
     sweep_dir = out / "sweep"
@@ -274,7 +357,7 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
         mean = float(np.mean(measured)) if measured else None
         std = float(np.std(measured, ddof=1)) if len(measured) > 1 else None
         iv = _interval_of_mean(model, c, n.candidate.tokens, level, len(measured)) if measured else None
-        rows.append({"name": n.name, "role": n.role, "model": {**c.to_dict(), **STUDY_MODEL},
+        rows.append({"name": n.name, "role": n.role, "model": {**c.to_dict(), **settings},
                      "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
                      "tokens": tokens, "measured": measured, "measured_mean": mean, "measured_std": std,
                      "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])})
