@@ -195,3 +195,16 @@ def test_fitting_without_the_flags_uses_the_defaults(monkeypatch, tmp_path, caps
                      "--seed", "3", "--json"]) == 0
     assert (seen["bootstrap"], seen["kfold"], seen["seed"]) == (7, 0, 3)
     capsys.readouterr()
+
+
+def test_bootstrap_starts_must_be_positive_and_only_act_when_fitting(tmp_path):
+    from moe_scaling.cli import fit as cli_fit
+    import io, contextlib
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli_fit.main([str(REPO / "fits" / "joint_moe_published.json"), "--bootstrap-starts", "64"]) == 2
+    assert "--bootstrap-starts: INPUT" in err.getvalue() and err.getvalue().count("\n") == 1
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli_fit.main([str(REPO / "results" / "quickstart"), "--bootstrap-starts", "0"]) == 2
+    assert "--bootstrap-starts 0: must be at least 1" in err.getvalue() and err.getvalue().count("\n") == 1

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop runs of fewer than S optimizer steps first (too short for their schedule)")
     p.add_argument("--bootstrap", type=int, default=None, metavar="N",
                    help=f"bootstrap refits for intervals (default {BOOTSTRAP}; 0: none)")
+    p.add_argument("--bootstrap-starts", type=int, default=None, metavar="S",
+                   help="cold starts of each bootstrap refit (default 16); laws with many coefficients "
+                        "(ondevice: 14) need more, or some refits end in a worse basin and widen the intervals")
     p.add_argument("--kfold", type=int, default=None, metavar="K",
                    help=f"folds for kfold_rmse (default {KFOLD}; 0: none)")
     p.add_argument("--seed", type=int, default=None, help=f"seed of the bootstrap draws and folds (default {SEED})")
@@ -132,7 +135,7 @@ def _fitting_only(args: argparse.Namespace) -> list[str]:
     """The fitting options given on the command line (a flag left at its default is None)."""
     options = (("--law", args.law), ("--fix", args.fix), ("--huber-delta", args.huber_delta),
                ("--drop-highest-loss", args.drop_highest_loss), ("--min-steps", args.min_steps),
-               ("--bootstrap", args.bootstrap),
+               ("--bootstrap", args.bootstrap), ("--bootstrap-starts", args.bootstrap_starts),
                ("--kfold", args.kfold), ("--seed", args.seed))
     return [o for o, v in options if v is not None]
 
@@ -151,10 +154,13 @@ def _fitted(args: argparse.Namespace, columns: dict[str, str]) -> Fit:
     seed = SEED if args.seed is None else args.seed
     if bootstrap < 0 or kfold < 0 or (args.drop_highest_loss or 0) < 0 or (args.min_steps or 0) < 0:
         raise InputError("--bootstrap, --kfold, --drop-highest-loss and --min-steps must be >= 0")
+    if args.bootstrap_starts is not None and args.bootstrap_starts < 1:
+        raise InputError(f"--bootstrap-starts {args.bootstrap_starts}: must be at least 1")
     table, notes = load_runs(args.input, columns)
     kw: dict[str, Any] = dict(huber_delta=1e-3 if args.huber_delta is None else args.huber_delta,
                               fix=_fixes(args.fix), bootstrap=bootstrap, seed=seed, kfold=kfold,
-                              drop_highest_loss=args.drop_highest_loss or 0, min_steps=args.min_steps or 0)
+                              drop_highest_loss=args.drop_highest_loss or 0, min_steps=args.min_steps or 0,
+                              bootstrap_starts=args.bootstrap_starts or 16)
     enable_compilation_cache(default_cache_dir())
     law = args.law or "auto"
     if law == "auto":
