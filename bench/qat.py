@@ -43,12 +43,10 @@ def main() -> None:
         base = train(MODEL, BASE, DATA, ckpt_dir=os.path.join(tmp, "base"), progress=False)
         q = qat(MODEL, STAGE4, DATA, os.path.join(tmp, "base"))
         # control: the same extra steps in float (train() from the base checkpoint's weights)
-        from moe_scaling.train.qat import initial_model
         from moe_scaling.train.checkpoints import load_checkpoint
         import jax
         import optax
         from flax import nnx
-        from functools import partial
         from moe_scaling.train.data import load_tokens, train_batch
         from moe_scaling.train.step import _dtype, loss_fn, make_optimizer
         from moe_scaling.model.routing import resolve_dispatch

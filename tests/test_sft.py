@@ -1,10 +1,8 @@
 """Stage 3, instruction tuning: chat rendering, the assistant-only loss, packing and a real SFT run."""
 
-import json
 import math
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,21 +3,15 @@ beside a search's predicted frontier (:func:`published_points`, :func:`published
 
 from __future__ import annotations
 
-import math
-from dataclasses import fields
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
-from moe_scaling.config import ModelConfig
-from moe_scaling.costs import flops_per_token, param_counts, published_models, weight_bytes
-from moe_scaling.plots.style import (FLOP_UNITS, LOSS_LABEL, SQUARE, WIDE, axis_unit, budget_note,
-                                     label_points, legend_header, legend_right, log_axis, marker_map,
-                                     memory_axis_label, palette, search_dict)
+from moe_scaling.costs import flops_per_token, published_models, weight_bytes
+from moe_scaling.plots.style import (SQUARE, WIDE, budget_note,
+                                     label_points, log_axis, memory_axis_label, search_dict)
 from moe_scaling.units import format_bytes, format_count
 
 

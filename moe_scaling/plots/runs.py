@@ -34,10 +34,9 @@ from matplotlib.lines import Line2D
 
 from moe_scaling.config import ModelConfig
 from moe_scaling.costs import flops_per_token, param_counts, published_models, weight_bytes
-from moe_scaling.plots.style import (FLOP_UNITS, LOSS_LABEL, SQUARE, WIDE, axis_unit, budget_note,
-                                     label_points, legend_header, legend_right, log_axis, marker_map,
-                                     memory_axis_label, palette, search_dict)
-from moe_scaling.units import format_bytes, format_count
+from moe_scaling.plots.style import (FLOP_UNITS, LOSS_LABEL, WIDE, axis_unit, legend_header, legend_right, log_axis, marker_map,
+                                     palette)
+from moe_scaling.units import format_count
 
 __all__ = [
     "model_config_from_row", "with_costs", "completed", "pareto_mask", "run_label", "config_line",

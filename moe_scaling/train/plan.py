@@ -47,7 +47,6 @@ backward pass) and further float32 copies around the logits.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
