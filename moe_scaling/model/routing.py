@@ -523,18 +523,21 @@ def moe_experts_sharded(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_d
     if n_experts % n_x:
         raise ValueError(f"{n_experts} experts cannot be split over {expert_axis}={n_x}")
 
-    def exchange(a: jax.Array) -> jax.Array:
-        # [X (destination), E/X, C, ...] -> [X (source), E/X, C, ...]
-        return jax.lax.all_to_all(a, expert_axis, 0, 0) if n_x > 1 else a
+    def to_owners(a: jax.Array) -> jax.Array:
+        # [E, C, ...] -> [E/X, X C, ...]: block s of E/X experts goes to device s of the expert
+        # group, which stacks the C rows it gets from each source along the row axis.
+        return jax.lax.all_to_all(a, expert_axis, 0, 1, tiled=True) if n_x > 1 else a
+
+    def from_owners(a: jax.Array) -> jax.Array:
+        # the inverse: [E/X, X C, ...] -> [E, C, ...], rows back to the device they came from
+        return jax.lax.all_to_all(a, expert_axis, 1, 0, tiled=True) if n_x > 1 else a
 
     def local(x, weights, experts, w_gate_up, w_down):
         t, d = x.shape
         cap = capacity(t, k, n_experts, capacity_factor)
         lay, rows, w_row = _capacity_rows(x, weights, experts, n_experts, cap)
-        rows = exchange(rows.astype(dtype).reshape(n_x, n_experts // n_x, cap, d))
-        w_row = exchange(w_row.reshape(n_x, n_experts // n_x, cap, 1))
-        out = exchange(_expert_ffn(rows, w_row, w_gate_up, w_down, dtype))
-        y = _combine(out.reshape(n_experts * cap, d), lay.slot, lay.keep, lay.token)
+        out = _expert_ffn(to_owners(rows.astype(dtype)), to_owners(w_row), w_gate_up, w_down, dtype)
+        y = _combine(from_owners(out).reshape(n_experts * cap, d), lay.slot, lay.keep, lay.token)
         return y, jax.lax.psum(_n_dropped(lay, cap), axes)
 
     batch, experts = P(axes, None), P(expert_axis, None, None)
