@@ -56,6 +56,7 @@ __all__ = [
     "RouterOutput",
     "Layout",
     "route",
+    "route_sharded",
     "load_balance_loss",
     "router_z_loss",
     "expert_load",
@@ -102,6 +103,25 @@ def route(logits: jax.Array, top_k: int, *, kind: str = "softmax", norm_topk: bo
     if norm_topk:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     return RouterOutput(weights, experts.astype(jnp.int32), probs, logits)
+
+
+def route_sharded(logits: jax.Array, top_k: int, *, mesh: jax.sharding.Mesh, kind: str = "softmax",
+                  norm_topk: bool = True, bias: jax.Array | None = None) -> RouterOutput:
+    """:func:`route` on a mesh whose every axis splits the tokens: each device routes its own rows.
+
+    Routing is per token, so this is :func:`route` exactly; it exists because XLA's SPMD
+    partitioner does not split the ``TopK`` of :func:`jax.lax.top_k` over a sharded batch: it
+    all-gathers the ``[T, E]`` scores and every device selects for the whole global batch
+    (measured on the bench's ``data=2`` step: an all-gather and two global top-k per step).
+    Inside :func:`jax.shard_map` each device runs ``top_k`` on its ``T / n`` rows; the outputs
+    stay split over the batch like ``logits``.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    rows = P(tuple(mesh.axis_names), None)
+    fn = lambda lg, b: route(lg, top_k, kind=kind, norm_topk=norm_topk, bias=b)  # noqa: E731
+    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, P()),
+                         out_specs=RouterOutput(rows, rows, rows, rows))(logits, bias)
 
 
 def expert_load(experts: jax.Array, n_experts: int) -> jax.Array:
