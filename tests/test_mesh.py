@@ -126,10 +126,11 @@ print("RESULT " + json.dumps(out))
 
 def _env(devices: int) -> dict:
     # Unoptimised XLA:CPU code halves the compile time that dominates these tiny runs; every run
-    # compared in one test is compiled the same way.
+    # compared in one test is compiled the same way. The caller's XLA_FLAGS (e.g. the suite's
+    # --xla_cpu_max_isa=AVX2 run) come first, so they reach the subprocesses too.
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
+                         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true".strip())
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     return env
 
