@@ -511,8 +511,8 @@ def moe_experts_sharded(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_d
        device's ``[E, C, d]`` (combine weights travel with the rows and scale the SwiGLU output
        before the down projection, as on one device). A 4-D ``[X, E/X, C_l, d]`` operand costs
        more than the exchange: XLA:CPU gives its dots a transposed layout outside its fast
-       matmul fusions and copies every operand (measured: 98 ms of copies per 700 ms step on
-       the bench's ``expert=2``, against 7 ms on one device);
+       matmul fusions and copies every operand (measured: 100 ms of copies per device in a
+       700 ms step on the bench's ``expert=2``, against 7 ms on one device);
     4. sends the outputs back with the inverse ``all_to_all`` (``[E/X, X C_l, d] -> [E, C_l, d]``)
        and combines its tokens' rows locally. Without an expert axis (``X = 1``) there is no
        exchange and the layout is one device's.
