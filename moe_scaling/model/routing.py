@@ -118,9 +118,11 @@ def route_sharded(logits: jax.Array, top_k: int, *, mesh: jax.sharding.Mesh, kin
     """
     from jax.sharding import PartitionSpec as P
 
+    def local(logits, bias):
+        return route(logits, top_k, kind=kind, norm_topk=norm_topk, bias=bias)
+
     rows = P(tuple(mesh.axis_names), None)
-    fn = lambda lg, b: route(lg, top_k, kind=kind, norm_topk=norm_topk, bias=b)  # noqa: E731
-    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, P()),
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, P()),
                          out_specs=RouterOutput(rows, rows, rows, rows))(logits, bias)
 
 
