@@ -1,6 +1,6 @@
 """Routing and dispatch for the mixture-of-experts block (docs/design.md, section 2 and 4).
 
-One module (~540 lines): every dispatch (reference, capacity, dropless, ragged, and capacity on a mesh)
+One module (~575 lines): every dispatch (reference, capacity, dropless, ragged, and capacity on a mesh)
 computes the same function from the same routing and sort helpers, and the tests compare them side by side.
 
 A router turns each token's logits over ``E`` experts into ``k`` expert ids and combine weights
