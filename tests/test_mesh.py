@@ -75,7 +75,7 @@ print("RESULT " + json.dumps(losses(train(MODEL, TRAIN, DATA, progress=False, me
 TOKEN_LOCAL = SETUP + """
 import jax, jax.numpy as jnp, numpy as np
 from moe_scaling.config import MeshShape
-from moe_scaling.model.routing import moe_experts, moe_experts_sharded, route
+from moe_scaling.model.routing import moe_experts, moe_experts_sharded, route, route_sharded
 from moe_scaling.train.mesh import make_mesh
 from moe_scaling.train.plan import step_flops
 
@@ -109,7 +109,14 @@ for name, fn in [("mesh", on_mesh), ("per_device", per_device), ("one_device", o
     out[name] = {"y": np.asarray(y).tolist(), "dropped": float(dropped),
                  "grads": [np.asarray(a).ravel().tolist() for a in grads]}
 
-# 2. FLOPs per device of the whole train step (XLA's cost analysis), data=4 against one device.
+# 2. Routing on the mesh: each device's top_k over its own rows is route() on the whole batch.
+bias = jnp.asarray(rng.normal(size=(E,)) * 0.1, jnp.float32)
+for kind, b in [("softmax", None), ("sigmoid", bias)]:
+    sharded = jax.jit(lambda lg, b: route_sharded(lg, K, mesh=mesh, kind=kind, bias=b))(logits, b)
+    out["route_" + kind] = all(np.array_equal(np.asarray(u), np.asarray(v))
+                               for u, v in zip(sharded, route(logits, K, kind=kind, bias=b)))
+
+# 3. FLOPs per device of the whole train step (XLA's cost analysis), data=4 against one device.
 flops = {str(m): step_flops(MODEL, TrainConfig(batch_size=8, tokens=8 * 32 * 5, dispatch="capacity", mesh=m), 32)
          for m in (None, "data=4")}
 out["flops"] = flops
@@ -119,10 +126,11 @@ print("RESULT " + json.dumps(out))
 
 def _env(devices: int) -> dict:
     # Unoptimised XLA:CPU code halves the compile time that dominates these tiny runs; every run
-    # compared in one test is compiled the same way.
+    # compared in one test is compiled the same way. The caller's XLA_FLAGS (e.g. the suite's
+    # --xla_cpu_max_isa=AVX2 run) come first, so they reach the subprocesses too.
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
+                         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true".strip())
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     return env
 
@@ -239,6 +247,12 @@ def test_per_device_capacity_drops_what_each_device_would(token_local):
     for a, b in zip(mesh["grads"], ref["grads"]):
         assert _max_diff(a, b) <= TOL
     assert one["dropped"] != mesh["dropped"] and _max_diff(one["y"], mesh["y"]) > 0.1
+
+
+def test_routing_on_the_mesh_is_routing(token_local):
+    """route_sharded (each device's top_k over its own tokens, data=2,expert=2) returns exactly
+    route()'s weights, experts, probabilities and logits: routing is per token."""
+    assert token_local["route_softmax"] and token_local["route_sigmoid"]
 
 
 def test_data_parallel_divides_the_step_flops(token_local):

@@ -1,6 +1,6 @@
 """Routing and dispatch for the mixture-of-experts block (docs/design.md, section 2 and 4).
 
-One module (~540 lines): every dispatch (reference, capacity, dropless, ragged, and capacity on a mesh)
+One module (~575 lines): every dispatch (reference, capacity, dropless, ragged, and capacity on a mesh)
 computes the same function from the same routing and sort helpers, and the tests compare them side by side.
 
 A router turns each token's logits over ``E`` experts into ``k`` expert ids and combine weights
@@ -56,6 +56,7 @@ __all__ = [
     "RouterOutput",
     "Layout",
     "route",
+    "route_sharded",
     "load_balance_loss",
     "router_z_loss",
     "expert_load",
@@ -102,6 +103,27 @@ def route(logits: jax.Array, top_k: int, *, kind: str = "softmax", norm_topk: bo
     if norm_topk:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     return RouterOutput(weights, experts.astype(jnp.int32), probs, logits)
+
+
+def route_sharded(logits: jax.Array, top_k: int, *, mesh: jax.sharding.Mesh, kind: str = "softmax",
+                  norm_topk: bool = True, bias: jax.Array | None = None) -> RouterOutput:
+    """:func:`route` on a mesh whose every axis splits the tokens: each device routes its own rows.
+
+    Routing is per token, so this is :func:`route` exactly; it exists because XLA's SPMD
+    partitioner does not split the ``TopK`` of :func:`jax.lax.top_k` over a sharded batch: it
+    all-gathers the ``[T, E]`` scores and every device selects for the whole global batch
+    (measured on the bench's ``data=2`` step: an all-gather and two global top-k per step).
+    Inside :func:`jax.shard_map` each device runs ``top_k`` on its ``T / n`` rows; the outputs
+    stay split over the batch like ``logits``.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    def local(logits, bias):
+        return route(logits, top_k, kind=kind, norm_topk=norm_topk, bias=bias)
+
+    rows = P(tuple(mesh.axis_names), None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, P()),
+                         out_specs=RouterOutput(rows, rows, rows, rows))(logits, bias)
 
 
 def expert_load(experts: jax.Array, n_experts: int) -> jax.Array:
@@ -481,15 +503,21 @@ def moe_experts_sharded(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_d
 
     1. lays out its own ``T_l k`` assignments with the per-device capacity
        ``C_l = capacity(T_l, k, E, cf) = min(T_l, 8 ceil(ceil(cf T_l k / E) / 8))``
-       into a send buffer ``[E, C_l, d] = [X, E/X, C_l, d]`` (block ``s`` for expert owner ``s``);
-    2. exchanges it with :func:`jax.lax.all_to_all` over ``expert_axis``: it receives
-       ``[X, E/X, C_l, d]``, the ``C_l`` rows of each of its ``E/X`` experts from each of the
-       ``X`` devices of its expert group (the devices that differ only in their ``expert``
-       coordinate; the ``data`` and ``fsdp`` coordinates are separate groups with their own tokens);
-    3. runs its local experts on those ``X C_l`` rows each (combine weights travel with the rows
-       and scale the SwiGLU output before the down projection, as on one device);
-    4. sends the outputs back with the same ``all_to_all`` (it is its own inverse) and combines
-       its tokens' rows locally.
+       into a send buffer ``[E, C_l, d]`` (experts ``[s E/X, (s + 1) E/X)`` for owner ``s``);
+    2. exchanges it with a tiled :func:`jax.lax.all_to_all` over ``expert_axis`` that splits the
+       expert axis and stacks what it receives on the row axis: ``[E/X, X C_l, d]``, the ``C_l``
+       rows of each of its ``E/X`` experts from each of the ``X`` devices of its expert group in
+       source order (the devices that differ only in their ``expert`` coordinate; the ``data``
+       and ``fsdp`` coordinates are separate groups with their own tokens);
+    3. runs its local experts on those ``X C_l`` rows each, the same 3-D batched matmul as one
+       device's ``[E, C, d]`` (combine weights travel with the rows and scale the SwiGLU output
+       before the down projection, as on one device). A 4-D ``[X, E/X, C_l, d]`` operand costs
+       more than the exchange: XLA:CPU gives its dots a transposed layout outside its fast
+       matmul fusions and copies every operand (measured: 100 ms of copies per device in a
+       700 ms step on the bench's ``expert=2``, against 7 ms on one device);
+    4. sends the outputs back with the inverse ``all_to_all`` (``[E/X, X C_l, d] -> [E, C_l, d]``)
+       and combines its tokens' rows locally. Without an expert axis (``X = 1``) there is no
+       exchange and the layout is one device's.
 
     Buffers per device: ``E C_l d`` rows sent and as many received, ``~ cf T_l k d`` each: the
     routed activations scale with the device's tokens, not the global batch. Summed over the
@@ -504,8 +532,9 @@ def moe_experts_sharded(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_d
     another device leaves its slots empty, and a token late in the global batch that one device
     would drop may be kept here. With ``cf >= E / k``, ``C_l = T_l`` and nothing drops in either.
 
-    The router, its statistics and the shared experts stay outside (the caller computes them on
-    the global ``[T, ...]`` arrays; XLA sums their per-device partials over the batch axes).
+    The router, its statistics and the shared experts stay outside (the caller routes with
+    :func:`route_sharded` and computes the statistics on the global ``[T, ...]`` arrays; XLA sums
+    their per-device partials over the batch axes).
     Gradients: the exchange is linear (its transpose is the reverse ``all_to_all``), and the
     expert weights, replicated over the non-expert axes inside the map, get their gradient
     summed over those axes by ``shard_map``'s transpose.
@@ -523,18 +552,21 @@ def moe_experts_sharded(x: jax.Array, r: RouterOutput, w_gate_up: jax.Array, w_d
     if n_experts % n_x:
         raise ValueError(f"{n_experts} experts cannot be split over {expert_axis}={n_x}")
 
-    def exchange(a: jax.Array) -> jax.Array:
-        # [X (destination), E/X, C, ...] -> [X (source), E/X, C, ...]
-        return jax.lax.all_to_all(a, expert_axis, 0, 0) if n_x > 1 else a
+    def to_owners(a: jax.Array) -> jax.Array:
+        # [E, C, ...] -> [E/X, X C, ...]: block s of E/X experts goes to device s of the expert
+        # group, which stacks the C rows it gets from each source along the row axis.
+        return jax.lax.all_to_all(a, expert_axis, 0, 1, tiled=True) if n_x > 1 else a
+
+    def from_owners(a: jax.Array) -> jax.Array:
+        # the inverse: [E/X, X C, ...] -> [E, C, ...], rows back to the device they came from
+        return jax.lax.all_to_all(a, expert_axis, 1, 0, tiled=True) if n_x > 1 else a
 
     def local(x, weights, experts, w_gate_up, w_down):
         t, d = x.shape
         cap = capacity(t, k, n_experts, capacity_factor)
         lay, rows, w_row = _capacity_rows(x, weights, experts, n_experts, cap)
-        rows = exchange(rows.astype(dtype).reshape(n_x, n_experts // n_x, cap, d))
-        w_row = exchange(w_row.reshape(n_x, n_experts // n_x, cap, 1))
-        out = exchange(_expert_ffn(rows, w_row, w_gate_up, w_down, dtype))
-        y = _combine(out.reshape(n_experts * cap, d), lay.slot, lay.keep, lay.token)
+        out = _expert_ffn(to_owners(rows.astype(dtype)), to_owners(w_row), w_gate_up, w_down, dtype)
+        y = _combine(from_owners(out).reshape(n_experts * cap, d), lay.slot, lay.keep, lay.token)
         return y, jax.lax.psum(_n_dropped(lay, cap), axes)
 
     batch, experts = P(axes, None), P(expert_axis, None, None)

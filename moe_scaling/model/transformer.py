@@ -28,7 +28,7 @@ from flax import nnx
 
 from moe_scaling.config import ModelConfig
 from moe_scaling.model.routing import (expert_load, load_balance_loss, moe_experts, moe_experts_sharded,
-                                       route, router_z_loss, swiglu)
+                                       route, route_sharded, router_z_loss, swiglu)
 
 __all__ = ["Transformer", "RMSNorm", "Attention", "DenseFFN", "MoE", "Block", "RouterBias",
            "rope_tables", "apply_rope"]
@@ -199,7 +199,11 @@ class MoE(nnx.Module):
                  mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = jnp.dot(x.astype(jnp.float32), self.router[...])
         bias = self.router_bias[...] if self.router_bias is not None else None
-        r = route(logits, self.top_k, kind=self.router_kind, norm_topk=self.norm_topk, bias=bias)
+        if mesh is None:
+            r = route(logits, self.top_k, kind=self.router_kind, norm_topk=self.norm_topk, bias=bias)
+        else:   # each device selects for its own tokens (XLA would gather them all for top_k)
+            r = route_sharded(logits, self.top_k, mesh=mesh, kind=self.router_kind, norm_topk=self.norm_topk,
+                              bias=bias)
         if mesh is not None and dispatch == "capacity":   # token-local, rows exchanged over `expert`
             y, dropped = moe_experts_sharded(x, r, self.w_gate_up[...], self.w_down[...], mesh=mesh,
                                              capacity_factor=capacity_factor, dtype=dtype)

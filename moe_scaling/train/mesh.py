@@ -23,7 +23,9 @@ builds the same global mesh over every process's devices, and :meth:`Placement.b
 process only the rows of the global batch its own devices hold
 (:func:`jax.make_array_from_callback` asks for the addressable shards only).
 
-MoE layers: with ``capacity`` dispatch the jitted step passes the mesh to the model, and each MoE
+MoE layers: the jitted step passes the mesh to the model; each device selects the experts of its
+own tokens (:func:`moe_scaling.model.routing.route_sharded`: XLA would gather every token for
+``top_k``), and with ``capacity`` dispatch each MoE
 layer routes only its device's tokens inside :func:`jax.shard_map`, exchanging rows with the
 expert owners by ``all_to_all`` over ``expert``
 (:func:`moe_scaling.model.routing.moe_experts_sharded`; the capacity is per device, which changes
