@@ -49,7 +49,7 @@ __all__ = [
     "ParamCounts", "param_counts", "flops_per_token", "Precision", "parse_precision",
     "weight_bytes", "RUNTIME_STORAGE", "stored_bytes", "kv_cache_bytes", "DeviceProfile", "load_device",
     "list_devices", "roofline", "latency_terms", "LatencyTerms", "small_ops", "matrix_calls",
-    "HOST", "host_cache_dir", "save_host_profile", "shared_in_qmoe", "cost_summary", "PublishedModel", "published_models",
+    "HOST", "host_cache_dir", "save_host_profile", "cost_summary", "PublishedModel", "published_models",
 ]
 
 
@@ -357,14 +357,6 @@ def load_device(name: str | DeviceProfile) -> DeviceProfile:
                       "(moe-cost --profile-host) or a YAML file")
 
 
-def shared_in_qmoe(cfg: ModelConfig) -> bool:
-    """Whether the ONNX export runs ``cfg``'s shared experts inside the QMoE node as always-chosen
-    experts (moe_scaling.ondevice.onnx_graph): shared experts as wide as the routed ones, top-k
-    weights not renormalised (the shared weight 1 would enter the sum), no sigmoid shared gate."""
-    return (cfg.is_moe and cfg.n_shared > 0 and cfg.d_shared == cfg.d_expert and not cfg.norm_topk
-            and not cfg.shared_gate)
-
-
 def small_ops(cfg: ModelConfig) -> int:
     """Nodes of the exported decoder (moe_scaling.ondevice.onnx_graph, after ONNX Runtime's graph
     optimisation) other than its MatMulNBits, QMoE and GroupQueryAttention calls: per layer two norms,
@@ -373,7 +365,7 @@ def small_ops(cfg: ModelConfig) -> int:
     (dense FFN or shared experts) a split, the fused SiLU and a multiply, with a shared-expert gate six
     more (matmul, sigmoid, unsqueeze, two reshapes, multiply); per MoE layer the router's matmul,
     reshape and softmax/sigmoid (an add with a selection bias) and with shared experts the add of the
-    two outputs (or, shared experts inside the QMoE node, :func:`shared_in_qmoe`, two pads); once: the final norm, the head's Gemm and reshape, and ten nodes of position bookkeeping
+    two outputs; once: the final norm, the head's Gemm and reshape, and ten nodes of position bookkeeping
     (shape, gather, add, sub, cast, reshape) and the embedding gather. Counted against the optimised
     graph in tests/test_latency.py."""
     per_layer = 2 + (7 if cfg.qk_norm else 0)           # an attention bias fuses into its MatMulNBits
@@ -382,9 +374,7 @@ def small_ops(cfg: ModelConfig) -> int:
     n = cfg.n_layers * per_layer + (cfg.n_layers - n_moe) * swiglu
     if n_moe:
         moe = 3 + (1 if cfg.router_bias else 0)
-        if shared_in_qmoe(cfg):
-            moe += 2                                   # two Pads: the shared experts' score and weight
-        elif cfg.n_shared:
+        if cfg.n_shared:
             moe += swiglu + 1 + (6 if cfg.shared_gate else 0)
         n += n_moe * moe
     return n + 13
@@ -392,10 +382,8 @@ def small_ops(cfg: ModelConfig) -> int:
 
 def matrix_calls(cfg: ModelConfig) -> int:
     """MatMulNBits calls of one forward pass: q|k|v and o per layer, gate|up and down per dense FFN
-    layer and per MoE layer with shared experts (all shared experts in one pair) unless they run in
-    the QMoE node (:func:`shared_in_qmoe`)."""
-    separate = cfg.n_shared and not shared_in_qmoe(cfg)
-    return 2 * cfg.n_layers + 2 * (cfg.n_layers - cfg.n_moe_layers) + (2 * cfg.n_moe_layers if separate else 0)
+    layer and per MoE layer with shared experts (all shared experts in one pair)."""
+    return 2 * cfg.n_layers + 2 * (cfg.n_layers - cfg.n_moe_layers) + (2 * cfg.n_moe_layers if cfg.n_shared else 0)
 
 
 @dataclass(frozen=True)
@@ -432,8 +420,7 @@ def latency_terms(cfg: ModelConfig, device: str | DeviceProfile, *, tokens: int,
         raise ConfigError(f"tokens = {tokens}, past = {past}: need tokens >= 1 and past >= 0")
     p = param_counts(cfg)
     w = parse_precision(weights)
-    fused = shared_in_qmoe(cfg)       # shared experts as always-chosen experts of the QMoE node
-    matrix_params = cfg.n_layers * _attention_matmul(cfg) + p.dense_ffn + (0 if fused else p.shared_experts)
+    matrix_params = cfg.n_layers * _attention_matmul(cfg) + p.dense_ffn + p.shared_experts
     if tokens == 1:
         touched = float(cfg.top_k) if cfg.is_moe else 0.0                  # experts per MoE layer
         read = weight_bytes(cfg, weights, embeddings=embeddings, active_only=True)
@@ -441,7 +428,6 @@ def latency_terms(cfg: ModelConfig, device: str | DeviceProfile, *, tokens: int,
         touched = cfg.n_experts * (1.0 - (1.0 - cfg.top_k / cfg.n_experts) ** tokens) if cfg.is_moe else 0.0
         read = weight_bytes(cfg, weights, embeddings=embeddings) \
             - (p.routed_experts * w.bits_per_value / 8) * (1.0 - touched / max(cfg.n_experts, 1))
-    touched += cfg.n_shared if fused else 0
     expert_params = cfg.n_moe_layers * touched * _swiglu(cfg.d_model, cfg.d_expert) if cfg.is_moe else 0.0
     expert_bytes = expert_params * w.bits_per_value / 8
     kv_read = kv_cache_bytes(cfg, past, kv) if past else 0.0
@@ -452,7 +438,7 @@ def latency_terms(cfg: ModelConfig, device: str | DeviceProfile, *, tokens: int,
     # scores and values over the cache and (causal, halved as in flops_per_token) over the new tokens
     attention = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (tokens * past + tokens * tokens / 2)
     dense = 2 * tokens * (matrix_params + cfg.d_model * cfg.vocab_size + cfg.d_model * cfg.n_experts * cfg.n_moe_layers)
-    routed = 2 * tokens * (p.routed_active + (p.shared_experts if fused else 0))
+    routed = 2 * tokens * p.routed_active
     compute_s = dense / dev.peak_ops + routed / (dev.expert_gemm_ops or dev.peak_ops) \
         + attention / (dev.attention_ops or dev.peak_ops)
     fixed_s = dev.run_s + matrix_calls(cfg) * dev.matrix_call_s \

@@ -30,9 +30,6 @@ CASES = {
     "moe-softmax-gated-dense-first": ModelConfig(**BASE, d_ff=96, n_experts=8, top_k=2, d_expert=32, n_shared=1,
                                                  d_shared=64, shared_gate=True, qk_norm=False, norm_topk=False,
                                                  n_dense_layers=1),
-    # two shared experts as wide as the routed ones, no renormalisation: they run inside the QMoE node
-    "moe-softmax-shared-in-qmoe": ModelConfig(**BASE, n_experts=8, top_k=2, d_expert=32, n_shared=2, d_shared=32,
-                                              router="softmax", norm_topk=False),
 }
 TOKENS = np.random.default_rng(0).integers(0, 256, 24)
 

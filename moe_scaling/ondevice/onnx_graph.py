@@ -58,7 +58,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_scaling.config import ModelConfig
-from moe_scaling.costs import shared_in_qmoe
 from moe_scaling.errors import ConfigError
 from moe_scaling.model.quant import GROUP, check_quantizable, quantize_int4
 
@@ -196,8 +195,6 @@ class _Builder:
         select = scores
         if f.get("router_bias") is not None:
             select = g.op("Add", [scores, g.init(f"layers.{i}.router_bias", np.asarray(f["router_bias"], np.float32))])
-        if shared_in_qmoe(cfg):      # the shared experts ride in the QMoE node as always-chosen experts
-            return self.qmoe(x, f, i, select, scores, shared=f["shared"])
         y = self.qmoe(x, f, i, select, scores)
         if cfg.n_shared:
             sg = None
@@ -209,43 +206,22 @@ class _Builder:
                                             shared_gate=sg)])
         return y
 
-    def qmoe(self, x: str, f: Mapping[str, Any], i: int, select: str, scores: str,
-             shared: Mapping[str, Any] | None = None) -> str:
+    def qmoe(self, x: str, f: Mapping[str, Any], i: int, select: str, scores: str) -> str:
         """The routed experts as one ``com.microsoft.QMoE`` node: top-k of ``select``, combine
-        weights gathered from ``scores`` (``router_weights``), interleaved SwiGLU (fusion 1).
-
-        With ``shared`` (:func:`moe_scaling.costs.shared_in_qmoe`: shared experts as wide as the
-        routed ones, no renormalised top-k, no shared gate) the ``n_shared`` shared experts are
-        experts ``E .. E + n_shared - 1`` of the same node, padded into ``select`` with a score no
-        router reaches (1e4) and into the combine weights with weight 1, and the node picks
-        ``top_k + n_shared``: the same sum, one kernel call instead of two MatMulNBits and the
-        SwiGLU's split, activation, multiply and add."""
+        weights gathered from ``scores`` (``router_weights``), interleaved SwiGLU (fusion 1)."""
         g, cfg = self.g, self.cfg
         e, d, fw = cfg.n_experts, cfg.d_model, cfg.d_expert
-        gate_up = np.asarray(f["w_gate_up"], np.float32)
-        w_down = np.asarray(f["w_down"], np.float32)
-        k = cfg.top_k
-        if shared is not None:
-            n, ws = cfg.n_shared, cfg.d_shared
-            sgu, sd = np.asarray(shared["w_gate_up"], np.float32), np.asarray(shared["w_down"], np.float32).T
-            extra_gu = np.stack([np.concatenate([sgu[:, j * ws:(j + 1) * ws], sgu[:, n * ws + j * ws:n * ws + (j + 1) * ws]],
-                                                axis=1) for j in range(n)])                 # [n, d, 2 ws]
-            extra_down = np.stack([sd[j * ws:(j + 1) * ws] for j in range(n)])           # [n, ws, d]
-            gate_up, w_down = np.concatenate([gate_up, extra_gu]), np.concatenate([w_down, extra_down])
-            pads = g.const([0, 0, 0, n])
-            select = g.op("Pad", [select, pads, g.const(1e4, np.float32)], mode="constant")
-            scores = g.op("Pad", [scores, pads, g.const(1.0, np.float32)], mode="constant")
-            e, k = e + n, k + n
         # CPU QMoE reads FC1 rows interleaved (gate_0, up_0, gate_1, up_1, ...): interleave our columns
+        gate_up = np.asarray(f["w_gate_up"], np.float32)
         inter = np.stack([gate_up[:, :, :fw], gate_up[:, :, fw:]], axis=-1).reshape(e, d, 2 * fw)
         packed = [pack_int4(inter[j]) for j in range(e)]
-        down = [pack_int4(w_down[j]) for j in range(e)]
+        down = [pack_int4(np.asarray(f["w_down"][j])) for j in range(e)]
         fc1 = g.init(f"layers.{i}.experts.fc1.q4", np.stack([b.reshape(2 * fw, -1) for b, _ in packed]))
         fc1s = g.scales(f"layers.{i}.experts.fc1.scales", np.stack([s for _, s in packed]))
         fc2 = g.init(f"layers.{i}.experts.fc2.q4", np.stack([b.reshape(d, -1) for b, _ in down]))
         fc2s = g.scales(f"layers.{i}.experts.fc2.scales", np.stack([s for _, s in down]))
         return g.op("QMoE", [x, select, fc1, fc1s, "", fc2, fc2s, "", "", "", "", "", "", "", scores],
-                    domain=MS_DOMAIN, k=k, activation_type="swiglu", swiglu_fusion=1,
+                    domain=MS_DOMAIN, k=cfg.top_k, activation_type="swiglu", swiglu_fusion=1,
                     activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(cfg.norm_topk),
                     expert_weight_bits=4, block_size=GROUP, accuracy_level=self.level)
 
