@@ -27,6 +27,7 @@ model of its trunk, predicted within 20% of measured. The machine is shared: tim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import tempfile
@@ -122,6 +123,25 @@ def predict(cfg: ModelConfig, dev) -> dict:
     return out
 
 
+def decode_account(cfg: ModelConfig, dev, past: int) -> dict:
+    """One decoded token's predicted ms, term by term (the sum is ``latency_terms(...).total_s`` when
+    the token is memory-bound, as every one here is)."""
+    from moe_scaling.costs import _attention_matmul, _swiglu, kv_cache_bytes
+
+    p = param_counts(cfg)
+    matrices = (cfg.n_layers * _attention_matmul(cfg) + p.dense_ffn + p.shared_experts) * 4.5 / 8
+    experts = cfg.n_moe_layers * cfg.top_k * _swiglu(cfg.d_model, cfg.d_expert) * 4.5 / 8 if cfg.is_moe else 0.0
+    rest = weight_bytes(cfg, "int4", embeddings="fp32", active_only=True) - matrices - experts
+    terms = {"weights: matrices": matrices / dev.memory_bandwidth,
+             "weights: routed experts": experts / (dev.expert_bandwidth or dev.memory_bandwidth),
+             "weights: head, router, norms": rest / dev.memory_bandwidth,
+             "KV cache (attention)": kv_cache_bytes(cfg, past, "fp32") / (dev.kv_bandwidth or dev.memory_bandwidth),
+             "run": dev.run_s, "matrix calls": matrix_calls(cfg) * dev.matrix_call_s,
+             "QMoE calls": cfg.n_moe_layers * (dev.moe_call_s + cfg.top_k * dev.expert_call_s),
+             "attention calls": cfg.n_layers * dev.attention_call_s, "small nodes": small_ops(cfg) * dev.op_s}
+    return {k: 1e3 * v for k, v in terms.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="write bench/latency_model.json")
@@ -145,9 +165,12 @@ def main() -> None:
               else np.arange(2 * max(PROMPTS)) % 256)
     raw = workdir / "raw_timings.json"
     rounds = []
+    machine = machine_info()                            # as the timings start (a refit keeps the saved one)
     if args.refit:
+        saved = json.loads(raw.read_text())
+        machine = saved[0].get("machine", machine)
         rounds = [({int(t): m for t, m in r["micro"].items()},
-                   {(x["model"], x["threads"]): x["ms"] for x in r["measured"]}) for r in json.loads(raw.read_text())]
+                   {(x["model"], x["threads"]): x["ms"] for x in r["measured"]}) for r in saved]
     with timing_lock():
         for r in range(0 if args.refit else args.rounds):
             micro, measured = {}, {}
@@ -158,15 +181,17 @@ def main() -> None:
                     measured[name, threads] = measure(lm, tokens)
                     print(r, threads, name, {k: round(v, 2) for k, v in measured[name, threads].items()}, flush=True)
             rounds.append((micro, measured))
-            raw.write_text(json.dumps([{"micro": m, "measured": [{"model": k[0], "threads": k[1], "ms": v}
-                                                                  for k, v in ms.items()]} for m, ms in rounds]))
-    med = lambda xs: float(np.median(list(xs)))                                  # noqa: E731
-    results, profiles, pairs = [], {}, []
+            raw.write_text(json.dumps([{"micro": m, "machine": machine,
+                                        "measured": [{"model": k[0], "threads": k[1], "ms": v} for k, v in ms.items()]}
+                                       for m, ms in rounds]))
+    def med(xs) -> float:
+        return float(np.median(list(xs)))
+
+    results, profiles, pairs, account = [], {}, [], {}
     for threads in THREADS:
         # the profile of the median round per field would mix rounds: fit each round, take medians of fields
         fits = [fit_profile(r[0][threads], name=f"this-host-{threads}t") for r in rounds]
         fields = {k: med(getattr(f, k) for f in fits) for k in fits[0].RATES + fits[0].SECONDS}
-        import dataclasses
         dev = dataclasses.replace(fits[0], **fields)
         profiles[threads] = {"profile": dev.to_mapping(), "micro_benchmarks": [r[0][threads] for r in rounds]}
         for name, cfg in MODELS.items():
@@ -177,18 +202,20 @@ def main() -> None:
                                 "predicted_ms": pr[k], "measured_over_predicted": ms[k] / pr[k],
                                 "measured_range_ms": [min(r[1][name, threads][k] for r in rounds),
                                                       max(r[1][name, threads][k] for r in rounds)]})
-        for trunk, (dn, mn) in PAIRS.items():
+        account[threads] = {n: decode_account(MODELS[n], dev, DECODE_AFTER + DECODE_TOKENS // 2) for n in PAIRS["l"]}
+        for dn, mn in PAIRS.values():
             for k in ("decode",) + tuple(f"prefill_{s}" for s in PROMPTS):
-                row = lambda n: next(x for x in results if x["model"] == n and x["threads"] == threads and x["phase"] == k)  # noqa: E731
-                m_ratio = row(dn)["measured_ms"] / row(mn)["measured_ms"]
-                p_ratio = row(dn)["predicted_ms"] / row(mn)["predicted_ms"]
+                d, m = (next(x for x in results if x["model"] == n and x["threads"] == threads and x["phase"] == k)
+                        for n in (dn, mn))
+                m_ratio = d["measured_ms"] / m["measured_ms"]
+                p_ratio = d["predicted_ms"] / m["predicted_ms"]
                 pairs.append({"dense": dn, "moe": mn, "threads": threads, "phase": k, "measured_speedup": m_ratio,
                               "predicted_speedup": p_ratio, "relative_error": p_ratio / m_ratio - 1.0})
     ratios = [r["measured_over_predicted"] for r in results]
     out = {
         "runtime": f"onnxruntime {onnxruntime.__version__} (CPU; MatMulNBits + QMoE, INT4 group 32, int8 dynamic "
                    "activations, fp32 KV cache)",
-        "machine": machine_info(),
+        "machine": machine,
         "conditions": "threads 1 and 2 (MLAS has no instruction-set cap: the second condition is the thread count)",
         "summary": {"rows": len(results), "measured_over_predicted_min": min(ratios),
                     "measured_over_predicted_max": max(ratios),
@@ -197,6 +224,7 @@ def main() -> None:
                     "all_speedups_within_20pct": all(abs(p["relative_error"]) <= 0.2 for p in pairs)},
         "results": results,
         "moe_over_dense": pairs,
+        "decode_account_ms": account,
         "profiles": profiles,
         "models": {name: {**cfg.to_dict(), "int4_weight_bytes": weight_bytes(cfg, "int4", embeddings="fp32"),
                           "params_total": param_counts(cfg).total, "params_active": param_counts(cfg).active,
