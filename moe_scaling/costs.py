@@ -16,18 +16,25 @@ Conventions (docs/design.md, section 3):
   size ``g`` and ``s``-bit scales costs ``bits + s / g`` bits per weight (INT4, g=32, fp16 scales =
   4.5 bits). KV cache: ``2 * n_layers * n_kv_heads * head_dim * context`` values; an integer KV
   format adds one fp16 scale per head and token.
-* **Roofline latency** on a :class:`DeviceProfile`: decode ms/token =
-  ``max(bytes read / B, (FLOPs - F_e) / P_1 + F_e / P_e) + L t_layer`` with bytes read = active weight
-  bytes + KV bytes at the context and ``F_e`` the FLOPs of the token's routed experts; prefill of ``T``
-  tokens = ``max(touched weight bytes / B, T * FLOPs / P) + L t_layer``,
-  where an expert is touched by a ``T``-token prompt with probability ``1 - (1 - k/E)^T`` (uniform
-  routing). ``P`` is the peak of the runtime's matrix-matrix kernel, ``P_1`` what its batch-1 kernel
-  reaches on large matrices (unpacking INT4 weights for one token is not free: ~0.6 of ``P`` on our CPU
-  runtime), ``P_e`` what it reaches on one token's small expert matrices (~0.2 of ``P`` there: a
-  fixed cost per expert matrix that small matrices do not amortise), and ``L * t_layer`` is what
-  running the layers costs beyond their weights (norms, attention bookkeeping, kernel launches). A
-  profile without ``P_1``, ``P_e`` and ``t_layer`` (the shipped vendor profiles) gives the plain
-  roofline; measured on our 2-core CPU in bench/README.md ("device latency").
+* **Latency** on a :class:`DeviceProfile` (:func:`latency_terms`; :func:`roofline` reports decode
+  and prefill): one forward call over ``T`` new tokens after ``P`` cached ones takes
+  ``max(memory, compute) + fixed`` with
+
+      memory  = B_m / memory_bandwidth + B_e / expert_bandwidth + B_kv / kv_bandwidth
+      compute = F_m / peak_ops + F_e / expert_gemm_ops + F_att / attention_ops
+      fixed   = run_s + n_mat matrix_call_s + L_moe (moe_call_s + u c_e) + L attention_call_s + n_op op_s
+
+  ``B_e`` the bytes of the routed experts the call touches (``u`` per MoE layer: ``top_k`` for one
+  token, ``E (1 - (1 - k/E)^T)`` for ``T`` tokens under uniform routing), ``B_m`` every other weight
+  byte it reads (all but the untouched experts; one token reads the output head but one embedding row),
+  ``B_kv`` the cache of ``P`` positions; ``F_m`` the FLOPs of matrices, head and router, ``F_e`` those of
+  the routed experts, ``F_att = 4 L h hd (T P + T^2 / 2)``; ``n_mat`` and ``n_op`` the MatMulNBits
+  calls and the other small nodes of the exported graph (:func:`matrix_calls`, :func:`small_ops`),
+  ``c_e = expert_call_s`` for one token and ``expert_gemm_call_s`` for several. A vendor profile gives
+  ``memory_bandwidth`` and ``peak_ops`` only: the plain roofline ``max(bytes / B, FLOPs / P)``. A
+  measured profile (``moe-cost --profile-host``, cached as ``this-host``) sets every field from
+  single-kernel micro-benchmarks of ONNX Runtime (moe_scaling/ondevice/calibrate.py); validated out of
+  sample on exported models in bench/README.md ("latency model").
 """
 
 from __future__ import annotations

@@ -1,32 +1,33 @@
 """Measure this host's :class:`~moe_scaling.costs.DeviceProfile` from single-kernel micro-benchmarks.
 
-Every field of a measured profile comes from a graph of *one kernel type* at shapes chosen here,
-never from a model's own timing (the latency model is then validated out of sample on exported
-models, bench/latency_model.py). Each graph repeats its kernel ``R`` times with distinct random
-weights (or caches), so that the ``R`` copies together exceed the last-level cache (``cold_bytes``,
-default 96 MB): each call then streams its bytes from DRAM, as a decoder's layers do. Each time is
-the median of ``reps`` session runs after a warm-up, and each field is a least-squares fit (in
-relative error):
+Every field of a measured profile comes from graphs of *one kernel* at shapes chosen here, never
+from a model's own timing (the latency model is validated out of sample on exported models,
+bench/latency_model.py). Each kernel runs alone in its own session; a measurement cycles through
+``R`` such sessions with distinct random weights (or caches) that together exceed the last-level
+cache (``cold_bytes``, default 96 MB), so every call finds its bytes in DRAM right after another
+kernel call, as a decoder's layers do (chaining ``R`` nodes in one graph instead lets the prefetcher
+run from one node's weights into the next's: ~6 us a call cheaper than inside a model). Every session
+of the process shares one thread pool (:func:`_global_pool`), so the measurement runs in a fresh
+interpreter (:func:`micro_benchmarks`). A kernel's time is its session run's less ``run_s``; each time
+is the median of ``rounds`` passes; each field a non-negative least-squares fit in relative error:
 
-* ``memory_bandwidth``, ``matrix_call_s``: MatMulNBits at batch 1 (INT4 group 32, int8 activations)
-  at five ``(K, N)`` shapes, chained ``x -> W_1 -> W_2 -> ...``:
-  ``t_call = matrix_call_s + bytes / memory_bandwidth`` with bytes at 4.5 bits a weight.
-* ``peak_ops``: the same chains on ``m = 128`` rows: ``t_call = a + 2 m K N / peak_ops``.
-* ``moe_call_s``, ``expert_call_s``, ``expert_bandwidth``: QMoE on one token at five
-  ``(d, f, E, k)``: ``t_call = moe_call_s + k expert_call_s + k bytes_expert / expert_bandwidth``.
-* ``expert_gemm_call_s``, ``expert_gemm_ops``: the same QMoE graphs on 128 tokens, each expert
-  touched with probability ``1 - (1 - k/E)^128``: ``t_call - moe_call_s = touched
-  expert_gemm_call_s + flops / expert_gemm_ops``.
-* ``run_s``: a session run of a one-node graph (one small node on ``[1, 1, d]``), less ``op_s``.
-* ``attention_call_s``, ``kv_bandwidth``: ``R = 16`` GroupQueryAttention nodes side by side, each
-  with its own past K/V inputs and present outputs (a decoder's per-layer I/O), one new token
-  after ``P`` cached ones, ``P in {32, 128, 512, 1024}``:
-  ``(t_run - run_s) / R = attention_call_s + kv_bytes(P) / kv_bandwidth``.
-* ``attention_ops``: the same nodes on a ``T``-token prompt (``T`` in 128, 256): causal attention
-  FLOPs ``2 T^2 h hd`` per node over ``t_call - attention_call_s``.
-* ``op_s``: a chain of 64 small nodes on one token's ``[1, 1, d]`` activations (cycling through
-  SkipSimplifiedLayerNormalization, Mul, Reshape, Sigmoid, Add: the kinds between a decoder's
-  matmuls), graph optimisation off so that none fuses: ``t_node``.
+* ``run_s``, ``op_s``: session runs of a chain of 1 and of 64 small nodes on one token's ``[1, 1, d]``
+  activations (SkipSimplifiedLayerNormalization, Mul, Reshape, Sigmoid, Add: the kinds between a
+  decoder's matmuls; graph optimisation off so that none fuses): ``op_s`` = the difference / 63,
+  ``run_s`` = the one-node run less ``op_s``.
+* ``memory_bandwidth``, ``matrix_call_s``: MatMulNBits on one row (INT4 group 32, int8 activations)
+  at five ``(K, N)``: ``t = matrix_call_s + bytes / memory_bandwidth``, bytes at 4.5 bits a weight.
+* ``peak_ops``: the same on 128 rows: ``t = a + 2 m K N / peak_ops``.
+* ``moe_call_s``, ``expert_call_s``, ``expert_bandwidth``: QMoE on one token (a fresh routing per
+  call) at five ``(d, f, E, k)``: ``t = moe_call_s + k expert_call_s + k bytes_expert / expert_bandwidth``.
+* ``expert_gemm_call_s``, ``expert_gemm_ops``: the same QMoE shapes on 128 tokens, each expert
+  touched with probability ``1 - (1 - k/E)^128``: ``t - moe_call_s = touched expert_gemm_call_s +
+  flops / expert_gemm_ops``.
+* ``attention_call_s``, ``kv_bandwidth``: GroupQueryAttention (16 heads, 4 KV heads, 64 wide) on one
+  new token after ``P in {32, 128, 512, 1024}`` cached ones, its past K/V fed in and present K/V
+  returned (a decoder layer's cache I/O): ``t = attention_call_s + kv_bytes(P) / kv_bandwidth``.
+* ``attention_ops``: the same on a ``T``-token prompt (``T`` in 128, 256): causal attention FLOPs
+  ``2 T^2 h hd`` over ``t - attention_call_s``.
 """
 
 from __future__ import annotations
