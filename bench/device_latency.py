@@ -11,16 +11,13 @@ routed experts in ONNX Runtime's QMoE kernel) and run by ONNX Runtime on this CP
 and 512 tokens (best of 3 after a warm-up) and decode (median of 32 tokens after a 128-token
 prompt), at 1 and 2 threads, the two models interleaved.
 
-The host profile, per thread count: memory bandwidth from a copy benchmark (NumPy copies of 256 MB
-per thread, bytes read + written over the slowest thread's time, best of 5), the matmul peak of the
-runtime's own INT4 kernel (MatMulNBits, 512 x 2048 x 2048, int8 activations, best of 5), the rate
-of its batch-1 kernel (1 x 2048 x 16384, best of 20), the rate of its MoE kernel on one token's
-experts (QMoE with the MoE's expert shapes, top-2 of 16, a fresh routing per call, mean of 300) and
-the fixed cost per layer (decode of the dense model's layers at negligible width, :func:`narrow`,
-per layer). ``plain_roofline_*`` use the
-first two only (``moe_scaling.costs.roofline`` with a vendor-style profile); ``predicted_*`` add the
-last two (``DeviceProfile.matvec_ops``, ``layer_overhead_s``). Both count the fp32 KV cache and fp32
-embeddings the export stores.
+The host profile, per thread count: ``plain_roofline_*`` use a vendor-style profile (memory
+bandwidth from a copy benchmark: NumPy copies of 256 MB per thread, bytes read + written over the
+slowest thread's time, best of 5; the matmul peak of the runtime's own INT4 kernel, MatMulNBits
+512 x 2048 x 2048, int8 activations, best of 5); ``predicted_*`` use the measured profile of
+:mod:`moe_scaling.ondevice.calibrate` (single-kernel micro-benchmarks: fixed costs per call and the
+rate of each kernel class, never these models' timings; bench/latency_model.py validates it on six
+models). Both count the fp32 KV cache and fp32 embeddings the export stores.
 
 The machine is shared: run nothing else while it times (the timings take /tmp/moe-timing.lock).
 """
@@ -28,7 +25,6 @@ The machine is shared: run nothing else while it times (the timings take /tmp/mo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fcntl
 import json
 import os
@@ -119,71 +115,11 @@ def int4_gemm_ops(threads: int, m: int = 512, k: int = 2048, n: int = 2048, reps
     return 2 * m * k * n / _best(lambda: sess.run(None, {"a": a}), reps)
 
 
-def expert_ops(cfg: ModelConfig, threads: int, reps: int = 300) -> float:
-    """ops/s of ONNX Runtime's QMoE kernel (INT4, int8 activations) on one token: ``cfg``'s expert
-    shapes, its ``top_k`` of ``n_experts`` (random weights and routing), mean over ``reps`` calls."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_expert
-    fc1 = rng.integers(0, 256, (e, 2 * f, d // 2), dtype=np.uint8)
-    fc2 = rng.integers(0, 256, (e, d, f // 2), dtype=np.uint8)
-    inits = [numpy_helper.from_array(a, n) for a, n in (
-        (fc1, "fc1"), (np.full((e, 2 * f, d // 32), 0.01, np.float32), "s1"),
-        (fc2, "fc2"), (np.full((e, d, f // 32), 0.01, np.float32), "s2"))]
-    node = helper.make_node("QMoE", ["x", "r", "fc1", "s1", "", "fc2", "s2"], ["y"], domain="com.microsoft",
-                            k=cfg.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                            activation_beta=0.0, expert_weight_bits=4, block_size=32, accuracy_level=4)
-    f32 = onnx.TensorProto.FLOAT
-    graph = helper.make_graph([node], "experts", [helper.make_tensor_value_info("x", f32, [1, d]),
-                                                  helper.make_tensor_value_info("r", f32, [1, e])],
-                              [helper.make_tensor_value_info("y", f32, [1, d])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feeds = [{"x": rng.standard_normal((1, d)).astype(np.float32), "r": rng.standard_normal((1, e)).astype(np.float32)}
-             for _ in range(reps)]                                       # a different routing per call
-    for feed in feeds[:20]:
-        sess.run(None, feed)
-    t = time.perf_counter()
-    for feed in feeds:
-        sess.run(None, feed)
-    return 2 * cfg.top_k * 3 * d * f * reps / (time.perf_counter() - t)
-
-
-def narrow(cfg: ModelConfig) -> ModelConfig:
-    """``cfg``'s layer structure (layers, heads) at negligible width (~0.1 M weights per layer): its
-    decode time is the runtime's fixed cost of those layers."""
-    return dataclasses.replace(cfg, d_model=128, head_dim=16, d_ff=128, d_expert=32, d_shared=32)
-
-
-def decode_s(lm) -> float:
-    """Median seconds of one decoded token after a 128-token prompt."""
-    tokens = np.arange(DECODE_AFTER + DECODE_TOKENS) % 256
-    _, cache = lm.prefill(tokens[:DECODE_AFTER])
-    steps = []
-    for t in tokens[DECODE_AFTER:]:
-        t0 = time.perf_counter()
-        _, cache = lm.decode(int(t), cache)
-        steps.append(time.perf_counter() - t0)
-    return float(np.median(steps))
-
-
 def prepare(workdir: Path) -> dict:
-    """Train each model briefly and export it (reused when ``workdir`` already holds them); export
-    the dense model's :func:`narrow` twin from its initialisation."""
-    from flax import nnx
-
-    from moe_scaling.model.transformer import Transformer
-    from moe_scaling.ondevice.runtime import export_onnx, export_onnx_checkpoint
+    """Train each model briefly and export it (reused when ``workdir`` already holds them)."""
+    from moe_scaling.ondevice.runtime import export_onnx_checkpoint
     from moe_scaling.train.loop import train
 
-    if not (workdir / "dense-narrow-onnx" / "model.onnx").is_file():
-        cfg = narrow(MODELS["dense"])
-        export_onnx(cfg, Transformer(cfg, rngs=nnx.Rngs(0)), workdir / "dense-narrow-onnx")
     out = {}
     for name, cfg in MODELS.items():
         run, exp = workdir / f"{name}-run", workdir / f"{name}-onnx"
@@ -219,7 +155,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="repeat the timings (host profile included); "
                     "medians are reported (default 3)")
     args = ap.parse_args()
+    from moe_scaling.ondevice.calibrate import measure_profile
     from moe_scaling.ondevice.runtime import OnnxLM
+    from moe_scaling.runtime import machine_info
 
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="device_latency_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -232,11 +170,10 @@ def main() -> None:
             host, measured = {}, {}
             for threads in THREADS:
                 host[threads] = {"mem_bandwidth_gbs": copy_bandwidth(threads) / 1e9,
-                                 "matmul_gflops": int4_gemm_ops(threads) / 1e9,
-                                 "matvec_gflops": int4_gemm_ops(threads, m=1, n=16384, reps=20) / 1e9}
-                host[threads]["expert_matvec_gflops"] = expert_ops(MODELS["moe"], threads) / 1e9
-                narrow_lm = OnnxLM(workdir / "dense-narrow-onnx", threads=threads)
-                host[threads]["layer_overhead_ms"] = 1e3 * decode_s(narrow_lm) / MODELS["dense"].n_layers
+                                 "matmul_gflops": int4_gemm_ops(threads) / 1e9}
+                profile, _ = measure_profile(threads)
+                host[threads].update({f"measured.{k}": v for k, v in profile.to_mapping().items()
+                                      if k in DeviceProfile.RATES + DeviceProfile.SECONDS})
                 for name in MODELS:                                      # interleaved, same conditions
                     lm = OnnxLM(models[name]["dir"], threads=threads)
                     measured[name, threads] = measure(lm, tokens)
@@ -251,10 +188,8 @@ def main() -> None:
         h = host[threads]
         plain = DeviceProfile(name=f"this-host-{threads}t-plain", description="copy bandwidth and GEMM peak",
                               memory_bandwidth=h["mem_bandwidth_gbs"] * 1e9, peak_ops=h["matmul_gflops"] * 1e9)
-        dev = dataclasses.replace(plain, name=f"this-host-{threads}t", matvec_ops=h["matvec_gflops"] * 1e9,
-                                  layer_overhead_s=h["layer_overhead_ms"] / 1e3,
-                                  expert_matvec_ops=h["expert_matvec_gflops"] * 1e9,
-                                  description="+ batch-1 kernel rate and per-layer overhead")
+        dev = DeviceProfile(name=f"this-host-{threads}t", description="measured (moe_scaling.ondevice.calibrate)",
+                            threads=threads, **{k.split(".", 1)[1]: v for k, v in h.items() if k.startswith("measured.")})
         kw = dict(weights="int4", kv="fp32", embeddings="fp32")
         for name, cfg in MODELS.items():
             ms = measured[name, threads]
@@ -292,6 +227,7 @@ def main() -> None:
     out = {"runtime": f"onnxruntime {onnxruntime.__version__} (CPU; MatMulNBits + QMoE, INT4 group 32, int8 "
                       "dynamic activations, fp32 KV cache)",
            "host": {"cores": os.cpu_count(), **host[max(THREADS)], "by_threads": host},
+           "machine": machine_info(),
            "results": results,
            "moe_over_dense": {**per_threads[max(THREADS)], "at": f"{max(THREADS)} threads, prefill 512",
                               "by_threads": per_threads, "paper": PAPER},

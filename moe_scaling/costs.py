@@ -16,23 +16,32 @@ Conventions (docs/design.md, section 3):
   size ``g`` and ``s``-bit scales costs ``bits + s / g`` bits per weight (INT4, g=32, fp16 scales =
   4.5 bits). KV cache: ``2 * n_layers * n_kv_heads * head_dim * context`` values; an integer KV
   format adds one fp16 scale per head and token.
-* **Roofline latency** on a :class:`DeviceProfile`: decode ms/token =
-  ``max(bytes read / B, (FLOPs - F_e) / P_1 + F_e / P_e) + L t_layer`` with bytes read = active weight
-  bytes + KV bytes at the context and ``F_e`` the FLOPs of the token's routed experts; prefill of ``T``
-  tokens = ``max(touched weight bytes / B, T * FLOPs / P) + L t_layer``,
-  where an expert is touched by a ``T``-token prompt with probability ``1 - (1 - k/E)^T`` (uniform
-  routing). ``P`` is the peak of the runtime's matrix-matrix kernel, ``P_1`` what its batch-1 kernel
-  reaches on large matrices (unpacking INT4 weights for one token is not free: ~0.6 of ``P`` on our CPU
-  runtime), ``P_e`` what it reaches on one token's small expert matrices (~0.2 of ``P`` there: a
-  fixed cost per expert matrix that small matrices do not amortise), and ``L * t_layer`` is what
-  running the layers costs beyond their weights (norms, attention bookkeeping, kernel launches). A
-  profile without ``P_1``, ``P_e`` and ``t_layer`` (the shipped vendor profiles) gives the plain
-  roofline; measured on our 2-core CPU in bench/README.md ("device latency").
+* **Latency** on a :class:`DeviceProfile` (:func:`latency_terms`; :func:`roofline` reports decode
+  and prefill): one forward call over ``T`` new tokens after ``P`` cached ones takes
+  ``max(memory, compute) + fixed`` with
+
+      memory  = B_m / memory_bandwidth + B_e / expert_bandwidth + B_kv / kv_bandwidth
+      compute = F_m / peak_ops + F_e / expert_gemm_ops + F_att / attention_ops
+      fixed   = run_s + n_mat matrix_call_s + L_moe (moe_call_s + u c_e) + L attention_call_s + n_op op_s
+
+  ``B_e`` the bytes of the routed experts the call touches (``u`` per MoE layer: ``top_k`` for one
+  token, ``E (1 - (1 - k/E)^T)`` for ``T`` tokens under uniform routing), ``B_m`` every other weight
+  byte it reads (all but the untouched experts; one token reads the output head but one embedding row),
+  ``B_kv`` the cache of ``P`` positions; ``F_m`` the FLOPs of matrices, head and router, ``F_e`` those of
+  the routed experts, ``F_att = 4 L h hd (T P + T^2 / 2)``; ``n_mat`` and ``n_op`` the MatMulNBits
+  calls and the other small nodes of the exported graph (:func:`matrix_calls`, :func:`small_ops`),
+  ``c_e = expert_call_s`` for one token and ``expert_gemm_call_s`` for several. A vendor profile gives
+  ``memory_bandwidth`` and ``peak_ops`` only: the plain roofline ``max(bytes / B, FLOPs / P)``. A
+  measured profile (``moe-cost --profile-host``, cached as ``this-host``) sets every field from
+  single-kernel micro-benchmarks of ONNX Runtime (moe_scaling/ondevice/calibrate.py); validated out of
+  sample on exported models in bench/README.md ("latency model").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,7 +55,8 @@ from moe_scaling.units import Precision, parse_precision
 __all__ = [
     "ParamCounts", "param_counts", "flops_per_token", "Precision", "parse_precision",
     "weight_bytes", "RUNTIME_STORAGE", "stored_bytes", "kv_cache_bytes", "DeviceProfile", "load_device",
-    "list_devices", "roofline", "cost_summary", "PublishedModel", "published_models",
+    "list_devices", "roofline", "latency_terms", "LatencyTerms", "small_ops", "matrix_calls",
+    "HOST", "host_cache_dir", "save_host_profile", "cost_summary", "PublishedModel", "published_models",
 ]
 
 
@@ -213,24 +223,80 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, kv: str | Precision = "bf16")
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A device for roofline latency: peak memory bandwidth (bytes/s) and peak ops/s."""
+    """A device for latency: the roofline's bandwidth and peak, plus (measured profiles) the fixed
+    cost of each kind of kernel call and the rate of each kernel class (module docstring).
+
+    Vendor profiles give ``memory_bandwidth`` and ``peak_ops`` only: the plain roofline. A measured
+    profile (:func:`moe_scaling.ondevice.calibrate.measure_profile`, ``moe-cost --profile-host``) sets
+    every field from a single-kernel micro-benchmark of ONNX Runtime's CPU kernels:
+
+    ========================  ===================================================================
+    ``memory_bandwidth``      bytes/s: slope of batch-1 MatMulNBits time over its INT4 bytes
+    ``peak_ops``              ops/s: slope of MatMulNBits time over FLOPs at 128 rows
+    ``matrix_call_s``         s: intercept of the batch-1 MatMulNBits fit (one call per matrix)
+    ``moe_call_s``            s: intercept of the one-token QMoE fit (one call per MoE layer)
+    ``expert_call_s``         s: QMoE time per routed expert a token uses, beyond its bytes
+    ``expert_bandwidth``      bytes/s: slope of one-token QMoE time over the routed experts' bytes
+    ``expert_gemm_call_s``    s: QMoE on 128 tokens, fixed cost per expert the tokens touch
+    ``expert_gemm_ops``       ops/s: QMoE on 128 tokens, FLOPs over time beyond its fixed costs
+    ``run_s``                 s: one session run (intercept of the GroupQueryAttention fit)
+    ``attention_call_s``      s: one decode attention call with its cache in and out
+    ``kv_bandwidth``          bytes/s: slope of decode attention time over the cache's bytes
+    ``attention_ops``         ops/s: causal prefill attention FLOPs over its time
+    ``op_s``                  s: one small node (norm, reshape, split, activation) on one token
+    ========================  ===================================================================
+    """
 
     name: str
     description: str
     memory_bandwidth: float   # bytes/s
     peak_ops: float           # ops/s at the precision the weights run in
     memory: float | None = None  # bytes of RAM, for reference
-    matvec_ops: float | None = None  # ops/s of the batch-1 (decode) kernel; None: peak_ops
-    layer_overhead_s: float = 0.0    # fixed seconds per layer per forward call (launches, norms, attention)
-    expert_matvec_ops: float | None = None  # ops/s of one token's routed experts; None: matvec_ops
+    threads: int | None = None   # the thread count a measured profile was measured at, for reference
+    matrix_call_s: float = 0.0
+    moe_call_s: float = 0.0
+    expert_call_s: float = 0.0
+    expert_bandwidth: float | None = None   # None: memory_bandwidth
+    expert_gemm_ops: float | None = None    # None: peak_ops
+    expert_gemm_call_s: float = 0.0
+    run_s: float = 0.0
+    attention_call_s: float = 0.0
+    kv_bandwidth: float | None = None       # None: memory_bandwidth
+    attention_ops: float | None = None      # None: peak_ops
+    op_s: float = 0.0
+
+    RATES = ("memory_bandwidth", "peak_ops", "expert_bandwidth", "expert_gemm_ops", "kv_bandwidth", "attention_ops")
+    SECONDS = ("matrix_call_s", "moe_call_s", "expert_call_s", "expert_gemm_call_s", "run_s", "attention_call_s",
+               "op_s")
+
+    def __post_init__(self):
+        for key in self.RATES:
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"device {self.name}: {key} = {v!r}: must be a positive number of per-second "
+                                  "units; re-measure with moe-cost --profile-host or fix the YAML")
+        for key in self.SECONDS:
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"device {self.name}: {key} = {v!r}: must be seconds >= 0; re-measure with "
+                                  "moe-cost --profile-host or fix the YAML")
 
     @classmethod
     def from_mapping(cls, name: str, d: dict) -> "DeviceProfile":
         """A profile from YAML fields (numbers may be strings such as ``76.8e9``)."""
-        opt = lambda key: float(d[key]) if d.get(key) is not None else None
-        return cls(name=name, description=d.get("description", ""), memory_bandwidth=float(d["memory_bandwidth"]),
-                   peak_ops=float(d["peak_ops"]), memory=opt("memory"), matvec_ops=opt("matvec_ops"),
-                   layer_overhead_s=opt("layer_overhead_s") or 0.0, expert_matvec_ops=opt("expert_matvec_ops"))
+        known = {f.name for f in fields(cls)} - {"name", "description"}
+        unknown = sorted(set(d) - known - {"name", "description"})
+        if unknown:
+            raise ConfigError(f"device {name}: unknown field(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        kw: dict[str, Any] = {}
+        for key in known:
+            if d.get(key) is not None:
+                kw[key] = int(d[key]) if key == "threads" else float(d[key])
+        return cls(name=name, description=d.get("description", ""), **kw)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The YAML fields of this profile (``from_mapping``'s inverse)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def _devices_file() -> Path:
@@ -243,13 +309,50 @@ def list_devices() -> dict[str, DeviceProfile]:
     return {name: DeviceProfile.from_mapping(name, d) for name, d in raw["devices"].items()}
 
 
+HOST = "this-host"
+"""The device name of this machine's measured profile (``moe-cost --profile-host``), cached per
+thread count: ``this-host`` is the last one measured, ``this-host-1t``, ``this-host-2t``, ... each."""
+
+
+def host_cache_dir() -> Path:
+    """Where measured host profiles are cached: ``$MOE_SCALING_CACHE/devices`` (default
+    ``~/.cache/moe_scaling/devices``)."""
+    root = os.environ.get("MOE_SCALING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moe_scaling")
+    return Path(root) / "devices"
+
+
+def save_host_profile(profile: DeviceProfile) -> list[Path]:
+    """Cache a measured profile as ``this-host.yaml`` and ``this-host-{threads}t.yaml``; returns the paths."""
+    if profile.threads is None:
+        raise ConfigError(f"device {profile.name}: threads = None; a host profile records the thread count it "
+                          "was measured at (moe_scaling.ondevice.calibrate.measure_profile)")
+    folder = host_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in (HOST, f"{HOST}-{profile.threads}t"):
+        body = {**profile.to_mapping(), "name": name}
+        path = folder / f"{name}.yaml"
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(body, sort_keys=False))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
 def load_device(name: str | DeviceProfile) -> DeviceProfile:
-    """A shipped profile by name (see :func:`list_devices`), or a path to a YAML with the same fields."""
+    """A shipped profile by name (see :func:`list_devices`), ``this-host`` / ``this-host-{N}t`` (the
+    cached measured profile, :func:`save_host_profile`), or a path to a YAML with the same fields."""
     if isinstance(name, DeviceProfile):
         return name
     devices = list_devices()
     if name in devices:
         return devices[name]
+    if name == HOST or (name.startswith(HOST + "-") and name.endswith("t")):
+        path = host_cache_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"device = {name!r}: no measured profile at {path}; measure it with "
+                              "moe-cost --profile-host [--threads N] (about a minute)")
+        return DeviceProfile.from_mapping(name, yaml.safe_load(path.read_text()) or {})
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         d = yaml.safe_load(path.read_text()) or {}
@@ -257,38 +360,117 @@ def load_device(name: str | DeviceProfile) -> DeviceProfile:
             return DeviceProfile.from_mapping(d.get("name", path.stem), d)
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"device = {name!r}: needs numeric memory_bandwidth and peak_ops ({err})") from None
-    raise ConfigError(f"device = {name!r}: unknown; use one of {', '.join(sorted(devices))} or a YAML file")
+    raise ConfigError(f"device = {name!r}: unknown; use one of {', '.join(sorted(devices))}, {HOST} "
+                      "(moe-cost --profile-host) or a YAML file")
+
+
+def small_ops(cfg: ModelConfig) -> int:
+    """Nodes of the exported decoder (moe_scaling.ondevice.onnx_graph, after ONNX Runtime's graph
+    optimisation) other than its MatMulNBits, QMoE and GroupQueryAttention calls: per layer two norms,
+    with QK-norm two more norms, four reshapes and a split (an attention bias fuses into the
+    q|k|v MatMulNBits); per SwiGLU
+    (dense FFN or shared experts) a split, the fused SiLU and a multiply, with a shared-expert gate six
+    more (matmul, sigmoid, unsqueeze, two reshapes, multiply); per MoE layer the router's matmul,
+    reshape and softmax/sigmoid (an add with a selection bias) and with shared experts the add of the
+    two outputs; once: the final norm, the head's Gemm and reshape, and ten nodes of position bookkeeping
+    (shape, gather, add, sub, cast, reshape) and the embedding gather. Counted against the optimised
+    graph in tests/test_latency.py."""
+    per_layer = 2 + (7 if cfg.qk_norm else 0)           # an attention bias fuses into its MatMulNBits
+    swiglu = 3
+    n_moe = cfg.n_moe_layers
+    n = cfg.n_layers * per_layer + (cfg.n_layers - n_moe) * swiglu
+    if n_moe:
+        moe = 3 + (1 if cfg.router_bias else 0)
+        if cfg.n_shared:
+            moe += swiglu + 1 + (6 if cfg.shared_gate else 0)
+        n += n_moe * moe
+    return n + 13
+
+
+def matrix_calls(cfg: ModelConfig) -> int:
+    """MatMulNBits calls of one forward pass: q|k|v and o per layer, gate|up and down per dense FFN
+    layer and per MoE layer with shared experts (all shared experts in one pair)."""
+    return 2 * cfg.n_layers + 2 * (cfg.n_layers - cfg.n_moe_layers) + (2 * cfg.n_moe_layers if cfg.n_shared else 0)
+
+
+@dataclass(frozen=True)
+class LatencyTerms:
+    """One forward call's time split as :func:`latency_terms` computes it (seconds)."""
+
+    memory_s: float       # bytes over the bandwidth each byte class moves at
+    compute_s: float      # FLOPs over the rate each kernel class reaches
+    fixed_s: float        # fixed costs per call: run, matrices, MoE layers, experts, attention, small ops
+
+    @property
+    def total_s(self) -> float:
+        return max(self.memory_s, self.compute_s) + self.fixed_s
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.memory_s >= self.compute_s else "compute"
+
+
+def latency_terms(cfg: ModelConfig, device: str | DeviceProfile, *, tokens: int, past: int = 0,
+                  weights: str = "int4", kv: str = "int8", embeddings: str | None = None) -> LatencyTerms:
+    """The time of one forward call over ``tokens`` new tokens after ``past`` cached positions
+    (``tokens = 1, past = context``: a decoded token; ``past = 0``: a prefill), as in the module docstring.
+
+    Bytes: the matrices (attention, dense FFNs, shared experts) and everything else a token reads
+    (head, router, norms) at ``memory_bandwidth``; the routed experts the call touches at
+    ``expert_bandwidth``; the KV cache at ``kv_bandwidth``. FLOPs: matrices and head at ``peak_ops``,
+    routed experts at ``expert_gemm_ops``, attention scores and values at ``attention_ops``. Fixed:
+    ``run_s`` + ``matrix_call_s`` per MatMulNBits call + per MoE layer ``moe_call_s`` and, per expert
+    touched, ``expert_call_s`` (one token) or ``expert_gemm_call_s`` (several) + ``attention_call_s``
+    per layer + ``op_s`` per small node."""
+    dev = load_device(device)
+    if tokens < 1 or past < 0:
+        raise ConfigError(f"tokens = {tokens}, past = {past}: need tokens >= 1 and past >= 0")
+    p = param_counts(cfg)
+    w = parse_precision(weights)
+    matrix_params = cfg.n_layers * _attention_matmul(cfg) + p.dense_ffn + p.shared_experts
+    if tokens == 1:
+        touched = float(cfg.top_k) if cfg.is_moe else 0.0                  # experts per MoE layer
+        read = weight_bytes(cfg, weights, embeddings=embeddings, active_only=True)
+    else:   # a T-token prompt touches each expert with probability 1 - (1 - k/E)^T (uniform routing)
+        touched = cfg.n_experts * (1.0 - (1.0 - cfg.top_k / cfg.n_experts) ** tokens) if cfg.is_moe else 0.0
+        read = weight_bytes(cfg, weights, embeddings=embeddings) \
+            - (p.routed_experts * w.bits_per_value / 8) * (1.0 - touched / max(cfg.n_experts, 1))
+    expert_params = cfg.n_moe_layers * touched * _swiglu(cfg.d_model, cfg.d_expert) if cfg.is_moe else 0.0
+    expert_bytes = expert_params * w.bits_per_value / 8
+    kv_read = kv_cache_bytes(cfg, past, kv) if past else 0.0
+    memory_s = (read - expert_bytes) / dev.memory_bandwidth \
+        + expert_bytes / (dev.expert_bandwidth or dev.memory_bandwidth) \
+        + kv_read / (dev.kv_bandwidth or dev.memory_bandwidth)
+    # FLOPs of the call: every token's matrices, head and router; its routed experts; its attention
+    # scores and values over the cache and (causal, halved as in flops_per_token) over the new tokens
+    attention = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (tokens * past + tokens * tokens / 2)
+    dense = 2 * tokens * (matrix_params + cfg.d_model * cfg.vocab_size + cfg.d_model * cfg.n_experts * cfg.n_moe_layers)
+    routed = 2 * tokens * p.routed_active
+    compute_s = dense / dev.peak_ops + routed / (dev.expert_gemm_ops or dev.peak_ops) \
+        + attention / (dev.attention_ops or dev.peak_ops)
+    fixed_s = dev.run_s + matrix_calls(cfg) * dev.matrix_call_s \
+        + cfg.n_moe_layers * (dev.moe_call_s + touched * (dev.expert_call_s if tokens == 1 else dev.expert_gemm_call_s)) \
+        + cfg.n_layers * dev.attention_call_s + small_ops(cfg) * dev.op_s
+    return LatencyTerms(memory_s=memory_s, compute_s=compute_s, fixed_s=fixed_s)
 
 
 def roofline(cfg: ModelConfig, device: str | DeviceProfile, *, weights: str = "int4",
              kv: str = "int8", context: int = 4096, prompt: int | None = None,
              embeddings: str | None = None) -> dict[str, float]:
-    """Roofline latency (see the module docstring). Returns ``decode_ms_per_token``, ``prefill_ms``
-    (for a ``prompt``-token prompt, default ``context``) and which bound binds each."""
+    """Latency (see the module docstring): ``decode_ms_per_token`` (one token after ``context``
+    cached positions), ``prefill_ms`` (a ``prompt``-token prompt, default ``context``), which bound
+    binds each, and the fixed costs in each (``overhead_ms``, ``prefill_overhead_ms``)."""
     dev = load_device(device)
     prompt = context if prompt is None else prompt
-    read = weight_bytes(cfg, weights, embeddings=embeddings, active_only=True) \
-        + kv_cache_bytes(cfg, context, kv)
-    decode_mem = read / dev.memory_bandwidth
-    matvec = dev.matvec_ops or dev.peak_ops
-    routed = 2.0 * param_counts(cfg).routed_active          # one token's routed-expert matmul FLOPs
-    decode_compute = (flops_per_token(cfg, context) - routed) / matvec + routed / (dev.expert_matvec_ops or matvec)
-    overhead = cfg.n_layers * dev.layer_overhead_s
-    # prefill: each routed expert is touched with probability 1 - (1 - k/E)^T
-    full = weight_bytes(cfg, weights, embeddings=embeddings)
-    if cfg.is_moe:
-        w = parse_precision(weights)
-        routed_bytes = param_counts(cfg).routed_experts * w.bits_per_value / 8
-        touched = 1.0 - (1.0 - cfg.top_k / cfg.n_experts) ** prompt
-        full -= routed_bytes * (1.0 - touched)
-    prefill_mem = full / dev.memory_bandwidth
-    prefill_compute = prompt * flops_per_token(cfg, prompt) / dev.peak_ops
+    dec = latency_terms(cfg, dev, tokens=1, past=context, weights=weights, kv=kv, embeddings=embeddings)
+    pre = latency_terms(cfg, dev, tokens=prompt, weights=weights, kv=kv, embeddings=embeddings)
     return {
-        "decode_ms_per_token": 1e3 * (max(decode_mem, decode_compute) + overhead),
-        "decode_bound": "memory" if decode_mem >= decode_compute else "compute",
-        "prefill_ms": 1e3 * (max(prefill_mem, prefill_compute) + overhead),
-        "prefill_bound": "memory" if prefill_mem >= prefill_compute else "compute",
-        "overhead_ms": 1e3 * overhead,
+        "decode_ms_per_token": 1e3 * dec.total_s,
+        "decode_bound": dec.bound,
+        "prefill_ms": 1e3 * pre.total_s,
+        "prefill_bound": pre.bound,
+        "overhead_ms": 1e3 * dec.fixed_s,
+        "prefill_overhead_ms": 1e3 * pre.fixed_s,
         "prompt_tokens": prompt,
     }
 

@@ -207,30 +207,26 @@ def test_decode_is_memory_bound_and_matches_the_formula():
         1e3 * 4096 * flops_per_token(cfg, 4096) / dev.peak_ops)
 
 
-def test_runtime_corrections_add_kernel_rates_and_a_fixed_cost_per_layer(tmp_path):
-    """A measured profile (bench/device_latency.py): decode compute splits into the routed experts'
-    matmuls at the expert rate and the rest at the batch-1 rate, plus ``L * t_layer``; the routed
-    FLOPs are counted here by hand (top_k experts x 3 matrices x d x d_expert per MoE layer)."""
+def test_a_measured_profile_from_yaml_adds_fixed_costs_per_call(tmp_path):
+    """A measured profile (moe-cost --profile-host) read from YAML: decode = the bytes of each class at
+    its bandwidth + fixed costs per call; the counts here by hand (16 layers, 2 dense: q|k|v and o
+    per layer, gate|up and down per dense layer and per MoE layer's shared expert = 64 matrix calls;
+    14 QMoE calls with 2 experts each)."""
     cfg = ModelConfig(vocab_size=256, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, d_ff=2816, n_experts=16,
                       top_k=2, d_expert=160, n_shared=1, d_shared=160, n_dense_layers=2)
-    (tmp_path / "host.yaml").write_text("memory_bandwidth: 2.0e10\npeak_ops: 8.0e10\nmatvec_ops: 5.0e10\n"
-                                        "expert_matvec_ops: 1.5e10\nlayer_overhead_s: 1.0e-4\n")
+    (tmp_path / "host.yaml").write_text("memory_bandwidth: 2.0e10\npeak_ops: 8.0e10\nmatrix_call_s: 1.0e-5\n"
+                                        "moe_call_s: 2.0e-5\nexpert_call_s: 3.0e-6\nrun_s: 5.0e-6\n")
     dev = load_device(str(tmp_path / "host.yaml"))
-    assert (dev.matvec_ops, dev.expert_matvec_ops, dev.layer_overhead_s) == (5e10, 1.5e10, 1e-4)
-    routed = 2 * 14 * 2 * 3 * 1024 * 160
+    assert (dev.matrix_call_s, dev.moe_call_s, dev.expert_call_s, dev.run_s) == (1e-5, 2e-5, 3e-6, 5e-6)
     r = roofline(cfg, dev, weights="int4", kv="fp32", context=144, prompt=1)
-    compute = (flops_per_token(cfg, 144) - routed) / 5e10 + routed / 1.5e10
     memory = (weight_bytes(cfg, "int4", active_only=True) + kv_cache_bytes(cfg, 144, "fp32")) / 2e10
-    assert compute > memory and r["decode_bound"] == "compute"
-    assert r["decode_ms_per_token"] == pytest.approx(1e3 * (compute + 16 * 1e-4))
-    assert r["overhead_ms"] == pytest.approx(1.6)
-    long_prompt = roofline(cfg, dev, weights="int4", kv="fp32", context=512, prompt=512)
-    assert long_prompt["prefill_ms"] == pytest.approx(1e3 * (512 * flops_per_token(cfg, 512) / 8e10 + 16 * 1e-4))
+    fixed = 5e-6 + 64 * 1e-5 + 14 * (2e-5 + 2 * 3e-6)
+    assert r["decode_bound"] == "memory" and r["overhead_ms"] == pytest.approx(1e3 * fixed)
+    assert r["decode_ms_per_token"] == pytest.approx(1e3 * (memory + fixed))
     # without the measured fields the same profile is the plain roofline
     (tmp_path / "plain.yaml").write_text("memory_bandwidth: 2.0e10\npeak_ops: 8.0e10\n")
     plain = roofline(cfg, load_device(str(tmp_path / "plain.yaml")), weights="int4", kv="fp32", context=144, prompt=1)
-    assert plain["overhead_ms"] == 0 and plain["decode_ms_per_token"] == pytest.approx(
-        1e3 * max(memory, flops_per_token(cfg, 144) / 8e10))
+    assert plain["overhead_ms"] == 0 and plain["decode_ms_per_token"] == pytest.approx(1e3 * memory)
 
 
 def test_unknown_device_is_an_error():

@@ -16,6 +16,8 @@ EXAMPLES = """\
   moe-cost my_model.yaml
   moe-cost path/to/hf/config.json --weights bf16 --json
   moe-cost --list-devices
+  moe-cost --profile-host --threads 2          # measure this CPU's ONNX Runtime kernels (~1 min)
+  moe-cost mobilemoe-l --device this-host      # then cost on the measured profile
 """
 
 
@@ -56,8 +58,16 @@ def _body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--prompt", type=int, default=None, help="prefill prompt length (default: --context)")
     parser.add_argument("--device", default=None, help="device profile name or YAML file for latency")
     parser.add_argument("--list-devices", action="store_true", help="list the shipped device profiles")
+    parser.add_argument("--profile-host", action="store_true", help="measure this host's device profile from "
+                        "single-kernel micro-benchmarks of ONNX Runtime and cache it as --device this-host")
+    parser.add_argument("--threads", type=int, default=None, help="--profile-host: intra-op threads "
+                        "(default: all cores)")
+    parser.add_argument("--profile-bytes", default="96MB", help="--profile-host: weights per micro-benchmark, "
+                        "beyond the last-level cache (default 96MB)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.profile_host:
+        return _profile_host(args)
     if args.list_devices:
         devices = list_devices()
         if args.json:
@@ -77,6 +87,28 @@ def _body(argv: Sequence[str] | None) -> int:
     summary = cost_summary(cfg, weights=args.weights, kv=args.kv, context=args.context,
                            device=args.device, embeddings=args.embeddings, prompt=args.prompt)
     print_json(summary) if args.json else print(format_table(summary))
+    return 0
+
+
+def _profile_host(args) -> int:
+    import os
+
+    from moe_scaling.costs import save_host_profile
+    from moe_scaling.ondevice.calibrate import measure_profile
+    from moe_scaling.units import parse_bytes
+
+    threads = args.threads if args.threads is not None else (os.cpu_count() or 1)
+    if threads < 1:
+        raise ConfigError(f"--threads = {threads}: must be >= 1; e.g. --threads 2")
+    cold = parse_bytes(args.profile_bytes)
+    profile, _ = measure_profile(threads, cold_bytes=float(cold))
+    paths = save_host_profile(profile)
+    if args.json:
+        print_json({**profile.to_mapping(), "cached": [str(p) for p in paths]})
+    else:
+        for key, value in profile.to_mapping().items():
+            print(f"{key:<20} {value}")
+        print(f"cached as {', '.join(str(p) for p in paths)} (use --device this-host)")
     return 0
 
 

@@ -89,10 +89,10 @@ class _Evaluator:
         return b.train_compute / line.flops_training
 
     def decode_ms(self, line: ExpertLine) -> np.ndarray | None:
+        """costs.roofline's decode time of each point: max(memory, compute) + fixed costs."""
         if self.device is None:
             return None
-        return 1e3 * np.maximum(line.read_bytes / self.device.memory_bandwidth,
-                                line.flops_forward / self.device.peak_ops)
+        return 1e3 * (np.maximum(line.decode_memory_s, line.decode_compute_s) + line.decode_fixed_s)
 
     def score(self, line: ExpertLine) -> dict[str, np.ndarray]:
         tokens = self.tokens(line)

@@ -15,6 +15,7 @@ itself (:mod:`moe_scaling.design.search`) scores these lines with a fitted law.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -22,7 +23,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from moe_scaling.config import ModelConfig
-from moe_scaling.costs import flops_per_token, kv_cache_bytes, load_device, param_counts, weight_bytes
+from moe_scaling.costs import (DeviceProfile, flops_per_token, host_cache_dir, kv_cache_bytes, latency_terms,
+                               load_device, param_counts, weight_bytes)
 from moe_scaling.errors import ConfigError
 from moe_scaling.units import parse_precision
 
@@ -45,7 +47,8 @@ class Budget:
     ``memory`` (bytes) bounds weights at ``weights`` precision (embeddings at ``embeddings``,
     default the same) plus the KV cache of one ``context``-token sequence at ``kv`` precision.
     ``flops_per_token`` bounds forward FLOPs per token at ``context``; ``latency_ms`` bounds the
-    roofline decode time per token on ``device`` (see :func:`costs.roofline`).
+    decode time per token on ``device`` (:func:`costs.roofline`: a vendor profile's plain roofline,
+    or ``this-host``'s measured profile with its fixed costs per kernel call).
 
     Training: exactly one of ``tokens`` (training tokens D) and ``train_compute`` (training FLOPs
     C). With C, ``compute_rule`` gives D per architecture: ``6N``: D = C / (6 N) with N the active
@@ -234,6 +237,11 @@ class ExpertLine:
     read_bytes: np.ndarray        # what one decoded token reads: active weights + KV cache
     flops_forward: np.ndarray
     flops_training: np.ndarray
+    # costs.latency_terms of one decoded token on the budget's device (zeros without a device):
+    # each is affine in the expert count, so the line's interpolation is exact
+    decode_memory_s: np.ndarray
+    decode_compute_s: np.ndarray
+    decode_fixed_s: np.ndarray
 
     @property
     def total_bytes(self) -> np.ndarray:
@@ -250,13 +258,31 @@ class ExpertLine:
         return space.moe(self.trunk, self.layout, int(self.n[i]))
 
 
-def _costs(cfg: ModelConfig, budget: Budget) -> tuple[int, int, int, float, float, float, float, float]:
+@functools.lru_cache(maxsize=8)
+def _device(name: str, stamp: float) -> DeviceProfile:
+    """The budget's device profile, read once per (name, file time) rather than per expert line."""
+    return load_device(name)
+
+
+def budget_device(budget: Budget) -> DeviceProfile | None:
+    """``budget.device``'s profile (None without one); a re-measured ``this-host`` is read afresh."""
+    if budget.device is None:
+        return None
+    path = host_cache_dir() / f"{budget.device}.yaml"
+    return _device(budget.device, path.stat().st_mtime if path.is_file() else 0.0)
+
+
+def _costs(cfg: ModelConfig, budget: Budget) -> tuple:
     p = param_counts(cfg)
     kv = kv_cache_bytes(cfg, budget.context, budget.kv)
+    dev = budget_device(budget)
+    t = (latency_terms(cfg, dev, tokens=1, past=budget.context, weights=budget.weights, kv=budget.kv,
+                       embeddings=budget.embeddings) if dev is not None else None)
     return (p.total, p.active, p.embedding,
             weight_bytes(cfg, budget.weights, embeddings=budget.embeddings), kv,
             weight_bytes(cfg, budget.weights, embeddings=budget.embeddings, active_only=True) + kv,
-            flops_per_token(cfg, budget.context), flops_per_token(cfg, budget.context, training=True))
+            flops_per_token(cfg, budget.context), flops_per_token(cfg, budget.context, training=True),
+            t.memory_s if t else 0.0, t.compute_s if t else 0.0, t.fixed_s if t else 0.0)
 
 
 def expert_line(space: ArchSpace, trunk: Trunk, layout: Layout | None, budget: Budget,
@@ -264,7 +290,7 @@ def expert_line(space: ArchSpace, trunk: Trunk, layout: Layout | None, budget: B
     """The line of expert counts on ``trunk`` with ``layout`` (None: the dense model), cut where
     ``total_bytes > max_bytes``; None when no point is left."""
     names = ("params_total", "params_active", "params_embedding", "weight_bytes", "kv_cache_bytes",
-             "read_bytes", "flops_forward", "flops_training")
+             "read_bytes", "flops_forward", "flops_training", "decode_memory_s", "decode_compute_s", "decode_fixed_s")
     if layout is None:
         n = np.array([1])
         vals = [np.array([v]) for v in _costs(space.dense(trunk), budget)]
