@@ -44,8 +44,8 @@ def isoflop_minima(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
     """The numbers behind the figure: one row per (budget, architecture) with at least two sizes:
     ``budget``, ``arch``, ``sizes`` (``d<d_model> L<n_layers>`` by width), the mean ``losses`` over
     seeds at each size and their ``seeds`` counts, the size of the lowest mean (``best_size``), its
-    loss (``best_loss``) and ``interior``: whether that size is neither the budget's smallest nor
-    its largest trained size (a minimum at an end says the budget's sizes did not bracket it)."""
+    loss (``best_loss``) and ``interior``: whether sizes of that architecture were trained on both
+    sides of it (a minimum at an end says the sizes did not bracket it)."""
     cols = ["budget", "arch", "sizes", "losses", "seeds", "best_size", "best_loss", "interior"]
     done = completed(runs, loss).copy()
     if done.empty or "flops_per_token_forward" not in done:
@@ -54,7 +54,6 @@ def isoflop_minima(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
     done["arch"] = [run_label(r) for _, r in done.iterrows()]
     rows = []
     for b, g in done.groupby("budget"):
-        sizes = sorted(set(zip(g["d_model"], g["n_layers"])))
         for arch, a in g.groupby("arch"):
             s = a.groupby(["d_model", "n_layers"])[loss].agg(["mean", "count"]).sort_index()
             if len(s) < 2:
@@ -63,7 +62,7 @@ def isoflop_minima(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
             rows.append({"budget": float(b), "arch": arch, "sizes": [f"d{d} L{n}" for d, n in s.index],
                          "losses": s["mean"].tolist(), "seeds": s["count"].astype(int).tolist(),
                          "best_size": f"d{best[0]} L{best[1]}", "best_loss": float(s["mean"].min()),
-                         "interior": sizes[0] < best < sizes[-1]})
+                         "interior": s.index[0] < best < s.index[-1]})
     return pd.DataFrame(rows, columns=cols)
 
 
