@@ -13,8 +13,9 @@ the models below. Then six decoders that differ in width (512-1024), depth (12-2
 fine 16 of width 160 top-2 and 32 of width 64 top-4, each with a shared expert), every one larger
 than this CPU's 32 MB last-level cache (the model streams weights from DRAM), are exported with
 ``moe-export --runtime onnx``'s exporter (INT4 group 32, int8 activations, QMoE for the routed
-experts) **from their random initialisation** (latency does not depend on the weights' values; a
-random router spreads tokens over the experts about uniformly, as the model assumes) and run by ONNX
+experts) **from their random initialisation** (latency does not depend on the weights' values, but a random
+router's routing is far from the uniform one the model assumes: most of a prompt's tokens go to one
+expert, which at 2 threads costs prefill time, bench/qmoe_threads.py) and run by ONNX
 Runtime: decode (median of 32 tokens after a 128-token prompt) and prefill of 128 and 512 tokens
 (best of 3 after a warm-up), each beside :func:`moe_scaling.costs.latency_terms` on the measured
 profile. ``rounds`` repeats profile and timings; medians are reported.
