@@ -25,17 +25,16 @@ The machine is shared: run nothing else while it times (the timings take /tmp/mo
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from moe_scaling.runtime import timing_lock
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.costs import DeviceProfile, param_counts, roofline, weight_bytes
 
@@ -55,16 +54,6 @@ TRAIN = TrainConfig(tokens=40 * 8 * 128, batch_size=8, lr=1e-3, warmup=4, eval_e
                     ckpt_every=40, log_every=10, seed=0)
 PAPER = {"model": "MobileMoE-S vs dense at comparable INT4 weight memory", "decode": [2.2, 3.4],
          "prefill": [1.8, 3.8]}
-
-
-@contextmanager
-def timing_lock():
-    with open("/tmp/moe-timing.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _best(fn, reps: int) -> float:

@@ -22,22 +22,21 @@ profile. ``rounds`` repeats profile and timings; medians are reported.
 
 Targets (issue 26): every measured / predicted in [0.67, 1.5]; each MoE's speedup over the dense
 model of its trunk, predicted within 20% of measured. The machine is shared: timings take
-/tmp/moe-timing.lock (run the bench through /work/quiet on the project's machine).
+/tmp/moe-timing.lock (`moe_scaling.runtime.timing_lock`); run nothing else while it times.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from moe_scaling.runtime import timing_lock
 from moe_scaling.config import ModelConfig
 from moe_scaling.costs import (
     latency_terms,
@@ -67,16 +66,6 @@ MODELS = {
                                 router="softmax", norm_topk=False),
 }
 PAIRS = {"s": ("dense-s", "moe-s-fine32"), "m": ("dense-m", "moe-m-coarse4"), "l": ("dense-l", "moe-l-fine16")}
-
-
-@contextmanager
-def timing_lock():
-    with open("/tmp/moe-timing.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def export_all(workdir: Path) -> dict[str, Path]:

@@ -8,7 +8,7 @@ Measures this host's profile (``moe-cost --profile-host`` at ``--threads``, cach
 sweet spot and the best dense model from their random initialisation (latency does not depend on the
 weights' values) and decodes 32 tokens after a 512-token prompt with ONNX Runtime at the same thread
 count: measured against the search's predicted decode time (target: within 1.5x). Timings take
-/tmp/moe-timing.lock; run it through /work/quiet on the project's machine.
+/tmp/moe-timing.lock (`moe_scaling.runtime.timing_lock`); run nothing else while it times.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
     from moe_scaling.runtime import machine_info
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from latency_model import timing_lock  # the benches' shared timing lock
+    from moe_scaling.runtime import timing_lock
 
     machine = machine_info()
     with timing_lock():

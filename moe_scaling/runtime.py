@@ -29,10 +29,12 @@ import platform
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
-__all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir", "exit_now", "machine_info"]
+__all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir", "exit_now", "machine_info",
+           "timing_lock"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 _TRIM_THRESHOLD = 2**31 - 1
@@ -143,3 +145,20 @@ def machine_info() -> dict:
             "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "platform": platform.platform(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+TIMING_LOCK = "/tmp/moe-timing.lock"
+
+
+@contextmanager
+def timing_lock(path: str = TIMING_LOCK) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` while timing: the benchmarks take it, so two of
+    them never time at once on a shared machine (other work must still be kept off by hand)."""
+    import fcntl
+
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
