@@ -35,6 +35,12 @@ Conventions (docs/design.md, section 3):
   measured profile (``moe-cost --profile-host``, cached as ``this-host``) sets every field from
   single-kernel micro-benchmarks of ONNX Runtime (moe_scaling/ondevice/calibrate.py); validated out of
   sample on exported models in bench/README.md ("latency model").
+
+
+One module (~530 lines): counts, bytes, FLOPs and latency all read one :class:`ModelConfig` through
+the same per-layer counts, and the latency model needs the other three. The seam, if it grows: the
+device side (:class:`DeviceProfile`, its cache, :func:`latency_terms`, :func:`roofline`) into its own
+module.
 """
 
 from __future__ import annotations
