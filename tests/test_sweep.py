@@ -336,6 +336,24 @@ def test_only_trains_a_subset_first_and_the_whole_grid_then_trains_the_rest(tmp_
     assert again == done                                            # untouched by the second command
 
 
+def test_only_leaves_the_queues_other_waiting_runs_alone(tmp_path):
+    """A queue that already holds the whole grid (an earlier command without --only was stopped
+    before it trained anything): `run --only EXPR` trains the subset and claims no other run."""
+    from moe_scaling.sweep.runner import plan_sweep, prepare
+
+    grid = write_grid(tmp_path, "queued", train={"tokens": 30 * 8 * 32}, grid={"n_experts": [2, 4]})
+    out = tmp_path / "out"
+    study, _ = prepare(plan_sweep(grid), out)
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
+    proc = run_cli("run", grid, "--out", out, "--only", "n_experts == 4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (done,) = [json.loads(p.read_text()) for p in out.glob("runs/*/record.json")]
+    assert done["config"]["model"]["n_experts"] == 4
+    study = optuna.load_study(study_name="queued", storage=f"sqlite:///{out / 'sweep.db'}")
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.user_attrs["config"]["model"]["n_experts"] == 2
+
+
 def test_a_silent_worker_on_another_machine_is_recovered_after_the_grace_period(reference, tmp_path):
     grid, out = copy_reference(reference, tmp_path)
     interrupted = kill_midway(grid, out, workers=1, after_completed=0)

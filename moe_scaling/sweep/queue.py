@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import optuna
 import sqlalchemy
@@ -67,6 +67,7 @@ class WorkerContext:
     worker: int = 0
     n_workers: int = 1
     batch: bool = True          # train runs that differ only in seed/lr together (train/group.py)
+    run_ids: frozenset[str] | None = None   # the runs this worker may claim (the grid's, after --only)
 
 
 def check_storage_url(url: str) -> None:
@@ -267,9 +268,13 @@ def _claim(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
     return None
 
 
-def claim_next(study: optuna.Study) -> FrozenTrial | None:
-    """Atomically move the lowest-numbered WAITING trial to RUNNING and return it (None if none)."""
+def claim_next(study: optuna.Study, run_ids: Collection[str] | None = None) -> FrozenTrial | None:
+    """Atomically move the lowest-numbered WAITING trial to RUNNING and return it (None if none).
+    ``run_ids``: claim only trials of these runs (None: any), so that a worker given a subset of the
+    grid (``--only``) leaves the queue's other waiting runs to the workers that asked for them."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if run_ids is not None and t.user_attrs.get("run_id") not in run_ids:
+            continue
         claimed = _claim(study, t)
         if claimed is not None:
             return claimed
@@ -277,14 +282,14 @@ def claim_next(study: optuna.Study) -> FrozenTrial | None:
 
 
 def claim_group(study: optuna.Study, group_key: Callable[[FrozenTrial], str | None],
-                limit: Callable[[FrozenTrial], int]) -> list[FrozenTrial]:
+                limit: Callable[[FrozenTrial], int], run_ids: Collection[str] | None = None) -> list[FrozenTrial]:
     """Claim the lowest-numbered WAITING trial (as :func:`claim_next`), then, in trial order, the
     other WAITING trials with the same ``group_key`` (None: a trial that trains alone), up to
     ``limit(first)`` trials in all. Each claim is atomic, so a trial is never claimed twice; two
     processes claiming at once may split a group between them (the runner serialises its local
     workers' claims, so one machine forms whole groups). Returns the claimed trials, first one
     first (empty when nothing is waiting)."""
-    first = claim_next(study)
+    first = claim_next(study, run_ids)
     if first is None:
         return []
     key, size = group_key(first), limit(first)
@@ -294,6 +299,8 @@ def claim_group(study: optuna.Study, group_key: Callable[[FrozenTrial], str | No
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if len(claimed) >= size:
             break
+        if run_ids is not None and t.user_attrs.get("run_id") not in run_ids:
+            continue
         if group_key(t) == key and (got := _claim(study, t)) is not None:
             claimed.append(got)
     return claimed

@@ -165,7 +165,7 @@ def _content_hash(corpus: str) -> str | None:
 
 
 def worker_loop(ctx: WorkerContext, report: Report | None = None, study: optuna.Study | None = None) -> int:
-    """Claim and run trials until none is waiting or running; ``report`` gets progress snapshots.
+    """Claim and run trials until none of ``ctx.run_ids`` is waiting or running; ``report`` gets progress snapshots.
     With ``ctx.batch`` a claim takes a whole group (runs that differ only in
     :data:`moe_scaling.train.group.BATCHED_FIELDS`, as many as :func:`group_size` allows) and trains
     it as one program. ``study``: the queue already opened by this process (else it is opened
@@ -178,7 +178,8 @@ def worker_loop(ctx: WorkerContext, report: Report | None = None, study: optuna.
         recover_stale(study, ctx.grace_s)
         trials = _claim(ctx, study)
         if not trials:
-            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            if not any(ctx.run_ids is None or t.user_attrs.get("run_id") in ctx.run_ids
+                       for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))):
                 break
             reporter.idle()
             time.sleep(POLL_S)
@@ -192,10 +193,10 @@ def _claim(ctx: WorkerContext, study: optuna.Study) -> list[FrozenTrial]:
     """The next trial, or with ``ctx.batch`` the next group of trials, claimed under this sweep
     folder's claim lock so that the local workers form whole groups."""
     if not ctx.batch:
-        trial = claim_next(study)
+        trial = claim_next(study, ctx.run_ids)
         return [] if trial is None else [trial]
     with _claim_lock(ctx.out):
-        return claim_group(study, _group_key, partial(_group_limit, ctx.n_workers))
+        return claim_group(study, _group_key, partial(_group_limit, ctx.n_workers), ctx.run_ids)
 
 
 @contextlib.contextmanager
@@ -421,7 +422,8 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
     study, url = prepare(plan, out, storage, retry_failed=retry_failed, grace_s=grace_s)
     ctx = WorkerContext(out=str(Path(out).resolve()), storage_url=url, study_name=plan.spec.name,
                         grid_dir=str(plan.spec.path.resolve().parent), total=len(plan.runs),
-                        grace_s=grace_s, n_workers=workers, batch=batch)
+                        grace_s=grace_s, n_workers=workers, batch=batch,
+                        run_ids=frozenset(r.run_id for r in plan.runs))
     SweepDir(out).progress.mkdir(exist_ok=True)
     for stale in SweepDir(out).progress.glob("*.json"):
         stale.unlink()
