@@ -30,14 +30,17 @@ Conventions (docs/design.md, section 3):
   ``B_kv`` the cache of ``P`` positions; ``F_m`` the FLOPs of matrices, head and router, ``F_e`` those of
   the routed experts, ``F_att = 4 L h hd (T P + T^2 / 2)``; ``n_mat`` and ``n_op`` the MatMulNBits
   calls and the other small nodes of the exported graph (:func:`matrix_calls`, :func:`small_ops`),
-  ``c_e = expert_call_s`` for one token and ``expert_gemm_call_s`` for several. A vendor profile gives
+  ``c_e = expert_call_s`` for one token and ``expert_gemm_call_s`` for several. On a profile measured on
+  ``n > 1`` threads a prompt's ``F_e`` is scaled by :func:`routed_imbalance`: ONNX Runtime's QMoE gives
+  whole experts to threads, so a skewed routing (a random router's, or a prompt's) leaves threads idle
+  (1 under uniform routing when ``n`` divides ``E``). A vendor profile gives
   ``memory_bandwidth`` and ``peak_ops`` only: the plain roofline ``max(bytes / B, FLOPs / P)``. A
   measured profile (``moe-cost --profile-host``, cached as ``this-host``) sets every field from
   single-kernel micro-benchmarks of ONNX Runtime (moe_scaling/ondevice/calibrate.py); validated out of
   sample on exported models in bench/README.md ("latency model").
 
 
-One module (~530 lines): counts, bytes, FLOPs and latency all read one :class:`ModelConfig` through
+One module (~575 lines): counts, bytes, FLOPs and latency all read one :class:`ModelConfig` through
 the same per-layer counts, and the latency model needs the other three. The seam, if it grows: the
 device side (:class:`DeviceProfile`, its cache, :func:`latency_terms`, :func:`roofline`) into its own
 module.
@@ -50,7 +53,7 @@ import os
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -61,7 +64,7 @@ from moe_scaling.units import Precision, parse_precision
 __all__ = [
     "ParamCounts", "param_counts", "flops_per_token", "Precision", "parse_precision",
     "weight_bytes", "RUNTIME_STORAGE", "stored_bytes", "kv_cache_bytes", "DeviceProfile", "load_device",
-    "list_devices", "roofline", "latency_terms", "LatencyTerms", "small_ops", "matrix_calls",
+    "list_devices", "roofline", "latency_terms", "LatencyTerms", "routed_imbalance", "small_ops", "matrix_calls",
     "HOST", "host_cache_dir", "save_host_profile", "cost_summary", "PublishedModel", "published_models",
 ]
 
@@ -258,7 +261,7 @@ class DeviceProfile:
     memory_bandwidth: float   # bytes/s
     peak_ops: float           # ops/s at the precision the weights run in
     memory: float | None = None  # bytes of RAM, for reference
-    threads: int | None = None   # the thread count a measured profile was measured at, for reference
+    threads: int | None = None   # the thread count a measured profile was measured at (routed_imbalance reads it)
     matrix_call_s: float = 0.0
     moe_call_s: float = 0.0
     expert_call_s: float = 0.0
@@ -416,8 +419,44 @@ class LatencyTerms:
         return "memory" if self.memory_s >= self.compute_s else "compute"
 
 
+def routed_imbalance(cfg: ModelConfig, threads: int | None,
+                     expert_load: Sequence[float] | Sequence[Sequence[float]] | None = None) -> float:
+    """How much longer a multi-token call's routed experts take than with their work spread evenly
+    over ``threads``, under ONNX Runtime's QMoE schedule: the active experts, sorted by token count,
+    go round-robin to ``min(active, threads)`` threads, each thread running its experts one after
+    another; with fewer active experts than threads one expert runs at a time on all of them. A layer
+    whose experts take shares ``s_(1) >= s_(2) >= ...`` of its token-slots then runs
+    ``threads * max_j sum_{i = j mod threads} s_(i)`` times its balanced time (1 when fewer experts
+    than threads are active); the factor is the mean over MoE layers (each has the same FLOPs).
+
+    ``expert_load``: each expert's share of the token-slots, one row of ``n_experts`` values for
+    every MoE layer or one row for all; None: uniform routing. A property of the model and its input
+    (random or trained routers), not of the device; 1 on one thread."""
+    n = max(int(threads or 1), 1)
+    if not cfg.is_moe or n == 1:
+        return 1.0
+    if expert_load is None:
+        rows = [[1.0 / cfg.n_experts] * cfg.n_experts]
+    else:
+        rows = [list(expert_load)] if all(isinstance(v, (int, float)) for v in expert_load) else \
+            [list(r) for r in expert_load]
+    if (len(rows) not in (1, cfg.n_moe_layers) or any(len(r) != cfg.n_experts for r in rows)
+            or any(not (v >= 0.0) for r in rows for v in r) or any(sum(r) <= 0 for r in rows)):
+        raise ConfigError(f"expert_load: {len(rows)} row(s) of shares; give one row of {cfg.n_experts} shares "
+                          f"(>= 0, not all 0) per MoE layer ({cfg.n_moe_layers}) or one row for all")
+    factors = []
+    for row in rows:
+        shares = sorted((v / sum(row) for v in row if v > 0), reverse=True)
+        if len(shares) < n:
+            factors.append(1.0)
+        else:
+            factors.append(n * max(sum(shares[j::n]) for j in range(n)))
+    return sum(factors) / len(factors)
+
+
 def latency_terms(cfg: ModelConfig, device: str | DeviceProfile, *, tokens: int, past: int = 0,
-                  weights: str = "int4", kv: str = "int8", embeddings: str | None = None) -> LatencyTerms:
+                  weights: str = "int4", kv: str = "int8", embeddings: str | None = None,
+                  expert_load: Sequence[float] | Sequence[Sequence[float]] | None = None) -> LatencyTerms:
     """The time of one forward call over ``tokens`` new tokens after ``past`` cached positions
     (``tokens = 1, past = context``: a decoded token; ``past = 0``: a prefill), as in the module docstring.
 
@@ -427,7 +466,9 @@ def latency_terms(cfg: ModelConfig, device: str | DeviceProfile, *, tokens: int,
     routed experts at ``expert_gemm_ops``, attention scores and values at ``attention_ops``. Fixed:
     ``run_s`` + ``matrix_call_s`` per MatMulNBits call + per MoE layer ``moe_call_s`` and, per expert
     touched, ``expert_call_s`` (one token) or ``expert_gemm_call_s`` (several) + ``attention_call_s``
-    per layer + ``op_s`` per small node."""
+    per layer + ``op_s`` per small node. A multi-token call's routed FLOPs are scaled by
+    :func:`routed_imbalance` at the profile's ``threads`` (``expert_load``: each expert's share of the
+    token-slots per MoE layer; None: uniform routing)."""
     dev = load_device(device)
     if tokens < 1 or past < 0:
         raise ConfigError(f"tokens = {tokens}, past = {past}: need tokens >= 1 and past >= 0")
@@ -452,6 +493,8 @@ def latency_terms(cfg: ModelConfig, device: str | DeviceProfile, *, tokens: int,
     attention = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (tokens * past + tokens * tokens / 2)
     dense = 2 * tokens * (matrix_params + cfg.d_model * cfg.vocab_size + cfg.d_model * cfg.n_experts * cfg.n_moe_layers)
     routed = 2 * tokens * p.routed_active
+    if tokens > 1:
+        routed *= routed_imbalance(cfg, dev.threads, expert_load)
     compute_s = dense / dev.peak_ops + routed / (dev.expert_gemm_ops or dev.peak_ops) \
         + attention / (dev.attention_ops or dev.peak_ops)
     fixed_s = dev.run_s + matrix_calls(cfg) * dev.matrix_call_s \

@@ -7,6 +7,7 @@ exported models is bench/latency_model.py's job (bench/latency_model.json)."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from moe_scaling.costs import (
     matrix_calls,
     param_counts,
     roofline,
+    routed_imbalance,
     small_ops,
     weight_bytes,
 )
@@ -34,7 +36,7 @@ BASE = dict(vocab_size=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, ma
 DENSE = ModelConfig(**BASE, d_ff=704)
 MOE = ModelConfig(**BASE, d_ff=704, n_experts=16, top_k=2, d_expert=64, n_shared=1, d_shared=64, router="softmax")
 COARSE = ModelConfig(**BASE, d_ff=704, n_experts=4, top_k=1, d_expert=704, router="softmax")
-REFERENCE = {"name", "description", "memory", "threads"}   # recorded for reference, not in any prediction
+REFERENCE = {"name", "description", "memory", "threads"}   # not fitted rates or costs (threads: routed_imbalance)
 
 
 def _predictions(dev: DeviceProfile) -> list[float]:
@@ -55,6 +57,43 @@ def test_every_profile_field_changes_some_prediction():
     for name in sorted(fields):
         moved = _predictions(dataclasses.replace(HOST, **{name: 2 * getattr(HOST, name)}))
         assert max(abs(a / b - 1) for a, b in zip(moved, base)) > 1e-4, f"{name} changes no prediction"
+
+
+def test_routed_imbalance_reproduces_the_measured_qmoe_schedule():
+    """bench/qmoe_threads.json timed one QMoE node (768 -> 4 x 1024, top-1, 128 tokens) with the
+    tokens sent to the experts in set counts, at 1 and 2 threads. The factor's round-robin schedule
+    of experts sorted by tokens must give each case's 2-thread time relative to uniform routing:
+    104/8/8/8 -> (104 + 8) / 64 = 1.75, 64/22/21/21 -> 85 / 64, one active expert -> 1 (split
+    inside), 64/64 -> 1. Tolerance 6%: each ratio divides two timings whose 2-thread run-to-run range
+    reaches 2.7% (the JSON's ``range_us_2t``)."""
+    measured = json.loads((Path(__file__).resolve().parents[1] / "bench" / "qmoe_threads.json").read_text())
+    cfg = ModelConfig(vocab_size=256, d_model=768, n_layers=1, n_heads=12, n_kv_heads=3, d_ff=1024, n_experts=4,
+                      top_k=1, d_expert=1024, router="softmax")
+    uniform = next(c for c in measured["skew"] if c["case"] == "uniform")["speedup_2t"]
+    assert len(measured["skew"]) == 5
+    for case in measured["skew"]:
+        slowdown = uniform / case["speedup_2t"]
+        assert routed_imbalance(cfg, 2, case["counts"]) == pytest.approx(slowdown, rel=0.06), case["case"]
+    assert routed_imbalance(cfg, 2, [104, 8, 8, 8]) == pytest.approx(1.75)
+    assert routed_imbalance(cfg, 1, [104, 8, 8, 8]) == 1.0            # one thread runs every expert anyway
+
+
+def test_skewed_routing_slows_a_prompt_only_on_several_threads():
+    """The routing enters only multi-token calls of a profile measured on more than one thread; per-layer
+    rows average; bad rows are one-line errors naming the fix."""
+    two = dataclasses.replace(HOST, threads=2)
+    skew = [[0.85, 0.05, 0.05, 0.05]] * COARSE.n_moe_layers
+    for dev, grows in ((HOST, False), (two, True)):
+        plain = latency_terms(COARSE, dev, tokens=128)
+        skewed = latency_terms(COARSE, dev, tokens=128, expert_load=skew)
+        assert (skewed.compute_s > plain.compute_s) == grows
+        assert latency_terms(COARSE, dev, tokens=1, past=100, expert_load=skew) == \
+            latency_terms(COARSE, dev, tokens=1, past=100)
+    half = [[0.85, 0.05, 0.05, 0.05], [0.25] * 4] * (COARSE.n_moe_layers // 2)
+    assert routed_imbalance(COARSE, 2, half) == pytest.approx((1.8 + 1.0) / 2)
+    for bad in ([[0.5, 0.5]], [[0.5, 0.5, 0.0, 0.0]] * 3, [[-0.1, 0.5, 0.3, 0.3]]):
+        with pytest.raises(ConfigError, match="expert_load: .* per MoE layer"):
+            routed_imbalance(COARSE, 2, bad)
 
 
 def test_decode_terms_equal_a_hand_count():
