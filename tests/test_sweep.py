@@ -27,6 +27,7 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import damage_checkpoint
+from moe_scaling.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY = 300, 10
@@ -127,6 +128,17 @@ def claim_race(storage: str, name: str, trials: int = 150, processes: int = 3) -
     return claimed
 
 
+def test_cpu_share_slices_the_cores_without_overlap():
+    from moe_scaling.sweep.devices import cpu_share
+
+    assert [cpu_share(i, 2, [0, 1]) for i in range(2)] == [{0}, {1}]
+    assert [cpu_share(i, 3, list(range(16))) for i in range(3)] == [set(range(0, 5)), set(range(5, 10)),
+                                                                     set(range(10, 16))]
+    assert [cpu_share(i, 3, [4, 6]) for i in range(3)] == [{4}, {6}, {4}]    # more workers than cores
+    with pytest.raises(InputError, match="need 0 <= worker < workers"):
+        cpu_share(2, 2, [0, 1])
+
+
 def test_concurrent_claims_hand_out_each_trial_once(tmp_path):
     claimed = claim_race(f"sqlite:///{tmp_path / 'queue.db'}", "race")
     assert sorted(claimed) == list(range(150))
@@ -147,6 +159,11 @@ def reference(tmp_path_factory):
 
 def test_two_local_workers_run_every_point_exactly_once(reference):
     grid, out = reference
+    records = [json.loads(p.read_text()) for p in out.glob("runs/*/record.json")]
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        # each worker pinned itself to its own half of the cores (sweep/devices.py, cpu_share)
+        shares = {r["worker"]: frozenset(r["cpus"]) for r in records}
+        assert len(shares) == 2 and not frozenset.intersection(*shares.values())
     storage = f"sqlite:///{out / 'sweep.db'}"
     ids = json.loads((out / "sweep.json").read_text())["runs"]
     runs = assert_exactly_once(out, storage, "tiny", {rid: "completed" for rid in ids})

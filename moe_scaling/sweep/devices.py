@@ -14,6 +14,12 @@ before the worker is spawned (:func:`worker_env`):
 Worker ``i`` gets devices ``[i K, (i + 1) K)`` of the visible list, so no two workers share one;
 more workers than that is a one-line error. TPUs are not assigned (one process per host owns
 them).
+
+CPU cores are shared out the same way (:func:`cpu_share`, applied by each spawned worker to itself
+with :func:`pin_to_share`): worker ``i`` of ``N`` runs on the ``i``-th of ``N`` contiguous slices of
+the cores the parent may use. XLA:CPU's thread pool otherwise spreads every worker over every core,
+and two workers' threads contend: on the 2-core machine two study-sized train steps (d24 / d32, 2
+layers) ran 8-20% faster each when pinned one per core (bench/README.md, "sweep workers").
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Iterator, Mapping
 
 from moe_scaling.errors import InputError
 
-__all__ = ["Accelerators", "detect_accelerators", "assign_devices", "worker_env"]
+__all__ = ["Accelerators", "detect_accelerators", "assign_devices", "worker_env", "cpu_share", "pin_to_share"]
 
 _VARS = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES"}
 
@@ -108,3 +114,26 @@ def worker_env(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def cpu_share(worker: int, workers: int, cpus: list[int]) -> set[int]:
+    """The cores of ``worker`` (0-based) among ``workers``: the ``worker``-th of ``workers``
+    contiguous, near-equal slices of ``cpus`` (sorted); with more workers than cores, worker ``i``
+    gets core ``i mod len(cpus)``."""
+    cpus = sorted(cpus)
+    if not cpus or workers < 1 or not 0 <= worker < workers:
+        raise InputError(f"worker {worker} of {workers} on cores {cpus}: need 0 <= worker < workers and a core")
+    if workers >= len(cpus):
+        return {cpus[worker % len(cpus)]}
+    lo, hi = worker * len(cpus) // workers, (worker + 1) * len(cpus) // workers
+    return set(cpus[lo:hi])
+
+
+def pin_to_share(worker: int, workers: int) -> set[int] | None:
+    """Restrict this process to :func:`cpu_share` of the cores it may use now (Linux; before JAX starts
+    its thread pool). Returns the cores, or None where the platform cannot pin or one worker runs."""
+    if workers < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    share = cpu_share(worker, workers, sorted(os.sched_getaffinity(0)))
+    os.sched_setaffinity(0, share)
+    return share

@@ -67,7 +67,7 @@ from moe_scaling.config import save_config
 from moe_scaling.errors import ConfigError, UserError
 from moe_scaling.files import atomic_write_text, exclusive_lock, write_json
 from moe_scaling.runtime import enable_compilation_cache, exit_now
-from moe_scaling.sweep.devices import assign_devices, detect_accelerators, worker_env
+from moe_scaling.sweep.devices import assign_devices, detect_accelerators, pin_to_share, worker_env
 from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
 from moe_scaling.sweep.layout import SweepDir
 from moe_scaling.sweep.progress import Progress, Report, read_snapshot
@@ -258,7 +258,9 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
     record: dict[str, Any] = {
         "run_id": rid, "sweep": ctx.study_name, "status": "running", "label": trial.user_attrs.get("label"),
         "attempts": (previous or {}).get("attempts", 0) + 1, "trial": trial.number,
-        "worker": f"{socket.gethostname()}:{os.getpid()}", "started_at": _now(), "finished_at": None,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "started_at": _now(), "finished_at": None,
         "config": run.to_dict(), "corpus_hash": _content_hash(data.corpus),
         "package_version": moe_scaling.__version__, "code_version": code_version()}
     write_record(ctx.out, record)
@@ -392,6 +394,7 @@ def _worker_main(ctx: WorkerContext) -> None:
     """Entry point of a spawned worker process; it ends without the interpreter's teardown
     (:func:`moe_scaling.runtime.exit_now`) once its queue work is done."""
     try:
+        pin_to_share(ctx.worker, ctx.n_workers)
         worker_loop(ctx)
     except KeyboardInterrupt:
         sys.exit(130)
