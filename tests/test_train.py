@@ -166,3 +166,47 @@ def test_resume_on_a_changed_corpus_is_a_config_error_naming_both_hashes(tmp_pat
     # Restoring the corpus resumes the run.
     (corpus / "b.txt").write_text(text[6_000:])
     assert train(MODEL, cfg, data, ckpt_dir=tmp_path / "ckpt", progress=False).status == "completed"
+
+
+PROGRAM_RUN = """
+import json, sys
+from moe_scaling.runtime import enable_compilation_cache
+enable_compilation_cache(sys.argv[1])
+from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
+from moe_scaling.train.loop import train
+model = ModelConfig(**json.loads(sys.argv[2]))
+r = train(model, TrainConfig(**json.loads(sys.argv[3])), DataConfig(**json.loads(sys.argv[4])), progress=False)
+print(json.dumps({"loss": r.final_eval_loss, "compile_s": r.metrics["compile_s"]}))
+"""
+
+
+def test_program_cache_writes_fresh_compilations_only(tmp_path):
+    """``loop.compiled``'s own cache (``<jax cache>/programs/``): a cold process writes the train and
+    eval programs; a process that finds them loads them; a process whose compilation JAX's cache
+    serves writes nothing (an executable deserialized from JAX's cache and serialized again can lack
+    kernels on XLA:CPU). Same losses every time (same machine), each process fresh."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    args = [json.dumps(dataclasses.asdict(MODEL)), json.dumps(dataclasses.asdict(_train_cfg(4))),
+            json.dumps(dataclasses.asdict(DATA))]
+
+    def run() -> dict:
+        proc = subprocess.run([sys.executable, "-c", PROGRAM_RUN, str(cache), *args], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cold = run()
+    written = sorted(p.name for p in (cache / "programs").iterdir())
+    assert [n.split("-")[0] for n in written] == ["eval", "train"]
+    shutil.move(cache / "programs", tmp_path / "kept")
+    served = run()                                            # JAX's cache serves both compilations
+    assert not (cache / "programs").exists() or not any((cache / "programs").iterdir())
+    shutil.rmtree(cache / "programs", ignore_errors=True)
+    shutil.move(tmp_path / "kept", cache / "programs")
+    loaded = run()                                            # the fresh files, run by another process
+    assert cold["loss"] == served["loss"] == loaded["loss"]

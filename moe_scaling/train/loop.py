@@ -131,7 +131,11 @@ def compiled(key: tuple, fn: Any, *args: Any) -> Any:
        serialized executable in ``<cache>/programs/``, found by ``key`` and
        :func:`_program_environment` without tracing the program (tracing and lowering were a third
        of a small run's fixed cost on a warm cache);
-    3. else it is traced and compiled (JAX's cache still serves the compilation) and written to 2.
+    3. else it is traced and compiled (JAX's cache still serves the compilation) and written to 2,
+       unless JAX's cache served it: an XLA:CPU executable deserialized from JAX's cache and
+       serialized again can lack kernels (JAX 0.10: "NOT_FOUND: Function broadcast_multiply_fusion.13
+       not found" when another process runs it; reproduced with a study run's eval program), so
+       only a fresh compilation is written, and JAX's cache serves the rest.
     A damaged or unreadable file in 2 is ignored and rewritten. (The files are pickles: the cache
     folder is trusted as the checkpoints beside it are.)"""
     if key in _PROGRAMS:
@@ -144,14 +148,30 @@ def compiled(key: tuple, fn: Any, *args: Any) -> Any:
         except Exception:  # noqa: BLE001 - any unreadable entry is recompiled and replaced
             program = None
     if program is None:
+        hits = _jax_cache_hits()
         program = fn.lower(*args).compile()
-        if path is not None:
+        if path is not None and _jax_cache_hits() == hits:
             try:
                 _save_program(program, path)
             except Exception:  # noqa: BLE001 - a cache that cannot be written is not an error
                 pass
     _PROGRAMS[key] = program
     return program
+
+
+_HITS = [0]
+
+
+def _jax_cache_hits() -> int:
+    """Hits of JAX's persistent compilation cache in this process so far (counted from the first call on)."""
+    if not _HITS[0]:
+        def count(event: str, **_: Any) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                _HITS[0] += 1
+
+        jax.monitoring.register_event_listener(count)
+        _HITS[0] = 1          # registered; counts start at 1
+    return _HITS[0]
 
 
 @functools.cache
@@ -166,7 +186,8 @@ def _program_environment() -> str:
     for path in sorted([root / "config.py", *(root / "model").glob("*.py"), *(root / "train").glob("*.py")]):
         source.update(path.name.encode() + b"\0" + path.read_bytes())
     devices = jax.devices()
-    return repr((jax.__version__, jaxlib.__version__, jax.default_backend(), devices[0].device_kind,
+    # "programs-2": files written before cache-served programs were left out may be broken; never read them
+    return repr(("programs-2", jax.__version__, jaxlib.__version__, jax.default_backend(), devices[0].device_kind,
                  len(devices), os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64,
                  jax.config.jax_default_matmul_precision, source.hexdigest()))
 
