@@ -546,7 +546,7 @@ def test_layout_effects_recover_the_drawn_granularity_and_shared_gaps():
 
 
 def _layout_study_inputs() -> dict[str, np.ndarray]:
-    """The law's inputs of every run of sweeps/layout_isoflop.yaml (336 runs), and their steps."""
+    """The law's inputs of every run of sweeps/layout_isoflop.yaml (360 runs), and their steps."""
     from moe_scaling.costs import param_counts
     from moe_scaling.sweep.runner import plan_sweep
 
@@ -561,7 +561,7 @@ def _layout_study_inputs() -> dict[str, np.ndarray]:
 
 def test_the_layout_study_design_identifies_granularity_and_the_shared_expert():
     """Issue 23, item 2, checked on the design before its 10 CPU hours: losses drawn from ``ondevice``
-    on the 336 runs of sweeps/layout_isoflop.yaml (the joint terms of fits/ondevice_isoflop.json, a
+    on the 360 runs of sweeps/layout_isoflop.yaml (the joint terms of fits/ondevice_isoflop.json, a
     granularity gain g = 0.15, eta = 1, a shared-expert term sigma = 0.1) with the seed noise the
     committed study measured per step regime (sd 0.035 under 1,000 steps, 0.013 to 3,000, 0.007
     beyond), fitted back with 64 cold starts per bootstrap refit: g, eta and sigma have intervals off

@@ -202,12 +202,12 @@ def test_shipped_grids_validate():
 
 
 def test_layout_study_grid_compares_layouts_at_equal_compute_with_500_steps_or_more():
-    """sweeps/layout_isoflop.yaml (issue 23): 336 runs; every MoE run's active FFN width equals its
+    """sweeps/layout_isoflop.yaml (issue 23): 360 runs; every MoE run's active FFN width equals its
     dense model's d_ff (equal active compute, the shared expert included), G in {1, 2, 4, 8} at E 4 and
-    16, the shared expert at E4 with G 2-8, 3 budgets x 5 sizes (6 at the smallest), every run at
-    least 500 steps, and 3 seeds on the smallest budget only."""
+    16, the shared expert at E4 with G 2-8, 3 budgets x 6 sizes, every run at least 500 steps, and 3
+    seeds on the smallest budget only."""
     runs = expand_grid(load_grid(Path(__file__).resolve().parents[1] / "sweeps" / "layout_isoflop.yaml"))
-    assert len(runs) == 336
+    assert len(runs) == 360
     for r in runs:
         m = r.model
         assert m.d_active_ffn == 4 * m.d_model, (r.run_id, m.d_active_ffn)
@@ -216,7 +216,7 @@ def test_layout_study_grid_compares_layouts_at_equal_compute_with_500_steps_or_m
     assert {(m.expansion, m.granularity) for m in moe if not m.n_shared} == {
         (e, g) for e in (4, 16) for g in (1, 2, 4, 8)}
     assert {(m.expansion, m.granularity) for m in moe if m.n_shared} == {(4, 2), (4, 4), (4, 8)}
-    assert len({(r.model.d_model, r.train.tokens) for r in runs}) == 16
+    assert len({(r.model.d_model, r.train.tokens) for r in runs}) == 18
     seeds = {r.train.seed for r in runs if r.train.tokens == 24013824}
     assert seeds == {0} and {r.train.seed for r in runs if r.train.tokens == 8455168} == {0, 1, 2}
     assert {r.train.seed for r in runs if r.model.d_model == 16} == {0, 1, 2}
