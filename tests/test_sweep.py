@@ -139,6 +139,24 @@ def test_cpu_share_slices_the_cores_without_overlap():
         cpu_share(2, 2, [0, 1])
 
 
+def test_eta_weighs_the_steps_left():
+    """The progress line's ETA: steps left (the runs not done, less the in-flight steps) times the
+    finished runs' wall time per step, over the workers; a run outside ``run_ids`` is not counted."""
+    from moe_scaling.sweep.progress import snapshot
+    from moe_scaling.sweep.queue import WorkerContext
+
+    steps = {"a": 500, "b": 50_000, "c": 500, "d": 2_000}
+    ctx = WorkerContext(out="x", storage_url="sqlite://", study_name="s", grid_dir=".", total=4, n_workers=2,
+                        run_ids=frozenset(steps), run_steps=steps)
+    counts = {"done": 1, "done_ids": {"a"}, "walls": {"a": 10.0}, "failed": [], "running": {}}
+    live = [{"run_id": "d", "step": 1_000, "steps": 2_000, "started": time.time()}]
+    snap = snapshot(ctx, counts, live)
+    assert snap["eta_s"] == pytest.approx((50_000 + 500 + 2_000 - 1_000) * (10.0 / 500) / 2)
+    # without step counts: the mean wall per finished run times the runs left
+    plain = snapshot(dataclasses.replace(ctx, run_steps=None), counts, live)
+    assert plain["eta_s"] == pytest.approx((4 - 1 - 0.5) * 10.0 / 2)
+
+
 def test_concurrent_claims_hand_out_each_trial_once(tmp_path):
     claimed = claim_race(f"sqlite:///{tmp_path / 'queue.db'}", "race")
     assert sorted(claimed) == list(range(150))

@@ -43,7 +43,7 @@ class Progress:
             self._written = now
         if self.report is not None:
             if self._counts is None:
-                self._counts = sweep_counts(self.study)
+                self._counts = sweep_counts(self.study, self.ctx.run_ids)
             self.report(snapshot(self.ctx, self._counts, [self.state]) | {"event": event})
 
     def start_run(self, rid: str, label: str) -> None:
@@ -75,19 +75,30 @@ class Progress:
 def snapshot(ctx: WorkerContext, counts: Mapping[str, Any], states: list[Mapping[str, Any]]) -> dict:
     """What a progress line shows: ``total`` runs, ``done``, the ``states`` of the runs in flight
     (run_id, step, steps, loss, tokens_per_s), ``n_workers`` and ``eta_s`` (None until it can be
-    estimated: the mean wall time of finished runs, else the in-flight runs' pace, times the runs
-    left, over the workers)."""
+    estimated, over the workers). With ``ctx.run_steps`` (each run's optimizer steps) the ETA is the
+    steps left times the finished runs' wall time per step (runs of one sweep differ in steps by 100x:
+    the layout study's 513 to 46,647); otherwise the mean wall time of finished runs, else the
+    in-flight runs' pace, times the runs left."""
     now = time.time()
     live = [s for s in states if s.get("run_id")]
     fractions = [(min((s.get("step") or 0) / s["steps"], 1.0), now - s.get("started", now))
                  for s in live if s.get("steps")]
     walls = counts["walls"]
-    per_run = sum(walls) / len(walls) if walls else None
-    if per_run is None:
-        rates = [elapsed / f for f, elapsed in fractions if f > 0.05]
-        per_run = sum(rates) / len(rates) if rates else None
-    remaining = max(ctx.total - counts["done"] - sum(f for f, _ in fractions), 0.0)
-    eta = None if per_run is None else remaining * per_run / max(ctx.n_workers, 1)
+    steps = ctx.run_steps or {}
+    timed = [rid for rid in walls if steps.get(rid)]
+    if timed:
+        per_step = sum(walls[rid] for rid in timed) / sum(steps[rid] for rid in timed)
+        done = counts["done_ids"]
+        left = sum(n for rid, n in steps.items() if rid not in done) \
+            - sum(min(s.get("step") or 0, s["steps"]) for s in live if s.get("steps"))
+        eta = max(left, 0) * per_step / max(ctx.n_workers, 1)
+    else:
+        per_run = sum(walls.values()) / len(walls) if walls else None
+        if per_run is None:
+            rates = [elapsed / f for f, elapsed in fractions if f > 0.05]
+            per_run = sum(rates) / len(rates) if rates else None
+        remaining = max(ctx.total - counts["done"] - sum(f for f, _ in fractions), 0.0)
+        eta = None if per_run is None else remaining * per_run / max(ctx.n_workers, 1)
     return {"total": ctx.total, "done": counts["done"], "states": live, "n_workers": ctx.n_workers,
             "eta_s": eta}
 
@@ -100,4 +111,4 @@ def read_snapshot(ctx: WorkerContext, study: optuna.Study) -> dict:
             states.append(json.loads(path.read_text()))
         except (OSError, ValueError):  # a file being replaced; the next poll reads it
             continue
-    return snapshot(ctx, sweep_counts(study), states) | {"event": None}
+    return snapshot(ctx, sweep_counts(study, ctx.run_ids), states) | {"event": None}

@@ -68,6 +68,7 @@ class WorkerContext:
     n_workers: int = 1
     batch: bool = True          # train runs that differ only in seed/lr together (train/group.py)
     run_ids: frozenset[str] | None = None   # the runs this worker may claim (the grid's, after --only)
+    run_steps: Mapping[str, int] | None = None   # their optimizer steps, for the progress line's ETA
 
 
 def check_storage_url(url: str) -> None:
@@ -318,12 +319,13 @@ def superseded(study: optuna.Study, mine: FrozenTrial) -> bool:
 
 def sweep_counts(study: optuna.Study, run_ids: set[str] | None = None) -> dict[str, Any]:
     """Per-run state from the storage: ``done`` (completed, diverged or failed), ``failed`` (the
-    runs whose latest end is ``failed``), ``running``, ``walls`` (wall seconds of finished runs)
+    runs whose latest end is ``failed``), ``done_ids``, ``running``, ``walls`` (wall seconds of finished runs,
+    by run id)
     and ``starts`` (start times of running runs)."""
     done: set[str] = set()
     last_end: dict[str, tuple[int, Any]] = {}
     running: dict[str, datetime] = {}
-    walls: list[float] = []
+    walls: dict[str, float] = {}
     for t in study.get_trials(deepcopy=False):
         rid = t.user_attrs.get("run_id")
         if rid is None or (run_ids is not None and rid not in run_ids):
@@ -333,11 +335,11 @@ def sweep_counts(study: optuna.Study, run_ids: set[str] | None = None) -> dict[s
         if _ended(t) and rid not in done:
             done.add(rid)
             if t.user_attrs.get("wall_s") is not None:
-                walls.append(float(t.user_attrs["wall_s"]))
+                walls[rid] = float(t.user_attrs["wall_s"])
         elif t.state == TrialState.RUNNING and t.datetime_start is not None:
             running[rid] = t.datetime_start
     failed = sorted(rid for rid, (_, status) in last_end.items() if status == "failed")
-    return {"done": len(done), "failed": failed, "running": running, "walls": walls}
+    return {"done": len(done), "done_ids": done, "failed": failed, "running": running, "walls": walls}
 
 
 def finish_trial(study: optuna.Study, trial: FrozenTrial, state: TrialState, record: Mapping[str, Any],

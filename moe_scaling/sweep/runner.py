@@ -426,7 +426,8 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
     ctx = WorkerContext(out=str(Path(out).resolve()), storage_url=url, study_name=plan.spec.name,
                         grid_dir=str(plan.spec.path.resolve().parent), total=len(plan.runs),
                         grace_s=grace_s, n_workers=workers, batch=batch,
-                        run_ids=frozenset(r.run_id for r in plan.runs))
+                        run_ids=frozenset(r.run_id for r in plan.runs),
+                        run_steps={r.run_id: r.train.steps(r.data.seq_len) for r in plan.runs})
     SweepDir(out).progress.mkdir(exist_ok=True)
     for stale in SweepDir(out).progress.glob("*.json"):
         stale.unlink()
