@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
 
+from moe_scaling.files import exclusive_lock
+
 __all__ = ["keep_freed_memory", "enable_compilation_cache", "default_cache_dir", "exit_now", "machine_info",
            "timing_lock"]
 
@@ -154,11 +156,5 @@ TIMING_LOCK = "/tmp/moe-timing.lock"
 def timing_lock(path: str = TIMING_LOCK) -> Iterator[None]:
     """Hold an exclusive ``fcntl`` lock on ``path`` while timing: the benchmarks take it, so two of
     them never time at once on a shared machine (other work must still be kept off by hand)."""
-    import fcntl
-
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(path):
+        yield

@@ -159,19 +159,20 @@ def compiled(key: tuple, fn: Any, *args: Any) -> Any:
     return program
 
 
-_HITS = [0]
+_CACHE_HITS: list[int] = []      # one counter, created with its listener on first use
 
 
 def _jax_cache_hits() -> int:
-    """Hits of JAX's persistent compilation cache in this process so far (counted from the first call on)."""
-    if not _HITS[0]:
+    """Hits of JAX's persistent compilation cache in this process since the first call."""
+    if not _CACHE_HITS:
+        _CACHE_HITS.append(0)
+
         def count(event: str, **_: Any) -> None:
             if event == "/jax/compilation_cache/cache_hits":
-                _HITS[0] += 1
+                _CACHE_HITS[0] += 1
 
         jax.monitoring.register_event_listener(count)
-        _HITS[0] = 1          # registered; counts start at 1
-    return _HITS[0]
+    return _CACHE_HITS[0]
 
 
 @functools.cache
