@@ -545,6 +545,28 @@ def test_layout_effects_recover_the_drawn_granularity_and_shared_gaps():
     assert lines[i + 1].startswith("  E 2: L(G=1) - L(G=4) +") and "L(no shared) - L(shared) +" in lines[i + 1]
 
 
+def test_layout_effects_give_each_granularity_its_expert_width():
+    """A law that reads the experts' width (``layout``) is asked about G at the middle size's own FFN
+    width: experts d_ff / G wide (d_ff = d_expert x G of that size's runs). With a narrow-expert
+    factor the best G is interior, and every predicted loss is the law's at that width."""
+    from moe_scaling.laws.effects import layout_effects
+
+    law = LAWS["layout"]
+    p = {**LAWS["ondevice"].reference, "g": 0.3, "eta": 1.0, "sigma": 0.0, "w": 16.0, "rho": 1.0, "sigma_d": 0.0}
+    d_model = np.repeat([32.0, 64.0, 128.0], 4)
+    G = np.tile([1.0, 2.0, 4.0, 8.0], 3)
+    cols = {"params_active": 1e3 * d_model ** 2, "params_embedding": 256 * d_model, "tokens": 1e8 * np.ones(12),
+            "expansion": np.full(12, 4.0), "granularity": G, "n_shared": np.zeros(12), "d_expert": 4 * d_model / G}
+    eff = layout_effects(law, p, None, cols)
+    assert eff["at"]["d_ff"] == 256.0                       # the middle size, d_model 64
+    (entry,) = eff["by_expansion"]
+    for g, loss in entry["predicted_by_granularity"].items():
+        row = {**{k: np.array([v]) for k, v in eff["at"].items()}, "expansion": np.array([4.0]),
+               "granularity": np.array([float(g)]), "n_shared": np.array([0.0]), "d_expert": np.array([256.0 / float(g)])}
+        assert loss == pytest.approx(law.predict(p, row)[0], rel=1e-12)
+    assert entry["best_granularity"] in (2.0, 4.0)          # finer helps, then narrow experts cost more
+
+
 def _layout_study_inputs() -> dict[str, np.ndarray]:
     """The law's inputs of every run of sweeps/layout_isoflop.yaml (360 runs), and their steps."""
     from moe_scaling.costs import param_counts

@@ -19,6 +19,7 @@ N = 10 ** RNG.uniform(7, 10, 12)
 X = {"params_active": N, "params_total": N * RNG.uniform(1, 8, 12), "params_embedding": N * 0.1,
      "tokens": 10 ** RNG.uniform(9, 12, 12), "expansion": 2.0 ** RNG.integers(0, 8, 12),
      "granularity": 2.0 ** RNG.integers(0, 5, 12), "n_shared": RNG.integers(0, 2, 12).astype(float)}
+X["d_expert"] = 2.0 ** RNG.integers(8, 12, 12) / X["granularity"]
 
 
 def ehat(E, Es, Em):
@@ -42,17 +43,23 @@ def reference_loss(name, p, X):
     if name == "saturating":
         return p["c"] + p["A"] / (Eh ** p["delta"] * Na ** p["alpha"]) + p["B"] / D ** p["beta"]
     n_term = p["a"] * Eh ** p["delta"] * Na ** (p["alpha"] + p["gamma"] * np.log(Eh))
-    if name == "ondevice":
+    d_term = p["b"] * Eh ** p["omega"] * D ** (p["beta"] + p["zeta"] * np.log(Eh))
+    if name in ("ondevice", "layout"):
         n_term = n_term * (1 + p["g"] * (X["granularity"] ** -p["eta"] - 1)) * (1 + X["n_shared"]) ** -p["sigma"]
-    return n_term + p["b"] * Eh ** p["omega"] * D ** (p["beta"] + p["zeta"] * np.log(Eh)) + p["c"]
+    if name == "layout":
+        n_term = n_term * (1 + (p["w"] / X["d_expert"]) ** p["rho"])
+        d_term = d_term * (1 + X["n_shared"]) ** -p["sigma_d"]
+    return n_term + d_term + p["c"]
 
 
 @pytest.mark.parametrize("name", list(LAWS))
 def test_predict_matches_the_formula(name):
     law = LAWS[name]
     p = dict(law.reference)
-    if name == "ondevice":
+    if name in ("ondevice", "layout"):
         p.update(g=0.4, eta=0.8, sigma=0.15)
+    if name == "layout":
+        p.update(w=30.0, rho=0.7, sigma_d=0.2)
     if name == "saturating":
         p.update(delta=0.2)
     np.testing.assert_allclose(law.predict(p, X), reference_loss(name, p, X), rtol=1e-12)
@@ -92,6 +99,22 @@ def test_ondevice_nests_joint_moe():
     dense = {**X, "granularity": np.ones(12), "n_shared": np.zeros(12)}
     p.update(g=0.5, sigma=0.3)
     np.testing.assert_allclose(LAWS["ondevice"].predict(p, dense), LAWS["joint_moe"].predict(p, dense), rtol=1e-12)
+
+
+def test_layout_nests_ondevice_and_penalises_narrow_experts():
+    """w -> 0 and sigma_d = 0 is ondevice (to the width factor's (w / d_expert)^rho, here < 1e-9);
+    with w > 0 the loss falls as experts widen at a fixed granularity, and a shared expert lowers
+    the data term by (1 + n_shared)^-sigma_d."""
+    lay, ond = LAWS["layout"], LAWS["ondevice"]
+    p = {**ond.reference, "g": 0.4, "eta": 0.8, "sigma": 0.15, "w": 1e-3, "rho": 4.0, "sigma_d": 0.0}
+    np.testing.assert_allclose(lay.predict(p, X), ond.predict(p, X), rtol=1e-9)
+    p.update(w=64.0, rho=0.5)
+    widths = {**X, "d_expert": np.outer([16.0, 64.0, 256.0], np.ones(12))}
+    by_width = lay.predict(p, {k: np.broadcast_to(v, (3, 12)) for k, v in widths.items()})
+    assert np.all(np.diff(by_width, axis=0) < 0)
+    p.update(sigma_d=0.3)
+    shared = {**X, "n_shared": np.ones(12)}
+    assert np.all(lay.predict(p, shared) < lay.predict({**p, "sigma_d": 0.0}, shared))
 
 
 def test_ehat_saturates_between_e_start_and_e_max():

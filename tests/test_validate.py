@@ -107,6 +107,26 @@ def test_validate_trains_the_candidates_and_writes_validation_json(tmp_path):
     assert 0 < doc["memory_use"] <= 1 and "d_model_max" in doc["space_bounds"]
 
 
+def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
+    """``--plan``: the grid file of the candidates, their optimizer steps (tokens / (batch x seq_len),
+    times the seeds in the total) and where the budget binds, before any compute is spent: no sweep
+    folder, no validation.json."""
+    budget = Budget(memory=2_000_000, train_compute=5e12, context=128)
+    r = validate(LAW, budget, tmp_path, seeds=2, plan=True)
+    named = validation_candidates(LAW, budget)
+    assert r["planned"] is True and [c["name"] for c in r["candidates"]] == [n.name for n in named]
+    assert all(c["measured"] == [] and c["measured_mean"] is None and c["steps"] == c["tokens"] // (16 * 128)
+               for c in r["candidates"])
+    assert r["steps"] == 2 * sum(c["steps"] for c in r["candidates"])
+    assert r["binding"] and 0 < r["memory_use"] <= 1 and isinstance(r["space_bounds"], list)
+    assert (tmp_path / "grid.yaml").is_file()
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "validation.json").exists()
+    assert cli.main(["fits/joint_moe_published.json", "--budget-mem", "2MB", "--train-compute", "5e12",
+                     "--context", "128", "--validate", str(tmp_path / "cli"), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "planned, not trained:" in out and "optimum" in out and not (tmp_path / "cli" / "sweep").exists()
+
+
 def test_summary_numbers_follow_from_the_measurements():
     rows = [{"name": "optimum", "predicted_loss": 2.0, "measured": [2.10, 2.14], "in_interval": True},
             {"predicted_loss": 2.1, "measured": [2.05, 2.07], "in_interval": False},
@@ -130,6 +150,7 @@ def test_summary_numbers_follow_from_the_measurements():
      "only acts with --validate"),
     (["fits/joint_moe_published.json", "--budget-mem", "2MB", "--train-compute", "5e12", "--validate", "d",
       "--workers", "0"], "--workers 0: must be at least 1"),
+    (["fits/joint_moe_published.json", "--budget-mem", "2MB", "--plan"], "--plan: only acts with --validate"),
 ])
 def test_validate_bad_input_is_one_line(capsys, argv, message):
     assert cli.main(argv) == 2

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--train-compute 5e12 --context 128): train the optimum, two runners-up and named "
                         "alternatives in the study space and write DIR/validation.json")
     v.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per candidate with --validate (default 3)")
+    v.add_argument("--plan", action="store_true",
+                   help="with --validate: write DIR/grid.yaml and show the candidates, their steps and where the "
+                        "budget binds the optimum; train nothing (choose budgets before spending compute)")
     v.add_argument("--workers", type=int, default=None, metavar="N",
                    help="local worker processes training the candidates with --validate (default 1)")
     v.add_argument("--like", metavar="GRID", default=None,
@@ -228,7 +231,7 @@ def run_validation(args: argparse.Namespace, fit: Fit) -> dict[str, Any]:
     if workers < 1:
         raise InputError(f"--workers {workers}: must be at least 1")
     return {"validation": validate(fit, budget_from_args(args), args.validate, seeds=seeds, space=space,
-                                   level=level, workers=workers, like=like)}
+                                   level=level, workers=workers, like=like, plan=args.plan)}
 
 
 def format_by_compute(bc: dict[str, Any]) -> str:
@@ -372,6 +375,8 @@ def _main(argv: Sequence[str] | None) -> int:
         raise InputError(f"--workers {args.workers}: only acts with --validate DIR; add it or drop --workers")
     if args.like is not None and not args.validate:
         raise InputError(f"--like {args.like}: only acts with --validate DIR; add it or drop --like")
+    if args.plan and not args.validate:
+        raise InputError("--plan: only acts with --validate DIR; add it or drop --plan")
     if args.validate:
         result.update(run_validation(args, fit))
     elif by_compute_wanted(args):
@@ -398,13 +403,22 @@ def _main(argv: Sequence[str] | None) -> int:
             v = result["validation"]
             for c in v["candidates"]:
                 iv = c["interval"]
-                print(f"  {c['name']:<12} predicted {c['predicted_loss']:.4f}"
+                m = c["model"]
+                shape = (f"d{m['d_model']} L{m['n_layers']}" + (f" E{m['n_experts']} k{m['top_k']} w{m['d_expert']}"
+                         if m["n_experts"] > 1 else " dense") + (f" +{m['n_shared']}sh" if m["n_shared"] else ""))
+                print(f"  {c['name']:<12} {shape:<26} predicted {c['predicted_loss']:.4f}"
                       + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
                       + (f"  measured {c['measured_mean']:.4f}" if c["measured_mean"] is not None else "  not measured")
-                      + (f" +- {c['measured_std']:.4f}" if c["measured_std"] is not None else ""))
-            print(f"noise floor {v['noise_floor']}, spearman {v['spearman']}, predicted best is measured best: "
-                  f"{v['predicted_best_is_measured_best']}, within interval: {v['within_interval']}")
-            print(f"wrote {args.validate}/validation.json")
+                      + (f" +- {c['measured_std']:.4f}" if c["measured_std"] is not None else "")
+                      + (f"  {c['steps']:,} steps" if "steps" in c else ""))
+            if v.get("planned"):
+                print(f"planned, not trained: {v['steps']:,} optimizer steps over {v['seeds']} seed(s); binding "
+                      f"{', '.join(v['binding'])}, memory use {v['memory_use']:.0%}, space bounds "
+                      f"{', '.join(v['space_bounds']) or 'none'}; wrote {v['grid']}")
+            else:
+                print(f"noise floor {v['noise_floor']}, spearman {v['spearman']}, predicted best is measured best: "
+                      f"{v['predicted_best_is_measured_best']}, within interval: {v['within_interval']}")
+                print(f"wrote {args.validate}/validation.json")
         for name, paths in result.get("plots", {}).items():
             print(f"figure {name}: {', '.join(paths)}")
     return 0

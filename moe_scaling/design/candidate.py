@@ -40,12 +40,13 @@ class LossModel(Protocol):
 
 
 def law_columns(params_active, params_total, params_embedding, tokens, expansion, granularity,
-                n_shared) -> dict[str, np.ndarray]:
-    """The canonical column dict a law's ``predict`` receives (float64 arrays)."""
+                n_shared, d_expert) -> dict[str, np.ndarray]:
+    """The canonical column dict a law's ``predict`` receives (float64 arrays, broadcast to one shape)."""
     cols = dict(params_active=params_active, params_total=params_total,
                 params_embedding=params_embedding, tokens=tokens, expansion=expansion,
-                granularity=granularity, n_shared=n_shared)
-    return {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+                granularity=granularity, n_shared=n_shared, d_expert=d_expert)
+    arrays = np.broadcast_arrays(*[np.asarray(v, dtype=np.float64) for v in cols.values()])
+    return {k: np.array(v) for k, v in zip(cols, arrays)}
 
 
 def config_columns(cfgs: Sequence[ModelConfig], tokens: Sequence[float]) -> dict[str, np.ndarray]:
@@ -53,7 +54,7 @@ def config_columns(cfgs: Sequence[ModelConfig], tokens: Sequence[float]) -> dict
     counts = [param_counts(c) for c in cfgs]
     return law_columns([p.active for p in counts], [p.total for p in counts],
                        [p.embedding for p in counts], tokens, [c.expansion for c in cfgs],
-                       [c.granularity for c in cfgs], [c.n_shared for c in cfgs])
+                       [c.granularity for c in cfgs], [c.n_shared for c in cfgs], [c.d_expert for c in cfgs])
 
 
 class _ReadsAsDict(Mapping):

@@ -59,8 +59,9 @@ def law_reads(model: LossModel, columns: Iterable[str] = ("granularity", "n_shar
     """Whether ``model`` reads each column: True when changing it changes some prediction on a
     small probe set of MoE shapes (0.1-3B active, E 2-32, G 1-16, 0-1 shared, 1e10-1e13 tokens)."""
     act = np.array([1e8, 3e8, 1e9, 3e9])
+    G = np.array([1.0, 4.0, 8.0, 16.0])
     X = law_columns(act, act * 6, act * 0.2, [1e10, 1e11, 1e12, 1e13], [2.0, 4.0, 8.0, 32.0],
-                    [1.0, 4.0, 8.0, 16.0], [0.0, 1.0, 0.0, 1.0])
+                    G, [0.0, 1.0, 0.0, 1.0], np.array([2048.0, 4096.0, 8192.0, 16384.0]) / G)
     base = np.asarray(model.predict(X), dtype=np.float64)
     out = {}
     for c in columns:
@@ -101,7 +102,8 @@ class _Evaluator:
         else:
             g, s = line.layout
             G, S, E = np.full(line.n.shape, float(g)), np.full(line.n.shape, float(s)), line.n / g
-        X = law_columns(line.params_active, line.params_total, line.params_embedding, tokens, E, G, S)
+        d_expert = self.space.ffn_mult * line.trunk.d_model / G
+        X = law_columns(line.params_active, line.params_total, line.params_embedding, tokens, E, G, S, d_expert)
         loss = np.asarray(self.model.predict(X), dtype=np.float64)
         ok = {"memory": line.total_bytes <= self.budget.memory}
         if self.budget.flops_per_token is not None:

@@ -295,6 +295,17 @@ def _interval_of_mean(model: LossModel, cfg: ModelConfig, tokens: float, level: 
     return float(np.asarray(lo)[0]), float(np.asarray(hi)[0])
 
 
+def _row(n: Named, tokens: int, settings: Mapping[str, Any], measured: list[float],
+         iv: tuple[float, float] | None) -> dict[str, Any]:
+    """One ``candidates`` entry of validation.json (module docstring)."""
+    mean = float(np.mean(measured)) if measured else None
+    return {"name": n.name, "role": n.role, "model": {**n.candidate.config.to_dict(), **settings},
+            "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
+            "tokens": tokens, "measured": measured, "measured_mean": mean,
+            "measured_std": float(np.std(measured, ddof=1)) if len(measured) > 1 else None,
+            "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])}
+
+
 def where_it_binds(model: LossModel, budget: Budget, space: ArchSpace, optimum: Candidate) -> dict[str, Any]:
     """``extrapolation``, ``binding``, ``memory_use`` and ``space_bounds`` of the optimum (module
     docstring). ``binding`` comes from the search over the same space (a budget binds when relaxing it
@@ -310,13 +321,18 @@ def where_it_binds(model: LossModel, budget: Budget, space: ArchSpace, optimum: 
 def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 3,
              space: ArchSpace = STUDY_SPACE, data: Mapping[str, Any] | None = None,
              train: Mapping[str, Any] | None = None, level: float = 0.9, name: str = "validation",
-             workers: int = 1, like: StudySettings | None = None) -> dict[str, Any]:
+             workers: int = 1, like: StudySettings | None = None, plan: bool = False) -> dict[str, Any]:
     """Train :func:`validation_candidates` (``seeds`` seeds each) under ``out`` and write
     ``out/validation.json`` (see the module docstring). ``budget`` needs ``train_compute`` (the
     study's compute; tokens follow per architecture). ``data`` and ``train`` are the grid's base
     sections (defaults: the Gutenberg corpus beside the repository at seq_len 128, batch 16, lr 3e-3);
     ``like``: train as that study did (its data, train and router settings, its lr rule of size;
-    :func:`study_settings`), overriding those defaults."""
+    :func:`study_settings`), overriding those defaults.
+
+    ``plan``: write ``out/grid.yaml`` and return what would be trained, with ``planned`` true,
+    each candidate's ``steps`` and the total ``steps`` over its seeds, and where the budget binds,
+    before any compute is spent (no training, no ``validation.json``): the way to choose budgets
+    under which memory binds the optimum (``memory_use`` near 1, ``space_bounds`` empty)."""
     import yaml
 
     from moe_scaling.sweep.runner import run_sweep
@@ -341,6 +357,13 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
     doc = _grid_doc(named, name=name, data=data, train=train, seeds=seeds, model=settings, like=like)
     grid = out / "grid.yaml"
     atomic_write_text(grid, yaml.safe_dump(doc, sort_keys=False))
+    binds = where_it_binds(model, budget, space, named[0].candidate)
+    if plan:
+        step = int(train["batch_size"]) * int(data["seq_len"])
+        rows = [_row(n, tokens, settings, [], None) | {"steps": tokens // step}
+                for n, tokens in zip(named, doc["zip"]["tokens"])]
+        return {"budget": budget.to_dict(), "planned": True, "candidates": rows, "seeds": seeds,
+                "steps": seeds * sum(r["steps"] for r in rows), **binds, "grid": str(grid)}
     sweep_dir = out / "sweep"
     run_sweep(grid, sweep_dir, workers=workers)
     runs = pd.read_parquet(SweepDir(sweep_dir).runs_table)
@@ -354,14 +377,9 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
         if c.is_moe:
             m = m[m["d_expert"] == c.d_expert]
         measured = sorted(float(v) for v in m["eval_loss"])
-        mean = float(np.mean(measured)) if measured else None
-        std = float(np.std(measured, ddof=1)) if len(measured) > 1 else None
         iv = _interval_of_mean(model, c, n.candidate.tokens, level, len(measured)) if measured else None
-        rows.append({"name": n.name, "role": n.role, "model": {**c.to_dict(), **settings},
-                     "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
-                     "tokens": tokens, "measured": measured, "measured_mean": mean, "measured_std": std,
-                     "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])})
-    result = {"budget": budget.to_dict(), "candidates": rows, **summarize(rows),
-              **where_it_binds(model, budget, space, named[0].candidate), "grid": str(grid), "sweep": str(sweep_dir)}
+        rows.append(_row(n, tokens, settings, measured, iv))
+    result = {"budget": budget.to_dict(), "candidates": rows, **summarize(rows), **binds, "grid": str(grid),
+              "sweep": str(sweep_dir)}
     atomic_write_text(out / "validation.json", json.dumps(result, indent=1, default=json_default) + "\n")
     return result

@@ -26,7 +26,9 @@ __all__ = ["middle_point", "layout_effects"]
 
 def middle_point(cols: Mapping[str, np.ndarray]) -> dict[str, float]:
     """The fitted runs' middle size: the median-ranked distinct ``params_active`` (the lower middle
-    of an even count), with the median tokens of the runs of that size and their embedding count."""
+    of an even count), with the median tokens of the runs of that size and their embedding count,
+    and (when the runs give ``d_expert``) its FFN width ``d_ff = d_expert * G``, from which a layout
+    of granularity G at this size has experts ``d_ff / G`` wide."""
     active = np.asarray(cols["params_active"], float)
     sizes = np.unique(active)
     size = sizes[(len(sizes) - 1) // 2]
@@ -35,6 +37,9 @@ def middle_point(cols: Mapping[str, np.ndarray]) -> dict[str, float]:
     for extra in ("params_embedding", "params_total"):
         if extra in cols:
             point[extra] = float(np.median(np.asarray(cols[extra], float)[at]))
+    if "d_expert" in cols and "granularity" in cols:
+        d_ff = np.asarray(cols["d_expert"], float) * np.asarray(cols["granularity"], float)
+        point["d_ff"] = float(np.median(d_ff[at]))
     return point
 
 
@@ -61,7 +66,10 @@ def layout_effects(law: Law, params: Mapping[str, float], samples: np.ndarray | 
     tail = 100.0 * (1.0 - level) / 2.0
 
     def row(**knobs: float) -> dict[str, np.ndarray]:
-        return {k: np.array([v]) for k, v in {**point, "granularity": 1.0, "n_shared": 0.0, **knobs}.items()}
+        r = {**point, "granularity": 1.0, "n_shared": 0.0, **knobs}
+        if "d_ff" in point:
+            r["d_expert"] = point["d_ff"] / r["granularity"]
+        return {k: np.array([v]) for k, v in r.items()}
 
     def interval(a, b) -> dict[str, Any]:
         value = float(_gap(law, theta, a, b)[0])

@@ -17,9 +17,10 @@ Inputs are canonical run-table columns (:data:`CANONICAL_COLUMNS`). Laws that us
 counts read ``params_embedding`` and subtract it; when a table has no ``params_embedding`` column
 it is taken as 0 (``Law.optional_inputs``) and the fit says so in its notes.
 
-Registry: ``chinchilla``, ``krajewski``, ``joint_moe``, ``clark``, and two of our own: ``saturating``
-(an irreducible loss plus Clark's saturating expert count) and ``ondevice`` (joint_moe with granularity
-and shared-expert factors). ``LAWS``
+Registry: ``chinchilla``, ``krajewski``, ``joint_moe``, ``clark``, and three of our own: ``saturating``
+(an irreducible loss plus Clark's saturating expert count), ``ondevice`` (joint_moe with granularity
+and shared-expert factors) and ``layout`` (ondevice with a narrow-expert factor and the shared
+expert on the data term, for the layout study of issue 23). ``LAWS``
 maps names to laws; :func:`get_law` looks one up with a helpful error.
 """
 
@@ -35,17 +36,18 @@ import numpy as np
 from moe_scaling.errors import UserError
 
 __all__ = ["CANONICAL_COLUMNS", "LAW_INPUTS", "Law", "LAWS", "get_law", "LawInputError", "CHINCHILLA", "KRAJEWSKI", "JOINT_MOE",
-           "CLARK", "SATURATING", "ONDEVICE"]
+           "CLARK", "SATURATING", "ONDEVICE", "LAYOUT"]
 
 CANONICAL_COLUMNS = ("loss", "params_active", "params_total", "params_embedding", "tokens",
-                     "expansion", "granularity", "n_shared", "flops_per_token_forward")
+                     "expansion", "granularity", "n_shared", "d_expert", "flops_per_token_forward")
 """Column names every table is mapped to before fitting (``moe-fit --column canonical=theirs``).
 Parameter counts include the embedding (tied embeddings once); ``tokens`` are training tokens;
 ``expansion`` E = n_experts / G and ``granularity`` G = d_ff / d_expert (docs/design.md, section 3);
+``d_expert`` is the routed experts' hidden width (the FFN's, d_ff, for a dense model);
 ``flops_per_token_forward`` is the forward pass at the training context."""
 
 LAW_INPUTS = ("params_active", "params_total", "params_embedding", "tokens", "expansion",
-              "granularity", "n_shared")
+              "granularity", "n_shared", "d_expert")
 """The architecture and data columns a law's ``predict`` may read, one array each: what the
 budget search (:mod:`moe_scaling.design.search`) and the fit figures hand every law."""
 
@@ -264,6 +266,15 @@ def _ondevice(q, X, xp):
     return _lse(xp, n_term, d_term, q["log_c"])
 
 
+def _layout(q, X, xp):
+    n_term, d_term = _joint_terms(q, X, xp)
+    log_g = xp.log(X["granularity"])
+    shared = xp.log1p(X["n_shared"])
+    n_term = (n_term + xp.log1p(q["g"] * (xp.exp(-q["eta"] * log_g) - 1.0)) - q["sigma"] * shared
+              + xp.log1p(xp.exp(q["rho"] * (q["log_w"] - xp.log(X["d_expert"])))))
+    return _lse(xp, n_term, d_term - q["sigma_d"] * shared, q["log_c"])
+
+
 # --------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------
@@ -397,7 +408,27 @@ ONDEVICE = Law(
     # An auto candidate since it won held-out error on results/sparsity_granularity (README, Results).
 )
 
-LAWS: dict[str, Law] = {law.name: law for law in (CHINCHILLA, KRAJEWSKI, JOINT_MOE, CLARK, SATURATING, ONDEVICE)}
+LAYOUT = Law(
+    name="layout",
+    formula=("the ondevice law with its N term also multiplied by 1 + (w / d_expert)^rho (narrow experts "
+             "learn less per parameter) and its D term by (1 + n_shared)^-sigma_d (the shared expert's "
+             "effect on how fast the model learns from data); w -> 0 and sigma_d = 0 is ondevice"),
+    inputs=("params_active", "params_embedding", "tokens", "expansion", "granularity", "n_shared", "d_expert"),
+    params=ONDEVICE.params + ("w", "rho", "sigma_d"),
+    bounds={**ONDEVICE.bounds, "w": (1e-3, 1e4), "rho": (0.0, 4.0), "sigma_d": (-2.0, 2.0)},
+    log_params=ONDEVICE.log_params | {"w"},
+    grid={**ONDEVICE.grid, "log_w": (0.0, 2.0), "rho": (1.0,), "sigma_d": (0.0,)},
+    log_form=_layout,
+    citation=("this project (docs/layout_forms.py, issue 23): the ondevice law with a narrow-expert factor "
+              "and a shared-expert data term, chosen on the layout study"),
+    reference={**ONDEVICE.reference, "w": 1e-3, "rho": 1.0, "sigma_d": 0.0},
+    fix_order=("sigma_d", "rho", "w") + ONDEVICE.fix_order,
+    optional_inputs={"params_embedding": 0.0},
+    in_auto=False,     # the layout study decides (docs/layout_forms.py); until then chosen by name only
+)
+
+LAWS: dict[str, Law] = {law.name: law for law in (CHINCHILLA, KRAJEWSKI, JOINT_MOE, CLARK, SATURATING, ONDEVICE,
+                                                   LAYOUT)}
 """Every registered law by name."""
 
 

@@ -24,7 +24,7 @@ from moe_scaling.sweep.layout import SweepDir
 
 __all__ = ["load_runs", "canonical_table", "FitData", "prepare", "holdout_mask"]
 
-_POSITIVE = ("loss", "params_active", "params_total", "tokens", "expansion", "granularity",
+_POSITIVE = ("loss", "params_active", "params_total", "tokens", "expansion", "granularity", "d_expert",
              "train_compute")
 _NONNEGATIVE = ("params_embedding", "n_shared")
 

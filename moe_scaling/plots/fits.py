@@ -151,7 +151,7 @@ def law_curves(fit: Any, runs: pd.DataFrame, *, loss: str = "eval_loss", level: 
         X = {"params_active": line["params_active"], "params_total": line["params_total"],
              "params_embedding": line["params_embedding"], "tokens": np.full(n.shape, tokens),
              "expansion": n / base.granularity, "granularity": np.full(n.shape, base.granularity),
-             "n_shared": np.full(n.shape, float(base.n_shared))}
+             "n_shared": np.full(n.shape, float(base.n_shared)), "d_expert": np.full(n.shape, float(base.d_expert))}
         c = colours[i % len(colours)]
         pred = np.asarray(fit.predict(X), float)
         ax.plot(X["expansion"], pred, color=c, linewidth=1.6, linestyle="--" if s else "-",

@@ -377,7 +377,7 @@ def iso_loss_grid(fit: Any, result: Mapping[str, Any], *, expansion_max: float =
         X = {"params_active": line["params_active"], "params_total": line["params_total"],
              "params_embedding": line["params_embedding"], "tokens": np.full(n.shape, tokens),
              "expansion": E, "granularity": np.full(n.shape, G[i]),
-             "n_shared": np.full(n.shape, float(cfg.n_shared))}
+             "n_shared": np.full(n.shape, float(cfg.n_shared)), "d_expert": np.full(n.shape, float(cfg.d_expert))}
         ok = n >= cfg.top_k * (1 - 1e-9)       # at least top_k experts (E * G >= top_k)
         Z[i] = np.where(ok, np.asarray(fit.predict(X), float), np.nan)
         M[i] = np.where(ok, line["weight_bytes"] + float(s["kv_cache_bytes"]), np.nan)
