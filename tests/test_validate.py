@@ -81,6 +81,31 @@ def test_space_bounds_and_concordance():
     assert concordance(np.array([1.0, 3.0, 2.0]), meas, 0.1) == 0.5     # (a,c) agrees, (b,c) does not
 
 
+def test_a_depth_rule_fixes_each_widths_depth_and_is_no_search_bound():
+    """``ArchSpace.depth_rule``: every trunk's depth is the rule's (the largest listed width not above
+    it; beyond the largest, its aspect ratio kept), so a depth-blind law cannot take the space's
+    shallowest model; depth and aspect are then not search bounds. A malformed rule is one error."""
+    from moe_scaling.design.space import ArchSpace, trunks
+    from moe_scaling.errors import ConfigError
+
+    space = dataclasses.replace(STUDY_SPACE, d_model_min=16, d_model_max=320, n_layers_min=1, n_layers_max=8,
+                                depth_rule=((24, 2), (96, 3), (160, 4)))
+    got = {t.d_model: t.n_layers for t in trunks(space)}
+    # (the study space's 16-wide heads in 2 KV groups keep widths that are multiples of 32)
+    assert got == {32: 2, 64: 2, 96: 3, 128: 3, 160: 4, 192: 5, 224: 6, 256: 6, 288: 7, 320: 8}
+    assert space.depth(16) == 2 and space.depth(80) == 2
+    cfg = validation_candidates(LAW, Budget(memory=100_000, train_compute=5e12, context=128), space)[0].candidate.config
+    assert cfg.n_layers == space.depth(cfg.d_model)
+    assert not {"n_layers_min", "n_layers_max", "aspect_min", "aspect_max"} & set(space_bounds(cfg, space))
+    for bad in (((96, 3), (24, 2)), ((24, 0),), ((24, 2, 1),)):
+        with pytest.raises(ConfigError, match="space.depth_rule"):
+            ArchSpace(depth_rule=bad)
+    with pytest.raises(ConfigError, match="space.n_heads"):
+        ArchSpace(n_heads=0)
+    heads = dataclasses.replace(space, n_heads=4, kv_heads=(2,))
+    assert {(t.d_model, t.head_dim) for t in trunks(heads)} == {(d, d // 4) for d in range(16, 321, 16)}
+
+
 def test_validate_trains_the_candidates_and_writes_validation_json(tmp_path):
     """A budget that only the dense model fits (one candidate, one train step, one seed; each trained
     shape costs ~20 s of compilation on this machine): the candidate is really trained through the
@@ -200,7 +225,13 @@ def test_like_a_study_trains_the_candidates_as_its_runs_with_its_learning_rate_b
     space = like.space()
     assert (space.d_model_min, space.d_model_max, space.n_layers_min, space.n_layers_max) == (16, 320, 1, 8)
     assert set(space.granularities) == {1, 2, 4, 8} and space.expansion_max == 32.0
+    # depth follows the study's own sizes (one depth per width there), continued at d160's aspect ratio
+    assert space.depth_rule == ((16, 2), (24, 2), (32, 2), (48, 2), (64, 2), (96, 3), (128, 4), (160, 4))
     named = validation_candidates(LAW, Budget(memory=2_000_000, train_compute=5e12, context=128), space)
+    assert all(n.candidate.config.n_layers == space.depth(n.candidate.config.d_model) for n in named)
+    # and the heads as its runs had them: 4 heads in 2 KV groups at every width
+    assert (space.n_heads, space.kv_heads) == (4, (2,))
+    assert all((n.candidate.config.n_heads, n.candidate.config.n_kv_heads) == (4, 2) for n in named)
     doc = _grid_doc(named, name="v", data=like.data, train={**like.train, "lr": 0.003}, seeds=3,
                     model=like.model, like=like)
     assert doc["model"] == like.model and doc["train"]["batch_size"] == 8

@@ -119,6 +119,13 @@ class ArchSpace:
     ``top_k = G / 2`` (MobileMoE-L: G = 8, top-4 of width 640 plus a shared 2560). ``n_experts``
     runs from ``max(top_k + 1, G)`` (expansion >= 1) to ``expansion_max * G``. The first entry of ``granularities`` and of
     ``shared`` is the layout used when the law cannot see that knob.
+
+    ``depth_rule``: (d_model, n_layers) pairs, widths ascending; when given, depth is not searched
+    but follows them (:meth:`depth`), and ``n_layers_*`` and ``aspect_*`` are unused. A study whose
+    runs all follow one depth rule cannot tell a law how depth matters; its closed loop keeps to
+    that rule rather than letting a depth-blind law pick the shallowest model the space allows.
+    ``n_heads``: when given, every trunk has this many heads (``head_dim = d_model / n_heads``, as a
+    study grid with a fixed head count trains) in place of the ``head_dims`` choices.
     """
 
     vocab_size: int = 128256
@@ -141,6 +148,8 @@ class ArchSpace:
     qk_norm: bool = True
     rope_theta: float = 500000.0
     max_seq_len: int = 4096
+    depth_rule: tuple[tuple[int, int], ...] = ()
+    n_heads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model_min", "d_model_max", "d_model_step", "n_layers_min",
@@ -160,6 +169,25 @@ class ArchSpace:
             raise ConfigError(f"space.shared = {self.shared!r}: entries must be 0 or 1")
         if self.router not in ("softmax", "sigmoid"):
             raise ConfigError(f"space.router = {self.router!r}: must be softmax or sigmoid")
+        if self.n_heads is not None and (isinstance(self.n_heads, bool) or not isinstance(self.n_heads, int)
+                                         or self.n_heads < 1):
+            raise ConfigError(f"space.n_heads = {self.n_heads!r}: must be a whole number >= 1 (or left out)")
+        rule = self.depth_rule
+        if rule and (any(len(p) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in p)
+                         for p in rule) or [p[0] for p in rule] != sorted({p[0] for p in rule})):
+            raise ConfigError(f"space.depth_rule = {rule!r}: must be (d_model, n_layers) pairs of whole numbers "
+                              ">= 1 with distinct, ascending widths")
+
+    def depth(self, d_model: int) -> int | None:
+        """The depth ``depth_rule`` gives width ``d_model`` (None without a rule): that of the largest
+        listed width not above it (below the smallest, the smallest's); beyond the largest, that
+        width's aspect ratio d_model / n_layers kept (rounded, never shallower than it)."""
+        if not self.depth_rule:
+            return None
+        d_last, L_last = self.depth_rule[-1]
+        if d_model > d_last:
+            return max(L_last, round(d_model * L_last / d_last))
+        return next((L for d, L in reversed(self.depth_rule) if d <= d_model), self.depth_rule[0][1])
 
     def base(self, trunk: "Trunk") -> dict[str, Any]:
         """ModelConfig fields shared by every model on this trunk (dense FFN of width d_ff)."""
@@ -197,10 +225,12 @@ Layout = tuple[int, int]
 def trunks(space: ArchSpace) -> Iterator[Trunk]:
     """Every trunk of the space, by d_model, then n_layers, head_dim, n_kv_heads."""
     for d in range(space.d_model_min, space.d_model_max + 1, space.d_model_step):
-        for L in range(space.n_layers_min, space.n_layers_max + 1):
-            if not space.aspect_min <= d / L <= space.aspect_max:
+        depths = [space.depth(d)] if space.depth_rule else range(space.n_layers_min, space.n_layers_max + 1)
+        for L in depths:
+            if not space.depth_rule and not space.aspect_min <= d / L <= space.aspect_max:
                 continue
-            for hd in space.head_dims:
+            for hd in ([d // space.n_heads] if space.n_heads and d % space.n_heads == 0 else []
+                       if space.n_heads else space.head_dims):
                 if d % hd:
                     continue
                 for kv in space.kv_heads:
@@ -323,14 +353,13 @@ def space_bounds(cfg: ModelConfig, space: ArchSpace) -> list[str]:
     ``n_layers_min`` / ``n_layers_max``, ``aspect_min`` / ``aspect_max`` (d_model / n_layers),
     ``expansion_max``, and ``granularity_min`` / ``granularity_max`` (the ends of the space's
     granularities, when it has several): an optimum there may have been cut off by the space, not by
-    a budget."""
+    a budget. Under a ``depth_rule`` depth is not searched, so no depth or aspect bound applies."""
     aspect = cfg.d_model / cfg.n_layers
+    shape = (() if space.depth_rule else
+             (("n_layers_min", cfg.n_layers <= space.n_layers_min), ("n_layers_max", cfg.n_layers >= space.n_layers_max),
+              ("aspect_min", aspect <= space.aspect_min), ("aspect_max", aspect >= space.aspect_max)))
     hits = [name for name, at in (("d_model_min", cfg.d_model <= space.d_model_min),
-                                  ("d_model_max", cfg.d_model >= space.d_model_max),
-                                  ("n_layers_min", cfg.n_layers <= space.n_layers_min),
-                                  ("n_layers_max", cfg.n_layers >= space.n_layers_max),
-                                  ("aspect_min", aspect <= space.aspect_min),
-                                  ("aspect_max", aspect >= space.aspect_max)) if at]
+                                  ("d_model_max", cfg.d_model >= space.d_model_max), *shape) if at]
     if cfg.is_moe and cfg.expansion >= space.expansion_max:
         hits.append("expansion_max")
     if cfg.is_moe and len(space.granularities) > 1:

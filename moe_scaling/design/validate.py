@@ -19,7 +19,7 @@ with the sweep runner (:func:`moe_scaling.sweep.runner.run_sweep`, so crashes re
     {"budget", "candidates": [{"name", "role", "model", "predicted_loss", "interval", "measured",
      "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
      "predicted_best_is_measured_best", "within_interval", "optimum_gap", "concordance",
-     "extrapolation", "binding", "memory_use", "space_bounds", "grid", "sweep"}
+     "extrapolation", "binding", "memory_use", "space_bounds", "depth_rule", "grid", "sweep"}
 
 ``measured`` are the final eval losses of the seeds; ``noise_floor`` the pooled seed-to-seed
 standard deviation over candidates (each weighted by its degrees of freedom; None with one seed); ``spearman`` the
@@ -32,7 +32,8 @@ whose measured means differ by more than 2 noise floors that the law orders the 
 when no pair does); ``extrapolation`` the budget's training compute over the largest the law was
 fitted on, both under the budget's compute rule (the fit's ``max_train_compute``); ``binding`` the budgets that bind the optimum
 (``memory``, ``flops_per_token``, ``latency_ms``; ``space`` when none does), ``memory_use`` its
-share of the memory budget, ``space_bounds`` the search-space bounds it sits on (``d_model_min``,
+share of the memory budget, ``depth_rule`` the (d_model, n_layers) pairs depth followed (``--like``: the
+study's; None when depth was searched), ``space_bounds`` the search-space bounds it sits on (``d_model_min``,
 ``n_layers_max``, ``expansion_max``, ...). The verdict is the reader's: a law whose best is not the
 measured best beyond the noise floor failed.
 """
@@ -89,6 +90,7 @@ class StudySettings:
     model: dict[str, Any]
     lr_points: tuple[tuple[float, float], ...]
     sizes: tuple[tuple[int, int], ...]         # (d_model, n_layers) of the study's runs
+    heads: tuple[tuple[int, int], ...]         # (n_heads, n_kv_heads) of the study's runs
     granularities: tuple[int, ...]
     expansion_max: float
 
@@ -109,17 +111,24 @@ class StudySettings:
 
     def space(self, vocab_size: int | None = None) -> ArchSpace:
         """:data:`STUDY_SPACE` widened around the study: d_model from half its smallest to twice its
-        largest width, 1 to twice its deepest layer count, its granularities (and 1 and 2), experts up
-        to twice its largest expansion; so that a closed loop's optimum is stopped by its budget,
-        not by the space (``space_bounds`` reports it if it still is)."""
+        largest width, its granularities (and 1 and 2), experts up to twice its largest expansion; so
+        that a closed loop's optimum is stopped by its budget, not by the space (``space_bounds``
+        reports it if it still is). Depth follows the study's own (d_model, n_layers) pairs
+        (``ArchSpace.depth_rule``) when each width had one depth: a law fitted on one depth per
+        width cannot say how depth matters (a depth-blind law put every 2.7e13 optimum at one
+        layer, the space's floor, where no study run was); else 1 to twice its deepest layer count.
+        Heads: the study's head count and KV groups when all its runs had the same (head_dim =
+        d_model / n_heads, as its runs had), else the study space's 16-wide heads."""
         widths, depths = [d for d, _ in self.sizes], [n for _, n in self.sizes]
         step = STUDY_SPACE.d_model_step
         grans = tuple(dict.fromkeys((*STUDY_SPACE.granularities[:1], *sorted({1, 2, *self.granularities}))))
+        rule = tuple(sorted(set(self.sizes))) if len(set(widths)) == len(self.sizes) else ()
         return dataclasses.replace(
             STUDY_SPACE, vocab_size=vocab_size or STUDY_SPACE.vocab_size,
             d_model_min=max(step, step * (min(widths) // 2 // step)), d_model_max=2 * max(widths),
             n_layers_min=1, n_layers_max=2 * max(depths), aspect_min=2.0, aspect_max=128.0,
-            granularities=grans, expansion_max=2.0 * self.expansion_max)
+            granularities=grans, expansion_max=2.0 * self.expansion_max, depth_rule=rule,
+            **({"n_heads": self.heads[0][0], "kv_heads": (self.heads[0][1],)} if len(self.heads) == 1 else {}))
 
 
 def study_settings(grid: str | Path) -> StudySettings:
@@ -144,6 +153,7 @@ def study_settings(grid: str | Path) -> StudySettings:
     lr_points = tuple((n, float(np.exp(np.mean(np.log(sorted(lrs)))))) for n, lrs in sorted(points.items()))
     return StudySettings(data=data, train=train, model=model, lr_points=lr_points,
                          sizes=tuple(sorted({(r.model.d_model, r.model.n_layers) for r in runs})),
+                         heads=tuple(sorted({(r.model.n_heads, r.model.n_kv_heads) for r in runs})),
                          granularities=tuple(sorted({int(r.model.granularity) for r in runs})),
                          expansion_max=max(float(r.model.expansion) for r in runs))
 
@@ -315,7 +325,8 @@ def where_it_binds(model: LossModel, budget: Budget, space: ArchSpace, optimum: 
     optimum = res.sweet_spot or optimum          # one source: the search (the same optimum, ties aside)
     return {"extrapolation": (budget.train_compute / fitted) if fitted and budget.train_compute else None,
             "binding": res.binding, "memory_use": optimum.costs["total_bytes"] / budget.memory,
-            "space_bounds": space_bounds(optimum.config, space)}
+            "space_bounds": space_bounds(optimum.config, space),
+            "depth_rule": [list(p) for p in space.depth_rule] or None}
 
 
 def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 3,
