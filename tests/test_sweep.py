@@ -183,7 +183,13 @@ def test_two_local_workers_run_every_point_exactly_once(reference):
         shares = {r["worker"]: frozenset(r["cpus"]) for r in records}
         assert len(shares) == 2 and not frozenset.intersection(*shares.values())
     storage = f"sqlite:///{out / 'sweep.db'}"
-    ids = json.loads((out / "sweep.json").read_text())["runs"]
+    manifest = json.loads((out / "sweep.json").read_text())
+    ids = manifest["runs"]
+    # no absolute paths: the grid relative to the folder, the default queue (DIR/sweep.db) as null,
+    # so a folder committed or moved names its own files wherever it lands
+    assert (out / manifest["grid"]).resolve() == grid.resolve() and manifest["storage"] is None
+    from moe_scaling.sweep.dashboard import sweep_storage
+    assert sweep_storage(out) == (storage, "tiny")
     runs = assert_exactly_once(out, storage, "tiny", {rid: "completed" for rid in ids})
     assert set(runs["attempts"]) == {1}
     assert runs["worker"].nunique() == 2                       # both workers took runs

@@ -2,8 +2,9 @@
 
 Layout of a sweep folder ``DIR`` (the ``--out`` of ``moe-sweep run``)::
 
-    DIR/sweep.json                 manifest: sweep name, grid file, storage URL (no password),
-                                   run ids in grid order (runs of earlier grids of the same name first)
+    DIR/sweep.json                 manifest: sweep name, grid file (relative to DIR), storage URL (no
+                                   password; null: the default DIR/sweep.db), run ids in grid order
+                                   (runs of earlier grids of the same name first)
     DIR/grid.yaml                  a copy of the grid file of the last ``run``
     DIR/sweep.db                   the default work queue (``sqlite:///DIR/sweep.db``; absent with --storage)
     DIR/runs.parquet               one row per run with a record (see moe_scaling.sweep.results.run_row)

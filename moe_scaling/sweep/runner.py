@@ -116,8 +116,11 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     ids = [r.run_id for r in plan.runs]
     known = [r for r in (old or {}).get("runs", []) if r not in set(ids)]
-    write_json(layout.manifest, {"name": plan.spec.name, "grid": str(plan.spec.path.resolve()),
-                                 "storage": redact(url), "runs": known + ids})
+    # paths relative to the folder and the default queue as null, so a folder committed or copied
+    # elsewhere still names its own files (its grid copy is DIR/grid.yaml)
+    grid = os.path.relpath(plan.spec.path.resolve(), out.resolve())
+    write_json(layout.manifest, {"name": plan.spec.name, "grid": grid,
+                                 "storage": None if storage_url is None else redact(url), "runs": known + ids})
     atomic_write_text(layout.grid, plan.spec.path.read_text())
     recover_stale(study, grace_s)
     trials = trials_by_run(study)
