@@ -21,6 +21,7 @@ EXPECTED = {
     "frontier_phone", "frontier_flops_phone", "published_models", "iso_loss_phone",      # phone scale
     "optimum_vs_budget_phone", "by_compute_phone",
     "isoflop",                                                                           # the isoflop study
+    "layout_isoflop", "layout_minima",                                                   # the layout study
 }
 
 

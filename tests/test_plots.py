@@ -466,6 +466,37 @@ def test_by_compute_bands_are_the_intervals_and_moe_fit_plot_writes_it(tmp_path,
     assert all(os.path.getsize(p) > 10_000 for p in written["by_compute_250KB"])
 
 
+def test_layout_minima_are_each_layouts_best_size_against_denses():
+    """The layout figure on the committed isoflop study: per budget, every MoE layout's isoFLOP
+    minimum minus dense's (isoflop_minima), hollow where the layout's minimum sits at an end of its
+    sizes (every MoE minimum there: the finding that motivated the layout study), and a band of
+    +- 2 sqrt(2) pooled noise floors; the legend of the isoFLOP figure lists every layout of every
+    panel."""
+    from matplotlib.colors import to_rgba
+    from moe_scaling.laws.noise import pooled_seed_sd
+    from moe_scaling.plots.isoflop import isoflop_minima, layout_minima_figure
+
+    runs = pd.read_parquet(REPO / "results" / "ondevice_isoflop" / "runs.parquet")
+    m = isoflop_minima(runs)
+    fig = layout_minima_figure(runs)
+    ax = fig.axes[0]
+    dense = m[m["arch"] == "dense"].set_index("budget")["best_loss"]
+    moe = m[m["arch"] != "dense"]
+    points = [c for c in ax.collections if c.get_offsets().shape[0]]
+    assert len(points) == 3                                    # one marker set per budget
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    for b, col in zip(sorted(moe["budget"].unique()), points):
+        rows = moe[moe["budget"] == b].set_index("arch")
+        want = sorted((labels.index(a), rows.loc[a, "best_loss"] - dense[b]) for a in rows.index)
+        got = col.get_offsets()
+        np.testing.assert_allclose(got[:, 1], [w for _, w in want], rtol=1e-12)
+        assert np.all(np.abs(got[:, 0] - [i for i, _ in want]) < 0.5)
+        assert all(to_rgba(f)[3] == 0.0 for f in col.get_facecolors())        # hollow: no minimum is interior
+    floor = pooled_seed_sd(runs.assign(loss=runs["eval_loss"]))["noise_floor"]
+    band = next(p for p in ax.patches)
+    assert band.get_y() == pytest.approx(-2 * np.sqrt(2) * floor) and band.get_height() == pytest.approx(4 * np.sqrt(2) * floor)
+
+
 def test_isoflop_panels_group_runs_by_their_planned_budget():
     """The committed isoflop study: three budgets (1.5e12, 4.5e12, 1.35e13 planned), each run in
     the panel of its row's plain runs (a shared expert's extra compute does not move it), one line

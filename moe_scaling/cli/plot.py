@@ -4,7 +4,8 @@
 
 * :func:`add_sweep_plot_parser` registers ``plot DIR [--out OUT] [--json]`` on a subparsers object
   and :func:`sweep_plot_main` runs it: the sweep figures of :func:`moe_scaling.plots.runs.sweep_figures`
-  (and :func:`moe_scaling.plots.isoflop.isoflop_figure` for a study of several sizes per budget)
+  (and :func:`moe_scaling.plots.isoflop.isoflop_figure` and
+  :func:`~moe_scaling.plots.isoflop.layout_minima_figure` for a study of several sizes per budget)
   written as PNG + SVG into ``DIR/plots/`` (or ``--out``).
 * :func:`add_fit_plot_argument` adds ``--plot OUT_DIR`` to ``moe-fit`` and :func:`fit_plot` writes
   the fit figures of :func:`moe_scaling.plots.fits.fit_figures` into that folder.
@@ -63,7 +64,7 @@ def add_sweep_plot_parser(subparsers) -> None:
 def sweep_plot_main(args) -> int:
     """Write the sweep figures of ``args.dir`` into ``args.out`` (default ``DIR/plots``); print
     one line per figure (or JSON ``{"out", "figures": {name: [png, svg]}}`` with ``args.json``)."""
-    from moe_scaling.plots.isoflop import isoflop_figure
+    from moe_scaling.plots.isoflop import isoflop_figure, layout_minima_figure
     from moe_scaling.plots.runs import sweep_figures
 
     runs, curves = load_sweep(args.dir)
@@ -75,6 +76,9 @@ def sweep_plot_main(args) -> int:
     iso = isoflop_figure(runs)          # a study with several sizes per training-compute budget
     if iso is not None:
         figures["isoflop"] = iso
+        minima = layout_minima_figure(runs)    # each layout's best size against dense's
+        if minima is not None:
+            figures["layout_minima"] = minima
     written = _write(figures, out)
     if getattr(args, "json", False):
         print_json({"out": str(out), "figures": written})

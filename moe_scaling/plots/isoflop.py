@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from moe_scaling.plots.runs import completed, run_label
 from moe_scaling.plots.style import LOSS_LABEL, palette
 
-__all__ = ["GROUP_FACTOR", "compute_budgets", "isoflop_minima", "isoflop_figure"]
+__all__ = ["GROUP_FACTOR", "compute_budgets", "isoflop_minima", "isoflop_figure", "layout_minima_figure"]
 
 GROUP_FACTOR = 1.3
 """Budgets closer than this factor are one panel."""
@@ -100,7 +100,69 @@ def isoflop_figure(runs: pd.DataFrame, loss: str = "eval_loss") -> Figure | None
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(LOSS_LABEL)
     seeds = int(done.groupby(["budget", "arch", "d_model", "n_layers"]).size().max())
-    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small",
+    handles = {}                                   # every panel's lines: a budget may lack a layout
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[-1].legend([handles[a] for a in archs if a in handles], [a for a in archs if a in handles],
+                    loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small",
                     title=f"mean ± sd over up to {seeds} seeds", title_fontsize="small")
     fig.suptitle(f"IsoFLOP curves: {len(done)} runs", fontsize="medium")
+    return fig
+
+
+def _layout_key(arch: str) -> tuple:
+    """Sort order of layout labels: dense, then by expansion, shared last within it, then G."""
+    if arch == "dense":
+        return (0.0, 0, 0.0)
+    parts = dict((p[0], p[1:]) for p in arch.replace("+1sh", "s1").split())
+    return (float(parts["E"]), int("s" in parts), float(parts["G"]))
+
+
+def layout_minima_figure(runs: pd.DataFrame, loss: str = "eval_loss",
+                         noise_floor: float | None = None) -> Figure | None:
+    """Each MoE layout's isoFLOP minimum minus dense's at the same budget (:func:`isoflop_minima`):
+    one marker per budget, filled where the layout's minimum is interior to its trained sizes, hollow
+    where it sits at an end (the true minimum may lie beyond). The grey band is +- 2 sqrt(2) noise
+    floors around 0: two minima each of one run, each with the pooled seed-to-seed sd ``noise_floor``
+    (default: :func:`moe_scaling.laws.noise.pooled_seed_sd` of ``runs``; no band without repeats).
+    None when no budget has dense and a layout with two sizes each."""
+    from moe_scaling.laws.noise import pooled_seed_sd
+
+    m = isoflop_minima(runs, loss)
+    if m.empty or not (m["arch"] == "dense").any():
+        return None
+    dense = m[m["arch"] == "dense"].set_index("budget")["best_loss"]
+    dense_inside = m[m["arch"] == "dense"].set_index("budget")["interior"]
+    moe = m[(m["arch"] != "dense") & m["budget"].isin(dense.index)]
+    if moe.empty:
+        return None
+    archs = sorted(moe["arch"].unique(), key=_layout_key)
+    budgets = sorted(moe["budget"].unique())
+    colors = palette(budgets)
+    if noise_floor is None:
+        done = completed(runs, loss)
+        noise_floor = pooled_seed_sd(done.assign(loss=done[loss]))["noise_floor"]
+    fig = Figure(figsize=(max(6.0, 0.55 * len(archs) + 4.5), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    if noise_floor:
+        band = 2.0 * np.sqrt(2.0) * noise_floor
+        ax.axhspan(-band, band, color="0.85", zorder=0, label=f"±2√2 noise floors ({noise_floor:.4f})")
+    ax.axhline(0.0, color="black", lw=1.0, ls="--", label="dense")
+    step = 0.5 / max(len(budgets), 1)
+    for j, b in enumerate(budgets):
+        rows = moe[moe["budget"] == b].set_index("arch")
+        x = [i + (j - (len(budgets) - 1) / 2) * step for i, a in enumerate(archs) if a in rows.index]
+        gap = [rows.loc[a, "best_loss"] - dense[b] for a in archs if a in rows.index]
+        inner = [bool(rows.loc[a, "interior"]) for a in archs if a in rows.index]
+        c = colors[float(b)]
+        ax.scatter(x, gap, s=36, marker="o", facecolors=[c if k else "none" for k in inner], edgecolors=[c] * len(x),
+                   label=f"C = {b:.2g} FLOPs" + ("" if dense_inside[b] else " (dense's minimum at an end)"), zorder=3)
+    ax.set_xticks(range(len(archs)), archs, rotation=45, ha="right", fontsize="small")
+    ax.set_ylabel("isoFLOP minimum - dense's (nats)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", title="filled: minimum inside the sizes", title_fontsize="small",
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Which layout: each layout's best size against dense's, per training-compute budget",
+                 fontsize="medium")
     return fig
