@@ -123,7 +123,7 @@ def test_validate_trains_the_candidates_and_writes_validation_json(tmp_path):
     (c,) = doc["candidates"]
     assert {"name", "role", "model", "predicted_loss", "interval", "measured", "measured_mean",
             "measured_std"} <= set(c)
-    assert c["name"] == "optimum" and c["model"]["n_experts"] == 1 and c["tokens"] == 2048
+    assert c["name"] == "optimum" and c["model"]["n_experts"] == 1 and c["tokens"] == 2048 and 0 < c["epochs"] < 1
     assert len(c["measured"]) == 1 and 1.0 < c["measured_mean"] < 6.0 and c["measured_std"] is None
     assert (tmp_path / "grid.yaml").is_file() and (tmp_path / "sweep" / "runs.parquet").is_file()
     assert doc["noise_floor"] is None and doc["spearman"] is None and doc["within_interval"] is None
@@ -143,6 +143,11 @@ def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
     assert all(c["measured"] == [] and c["measured_mean"] is None and c["steps"] == c["tokens"] // (16 * 128)
                for c in r["candidates"])
     assert r["steps"] == 2 * sum(c["steps"] for c in r["candidates"])
+    from moe_scaling.config import DataConfig
+    from moe_scaling.train.data import load_tokens
+    train_tokens = len(load_tokens(DataConfig(corpus=str(REPO.parent / "shared" / "data" / "text" / "gutenberg"),
+                                              seq_len=128))[0])
+    assert all(c["epochs"] == pytest.approx(c["tokens"] / train_tokens, rel=1e-12) for c in r["candidates"])
     assert r["binding"] and 0 < r["memory_use"] <= 1 and isinstance(r["space_bounds"], list)
     assert (tmp_path / "grid.yaml").is_file()
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "validation.json").exists()

@@ -410,7 +410,7 @@ def _main(argv: Sequence[str] | None) -> int:
                       + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
                       + (f"  measured {c['measured_mean']:.4f}" if c["measured_mean"] is not None else "  not measured")
                       + (f" +- {c['measured_std']:.4f}" if c["measured_std"] is not None else "")
-                      + (f"  {c['steps']:,} steps" if "steps" in c else ""))
+                      + (f"  {c['steps']:,} steps, {c['epochs']:.2g} epochs" if "steps" in c else ""))
             if v.get("planned"):
                 print(f"planned, not trained: {v['steps']:,} optimizer steps over {v['seeds']} seed(s); binding "
                       f"{', '.join(v['binding'])}, memory use {v['memory_use']:.0%}, space bounds "

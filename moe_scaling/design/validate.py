@@ -16,12 +16,14 @@ explicit, tokens from the budget's training compute rounded to whole steps, ``se
 with the sweep runner (:func:`moe_scaling.sweep.runner.run_sweep`, so crashes resume) and writes
 ``DIR/validation.json``::
 
-    {"budget", "candidates": [{"name", "role", "model", "predicted_loss", "interval", "measured",
-     "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
+    {"budget", "candidates": [{"name", "role", "model", "predicted_loss", "interval", "tokens", "epochs",
+     "measured", "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
      "predicted_best_is_measured_best", "within_interval", "optimum_gap", "concordance",
      "extrapolation", "binding", "memory_use", "space_bounds", "depth_rule", "grid", "sweep"}
 
-``measured`` are the final eval losses of the seeds; ``noise_floor`` the pooled seed-to-seed
+``epochs`` are a candidate's training tokens over the corpus's training split (windows are drawn at
+random, so a token is seen that many times on average; many epochs, which short studies never
+reach, lower what a law fitted on fewer predicts); ``measured`` are the final eval losses of the seeds; ``noise_floor`` the pooled seed-to-seed
 standard deviation over candidates (each weighted by its degrees of freedom; None with one seed); ``spearman`` the
 rank correlation of predicted loss and measured mean over candidates; ``interval`` the law's
 interval at ``level`` for the mean of the seeds trained (:meth:`~moe_scaling.laws.fit.Fit.predict_interval`:
@@ -305,13 +307,21 @@ def _interval_of_mean(model: LossModel, cfg: ModelConfig, tokens: float, level: 
     return float(np.asarray(lo)[0]), float(np.asarray(hi)[0])
 
 
+def _train_tokens(data: Mapping[str, Any]) -> int:
+    """The training split's token count of the grid's ``data`` section (the tokenized corpus is cached)."""
+    from moe_scaling.config import DataConfig
+    from moe_scaling.train.data import load_tokens
+
+    return len(load_tokens(DataConfig.from_dict(dict(data)))[0])
+
+
 def _row(n: Named, tokens: int, settings: Mapping[str, Any], measured: list[float],
-         iv: tuple[float, float] | None) -> dict[str, Any]:
+         iv: tuple[float, float] | None, train_tokens: int) -> dict[str, Any]:
     """One ``candidates`` entry of validation.json (module docstring)."""
     mean = float(np.mean(measured)) if measured else None
     return {"name": n.name, "role": n.role, "model": {**n.candidate.config.to_dict(), **settings},
             "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
-            "tokens": tokens, "measured": measured, "measured_mean": mean,
+            "tokens": tokens, "epochs": tokens / train_tokens, "measured": measured, "measured_mean": mean,
             "measured_std": float(np.std(measured, ddof=1)) if len(measured) > 1 else None,
             "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])}
 
@@ -369,9 +379,10 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
     grid = out / "grid.yaml"
     atomic_write_text(grid, yaml.safe_dump(doc, sort_keys=False))
     binds = where_it_binds(model, budget, space, named[0].candidate)
+    train_tokens = _train_tokens(data)
     if plan:
         step = int(train["batch_size"]) * int(data["seq_len"])
-        rows = [_row(n, tokens, settings, [], None) | {"steps": tokens // step}
+        rows = [_row(n, tokens, settings, [], None, train_tokens) | {"steps": tokens // step}
                 for n, tokens in zip(named, doc["zip"]["tokens"])]
         return {"budget": budget.to_dict(), "planned": True, "candidates": rows, "seeds": seeds,
                 "steps": seeds * sum(r["steps"] for r in rows), **binds, "grid": str(grid)}
@@ -389,7 +400,7 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
             m = m[m["d_expert"] == c.d_expert]
         measured = sorted(float(v) for v in m["eval_loss"])
         iv = _interval_of_mean(model, c, n.candidate.tokens, level, len(measured)) if measured else None
-        rows.append(_row(n, tokens, settings, measured, iv))
+        rows.append(_row(n, tokens, settings, measured, iv, train_tokens))
     result = {"budget": budget.to_dict(), "candidates": rows, **summarize(rows), **binds, "grid": str(grid),
               "sweep": str(sweep_dir)}
     atomic_write_text(out / "validation.json", json.dumps(result, indent=1, default=json_default) + "\n")
