@@ -417,6 +417,24 @@ def test_noise_floor_pools_every_repeat_degree_of_freedom():
     assert long["noise_floor"] == pytest.approx(0.0178, abs=5e-5)      # float64 NumPy on a committed table
 
 
+def test_fit_errors_are_also_given_in_noise_floors():
+    """Issue 23's yardsticks (in-sample RMSE <= 1.5 floors, held-out <= 2): the fit reports both
+    errors over the pooled seed noise floor of its own runs, and moe-fit prints them."""
+    from moe_scaling.cli.fit import format_fit, summary
+
+    law = LAWS["chinchilla"]
+    truth = dict(E=1.8, A=400.0, B=2000.0, alpha=0.34, beta=0.37)
+    N, D = np.meshgrid(np.geomspace(1e7, 1e9, 5), np.geomspace(1e9, 1e11, 4))
+    X = {"params_active": np.repeat(N.ravel(), 3), "tokens": np.repeat(D.ravel(), 3)}
+    loss = law.predict(truth, X) + np.random.default_rng(3).normal(0.0, 0.01, X["tokens"].size)
+    f = fit_law("chinchilla", {**X, "loss": loss, "seed": np.tile([0, 1, 2], 20)}, bootstrap=0, kfold=0)
+    m = f.metrics
+    assert m["noise_floor_configs"] == 20 and 0.007 < m["noise_floor"] < 0.013      # the drawn sd, 40 dof
+    assert m["rmse_over_noise_floor"] == pytest.approx(m["rmse"] / m["noise_floor"], rel=1e-12)
+    assert m["heldout_rmse_over_noise_floor"] == pytest.approx(m["heldout_rmse"] / m["noise_floor"], rel=1e-12)
+    assert f"rmse {m['rmse_over_noise_floor']:.2g}x the floor, held-out" in format_fit(summary(f))
+
+
 def test_prediction_interval_adds_the_seed_noise_of_a_mean_of_k_runs():
     """The interval for a new run's measured loss mixes the bootstrap samples' predictions with the
     seed noise sigma / sqrt(k): one sample gives exactly p -+ z sigma / sqrt(k); many give a mixture

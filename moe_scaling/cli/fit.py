@@ -338,6 +338,9 @@ def format_fit(result: dict[str, Any]) -> str:
                                 for b in m.get("noise_floor_by_steps") or [])
             parts.append(f"seed noise floor {m['noise_floor']:.4f} (pooled, {m['noise_floor_dof']} dof"
                          + (f"; {regimes}" if regimes else "") + ")")
+            parts.append(f"rmse {m['rmse'] / m['noise_floor']:.2g}x the floor"
+                         + (f", held-out {m['heldout_rmse'] / m['noise_floor']:.2g}x" if m.get("heldout_rmse") is not None
+                            else ""))
         lines.append("; ".join(parts))
     lines += _effect_lines(m.get("layout_effects"))
     for row in m.get("candidates", []):

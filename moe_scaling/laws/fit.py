@@ -389,6 +389,10 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
                                "heldout_rmse": None, "kfold_rmse": None}
     metrics.update(_heldout_metrics(law, nat, d, held, fold, kfold, heldout_by))
     metrics.update(pooled_seed_sd(d.table))
+    if metrics.get("noise_floor"):             # issue 23's yardsticks: errors in units of the seed noise
+        metrics["rmse_over_noise_floor"] = metrics["rmse"] / metrics["noise_floor"]
+        if metrics["heldout_rmse"] is not None:
+            metrics["heldout_rmse_over_noise_floor"] = metrics["heldout_rmse"] / metrics["noise_floor"]
     metrics["max_train_compute"] = max_train_compute(d.table)
     intervals, samples = {}, None
     if bootstrap:
