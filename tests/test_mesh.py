@@ -72,6 +72,16 @@ assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device
 print("RESULT " + json.dumps(losses(train(MODEL, TRAIN, DATA, progress=False, mesh="expert=4"))))
 """
 
+RESUMING_WORKER = SETUP + """
+import dataclasses
+from moe_scaling.train.mesh import initialize_distributed
+initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+ckpt, stop = sys.argv[3], (int(sys.argv[4]) or None)
+r = train(MODEL, dataclasses.replace(TRAIN, ckpt_every=1), DATA, progress=False, mesh="expert=4", ckpt_dir=ckpt,
+          stop_at_step=stop)
+print("RESULT " + json.dumps({"status": r.status, "losses": losses(r)}))
+"""
+
 TOKEN_LOCAL = SETUP + """
 import jax, jax.numpy as jnp, numpy as np
 from moe_scaling.config import MeshShape
@@ -183,6 +193,37 @@ def test_two_processes_equal_one(single_process):
         outs.append(_result(p.stdout))
     assert outs[0] == outs[1]                           # every process sees the same losses
     assert _max_diff(outs[0], single_process["None"]) <= TOL
+
+
+def test_two_processes_resume_past_a_checkpoint_one_of_them_cannot_read(tmp_path, single_process):
+    """2 processes checkpoint every step and stop at step 3; process 1's data files of that checkpoint
+    are then deleted. Resumed, the processes agree the checkpoint is damaged, process 0 sets it aside
+    while the other waits, and both continue from step 2 to the losses of an uninterrupted run (on
+    one device, within float32 round-off).
+    (Before, process 1 reloaded the checkpoint list while process 0 was moving the folder, died,
+    and process 0 hung in its next collective until the 5-minute barrier timeout.)"""
+    ckpt = tmp_path / "ckpt"
+
+    def run(stop: int) -> list[dict]:
+        procs = _two_processes(lambda addr, i: [sys.executable, "-c", RESUMING_WORKER, addr, str(i), str(ckpt),
+                                                str(stop)], timeout=240)
+        for p in procs:
+            assert p.returncode == 0, p.stderr[-3000:]
+        return [(_result(p.stdout), p.stderr) for p in procs]
+
+    first = run(3)
+    assert [r["status"] for r, _ in first] == ["stopped", "stopped"]
+    shards = list((ckpt / "3" / "state").glob("ocdbt.process_1/d/*"))
+    assert shards
+    for f in shards:
+        f.unlink()
+    resumed = run(0)
+    assert [r["status"] for r, _ in resumed] == ["completed", "completed"]
+    assert resumed[0][0]["losses"] == resumed[1][0]["losses"]
+    assert any("checkpoint step 3" in err and "does not restore" in err for _, err in resumed)
+    assert (ckpt / "damaged" / "3").is_dir() and not (ckpt / "3").exists()
+    assert len(resumed[0][0]["losses"]) == len(single_process["None"])
+    assert _max_diff(resumed[0][0]["losses"], single_process["None"]) <= TOL
 
 
 def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedProcess]:

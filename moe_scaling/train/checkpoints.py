@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
@@ -77,30 +78,44 @@ class Checkpoints:
         metadata) is moved to ``DAMAGED/<step>`` inside the folder, kept for inspection but out of
         orbax's sight (so it is neither resumed from, nor overwritten, nor counted by
         ``max_to_keep``), with one line through ``log`` naming its step; the next older one is
-        tried. With several processes the first one moves the folder."""
+        tried.
+
+        With several processes every process reads its own shards, so a damaged file may fail one
+        process's read and not another's: the processes agree after each attempt (one failure
+        fails the step for all), the first one moves the folder between two barriers, and all of
+        them then try the same older step (without the agreement a process that read its shards
+        went on training while the others fell back, and the run hung in its next collective)."""
         self.wait()
         for step in sorted(self.mngr.all_steps(), reverse=True):
             try:
-                return self.restore(step, state)
-            except Exception as err:  # noqa: BLE001 - any read failure means: try the older one
-                where = self._set_aside(step)
-                first = (str(err).splitlines() or [""])[0].split(" See full TensorStore")[0][:200]
-                log(f"checkpoint step {step} in {self.mngr.directory} does not restore "
-                    f"({type(err).__name__}: {first}); moved to {where}, trying the one before it")
+                got, err = self.restore(step, state), None
+            except Exception as exc:  # noqa: BLE001 - any read failure means: try the older one
+                got, err = None, exc
+            if _everywhere(err is None):
+                return got
+            where = self._set_aside(step)
+            first = ("another process could not read its part" if err is None else
+                     f"{type(err).__name__}: "
+                     + (str(err).splitlines() or [""])[0].split(" See full TensorStore")[0][:200])
+            log(f"checkpoint step {step} in {self.mngr.directory} does not restore ({first}); "
+                f"moved to {where}, trying the one before it")
         return state, None
 
     def _set_aside(self, step: int) -> Path:
         """Move the folder of ``step`` to ``DAMAGED/<step>`` (``<step>-2``, ... when taken); the
-        manager forgets it."""
+        manager forgets it. Every process names the same destination and reloads only once the
+        first process has moved the folder."""
         root = Path(self.mngr.directory)
         src, dest = root / str(step), root / self.DAMAGED / str(step)
         n = 1
         while dest.exists():
             n += 1
             dest = root / self.DAMAGED / f"{step}-{n}"
+        _barrier(f"moe-scaling-set-aside-{step}-named")
         if jax.process_index() == 0 and src.exists():
             dest.parent.mkdir(exist_ok=True)
             src.rename(dest)
+        _barrier(f"moe-scaling-set-aside-{step}-moved")
         self.mngr.reload()
         return dest
 
@@ -121,6 +136,23 @@ class Checkpoints:
     def close(self) -> None:
         self.wait()
         self.mngr.close()
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (itself with one process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_cfg: TrainConfig,
