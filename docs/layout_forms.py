@@ -1,11 +1,13 @@
 """Forms of the layout law tried on the layout study (issue 23, item 2): ``ondevice`` and the ``layout`` law's terms.
 
-    python docs/layout_forms.py results/layout_isoflop [--points-per-param 3]
+    python docs/layout_forms.py results/layout_isoflop [--points-per-param 3] [--bootstrap 200]
 
-Fits each form to the study's completed runs (no bootstrap: a look at which terms the data ask for)
-and prints its in-sample RMSE, its held-out RMSE (the largest-compute fifth of the runs held out:
-the largest budget once the study is complete), its layout coefficients and the seed-0 residuals by
-layout and d_model. The forms are the registry's ``ondevice`` law (joint_moe with the N term times
+Fits each form to the study's completed runs and prints its in-sample RMSE, its held-out RMSE (the
+largest-compute fifth of the runs held out: the largest budget once the study is complete), both
+also in pooled noise floors, its layout coefficients and the seed-0 residuals by layout and d_model.
+With ``--bootstrap N`` (64 cold starts per refit) it also prints issue 23's item-2 verdict per form:
+the layout coefficients whose 95% intervals end at a bound, and the width of each layout gap's 95%
+interval at the middle size in noise floors (target: under 2). The forms are the registry's ``ondevice`` law (joint_moe with the N term times
 ``(1 + g (G^-eta - 1)) (1 + n_shared)^-sigma``) and the ``layout`` law, which adds two terms, each
 also tried alone by holding the other at its null value:
 
@@ -46,21 +48,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="the layout study's sweep folder")
     ap.add_argument("--points-per-param", type=float, default=5.0)
+    ap.add_argument("--bootstrap", type=int, default=0, help="bootstrap refits per form (0: none)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     runs, _ = load_runs(args.results)
     for name, (law, fix) in FORMS.items():
-        f = fit_law(law, runs, fix=fix, bootstrap=0, heldout_frac=0.2, kfold=0,
+        f = fit_law(law, runs, fix=fix, bootstrap=args.bootstrap, bootstrap_starts=64, heldout_frac=0.2, kfold=0,
                     points_per_param=args.points_per_param)
         res = runs.assign(res=runs["loss"] - np.asarray(f.predict(runs)))
         res["layout"] = [f"E{int(e)} G{int(g)}{' +sh' if s else ''}"
                          for e, g, s in zip(res.expansion, res.granularity, res.n_shared)]
         terms = {k: round(v, 3) for k, v in f.params.items()
                  if k in ("g", "eta", "sigma", "w", "rho", "sigma_d") and k not in fix and k in LAWS[law].params}
-        held = f.metrics["heldout_rmse"]
-        print(f"\n{name}: {len(runs)} runs, RMSE {f.metrics['rmse']:.4f}, held-out "
-              f"{'-' if held is None else f'{held:.4f}'} ({f.metrics.get('heldout_n', 0)} runs), {terms}; "
+        m = f.metrics
+        held, floor = m["heldout_rmse"], m.get("noise_floor")
+        in_floors = (f" = {m['rmse_over_noise_floor']:.1f} / {m.get('heldout_rmse_over_noise_floor', float('nan')):.1f} "
+                     f"noise floors ({floor:.4f})" if floor else "")
+        print(f"\n{name}: {len(runs)} runs, RMSE {m['rmse']:.4f}, held-out "
+              f"{'-' if held is None else f'{held:.4f}'} ({m.get('heldout_n', 0)} runs){in_floors}, {terms}; "
               f"{'; '.join(f.notes)}")
+        if args.bootstrap:
+            at_bounds = [p for p in m.get("intervals_at_bounds", []) if p in terms]
+            widths = [f"E{e['expansion']:g} {key} {e[key]['width_over_noise_floor']:.1f}"
+                      for e in (m.get("layout_effects") or {}).get("by_expansion", [])
+                      for key in ("granularity", "shared") if e.get(key, {}).get("width_over_noise_floor")]
+            print(f"  layout coefficients at a bound: {', '.join(at_bounds) or 'none'}; gap interval widths "
+                  f"(noise floors): {', '.join(widths) or '-'}")
         seed0 = res[res.seed == 0] if "seed" in res else res
         print(seed0.pivot_table(index="layout", columns="d_model", values="res").round(3).to_string())
 
