@@ -189,6 +189,13 @@ class ArchSpace:
             return max(L_last, round(d_model * L_last / d_last))
         return next((L for d, L in reversed(self.depth_rule) if d <= d_model), self.depth_rule[0][1])
 
+    def head_dims_at(self, d_model: int) -> tuple[int, ...]:
+        """The head widths a trunk of width ``d_model`` may have: ``d_model / n_heads`` when the
+        space fixes the head count (none when it does not divide), else the ``head_dims`` dividing it."""
+        if self.n_heads is not None:
+            return (d_model // self.n_heads,) if d_model % self.n_heads == 0 else ()
+        return tuple(hd for hd in self.head_dims if d_model % hd == 0)
+
     def base(self, trunk: "Trunk") -> dict[str, Any]:
         """ModelConfig fields shared by every model on this trunk (dense FFN of width d_ff)."""
         return dict(vocab_size=self.vocab_size, d_model=trunk.d_model, n_layers=trunk.n_layers,
@@ -229,10 +236,7 @@ def trunks(space: ArchSpace) -> Iterator[Trunk]:
         for L in depths:
             if not space.depth_rule and not space.aspect_min <= d / L <= space.aspect_max:
                 continue
-            for hd in ([d // space.n_heads] if space.n_heads and d % space.n_heads == 0 else []
-                       if space.n_heads else space.head_dims):
-                if d % hd:
-                    continue
+            for hd in space.head_dims_at(d):
                 for kv in space.kv_heads:
                     if (d // hd) % kv == 0:
                         yield Trunk(d, L, hd, kv)

@@ -327,7 +327,7 @@ def _row(n: Named, tokens: int, settings: Mapping[str, Any], measured: list[floa
 
 
 def where_it_binds(model: LossModel, budget: Budget, space: ArchSpace, optimum: Candidate) -> dict[str, Any]:
-    """``extrapolation``, ``binding``, ``memory_use`` and ``space_bounds`` of the optimum (module
+    """``extrapolation``, ``binding``, ``memory_use``, ``space_bounds`` and ``depth_rule`` of the optimum (module
     docstring). ``binding`` comes from the search over the same space (a budget binds when relaxing it
     alone lowers the best predicted loss)."""
     fitted = ((getattr(model, "metrics", None) or {}).get("max_train_compute") or {}).get(budget.compute_rule)
