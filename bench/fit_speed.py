@@ -10,8 +10,9 @@ What is timed (the same code ``moe-fit`` runs, :mod:`moe_scaling.laws.fit`):
   best distinct results polished in float64 (:func:`problem.fit_starts`), best kept;
 * ``bootstrap_1000_s``: 1,000 bootstrap refits as ``moe-fit`` runs them (:func:`fit.bootstrap_refits`):
   each refit cold-started from the same 16 starts that :func:`fit.fit_starts_and_cold` picks for
-  ``moe-fit``'s defaults (a seeded subset of the grid plus 32 random draws, seed 0), never from the
-  full-data optimum; float32 screen, the best result of each refit polished in float64. Their 95%
+  ``moe-fit``'s defaults (a seeded subset of the grid plus 32 random draws, seed 0; ``moe-fit`` adds
+  the full-data optimum as one more start since 2026-12-06, not timed here); float32 screen, the best
+  result of each refit polished in float64. Their 95%
   percentile intervals are in ``bootstrap_95`` (compare Epoch's, ``../shared/data/chinchilla/README.md``).
 
 Each is the best of ``--repeat`` runs in one process after a first call; the first call, which

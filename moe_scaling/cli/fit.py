@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=None, metavar="N",
                    help=f"bootstrap refits for intervals (default {BOOTSTRAP}; 0: none)")
     p.add_argument("--bootstrap-starts", type=int, default=None, metavar="S",
-                   help="cold starts of each bootstrap refit (default 16); laws with many coefficients "
-                        "(ondevice: 14) need more, or some refits end in a worse basin and widen the intervals")
+                   help="cold starts of each bootstrap refit, besides the full-data optimum (default 16); "
+                        "laws with many coefficients (ondevice: 14) may need more")
     p.add_argument("--kfold", type=int, default=None, metavar="K",
                    help=f"folds for kfold_rmse (default {KFOLD}; 0: none)")
     p.add_argument("--seed", type=int, default=None, help=f"seed of the bootstrap draws and folds (default {SEED})")
