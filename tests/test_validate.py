@@ -66,6 +66,17 @@ def test_when_the_law_reads_the_layout_the_optimum_is_its_argmin_over_every_layo
     assert len(set(configs)) == len(configs)
 
 
+def test_a_law_that_sees_granularity_only_through_the_experts_width_reads_it():
+    """``layout`` with no granularity factor (g = 0) still prices G through its narrow-expert factor
+    (experts d_ff / G wide at a fixed width), so the search must vary G, not pin it."""
+    from moe_scaling.design.search import law_reads
+
+    p = {**LAWS["ondevice"].reference, "g": 0.0, "eta": 1.0, "sigma": 0.0, "w": 500.0, "rho": 1.0, "sigma_d": 0.0}
+    assert law_reads(published_fit("layout", p, "test coefficients")) == {"granularity": True, "n_shared": False}
+    assert law_reads(published_fit("layout", {**p, "w": 1e-3, "rho": 4.0}, "test")) == {"granularity": False,
+                                                                                        "n_shared": False}
+
+
 def test_space_bounds_and_concordance():
     cfg = validation_candidates(LAW, Budget(memory=2_000_000, train_compute=5e12, context=128))[0].candidate.config
     small = dataclasses.replace(STUDY_SPACE, d_model_min=cfg.d_model, n_layers_max=cfg.n_layers)
@@ -97,7 +108,7 @@ def test_a_depth_rule_fixes_each_widths_depth_and_is_no_search_bound():
     cfg = validation_candidates(LAW, Budget(memory=100_000, train_compute=5e12, context=128), space)[0].candidate.config
     assert cfg.n_layers == space.depth(cfg.d_model)
     assert not {"n_layers_min", "n_layers_max", "aspect_min", "aspect_max"} & set(space_bounds(cfg, space))
-    for bad in (((96, 3), (24, 2)), ((24, 0),), ((24, 2, 1),)):
+    for bad in (((96, 3), (24, 2)), ((24, 0),), ((24, 2, 1),), (24, 2)):
         with pytest.raises(ConfigError, match="space.depth_rule"):
             ArchSpace(depth_rule=bad)
     with pytest.raises(ConfigError, match="space.n_heads"):

@@ -57,7 +57,9 @@ class NothingFits(ConfigError):
 
 def law_reads(model: LossModel, columns: Iterable[str] = ("granularity", "n_shared")) -> dict[str, bool]:
     """Whether ``model`` reads each column: True when changing it changes some prediction on a
-    small probe set of MoE shapes (0.1-3B active, E 2-32, G 1-16, 0-1 shared, 1e10-1e13 tokens)."""
+    small probe set of MoE shapes (0.1-3B active, E 2-32, G 1-16, 0-1 shared, 1e10-1e13 tokens).
+    Granularity is changed as the search changes it, at a fixed FFN width (``d_expert = d_ff / G``), so
+    a law that sees G only through the experts' width reads it too."""
     act = np.array([1e8, 3e8, 1e9, 3e9])
     G = np.array([1.0, 4.0, 8.0, 16.0])
     X = law_columns(act, act * 6, act * 0.2, [1e10, 1e11, 1e12, 1e13], [2.0, 4.0, 8.0, 32.0],
@@ -67,6 +69,8 @@ def law_reads(model: LossModel, columns: Iterable[str] = ("granularity", "n_shar
     for c in columns:
         Y = dict(X)
         Y[c] = (1.0 - X[c]) if c == "n_shared" else X[c] * 2.0
+        if c == "granularity":          # at a fixed FFN width a finer split has narrower experts
+            Y["d_expert"] = X["d_expert"] / 2.0
         out[c] = not np.array_equal(np.asarray(model.predict(Y), dtype=np.float64), base)
     return out
 

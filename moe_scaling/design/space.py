@@ -173,8 +173,9 @@ class ArchSpace:
                                          or self.n_heads < 1):
             raise ConfigError(f"space.n_heads = {self.n_heads!r}: must be a whole number >= 1 (or left out)")
         rule = self.depth_rule
-        if rule and (any(len(p) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in p)
-                         for p in rule) or [p[0] for p in rule] != sorted({p[0] for p in rule})):
+        if rule and (any(not isinstance(p, (tuple, list)) or len(p) != 2
+                         or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in p) for p in rule)
+                     or [p[0] for p in rule] != sorted({p[0] for p in rule})):
             raise ConfigError(f"space.depth_rule = {rule!r}: must be (d_model, n_layers) pairs of whole numbers "
                               ">= 1 with distinct, ascending widths")
 
@@ -192,8 +193,9 @@ class ArchSpace:
     def head_dims_at(self, d_model: int) -> tuple[int, ...]:
         """The head widths a trunk of width ``d_model`` may have: ``d_model / n_heads`` when the
         space fixes the head count (none when it does not divide), else the ``head_dims`` dividing it."""
-        if self.n_heads is not None:
-            return (d_model // self.n_heads,) if d_model % self.n_heads == 0 else ()
+        if self.n_heads is not None:          # rotary embeddings rotate pairs: an even head width
+            hd = d_model // self.n_heads
+            return (hd,) if d_model % self.n_heads == 0 and hd % 2 == 0 else ()
         return tuple(hd for hd in self.head_dims if d_model % hd == 0)
 
     def base(self, trunk: "Trunk") -> dict[str, Any]:

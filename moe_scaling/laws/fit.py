@@ -82,8 +82,8 @@ def fit_starts_and_cold(problem: Problem, seed: int, *, starts: np.ndarray | Non
     (default: the law's grid plus ``random_starts`` uniform draws over its range from
     ``numpy.random.default_rng(seed)``; never the reference coefficients), clipped to the bounds
     and deduplicated, for the full-data and held-out fits; ``cold``, a seeded subset of
-    ``bootstrap_starts`` of them (the same for every refit), from which each bootstrap refit
-    starts (:func:`bootstrap_refits`). ``bench/fit_speed.py`` times refits from exactly these."""
+    ``bootstrap_starts`` of them (the same for every refit), from which, with the full-data
+    optimum, each bootstrap refit starts (:func:`bootstrap_refits`). ``bench/fit_speed.py`` times refits from exactly these."""
     law = problem.law
     rng = np.random.default_rng(seed)
     if starts is None:

@@ -115,8 +115,9 @@ def _layout_key(arch: str) -> tuple:
     """Sort order of layout labels: dense, then by expansion, shared last within it, then G."""
     if arch == "dense":
         return (0.0, 0, 0.0)
-    parts = dict((p[0], p[1:]) for p in arch.replace("+1sh", "s1").split())
-    return (float(parts["E"]), int("s" in parts), float(parts["G"]))
+    parts = {p[0]: p[1:] for p in arch.split() if p[0] in "EG"}
+    shared = next((int(p[1:-2]) for p in arch.split() if p.startswith("+") and p.endswith("sh")), 0)
+    return (float(parts["E"]), shared, float(parts["G"]))
 
 
 def layout_minima_figure(runs: pd.DataFrame, loss: str = "eval_loss",

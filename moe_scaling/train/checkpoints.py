@@ -64,13 +64,19 @@ class Checkpoints:
 
     def restore(self, step: int, state):
         """``(state, record)`` of ``step``, read into the shapes, dtypes and shardings of ``state``."""
+        pure, record = self._read(step, state)
+        nnx.replace_by_pure_dict(state, pure)
+        return state, record
+
+    def _read(self, step: int, state):
+        """``(pure state dict, record)`` of ``step`` in ``state``'s shapes and shardings; ``state``
+        itself is left as it is."""
         ocp = self.ocp
         self.wait()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
         got = self.mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-        nnx.replace_by_pure_dict(state, got["state"])
-        return state, got["record"]
+        return got["state"], got["record"]
 
     def restore_newest(self, state, *, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         """``(state, record)`` of the newest checkpoint that restores, ``(state, None)`` when there is
@@ -84,15 +90,18 @@ class Checkpoints:
         process's read and not another's: the processes agree after each attempt (one failure
         fails the step for all), the first one moves the folder between two barriers, and all of
         them then try the same older step (without the agreement a process that read its shards
-        went on training while the others fell back, and the run hung in its next collective)."""
+        went on training while the others fell back, and the run hung in its next collective).
+        ``state`` changes only once every process has read the same step, so processes that fall
+        back to none start from the same fresh state."""
         self.wait()
         for step in sorted(self.mngr.all_steps(), reverse=True):
             try:
-                got, err = self.restore(step, state), None
+                (pure, record), err = self._read(step, state), None
             except Exception as exc:  # noqa: BLE001 - any read failure means: try the older one
-                got, err = None, exc
+                err = exc
             if _everywhere(err is None):
-                return got
+                nnx.replace_by_pure_dict(state, pure)
+                return state, record
             where = self._set_aside(step)
             first = ("another process could not read its part" if err is None else
                      f"{type(err).__name__}: "
@@ -112,10 +121,16 @@ class Checkpoints:
             n += 1
             dest = root / self.DAMAGED / f"{step}-{n}"
         _barrier(f"moe-scaling-set-aside-{step}-named")
+        moved: OSError | None = None
         if jax.process_index() == 0 and src.exists():
-            dest.parent.mkdir(exist_ok=True)
-            src.rename(dest)
-        _barrier(f"moe-scaling-set-aside-{step}-moved")
+            try:
+                dest.parent.mkdir(exist_ok=True)
+                src.rename(dest)
+            except OSError as err:        # raised on every process below, not left to a barrier timeout
+                moved = err
+        if not _everywhere(moved is None):
+            raise ConfigError(f"checkpoint step {step} in {root} does not restore and could not be moved to "
+                              f"{dest}: {moved or 'failed on process 0'}; move or delete it, then resume")
         self.mngr.reload()
         return dest
 
