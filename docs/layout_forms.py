@@ -22,8 +22,11 @@ also tried alone by holding the other at its null value:
 
 First looks (2026-12-06, no bootstrap): on 81 runs of the smallest budget (``--points-per-param 3``)
 RMSE ondevice 0.0178 (eta at its bound 4: G acts as a step), +width 0.0158, +shared_d 0.0159, both
-0.0141; on 102 runs (the smallest budget and a third of 4.5e12) 0.0193, 0.0177, 0.0172, 0.0157. The
-verdict waits for the three budgets (docs/design.md, section 5, records the chosen form).
+0.0141; on 102 runs (the smallest budget and a third of 4.5e12) 0.0193, 0.0177, 0.0172, 0.0157; on
+124 runs (``--bootstrap 40``; floor 0.0037 from 4 configurations) in-sample / held-out, in floors:
+5.3 / 5.4, 5.0 / 5.7, 4.8 / 5.6, 4.5 / 5.1, every layout gap interval 3.5-6.2 floors wide, and
+ondevice's eta on its bound. No form meets item 2 yet; the verdict waits for the three budgets and
+the repeats (docs/design.md, section 5, records the chosen form).
 """
 
 from __future__ import annotations
