@@ -466,6 +466,27 @@ def test_by_compute_bands_are_the_intervals_and_moe_fit_plot_writes_it(tmp_path,
     assert all(os.path.getsize(p) > 10_000 for p in written["by_compute_250KB"])
 
 
+def test_isoflop_minimum_between_the_sizes_is_the_parabolas_vertex():
+    """Losses exactly quadratic in ln(params_active) around ln N* = ln 50,000 at one budget: the
+    interior minimum is located at N* and its loss to round-off, from the lowest size and its two
+    neighbours; a layout whose lowest loss is at an end gets none."""
+    from moe_scaling.plots.isoflop import isoflop_minima
+
+    params = np.array([20_000.0, 40_000.0, 80_000.0, 160_000.0])
+    x0, rows = np.log(50_000.0), []
+    for d, n in zip((16, 24, 32, 48), params):
+        for arch, loss in (("dense", 1.8 + 0.05 * (np.log(n) - x0) ** 2), ("moe", 1.7 + 0.01 * np.log(n))):
+            moe = arch == "moe"
+            rows.append({"status": "completed", "eval_loss": loss, "d_model": d, "n_layers": 2, "params_active": n,
+                         "flops_per_token_forward": 2 * n, "tokens": 1e12 / (6 * n), "n_shared": 0,
+                         "n_experts": 8 if moe else 1, "top_k": 2 if moe else 1, "expansion": 4.0 if moe else 1.0,
+                         "granularity": 2.0 if moe else 1.0, "seed": 0})
+    m = isoflop_minima(pd.DataFrame(rows)).set_index("arch")
+    assert m.loc["dense", "interior"] and m.loc["dense", "optimal_params"] == pytest.approx(50_000.0, rel=1e-9)
+    assert m.loc["dense", "optimal_loss"] == pytest.approx(1.8, abs=1e-12)
+    assert not m.loc["E4 G2 k2", "interior"] and np.isnan(m.loc["E4 G2 k2", "optimal_params"])
+
+
 def test_layout_minima_are_each_layouts_best_size_against_denses():
     """The layout figure on the committed isoflop study: per budget, every MoE layout's isoFLOP
     minimum minus dense's (isoflop_minima), hollow where the layout's minimum sits at an end of its

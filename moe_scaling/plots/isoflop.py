@@ -45,8 +45,14 @@ def isoflop_minima(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
     ``budget``, ``arch``, ``sizes`` (``d<d_model> L<n_layers>`` by width), the mean ``losses`` over
     seeds at each size and their ``seeds`` counts, the size of the lowest mean (``best_size``), its
     loss (``best_loss``) and ``interior``: whether sizes of that architecture were trained on both
-    sides of it (a minimum at an end says the sizes did not bracket it)."""
-    cols = ["budget", "arch", "sizes", "losses", "seeds", "best_size", "best_loss", "interior"]
+    sides of it (a minimum at an end says the sizes did not bracket it).
+
+    Where the minimum is interior, ``optimal_params`` and ``optimal_loss`` locate it between the
+    trained sizes: the vertex of the parabola in ``x = ln(params_active)`` through the lowest mean and
+    its two neighbours (convex, since the middle one is lowest), ``exp(-b / 2a)`` and its value (the
+    isoFLOP analysis of Hoffmann et al. 2022, approach 2, on three points); NaN at an end."""
+    cols = ["budget", "arch", "sizes", "losses", "seeds", "best_size", "best_loss", "interior",
+            "optimal_params", "optimal_loss"]
     done = completed(runs, loss).copy()
     if done.empty or "flops_per_token_forward" not in done:
         return pd.DataFrame(columns=cols)
@@ -55,15 +61,28 @@ def isoflop_minima(runs: pd.DataFrame, loss: str = "eval_loss") -> pd.DataFrame:
     rows = []
     for b, g in done.groupby("budget"):
         for arch, a in g.groupby("arch"):
-            s = a.groupby(["d_model", "n_layers"])[loss].agg(["mean", "count"]).sort_index()
+            s = a.groupby(["d_model", "n_layers"]).agg(mean=(loss, "mean"), count=(loss, "count"),
+                                                      params=("params_active", "median")).sort_index()
             if len(s) < 2:
                 continue
             best = s["mean"].idxmin()
+            interior = s.index[0] < best < s.index[-1]
+            vertex = _vertex(np.log(s["params"].to_numpy(float)), s["mean"].to_numpy(float),
+                             s.index.get_loc(best)) if interior else None
             rows.append({"budget": float(b), "arch": arch, "sizes": [f"d{d} L{n}" for d, n in s.index],
                          "losses": s["mean"].tolist(), "seeds": s["count"].astype(int).tolist(),
                          "best_size": f"d{best[0]} L{best[1]}", "best_loss": float(s["mean"].min()),
-                         "interior": s.index[0] < best < s.index[-1]})
+                         "interior": interior,
+                         "optimal_params": np.nan if vertex is None else float(np.exp(vertex[0])),
+                         "optimal_loss": np.nan if vertex is None else float(vertex[1])})
     return pd.DataFrame(rows, columns=cols)
+
+
+def _vertex(x: np.ndarray, y: np.ndarray, i: int) -> tuple[float, float]:
+    """``(x*, y*)``: the vertex of the parabola through points ``i - 1``, ``i``, ``i + 1``."""
+    a, b, c = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+    xv = -b / (2.0 * a)
+    return float(xv), float(c - b * b / (4.0 * a))
 
 
 def isoflop_figure(runs: pd.DataFrame, loss: str = "eval_loss") -> Figure | None:
