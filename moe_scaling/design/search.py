@@ -1,6 +1,6 @@
 """The on-device sweet spot: the architecture with the lowest predicted loss under a budget.
 
-One module (~500 lines): the single search and its by-compute sweep share the evaluator, the scan state
+One module (~530 lines): the single search and its by-compute sweep share the evaluator, the scan state
 and the result types; split apart they would import each other's internals.
 
 :func:`search` minimises a fitted law's predicted loss over an :class:`ArchSpace` under a

@@ -28,7 +28,7 @@ The result is a frozen :class:`Fit`: ``predict(X)``, ``predict_interval(X, level
 ``save(path)``; :func:`load_fit` reads one back. ``X`` is a dict of canonical column arrays.
 Run tables are read by :mod:`moe_scaling.laws.tables`.
 
-One module (~520 lines): :class:`Fit` and every way to make one (fitted, selected, loaded, published,
+One module (~530 lines): :class:`Fit` and every way to make one (fitted, selected, loaded, published,
 with a published granularity factor) share its fields and JSON format. Already moved out: the run
 statistics (:mod:`~moe_scaling.laws.noise`) and the layout gaps (:mod:`~moe_scaling.laws.effects`). The
 next seam, if it grows: the published constructors (``published_fit``, ``with_published_granularity``,
