@@ -401,12 +401,18 @@ def test_noise_floor_pools_every_repeat_degree_of_freedom():
     got = pooled_seed_sd(t)
     want = np.sqrt((2 * np.var([2.0, 2.1, 2.3], ddof=1) + 1 * np.var([1.9, 1.95], ddof=1)) / 3)
     assert got == {"noise_floor": pytest.approx(want, rel=1e-12), "noise_floor_dof": 3, "noise_floor_configs": 2,
-                   "noise_floor_steps": None, "noise_floor_by_steps": None}
+                   "noise_floor_steps": None, "noise_floor_by_steps": None, "noise_floor_by_family": None}
     # per step regime (0-1000, 1000-3000, ...): each configuration's own pooled sd here
     by = pooled_seed_sd(t.assign(steps=[500, 500, 500, 2000, 2000, 2000]))["noise_floor_by_steps"]
     assert [(b["steps"], b["configs"], b["dof"]) for b in by] == [([0, 1000], 1, 2), ([1000, 3000], 1, 1)]
     assert [b["noise_floor"] for b in by] == pytest.approx([np.std([2.0, 2.1, 2.3], ddof=1),
                                                             np.std([1.9, 1.95], ddof=1)], rel=1e-12)
+    # by family: dense (expansion 1) and MoE runs pooled apart (MoE runs scatter more)
+    fam = pooled_seed_sd(t.assign(expansion=[1, 1, 1, 4, 4, 4]))["noise_floor_by_family"]
+    assert [(b["family"], b["configs"], b["dof"]) for b in fam] == [("dense", 1, 2), ("moe", 1, 1)]
+    assert [b["noise_floor"] for b in fam] == pytest.approx([np.std([2.0, 2.1, 2.3], ddof=1),
+                                                             np.std([1.9, 1.95], ddof=1)], rel=1e-12)
+    assert [b["family"] for b in pooled_seed_sd(t.assign(expansion=4))["noise_floor_by_family"]] == ["moe"]
     assert pooled_seed_sd(pd.concat([t, t]))["noise_floor_dof"] == 3         # a run listed twice counts once
     assert pooled_seed_sd(t.drop(columns="seed"))["noise_floor"] is None    # no seeds: nothing says what repeats
     assert pooled_seed_sd(t.assign(lr=[1, 2, 3, 4, 5, 6]))["noise_floor"] is None     # other lr: no repeats

@@ -334,8 +334,10 @@ def format_fit(result: dict[str, Any]) -> str:
         if m.get("kfold_rmse") is not None:
             parts.append(f"{m['kfold']}-fold rmse {m['kfold_rmse']:.4f}")
         if m.get("noise_floor"):
-            regimes = ", ".join(f"{b['steps'][0]}-{b['steps'][1] or ''} steps {b['noise_floor']:.4f} ({b['dof']} dof)"
-                                for b in m.get("noise_floor_by_steps") or [])
+            regimes = ", ".join([f"{b['steps'][0]}-{b['steps'][1] or ''} steps {b['noise_floor']:.4f} ({b['dof']} dof)"
+                                 for b in m.get("noise_floor_by_steps") or []]
+                                + [f"{b['family']} {b['noise_floor']:.4f} ({b['dof']} dof)"
+                                   for b in m.get("noise_floor_by_family") or []])
             parts.append(f"seed noise floor {m['noise_floor']:.4f} (pooled, {m['noise_floor_dof']} dof"
                          + (f"; {regimes}" if regimes else "") + ")")
             parts.append(f"rmse {m['rmse'] / m['noise_floor']:.2g}x the floor"

@@ -109,9 +109,12 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     or None, "noise_floor_dof": sum(n_i - 1), "noise_floor_configs": count, "noise_floor_steps":
     [min, max] optimizer steps of the repeats, "noise_floor_by_steps": the same pooled sd within each
     step regime of :data:`STEP_REGIMES` that has repeats ([{"steps": [lo, hi or None], "configs",
-    "dof", "noise_floor"}]: short runs end noisier), where the table has steps}``."""
+    "dof", "noise_floor"}]: short runs end noisier), where the table has steps, "noise_floor_by_family":
+    the same for dense (``expansion`` 1: every expert active) and MoE runs ([{"family": "dense" or
+    "moe", "configs", "dof", "noise_floor"}]: routing amplifies a new seed, so MoE runs can scatter
+    several times more), where the table has an expansion column}``."""
     none = {"noise_floor": None, "noise_floor_dof": 0, "noise_floor_configs": 0, "noise_floor_steps": None,
-            "noise_floor_by_steps": None}
+            "noise_floor_by_steps": None, "noise_floor_by_family": None}
     if "seed" not in table.columns or len(table) < 2:
         return none
     keys = [c for c in table.columns if c in _config_columns()
@@ -120,21 +123,27 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     g = t.groupby([t[k].astype(str) for k in keys], dropna=False)
     n, var = g["loss"].count(), g["loss"].var(ddof=1)
     rep = n >= 2
-    dof = int((n[rep] - 1).sum())
-    if not dof:
+    if not int((n[rep] - 1).sum()):
         return none
-    steps, by_steps = None, None
+
+    def pooled(inside: pd.Series) -> dict[str, Any] | None:
+        """The pooled sd over the repeated configurations where ``inside`` holds (None if none)."""
+        k = int((n[rep][inside] - 1).sum())
+        return {"configs": int(inside.sum()), "dof": k, "noise_floor": float(math.sqrt(
+            ((n[rep][inside] - 1) * var[rep][inside]).sum() / k))} if k else None
+
+    every = pooled(rep[rep])
+    steps, by_steps, by_family = None, None, None
     if "steps" in t.columns:
         first = g["steps"].min()[rep]                       # a configuration's repeats share their steps
         steps = [int(first.min()), int(first.max())]
-        by_steps = []
-        for lo, hi in zip(STEP_REGIMES[:-1], STEP_REGIMES[1:]):
-            inside = (first >= lo) & (first < hi)
-            k = int((n[rep][inside] - 1).sum())
-            if k:
-                by_steps.append({"steps": [lo, None if math.isinf(hi) else hi], "configs": int(inside.sum()),
-                                 "dof": k, "noise_floor": float(math.sqrt(
-                                     ((n[rep][inside] - 1) * var[rep][inside]).sum() / k))})
-    return {"noise_floor": float(math.sqrt(((n[rep] - 1) * var[rep]).sum() / dof)), "noise_floor_dof": dof,
-            "noise_floor_configs": int(rep.sum()), "noise_floor_steps": steps,
-            "noise_floor_by_steps": by_steps}
+        by_steps = [{"steps": [lo, None if math.isinf(hi) else hi], **b}
+                    for lo, hi in zip(STEP_REGIMES[:-1], STEP_REGIMES[1:])
+                    if (b := pooled((first >= lo) & (first < hi)))]
+    if "expansion" in t.columns:
+        dense = g["expansion"].first()[rep].astype(float) <= 1.0
+        by_family = [{"family": name, **b} for name, inside in (("dense", dense), ("moe", ~dense))
+                     if (b := pooled(inside))]
+    return {"noise_floor": every["noise_floor"], "noise_floor_dof": every["dof"],
+            "noise_floor_configs": every["configs"], "noise_floor_steps": steps,
+            "noise_floor_by_steps": by_steps, "noise_floor_by_family": by_family}
