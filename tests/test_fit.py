@@ -444,7 +444,8 @@ def test_fit_errors_are_also_given_in_noise_floors():
 def test_prediction_interval_adds_the_seed_noise_of_a_mean_of_k_runs():
     """The interval for a new run's measured loss mixes the bootstrap samples' predictions with the
     seed noise sigma / sqrt(k): one sample gives exactly p -+ z sigma / sqrt(k); many give a mixture
-    whose CDF at the endpoints is the tail (bisection: to 1e-9); seeds=None is the law's own interval."""
+    whose CDF at the endpoints is the tail (bisection: to 1e-9); seeds=None is the law's own interval;
+    a dense and a MoE row each take their family's floor."""
     from scipy.special import ndtr
     from scipy.stats import norm
 
@@ -469,6 +470,15 @@ def test_prediction_interval_adds_the_seed_noise_of_a_mean_of_k_runs():
     assert np.all(lo < plo) and np.all(phi < hi)                        # noise widens the law's interval
     with pytest.raises(ValueError, match="seeds = 0"):
         fit.predict_interval(X, seeds=0)
+    # each row takes its family's floor (dense: expansion 1; MoE otherwise) where the fit has them
+    fam = Fit(law="chinchilla", params=p, samples=one.samples, metrics={
+        "noise_floor": 0.02, "noise_floor_by_family": [{"family": "dense", "noise_floor": 0.004},
+                                                       {"family": "moe", "noise_floor": 0.03}]})
+    lo, hi = fam.predict_interval({**X, "expansion": np.array([1.0, 8.0])}, level=0.9, seeds=1)
+    np.testing.assert_allclose(hi - centre, norm.ppf(0.95) * np.array([0.004, 0.03]), rtol=1e-9)
+    np.testing.assert_allclose(centre - lo, norm.ppf(0.95) * np.array([0.004, 0.03]), rtol=1e-9)
+    lo, hi = fam.predict_interval(X, level=0.9, seeds=1)                  # no expansion: the pooled floor
+    np.testing.assert_allclose(hi - centre, norm.ppf(0.95) * 0.02, rtol=1e-9)
 
 
 def test_published_granularity_factor_is_krajewskis_on_the_joint_laws_parameter_term():

@@ -27,7 +27,7 @@ reach, lower what a law fitted on fewer predicts); ``measured`` are the final ev
 standard deviation over candidates (each weighted by its degrees of freedom; None with one seed); ``spearman`` the
 rank correlation of predicted loss and measured mean over candidates; ``interval`` the law's
 interval at ``level`` for the mean of the seeds trained (:meth:`~moe_scaling.laws.fit.Fit.predict_interval`:
-parameter uncertainty and the fit's seed noise over sqrt(seeds)), and ``within_interval`` the share
+parameter uncertainty and the seed noise of the fit's runs of its family, dense or MoE, over sqrt(seeds)), and ``within_interval`` the share
 of candidates whose measured mean lies in it (None when the law has none); ``optimum_gap`` the
 optimum's measured mean minus the best measured mean; ``concordance`` the share of candidate pairs
 whose measured means differ by more than 2 noise floors that the law orders the same way (None

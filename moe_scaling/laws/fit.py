@@ -153,14 +153,31 @@ class Fit:
         v = self.metrics.get("noise_floor")
         return None if v is None else float(v)
 
+    def seed_noise(self, X: Mapping[str, Any]) -> np.ndarray | None:
+        """The seed-to-seed sd a new run of each row of ``X`` has, shape ``(n,)``: the pooled floor of
+        the fitted runs of its family (dense where ``expansion`` is 1, else MoE:
+        ``noise_floor_by_family``) where ``X`` has an expansion and that family had repeats, else the
+        pooled :attr:`noise_floor`; None without a floor. (On the layout study MoE runs scatter ~4x
+        more than dense ones, so one pooled sd is too wide for one and too narrow for the other.)"""
+        pooled = self.noise_floor
+        if not pooled:
+            return None
+        n = len(np.atleast_1d(self.predict(X)))
+        sd = np.full(n, pooled)
+        families = {b["family"]: b["noise_floor"] for b in self.metrics.get("noise_floor_by_family") or []}
+        if families and X.get("expansion") is not None:
+            dense = np.broadcast_to(np.asarray(X["expansion"], float) <= 1.0, (n,))
+            sd = np.where(dense, families.get("dense", pooled), families.get("moe", pooled))
+        return sd
+
     def predict_interval(self, X: Mapping[str, Any], level: float = 0.9, *,
                          seeds: int | None = 1) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) interval at coverage ``level`` for what training ``X`` would measure.
 
         ``seeds=k`` (default 1): the mean loss of ``k`` new runs. Two sources of error add up: the
         law's parameter uncertainty (the loss predicted by each bootstrap sample, ``p_s``) and the
-        seed-to-seed noise of a measured mean, ``sigma / sqrt(k)`` with ``sigma`` the fit's
-        :attr:`noise_floor`. The interval holds the ``(1 -+ level) / 2`` quantiles of the mixture
+        seed-to-seed noise of a measured mean, ``sigma / sqrt(k)`` with ``sigma`` the row's
+        :meth:`seed_noise` (its family's floor: dense or MoE). The interval holds the ``(1 -+ level) / 2`` quantiles of the mixture
         ``(1/S) sum_s N(p_s, sigma^2 / k)``, found by bisection on its CDF (deterministic, no
         sampling). Without a noise floor, and with ``seeds=None``, it is the percentile interval of
         the ``p_s`` alone: the uncertainty of the law itself, not of a run around it.
@@ -174,10 +191,10 @@ class Fit:
             raise ValueError(f"seeds = {seeds!r}: must be a whole number >= 1, or None for the law alone")
         pred = self.law_obj.predict(self.samples, X)
         tail = (1.0 - level) / 2.0
-        sigma = self.noise_floor
+        sigma = self.seed_noise(X)
         with warnings.catch_warnings():                 # rows with missing inputs give NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            if seeds is None or not sigma:
+            if seeds is None or sigma is None:
                 return np.nanpercentile(pred, 100 * tail, axis=0), np.nanpercentile(pred, 100 * (1 - tail), axis=0)
             return (mixture_quantile(pred, sigma / math.sqrt(seeds), tail),
                     mixture_quantile(pred, sigma / math.sqrt(seeds), 1.0 - tail))

@@ -49,13 +49,14 @@ def percentile_mc_se(draws: np.ndarray, q: float) -> float:
     return float((x[k] - x[j]) / (2.0 * z))
 
 
-def mixture_quantile(centres: np.ndarray, sd: float, q: float, iters: int = 60) -> np.ndarray:
-    """The ``q`` quantile, per column, of an equal mixture of normals ``N(centres[s, j], sd^2)`` over
-    the finite rows ``s``: bisection on the mixture CDF, 60 halvings of a bracket 8 sd wide beyond
+def mixture_quantile(centres: np.ndarray, sd: float | np.ndarray, q: float, iters: int = 60) -> np.ndarray:
+    """The ``q`` quantile, per column, of an equal mixture of normals ``N(centres[s, j], sd_j^2)`` over
+    the finite rows ``s`` (``sd`` one value, or one per column): bisection on the mixture CDF, 60 halvings of a bracket 8 sd wide beyond
     the centres (to ~1e-17 of it). NaN where a column has no finite centre."""
     from scipy.special import ndtr
 
     c = np.asarray(centres, np.float64)
+    sd = np.asarray(sd, np.float64)
     ok = np.isfinite(c)
     n = ok.sum(axis=0)
     lo = np.where(ok, c, np.inf).min(axis=0) - 8 * sd
