@@ -239,7 +239,9 @@ def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedPr
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise
+            tails = [f"process {i} (returncode {q.wait()}) stderr:\n{q.communicate()[1][-4000:]}"
+                     for i, q in enumerate(procs)]
+            pytest.fail(f"the 2 processes did not finish in {timeout:g} s\n" + "\n".join(tails))
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return done
 
