@@ -21,6 +21,7 @@ from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import finite_or_none
 from moe_scaling.model.transformer import Transformer
+from moe_scaling.train.mesh import barrier
 from moe_scaling.train.step import init_state
 
 __all__ = ["Checkpoints", "load_checkpoint", "init_model_from"]
@@ -120,7 +121,7 @@ class Checkpoints:
         while dest.exists():
             n += 1
             dest = root / self.DAMAGED / f"{step}-{n}"
-        _barrier(f"moe-scaling-set-aside-{step}-named")
+        barrier(f"set-aside-{step}-named")
         moved: OSError | None = None
         if jax.process_index() == 0 and src.exists():
             try:
@@ -154,20 +155,15 @@ class Checkpoints:
 
 
 def _everywhere(ok: bool) -> bool:
-    """Whether ``ok`` holds on every process (itself with one process)."""
+    """Whether ``ok`` holds on every process (itself with one process). The processes first meet
+    at a :func:`~moe_scaling.train.mesh.barrier`: the gather is a collective, and one process can
+    arrive long after another (a failed read makes orbax print a warning per array)."""
     if jax.process_count() == 1:
         return ok
     from jax.experimental import multihost_utils
 
+    barrier("checkpoint-agree")
     return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
-
-
-def _barrier(name: str) -> None:
-    """Wait for every process (nothing with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_cfg: TrainConfig,

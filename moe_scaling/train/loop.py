@@ -47,7 +47,7 @@ from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_bytes, finite_or_none
 from moe_scaling.model.routing import resolve_dispatch
 from moe_scaling.train.checkpoints import Checkpoints, init_model_from
-from moe_scaling.train.mesh import place_run
+from moe_scaling.train.mesh import barrier, place_run
 from moe_scaling.train.data import eval_windows, load_tokens, tokenizer_for, tokenizer_vocab_size, train_batch
 from moe_scaling.train.tokenizers import check_vocab
 from moe_scaling.train.step import init_state, lr_schedule, make_eval_step, make_train_step
@@ -235,6 +235,7 @@ def eval_program(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, dispa
     key = ("eval", model_cfg, program_config(train_cfg, "lr", "min_lr_ratio", "weight_decay"),
            dispatch, members, xs.shape)
     run = compiled(key, jax.jit(fn), state, xs, ys)
+    barrier("eval-compiled")                 # every process has it before any runs it
     return lambda s: np.asarray(jax.device_get(run(s, xs, ys)))
 
 
@@ -344,6 +345,7 @@ class _Run:
         t0 = time.perf_counter()
         step_fn = train_step(self.state, x, y)
         self.timings["compile_s"] += time.perf_counter() - t0
+        barrier("step-compiled")                 # every process has it before any runs it
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -36,6 +36,7 @@ which tokens drop, see there). ``dropless``, ``ragged`` and ``reference`` keep t
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from moe_scaling.config import MESH_AXES as AXES, MeshShape
 from moe_scaling.errors import ConfigError
 
 __all__ = ["AXES", "MeshShape", "check_mesh", "make_mesh", "param_spec", "state_specs", "Placement",
-           "initialize_distributed", "distributed_from_env"]
+           "initialize_distributed", "distributed_from_env", "barrier"]
 
 BATCH_AXES = AXES  # the batch dimension is split over every axis
 _EXPERT_WEIGHTS = ("w_gate_up", "w_down")
@@ -187,6 +188,27 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Wait until every process gets here (nothing with one process).
+
+    A barrier of JAX's coordination service, not a collective: on CPU the first collective of a
+    device group sets up a gloo context through the service's key-value store and gives up after
+    30 s (``DEADLINE_EXCEEDED: GetKeyValue() timed out with key: cpu:gloo/...``), so a process
+    that reaches a new program more than 30 s after the others (compiling on a busy machine,
+    printing orbax's warnings after a failed checkpoint read) failed the run. Called before a
+    process runs a freshly compiled multi-process program and before processes agree on a
+    checkpoint, it lets the slowest catch up for up to ``timeout_s``. Every process calls the
+    same barriers in the same order, so a per-process count makes each name unique."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.get_barrier_sync_fn()(key=f"moe-scaling-{name}-{next(_BARRIERS)}",
+                                        timeout_ms=int(timeout_s * 1000))
 
 
 def place_run(mesh: str | MeshShape | None, model_cfg: Any, batch_size: int, state: Any) -> Placement | None:
