@@ -28,7 +28,7 @@ The result is a frozen :class:`Fit`: ``predict(X)``, ``predict_interval(X, level
 ``save(path)``; :func:`load_fit` reads one back. ``X`` is a dict of canonical column arrays.
 Run tables are read by :mod:`moe_scaling.laws.tables`.
 
-One module (~530 lines): :class:`Fit` and every way to make one (fitted, selected, loaded, published,
+One module (~550 lines): :class:`Fit` and every way to make one (fitted, selected, loaded, published,
 with a published granularity factor) share its fields and JSON format. Already moved out: the run
 statistics (:mod:`~moe_scaling.laws.noise`) and the layout gaps (:mod:`~moe_scaling.laws.effects`). The
 next seam, if it grows: the published constructors (``published_fit``, ``with_published_granularity``,
@@ -153,16 +153,17 @@ class Fit:
         v = self.metrics.get("noise_floor")
         return None if v is None else float(v)
 
-    def seed_noise(self, X: Mapping[str, Any]) -> np.ndarray | None:
+    def seed_noise(self, X: Mapping[str, Any], n: int | None = None) -> np.ndarray | None:
         """The seed-to-seed sd a new run of each row of ``X`` has, shape ``(n,)``: the pooled floor of
         the fitted runs of its family (dense where ``expansion`` is 1, else MoE:
         ``noise_floor_by_family``) where ``X`` has an expansion and that family had repeats, else the
-        pooled :attr:`noise_floor`; None without a floor. (On the layout study MoE runs scatter ~4x
-        more than dense ones, so one pooled sd is too wide for one and too narrow for the other.)"""
+        pooled :attr:`noise_floor`; None without a floor. ``n``: the number of rows when the caller
+        has it (else one prediction counts them). (On the layout study MoE runs scatter ~4x more than
+        dense ones, so one pooled sd is too wide for one and too narrow for the other.)"""
         pooled = self.noise_floor
         if not pooled:
             return None
-        n = len(np.atleast_1d(self.predict(X)))
+        n = len(np.atleast_1d(self.predict(X))) if n is None else n
         sd = np.full(n, pooled)
         families = {b["family"]: b["noise_floor"] for b in self.metrics.get("noise_floor_by_family") or []}
         if families and X.get("expansion") is not None:
@@ -191,7 +192,7 @@ class Fit:
             raise ValueError(f"seeds = {seeds!r}: must be a whole number >= 1, or None for the law alone")
         pred = self.law_obj.predict(self.samples, X)
         tail = (1.0 - level) / 2.0
-        sigma = self.seed_noise(X)
+        sigma = self.seed_noise(X, n=np.shape(pred)[-1])
         with warnings.catch_warnings():                 # rows with missing inputs give NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             if seeds is None or sigma is None:
