@@ -18,9 +18,12 @@ either, so the mesh must give the single-device function.
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -35,7 +38,8 @@ from moe_scaling.train.mesh import check_mesh, param_spec
 TOL = F32_TOL
 
 SETUP = f"""
-import json, os, sys
+import faulthandler, json, os, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)   # _two_processes asks a hung process for its stacks
 import moe_scaling
 from moe_scaling.config import DataConfig, ModelConfig, TrainConfig
 from moe_scaling.train.loop import train
@@ -77,6 +81,14 @@ import dataclasses
 from moe_scaling.train.mesh import initialize_distributed
 initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 ckpt, stop = sys.argv[3], (int(sys.argv[4]) or None)
+if len(sys.argv) > 5 and int(sys.argv[2]) == 1:   # process 1 alone cannot read checkpoint step argv[5]'s state
+    import orbax.checkpoint as ocp
+    _restore = ocp.StandardCheckpointHandler.restore
+    def restore(self, directory, *args, **kwargs):
+        if directory.parent.name == sys.argv[5]:
+            raise OSError(f"{directory}: process 1 cannot read its part")
+        return _restore(self, directory, *args, **kwargs)
+    ocp.StandardCheckpointHandler.restore = restore
 r = train(MODEL, dataclasses.replace(TRAIN, ckpt_every=1), DATA, progress=False, mesh="expert=4", ckpt_dir=ckpt,
           stop_at_step=stop)
 print("RESULT " + json.dumps({"status": r.status, "losses": losses(r)}))
@@ -196,34 +208,41 @@ def test_two_processes_equal_one(single_process):
 
 
 def test_two_processes_resume_past_a_checkpoint_one_of_them_cannot_read(tmp_path, single_process):
-    """2 processes checkpoint every step and stop at step 3; process 1's data files of that checkpoint
-    are then deleted. Resumed, the processes agree the checkpoint is damaged, process 0 sets it aside
-    while the other waits, and both continue from step 2 to the losses of an uninterrupted run (on
-    one device, within float32 round-off).
-    (Before, process 1 reloaded the checkpoint list while process 0 was moving the folder, died,
-    and process 0 hung in its next collective until the 5-minute barrier timeout.)"""
+    """2 processes checkpoint every step and stop at step 3. Then, (a) process 1's data files of that
+    checkpoint are deleted (both processes' reads fail: process 0's needs them too), or (b) the
+    files stay and only process 1's read raises (a file only it reads is bad: process 0 reads step
+    3 fine). Resumed, the processes agree the checkpoint is damaged, process 0 sets it aside while
+    the other waits, and both continue from step 2 to the losses of an uninterrupted run (on one
+    device, within float32 round-off).
+    (Before: in (a) process 1 reloaded the checkpoint list while process 0 was moving the folder,
+    died, and process 0 hung in its next collective; in (b) process 0 waited for ever in the
+    collective that ends orbax's manager restore while process 1 waited to agree.)"""
     ckpt = tmp_path / "ckpt"
 
-    def run(stop: int) -> list[dict]:
-        procs = _two_processes(lambda addr, i: [sys.executable, "-c", RESUMING_WORKER, addr, str(i), str(ckpt),
-                                                str(stop)], timeout=240)
+    def run(where, stop: int, *fail_on_1: str) -> list[tuple[dict, str]]:
+        procs = _two_processes(lambda addr, i: [sys.executable, "-c", RESUMING_WORKER, addr, str(i), str(where),
+                                                str(stop), *fail_on_1], timeout=240)
         for p in procs:
             assert p.returncode == 0, p.stderr[-3000:]
         return [(_result(p.stdout), p.stderr) for p in procs]
 
-    first = run(3)
+    first = run(ckpt, 3)
     assert [r["status"] for r, _ in first] == ["stopped", "stopped"]
+    intact = tmp_path / "intact"
+    shutil.copytree(ckpt, intact)
     shards = list((ckpt / "3" / "state").glob("ocdbt.process_1/d/*"))
     assert shards
     for f in shards:
         f.unlink()
-    resumed = run(0)
-    assert [r["status"] for r, _ in resumed] == ["completed", "completed"]
-    assert resumed[0][0]["losses"] == resumed[1][0]["losses"]
-    assert any("checkpoint step 3" in err and "does not restore" in err for _, err in resumed)
-    assert (ckpt / "damaged" / "3").is_dir() and not (ckpt / "3").exists()
-    assert len(resumed[0][0]["losses"]) == len(single_process["None"])
-    assert _max_diff(resumed[0][0]["losses"], single_process["None"]) <= TOL
+    for where, fail_on_1, process_0_says in ((ckpt, (), "Exception"),
+                                            (intact, ("3",), "another process could not read its part")):
+        resumed = run(where, 0, *fail_on_1)
+        assert [r["status"] for r, _ in resumed] == ["completed", "completed"]
+        assert resumed[0][0]["losses"] == resumed[1][0]["losses"]
+        assert f"checkpoint step 3 in {where} does not restore ({process_0_says}" in resumed[0][1]
+        assert (where / "damaged" / "3").is_dir() and not (where / "3").exists()
+        assert len(resumed[0][0]["losses"]) == len(single_process["None"])
+        assert _max_diff(resumed[0][0]["losses"], single_process["None"]) <= TOL
 
 
 def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedProcess]:
@@ -237,9 +256,13 @@ def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedPr
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            for q in procs:              # workers that registered faulthandler print every thread's stack
+                if q.poll() is None:
+                    q.send_signal(signal.SIGUSR1)
+            time.sleep(5)
             for q in procs:
                 q.kill()
-            tails = [f"process {i} (returncode {q.wait()}) stderr:\n{q.communicate()[1][-4000:]}"
+            tails = [f"process {i} (returncode {q.wait()}) stderr:\n{q.communicate()[1][-12000:]}"
                      for i, q in enumerate(procs)]
             pytest.fail(f"the 2 processes did not finish in {timeout:g} s\n" + "\n".join(tails))
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))

@@ -73,11 +73,21 @@ class Checkpoints:
         """``(pure state dict, record)`` of ``step`` in ``state``'s shapes and shardings; ``state``
         itself is left as it is."""
         ocp = self.ocp
-        self.wait()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
-        got = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-        return got["state"], got["record"]
+        return (self._item(step, "state", ocp.StandardCheckpointHandler(), ocp.args.StandardRestore(abstract)),
+                self._item(step, "record", ocp.JsonCheckpointHandler(), ocp.args.JsonRestore()))
+
+    def _item(self, step: int, name: str, handler, args):
+        """Item ``name`` of ``step`` read by ``handler`` itself, not by the manager: the manager's
+        restore ends in a collective (``sync_global_devices``) that only the processes whose read
+        succeeded reach, so when one process could not read its part the others waited in it for
+        ever while that one waited to agree (:meth:`restore_newest`). Each process reads its own
+        shards; nothing here waits for another process."""
+        self.wait()
+        try:
+            return handler.restore(Path(self.mngr.directory) / str(step) / name, args=args)
+        finally:
+            handler.close()
 
     def restore_newest(self, state, *, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         """``(state, record)`` of the newest checkpoint that restores, ``(state, None)`` when there is
@@ -139,13 +149,12 @@ class Checkpoints:
         """``state`` with its model part (``state[0]``) replaced by the model saved at ``step``
         (whatever optimiser that run used); the optimiser part is left as it is."""
         ocp = self.ocp
-        self.wait()
         pure = nnx.to_pure_dict(state)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, pure[0])
-        got = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={0: abstract}, restore_args=jax.tree.map(
-                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), {0: abstract}), partial_restore=True)))
-        pure[0] = got["state"][0]
+        got = self._item(step, "state", ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeRestore(
+            item={0: abstract}, restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                                          {0: abstract}), partial_restore=True))
+        pure[0] = got[0]
         nnx.replace_by_pure_dict(state, pure)
         return state
 
