@@ -48,6 +48,12 @@ def get(url: str):
         return json.loads(r.read())
 
 
+def server_log(tmp_path):
+    """A file for the dashboard's output (a line per request; the child keeps its own handle):
+    a pipe nobody reads stops the server once it holds 64 KiB."""
+    return open(tmp_path / "dashboard.log", "a")
+
+
 def wait_for(what: str, check, timeout: float = 180.0, every: float = 0.5):
     """Poll ``check()`` until it returns something truthy (its value), or fail saying ``what``."""
     deadline = time.time() + timeout
@@ -89,8 +95,9 @@ def test_dashboard_serves_a_running_then_finished_sweep_on_postgres(tmp_path, po
     dash = None
     try:
         wait_for("the sweep's manifest", lambda: (out / "sweep.json").is_file())
-        dash = subprocess.Popen(sweep_cmd("dashboard", out, "--storage", postgres_url, "--port", port),
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with server_log(tmp_path) as log:
+            dash = subprocess.Popen(sweep_cmd("dashboard", out, "--storage", postgres_url, "--port", port),
+                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         study_id = wait_for("the study in /api/studies", lambda: next(
             (s["study_id"] for s in get(f"{base}/api/studies")["study_summaries"] if s["study_name"] == name), None))
@@ -128,8 +135,9 @@ def test_dashboard_serves_a_running_then_finished_sweep_on_postgres(tmp_path, po
     assert live["number"] in [t["number"] for t in trials]
 
     # the page in a real browser: the study and a learning curve are on it; a screenshot for people
-    dash = subprocess.Popen(sweep_cmd("dashboard", out, "--storage", postgres_url, "--port", port),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with server_log(tmp_path) as log:
+        dash = subprocess.Popen(sweep_cmd("dashboard", out, "--storage", postgres_url, "--port", port),
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for("the dashboard after the sweep", lambda: get(f"http://127.0.0.1:{port}/api/meta"))
         page = f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -247,26 +248,49 @@ def test_two_processes_resume_past_a_checkpoint_one_of_them_cannot_read(tmp_path
 
 def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """Run ``args_of(addr, i)`` for processes 0 and 1 (2 CPU devices each, one coordinator);
-    every process's returncode, stdout and stderr."""
+    every process's returncode, stdout and stderr, after at most ``timeout`` s for both.
+
+    Their output goes to files, not pipes: with pipes read one process at a time, process 1
+    blocked writing once its pipe held 64 KiB (a failed orbax read prints a page per array), never
+    reached the next barrier, and process 0 waited there until the timeout (the rare CI hang)."""
     addr = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(args_of(addr, i), env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    done = []
-    for p in procs:
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+")) for i in range(2)]
+        procs = [subprocess.Popen(args_of(addr, i), env=_env(2), stdout=out, stderr=err, text=True)
+                 for i, (out, err) in enumerate(files)]
+        deadline, timed_out = time.monotonic() + timeout, False
         try:
-            out, err = p.communicate(timeout=timeout)
+            for p in procs:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
+            timed_out = True
             for q in procs:              # workers that registered faulthandler print every thread's stack
                 if q.poll() is None:
                     q.send_signal(signal.SIGUSR1)
             time.sleep(5)
             for q in procs:
                 q.kill()
-            tails = [f"process {i} (returncode {q.wait()}) stderr:\n{q.communicate()[1][-12000:]}"
-                     for i, q in enumerate(procs)]
-            pytest.fail(f"the 2 processes did not finish in {timeout:g} s\n" + "\n".join(tails))
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
+                q.wait()
+        texts = [(_read_back(out), _read_back(err)) for out, err in files]
+    if timed_out:
+        pytest.fail(f"the 2 processes did not finish in {timeout:g} s\n" + "\n".join(
+            f"process {i} (returncode {p.returncode}) stderr:\n{_stacks_and_tail(err)}"
+            for i, (p, (_, err)) in enumerate(zip(procs, texts))))
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, texts)]
+
+
+def _read_back(f) -> str:
+    """All of the open text file ``f``, which is then closed."""
+    with f:
+        f.seek(0)
+        return f.read()
+
+
+def _stacks_and_tail(err: str) -> str:
+    """The stacks faulthandler printed into ``err`` (from its first ``Thread 0x`` or ``Current
+    thread`` line), then the end of ``err``: a failed orbax read can print pages after them."""
+    at = min((i for i in (err.find("Thread 0x"), err.find("Current thread 0x")) if i >= 0), default=len(err))
+    return err[at:at + 8000] + "\n[...]\n" + err[-3000:]
 
 
 def test_two_process_json_stdout_is_one_json_object(tmp_path):
