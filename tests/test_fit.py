@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 from moe_scaling.laws.errors import FitError, NoSamplesError
 from moe_scaling.laws.fit import Fit, fit_law, load_fit, published_fit, select_law
-from moe_scaling.laws.noise import percentile_mc_se, pooled_seed_sd
+from moe_scaling.laws.noise import MIN_FAMILY_DOF, percentile_mc_se, pooled_seed_sd
 from moe_scaling.laws.tables import canonical_table, holdout_mask
 from moe_scaling.laws.registry import LAWS
 
@@ -407,12 +407,17 @@ def test_noise_floor_pools_every_repeat_degree_of_freedom():
     assert [(b["steps"], b["configs"], b["dof"]) for b in by] == [([0, 1000], 1, 2), ([1000, 3000], 1, 1)]
     assert [b["noise_floor"] for b in by] == pytest.approx([np.std([2.0, 2.1, 2.3], ddof=1),
                                                             np.std([1.9, 1.95], ddof=1)], rel=1e-12)
-    # by family: dense (expansion 1) and MoE runs pooled apart (MoE runs scatter more)
+    # by family: dense (expansion 1) and MoE runs pooled apart (MoE runs scatter more), and every MoE
+    # layout (expansion, with or without a shared expert) on its own
     fam = pooled_seed_sd(t.assign(expansion=[1, 1, 1, 4, 4, 4]))["noise_floor_by_family"]
-    assert [(b["family"], b["configs"], b["dof"]) for b in fam] == [("dense", 1, 2), ("moe", 1, 1)]
-    assert [b["noise_floor"] for b in fam] == pytest.approx([np.std([2.0, 2.1, 2.3], ddof=1),
-                                                             np.std([1.9, 1.95], ddof=1)], rel=1e-12)
-    assert [b["family"] for b in pooled_seed_sd(t.assign(expansion=4))["noise_floor_by_family"]] == ["moe"]
+    assert [(b["family"], b["configs"], b["dof"]) for b in fam] == [("dense", 1, 2), ("moe", 1, 1), ("moe x4", 1, 1)]
+    assert [b["noise_floor"] for b in fam] == pytest.approx([np.std([2.0, 2.1, 2.3], ddof=1)]
+                                                            + 2 * [np.std([1.9, 1.95], ddof=1)], rel=1e-12)
+    assert [b["family"] for b in pooled_seed_sd(t.assign(expansion=4))["noise_floor_by_family"]] == ["moe", "moe x4"]
+    fam = pooled_seed_sd(t.assign(expansion=[4, 4, 4, 16, 16, 16], n_shared=[1, 1, 1, 0, 0, 0]))["noise_floor_by_family"]
+    assert [(b["family"], b["configs"], b["dof"]) for b in fam] == [("moe", 2, 3), ("moe x4 + shared", 1, 2),
+                                                                    ("moe x16", 1, 1)]
+    assert fam[0]["noise_floor"] == pytest.approx(want, rel=1e-12)
     assert pooled_seed_sd(pd.concat([t, t]))["noise_floor_dof"] == 3         # a run listed twice counts once
     assert pooled_seed_sd(t.drop(columns="seed"))["noise_floor"] is None    # no seeds: nothing says what repeats
     assert pooled_seed_sd(t.assign(lr=[1, 2, 3, 4, 5, 6]))["noise_floor"] is None     # other lr: no repeats
@@ -479,6 +484,16 @@ def test_prediction_interval_adds_the_seed_noise_of_a_mean_of_k_runs():
     np.testing.assert_allclose(centre - lo, norm.ppf(0.95) * np.array([0.004, 0.03]), rtol=1e-9)
     lo, hi = fam.predict_interval(X, level=0.9, seeds=1)                  # no expansion: the pooled floor
     np.testing.assert_allclose(hi - centre, norm.ppf(0.95) * 0.02, rtol=1e-9)
+    # a MoE layout's own floor once it has MIN_FAMILY_DOF dof (x16 here), else every MoE run's (x4 + shared)
+    layouts = Fit(law="chinchilla", params=p, samples=one.samples, metrics={
+        "noise_floor": 0.02, "noise_floor_by_family": [
+            {"family": "dense", "dof": 2, "noise_floor": 0.004}, {"family": "moe", "dof": 40, "noise_floor": 0.03},
+            {"family": "moe x16", "dof": MIN_FAMILY_DOF, "noise_floor": 0.05},
+            {"family": "moe x4 + shared", "dof": MIN_FAMILY_DOF - 1, "noise_floor": 0.01}]})
+    X4 = {k: np.repeat(v, 2) for k, v in X.items()}
+    sd = layouts.seed_noise({**X4, "expansion": np.array([1.0, 16.0, 4.0, 4.0]), "n_shared": np.array([0, 0, 1, 0])})
+    assert sd.tolist() == [0.004, 0.05, 0.03, 0.03]
+    assert layouts.seed_noise({**X, "expansion": np.array([16.0, 16.0])}).tolist() == [0.05, 0.05]   # no n_shared
 
 
 def test_published_granularity_factor_is_krajewskis_on_the_joint_laws_parameter_term():

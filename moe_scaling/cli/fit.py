@@ -261,8 +261,8 @@ def format_by_compute(bc: dict[str, Any]) -> str:
 def _predictions(fit: Fit, path: str, columns: dict[str, str]) -> dict[str, Any]:
     """``predictions`` (row order; null where an input is missing) and their intervals."""
     table, _ = load_runs(path, columns, strict=False)
-    X = {c: np.asarray(table[c], np.float64) for c in fit.law_obj.inputs if c in table}
-    pred = fit.predict(X)
+    X = {c: np.asarray(table[c], np.float64) for c in {*fit.law_obj.inputs, "expansion", "n_shared"} if c in table}
+    pred = fit.predict(X)                      # expansion and n_shared also pick each row's noise family
     out: dict[str, Any] = {"predictions": [None if not np.isfinite(v) else float(v) for v in pred]}
     if fit.has_samples:
         lo, hi = fit.predict_interval(X, level=PREDICTION_LEVEL)

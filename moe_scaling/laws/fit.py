@@ -28,7 +28,7 @@ The result is a frozen :class:`Fit`: ``predict(X)``, ``predict_interval(X, level
 ``save(path)``; :func:`load_fit` reads one back. ``X`` is a dict of canonical column arrays.
 Run tables are read by :mod:`moe_scaling.laws.tables`.
 
-One module (~550 lines): :class:`Fit` and every way to make one (fitted, selected, loaded, published,
+One module (~560 lines): :class:`Fit` and every way to make one (fitted, selected, loaded, published,
 with a published granularity factor) share its fields and JSON format. Already moved out: the run
 statistics (:mod:`~moe_scaling.laws.noise`) and the layout gaps (:mod:`~moe_scaling.laws.effects`). The
 next seam, if it grows: the published constructors (``published_fit``, ``with_published_granularity``,
@@ -50,7 +50,7 @@ import pandas as pd
 
 from moe_scaling.files import atomic_write_text, json_default
 from moe_scaling.laws.errors import FitError, NoSamplesError
-from moe_scaling.laws.noise import max_train_compute, mixture_quantile, pooled_seed_sd
+from moe_scaling.laws.noise import MIN_FAMILY_DOF, max_train_compute, mixture_quantile, noise_family, pooled_seed_sd
 from moe_scaling.laws.problem import Problem, fit_starts, make_problem
 from moe_scaling.laws.registry import LAWS, Law, get_law
 from moe_scaling.laws.effects import layout_effects
@@ -155,21 +155,31 @@ class Fit:
 
     def seed_noise(self, X: Mapping[str, Any], n: int | None = None) -> np.ndarray | None:
         """The seed-to-seed sd a new run of each row of ``X`` has, shape ``(n,)``: the pooled floor of
-        the fitted runs of its family (dense where ``expansion`` is 1, else MoE:
-        ``noise_floor_by_family``) where ``X`` has an expansion and that family had repeats, else the
-        pooled :attr:`noise_floor`; None without a floor. ``n``: the number of rows when the caller
-        has it (else one prediction counts them). (On the layout study MoE runs scatter ~4x more than
-        dense ones, so one pooled sd is too wide for one and too narrow for the other.)"""
+        the fitted runs of its family (``noise_floor_by_family``, :func:`~moe_scaling.laws.noise.noise_family`
+        of ``X``'s expansion and ``n_shared``): its own layout's ("moe x16") where that had at least
+        :data:`~moe_scaling.laws.noise.MIN_FAMILY_DOF` dof, else every MoE run's ("moe") or dense's,
+        else the pooled :attr:`noise_floor`; None without a floor. ``n``: the number of rows when
+        the caller has it (else one prediction counts them). (On the layout study E16 runs scatter
+        ~6x more than dense ones, E4 with a shared expert ~2.6x: one pooled sd is too wide for some
+        and too narrow for others.)"""
         pooled = self.noise_floor
         if not pooled:
             return None
         n = len(np.atleast_1d(self.predict(X))) if n is None else n
-        sd = np.full(n, pooled)
-        families = {b["family"]: b["noise_floor"] for b in self.metrics.get("noise_floor_by_family") or []}
-        if families and X.get("expansion") is not None:
-            dense = np.broadcast_to(np.asarray(X["expansion"], float) <= 1.0, (n,))
-            sd = np.where(dense, families.get("dense", pooled), families.get("moe", pooled))
-        return sd
+        families = {b["family"]: b for b in self.metrics.get("noise_floor_by_family") or []}
+        if not families or X.get("expansion") is None:
+            return np.full(n, pooled)
+        expansion = np.broadcast_to(np.asarray(X["expansion"], float), (n,))
+        shared = np.broadcast_to(np.asarray(X["n_shared"], float) > 0 if X.get("n_shared") is not None
+                                 else False, (n,))
+
+        def floor(e: float, s: bool) -> float:
+            own = families.get(noise_family(e, s))
+            if own and (own["family"] == "dense" or own.get("dof", 0) >= MIN_FAMILY_DOF):
+                return own["noise_floor"]
+            return (families.get("dense" if e <= 1.0 else "moe") or {"noise_floor": pooled})["noise_floor"]
+        pairs, row_pair = np.unique(np.stack([expansion, shared]), axis=1, return_inverse=True)
+        return np.array([floor(e, bool(s)) for e, s in pairs.T])[np.ravel(row_pair)]
 
     def predict_interval(self, X: Mapping[str, Any], level: float = 0.9, *,
                          seeds: int | None = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +202,7 @@ class Fit:
             raise ValueError(f"seeds = {seeds!r}: must be a whole number >= 1, or None for the law alone")
         pred = self.law_obj.predict(self.samples, X)
         tail = (1.0 - level) / 2.0
-        sigma = self.seed_noise(X, n=np.shape(pred)[-1])
+        sigma = None if seeds is None else self.seed_noise(X, n=np.shape(pred)[-1])
         with warnings.catch_warnings():                 # rows with missing inputs give NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             if seeds is None or sigma is None:

@@ -17,7 +17,7 @@ import pandas as pd
 from moe_scaling.laws.errors import FitError
 from moe_scaling.laws.registry import CANONICAL_COLUMNS
 
-__all__ = ["STEP_REGIMES", "pooled_seed_sd", "max_train_compute", "percentile_mc_se", "mixture_quantile"]
+__all__ = ["STEP_REGIMES", "MIN_FAMILY_DOF", "noise_family", "pooled_seed_sd", "max_train_compute", "percentile_mc_se", "mixture_quantile"]
 
 
 def percentile_mc_se(draws: np.ndarray, q: float) -> float:
@@ -96,6 +96,24 @@ STEP_REGIMES = (0, 1000, 3000, 10000, math.inf)
 """Edges of the optimizer-step regimes the noise floor is also pooled in (lower edge included)."""
 
 
+MIN_FAMILY_DOF = 10
+"""Degrees of freedom a MoE layout family's floor needs before a new run of it uses that floor
+rather than every MoE run's: the sd of a pooled sd is about ``sigma / sqrt(2 dof)``, 22% at 10."""
+
+
+def noise_family(expansion: float, shared: bool) -> str:
+    """The family whose runs share a seed-to-seed noise floor: "dense" (``expansion`` <= 1: every
+    expert active), else "moe x<expansion>", with " + shared" when a shared expert is active."""
+    if expansion <= 1.0:
+        return "dense"
+    return f"moe x{expansion:g}" + (" + shared" if shared else "")
+
+
+def _family_order(name: str) -> tuple[float, str]:
+    """MoE families by expansion, then without before with the shared expert."""
+    return float(name.split()[1][1:]), name
+
+
 def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     """The seed-to-seed noise of a runs table with a ``seed`` column: runs equal in every
     configuration column the table has (:func:`_config_columns`: every config field and canonical
@@ -111,9 +129,11 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     [min, max] optimizer steps of the repeats, "noise_floor_by_steps": the same pooled sd within each
     step regime of :data:`STEP_REGIMES` that has repeats ([{"steps": [lo, hi or None], "configs",
     "dof", "noise_floor"}]: short runs end noisier), where the table has steps, "noise_floor_by_family":
-    the same for dense (``expansion`` 1: every expert active) and MoE runs ([{"family": "dense" or
-    "moe", "configs", "dof", "noise_floor"}]: routing amplifies a new seed, so MoE runs can scatter
-    several times more), where the table has an expansion column}``."""
+    the same for dense runs (``expansion`` 1: every expert active), for every MoE run, and for the MoE
+    runs of each expansion with and without a shared expert ([{"family": :func:`noise_family` ("dense",
+    "moe x4", "moe x4 + shared", ...) or "moe" (every MoE run), "configs", "dof", "noise_floor"}]:
+    routing amplifies a new seed, so MoE runs can scatter several times more, the more experts the
+    more), where the table has an expansion column}``."""
     none = {"noise_floor": None, "noise_floor_dof": 0, "noise_floor_configs": 0, "noise_floor_steps": None,
             "noise_floor_by_steps": None, "noise_floor_by_family": None}
     if "seed" not in table.columns or len(table) < 2:
@@ -142,9 +162,14 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
                     for lo, hi in zip(STEP_REGIMES[:-1], STEP_REGIMES[1:])
                     if (b := pooled((first >= lo) & (first < hi)))]
     if "expansion" in t.columns:
-        dense = g["expansion"].first()[rep].astype(float) <= 1.0
-        by_family = [{"family": name, **b} for name, inside in (("dense", dense), ("moe", ~dense))
-                     if (b := pooled(inside))]
+        expansion = g["expansion"].first()[rep].astype(float)
+        shared = (g["n_shared"].first()[rep].astype(float) > 0 if "n_shared" in t.columns
+                  else pd.Series(False, index=expansion.index))
+        names = pd.Series([noise_family(e, s) for e, s in zip(expansion, shared)], index=expansion.index)
+        dense = names == "dense"
+        groups = [("dense", dense), ("moe", ~dense)] + [(name, names == name)
+                                                        for name in sorted(set(names[~dense]), key=_family_order)]
+        by_family = [{"family": name, **b} for name, inside in groups if (b := pooled(inside))]
     return {"noise_floor": every["noise_floor"], "noise_floor_dof": every["dof"],
             "noise_floor_configs": every["configs"], "noise_floor_steps": steps,
             "noise_floor_by_steps": by_steps, "noise_floor_by_family": by_family}
