@@ -90,8 +90,9 @@ def test_dashboard_serves_a_running_then_finished_sweep_on_postgres(tmp_path, po
     grid = write_grid(tmp_path, name, grid={"n_experts": [2, 4]})
     out, port = tmp_path / "out", free_port()
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
-    sweep = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--storage", postgres_url, "--quiet"),
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "sweep.log", "w") as log:      # a file, not a pipe (server_log says why)
+        sweep = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--storage", postgres_url, "--quiet"),
+                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     dash = None
     try:
         wait_for("the sweep's manifest", lambda: (out / "sweep.json").is_file())
@@ -111,7 +112,7 @@ def test_dashboard_serves_a_running_then_finished_sweep_on_postgres(tmp_path, po
         assert [v["step"] for v in live["intermediate_values"]][:2] == EVAL_STEPS[:2]
         assert sweep.poll() is None                                     # the sweep was still running
 
-        assert sweep.wait(timeout=300) == 0, sweep.stderr.read()
+        assert sweep.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
         trials = get(f"{base}/api/studies/{study_id}")["trials"]
     finally:
         for proc in (dash, sweep):

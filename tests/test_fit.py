@@ -494,6 +494,7 @@ def test_prediction_interval_adds_the_seed_noise_of_a_mean_of_k_runs():
     sd = layouts.seed_noise({**X4, "expansion": np.array([1.0, 16.0, 4.0, 4.0]), "n_shared": np.array([0, 0, 1, 0])})
     assert sd.tolist() == [0.004, 0.05, 0.03, 0.03]
     assert layouts.seed_noise({**X, "expansion": np.array([16.0, 16.0])}).tolist() == [0.05, 0.05]   # no n_shared
+    assert layouts.seed_noise({**X, "expansion": np.array([np.nan, 16.0])}).tolist() == [0.02, 0.05]  # no family: pooled
 
 
 def test_published_granularity_factor_is_krajewskis_on_the_joint_laws_parameter_term():

@@ -201,9 +201,11 @@ def test_stages_3_4_resume_bit_exactly_after_kill_and_stop(tmp_path, capsys):
     shutil.copytree(ref_out / "jax_cache", out / "jax_cache")     # the same programs, compiled once
 
     argv = [str(recipe), "--out", str(out), *stages]
-    proc = subprocess.Popen([sys.executable, "-m", "moe_scaling.cli.train", *argv], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    log = out.with_name(out.name + ".log")          # a file: a pipe read only at the end blocks the child at 64 KiB
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "moe_scaling.cli.train", *argv], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                env=os.environ | {"JAX_PLATFORMS": "cpu"})
     ckpt = out / "stages" / "instruction_finetuning" / "ckpt"
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline and not (
@@ -211,7 +213,7 @@ def test_stages_3_4_resume_bit_exactly_after_kill_and_stop(tmp_path, capsys):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]  # killed mid-stage, not ended
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]  # killed mid-stage, not ended
     assert not (out / "stages" / "instruction_finetuning" / "record.json").exists()
     newest = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
     damage_checkpoint(ckpt / str(newest), "truncate")           # and a bad disk: moe-train falls back

@@ -106,8 +106,10 @@ def kill_when_every_member_has_a_checkpoint(grid, out, members: int) -> None:
     """Start `moe-sweep run`, wait until ``members`` runs are running and each has written a
     checkpoint, then kill -9 the whole process group."""
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--quiet"), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = out.with_name(out.name + ".log")          # a file: a pipe read only at the end blocks the child at 64 KiB
+    with open(log, "w") as err:
+        proc = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--quiet"), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -116,7 +118,7 @@ def kill_when_every_member_has_a_checkpoint(grid, out, members: int) -> None:
         if len(ckpts) == members and all(c.is_dir() and any(d.name.isdigit() for d in c.iterdir()) for c in ckpts):
             break
     else:
-        raise AssertionError(f"the sweep ended before every member was mid-way; lengthen the runs: {proc.stderr.read()}")
+        raise AssertionError(f"the sweep ended before every member was mid-way; lengthen the runs: {log.read_text()[-3000:]}")
     os.killpg(proc.pid, signal.SIGKILL)                  # the parent and every worker
     proc.wait()
     records = [json.loads(p.read_text()) for p in (out / "runs").glob("*/record.json")]

@@ -225,9 +225,10 @@ def kill_midway(grid: Path, out: Path, workers: int, after_completed: int = 1) -
     """Start `moe-sweep run`, wait until ``after_completed`` runs are completed and another run has
     written a checkpoint, then kill -9 the whole process group. Returns the interrupted run id."""
     env = os.environ | {"JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--workers", workers, "--quiet"),
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    log = out.with_name(out.name + ".log")          # a file: a pipe read only at the end blocks the child at 64 KiB
+    with open(log, "w") as err:
+        proc = subprocess.Popen(sweep_cmd("run", grid, "--out", out, "--workers", workers, "--quiet"),
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     interrupted = None
     deadline = time.time() + 180
     while interrupted is None and time.time() < deadline and proc.poll() is None:
@@ -240,7 +241,7 @@ def kill_midway(grid: Path, out: Path, workers: int, after_completed: int = 1) -
             if len(done) >= after_completed and r["status"] == "running" and ckpt.is_dir() and any(
                     c.name.isdigit() for c in ckpt.iterdir()):
                 interrupted = r["run_id"]
-    assert interrupted is not None, "the sweep ended before a run was mid-way; lengthen the runs"
+    assert interrupted is not None, "the sweep ended before a run was mid-way; lengthen the runs: " + log.read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)                  # the parent and every worker
     proc.wait()
     return interrupted

@@ -160,7 +160,7 @@ class Fit:
         :data:`~moe_scaling.laws.noise.MIN_FAMILY_DOF` dof, else every MoE run's ("moe") or dense's,
         else the pooled :attr:`noise_floor`; None without a floor. ``n``: the number of rows when
         the caller has it (else one prediction counts them). (On the layout study E16 runs scatter
-        ~6x more than dense ones, E4 with a shared expert ~2.6x: one pooled sd is too wide for some
+        ~5.5x more than dense ones, E4 with a shared expert ~2.6x: one pooled sd is too wide for some
         and too narrow for others.)"""
         pooled = self.noise_floor
         if not pooled:
@@ -174,6 +174,8 @@ class Fit:
                                  else False, (n,))
 
         def floor(e: float, s: bool) -> float:
+            if not math.isfinite(e):                  # no expansion for this row: no family
+                return pooled
             own = families.get(noise_family(e, s))
             if own and (own["family"] == "dense" or own.get("dof", 0) >= MIN_FAMILY_DOF):
                 return own["noise_floor"]
