@@ -77,6 +77,31 @@ def test_sweep_directory_json_predict_and_out(env, sweep_dir, tmp_path):
     assert saved.settings["input"] == str(sweep_dir) and saved.samples.shape == (30, 5)
 
 
+def test_predict_rows_take_their_noise_familys_floor(env, sweep_dir, tmp_path):
+    """--predict passes each row's expansion and n_shared, so a row's interval for a new run uses its
+    family's seed-noise floor (dense, a MoE layout with 10+ dof, else every MoE run's): the CLI's
+    intervals equal Fit.predict_interval on the same rows, and the wider floors give wider intervals."""
+    fitted = tmp_path / "fit.json"
+    assert moe_fit(env, sweep_dir, "--law", "chinchilla", "--bootstrap", 10, "--kfold", 0, "--out", fitted).returncode == 0
+    doc = json.loads(fitted.read_text())
+    doc["metrics"] |= {"noise_floor": 0.02, "noise_floor_by_family": [
+        {"family": "dense", "configs": 2, "dof": 4, "noise_floor": 0.004},
+        {"family": "moe", "configs": 20, "dof": 40, "noise_floor": 0.03},
+        {"family": "moe x16", "configs": 10, "dof": 20, "noise_floor": 0.06}]}
+    fitted.write_text(json.dumps(doc))
+    rows = pd.DataFrame({"params_active": [1e8] * 4, "tokens": [1e10] * 4, "expansion": [1.0, 16.0, 16.0, 4.0],
+                         "n_shared": [0, 0, 1, 1]})
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    r = moe_fit(env, fitted, "--predict", tmp_path / "rows.csv", "--json")
+    assert r.returncode == 0, r.stderr
+    got = np.array(json.loads(r.stdout)["prediction_intervals"])
+    want = load_fit(fitted).predict_interval({c: rows[c].to_numpy(float) for c in rows}, level=0.9)
+    np.testing.assert_allclose(got, np.stack(want, axis=1), rtol=1e-12)
+    width = got[:, 1] - got[:, 0]      # dense 0.004 < every MoE run's 0.03 (x16 + shared, x4 + shared: no floor of
+    assert width[2] == pytest.approx(width[3], rel=1e-12)                           # their own) < x16's 0.06
+    assert width[0] < width[2] < width[1]
+
+
 def test_table_with_column_mapping_and_fix(env, tmp_path):
     runs = _chinchilla_runs().rename(columns={"params_active": "N", "tokens": "D", "loss": "final loss"})
     runs.to_csv(tmp_path / "runs.csv", index=False)

@@ -256,10 +256,10 @@ def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedPr
     addr = f"127.0.0.1:{_free_port()}"
     with tempfile.TemporaryDirectory() as logs:
         files = [(open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+")) for i in range(2)]
-        procs = [subprocess.Popen(args_of(addr, i), env=_env(2), stdout=out, stderr=err, text=True)
-                 for i, (out, err) in enumerate(files)]
-        deadline, timed_out = time.monotonic() + timeout, False
+        procs, deadline, timed_out = [], time.monotonic() + timeout, False
         try:
+            for i, (out, err) in enumerate(files):
+                procs.append(subprocess.Popen(args_of(addr, i), env=_env(2), stdout=out, stderr=err))
             for p in procs:
                 p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
@@ -268,9 +268,11 @@ def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedPr
                 if q.poll() is None:
                     q.send_signal(signal.SIGUSR1)
             time.sleep(5)
+        finally:                         # none outlives the test, also when a start fails
             for q in procs:
-                q.kill()
-                q.wait()
+                if q.poll() is None:
+                    q.kill()
+                    q.wait()
         texts = [(_read_back(out), _read_back(err)) for out, err in files]
     if timed_out:
         pytest.fail(f"the 2 processes did not finish in {timeout:g} s\n" + "\n".join(
