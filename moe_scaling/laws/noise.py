@@ -17,7 +17,8 @@ import pandas as pd
 from moe_scaling.laws.errors import FitError
 from moe_scaling.laws.registry import CANONICAL_COLUMNS
 
-__all__ = ["STEP_REGIMES", "MIN_FAMILY_DOF", "noise_family", "pooled_seed_sd", "max_train_compute", "percentile_mc_se", "mixture_quantile"]
+__all__ = ["STEP_REGIMES", "MIN_FAMILY_DOF", "noise_family", "pooled_seed_sd", "max_train_compute",
+           "percentile_mc_se", "mixture_quantile"]
 
 
 def percentile_mc_se(draws: np.ndarray, q: float) -> float:
@@ -109,11 +110,6 @@ def noise_family(expansion: float, shared: bool) -> str:
     return f"moe x{expansion:g}" + (" + shared" if shared else "")
 
 
-def _family_order(name: str) -> tuple[float, str]:
-    """MoE families by expansion, then without before with the shared expert."""
-    return float(name.split()[1][1:]), name
-
-
 def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
     """The seed-to-seed noise of a runs table with a ``seed`` column: runs equal in every
     configuration column the table has (:func:`_config_columns`: every config field and canonical
@@ -167,8 +163,9 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
                   else pd.Series(False, index=expansion.index))
         names = pd.Series([noise_family(e, s) for e, s in zip(expansion, shared)], index=expansion.index)
         dense = names == "dense"
+        layouts = sorted({(e, s) for e, s in zip(expansion[~dense], shared[~dense])})  # by expansion, unshared first
         groups = [("dense", dense), ("moe", ~dense)] + [(name, names == name)
-                                                        for name in sorted(set(names[~dense]), key=_family_order)]
+                                                        for name in (noise_family(e, s) for e, s in layouts)]
         by_family = [{"family": name, **b} for name, inside in groups if (b := pooled(inside))]
     return {"noise_floor": every["noise_floor"], "noise_floor_dof": every["dof"],
             "noise_floor_configs": every["configs"], "noise_floor_steps": steps,
