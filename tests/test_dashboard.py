@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -54,8 +55,9 @@ def server_log(tmp_path):
     return open(tmp_path / "dashboard.log", "a")
 
 
-def wait_for(what: str, check, timeout: float = 180.0, every: float = 0.5):
-    """Poll ``check()`` until it returns something truthy (its value), or fail saying ``what``."""
+def wait_for(what: str, check, logs=(), timeout: float = 180.0, every: float = 0.5):
+    """Poll ``check()`` until it returns something truthy (its value), or fail saying ``what`` and
+    showing the end of each file in ``logs`` (the children's output: why the server never answered)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -65,7 +67,9 @@ def wait_for(what: str, check, timeout: float = 180.0, every: float = 0.5):
         if value:
             return value
         time.sleep(every)
-    pytest.fail(f"timed out waiting for {what}")
+    tails = "".join(f"\n--- {p.name} (end) ---\n{p.read_text(errors='replace')[-3000:]}" for p in map(Path, logs)
+                    if p.is_file())
+    pytest.fail(f"timed out waiting for {what}{tails}")
 
 
 def attrs(trial: dict) -> dict:
@@ -95,20 +99,21 @@ def test_dashboard_serves_a_running_then_finished_sweep_on_postgres(tmp_path, po
                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     dash = None
     try:
-        wait_for("the sweep's manifest", lambda: (out / "sweep.json").is_file())
+        logs = (tmp_path / "sweep.log", tmp_path / "dashboard.log")
+        wait_for("the sweep's manifest", lambda: (out / "sweep.json").is_file(), logs)
         with server_log(tmp_path) as log:
             dash = subprocess.Popen(sweep_cmd("dashboard", out, "--storage", postgres_url, "--port", port),
                                     cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         study_id = wait_for("the study in /api/studies", lambda: next(
-            (s["study_id"] for s in get(f"{base}/api/studies")["study_summaries"] if s["study_name"] == name), None))
+            (s["study_id"] for s in get(f"{base}/api/studies")["study_summaries"] if s["study_name"] == name), None), logs)
 
         # while the sweep runs: a RUNNING trial already shows its learning curve so far
         def running_with_curve():
             trials = get(f"{base}/api/studies/{study_id}")["trials"]
             live = [t for t in trials if t["state"] == "Running" and len(t["intermediate_values"]) >= 2]
             return live[0] if live else None
-        live = wait_for("a running trial with two eval points", running_with_curve)
+        live = wait_for("a running trial with two eval points", running_with_curve, logs)
         assert [v["step"] for v in live["intermediate_values"]][:2] == EVAL_STEPS[:2]
         assert sweep.poll() is None                                     # the sweep was still running
 
@@ -140,7 +145,8 @@ def test_dashboard_serves_a_running_then_finished_sweep_on_postgres(tmp_path, po
         dash = subprocess.Popen(sweep_cmd("dashboard", out, "--storage", postgres_url, "--port", port),
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for("the dashboard after the sweep", lambda: get(f"http://127.0.0.1:{port}/api/meta"))
+        wait_for("the dashboard after the sweep", lambda: get(f"http://127.0.0.1:{port}/api/meta"),
+                 [tmp_path / "dashboard.log"])
         page = f"http://127.0.0.1:{port}/dashboard/studies/{study_id}"
         dom = chromium_run(chromium, tmp_path / "profile-dom", "--dump-dom", page)
         assert dom.returncode == 0, dom.stderr[-2000:]
