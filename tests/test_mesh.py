@@ -95,6 +95,23 @@ r = train(MODEL, dataclasses.replace(TRAIN, ckpt_every=1), DATA, progress=False,
 print("RESULT " + json.dumps({"status": r.status, "losses": losses(r)}))
 """
 
+INIT_FROM_WORKER = SETUP + """
+from moe_scaling.errors import ConfigError
+from moe_scaling.train.mesh import initialize_distributed
+initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+if int(sys.argv[2]) == 1:   # process 1 alone cannot read the model both start from
+    import orbax.checkpoint as ocp
+    def restore(self, directory, *args, **kwargs):
+        raise OSError(f"{directory}: process 1 cannot read its part")
+    ocp.PyTreeCheckpointHandler.restore = restore
+try:
+    train(MODEL, TRAIN, DATA, progress=False, mesh="expert=4", init_from=sys.argv[3])
+except ConfigError as err:
+    print("ERROR " + str(err), flush=True)
+    sys.exit(3)
+print("RESULT trained")
+"""
+
 TOKEN_LOCAL = SETUP + """
 import jax, jax.numpy as jnp, numpy as np
 from moe_scaling.config import MeshShape
@@ -217,7 +234,10 @@ def test_two_processes_resume_past_a_checkpoint_one_of_them_cannot_read(tmp_path
     device, within float32 round-off).
     (Before: in (a) process 1 reloaded the checkpoint list while process 0 was moving the folder,
     died, and process 0 hung in its next collective; in (b) process 0 waited for ever in the
-    collective that ends orbax's manager restore while process 1 waited to agree.)"""
+    collective that ends orbax's manager restore while process 1 waited to agree.)
+    (c) A run that starts from that model (``init_from``: a recipe's next stage) where only process 1
+    cannot read it: both stop with a one-line ConfigError, neither waits for the other. (Before:
+    process 1 died and process 0 went on to wait in the first collective of its training.)"""
     ckpt = tmp_path / "ckpt"
 
     def run(where, stop: int, *fail_on_1: str) -> list[tuple[dict, str]]:
@@ -244,6 +264,11 @@ def test_two_processes_resume_past_a_checkpoint_one_of_them_cannot_read(tmp_path
         assert (where / "damaged" / "3").is_dir() and not (where / "3").exists()
         assert len(resumed[0][0]["losses"]) == len(single_process["None"])
         assert _max_diff(resumed[0][0]["losses"], single_process["None"]) <= TOL
+    procs = _two_processes(lambda addr, i: [sys.executable, "-c", INIT_FROM_WORKER, addr, str(i), str(intact)],
+                           timeout=240)
+    assert [p.returncode for p in procs] == [3, 3], [p.stderr[-3000:] for p in procs]
+    assert "does not restore (another process could not read its part)" in procs[0].stdout
+    assert "does not restore (OSError: " in procs[1].stdout and "process 1 cannot read its part" in procs[1].stdout
 
 
 def _two_processes(args_of, timeout: float = 600) -> list[subprocess.CompletedProcess]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -114,10 +116,7 @@ class Checkpoints:
                 nnx.replace_by_pure_dict(state, pure)
                 return state, record
             where = self._set_aside(step)
-            first = ("another process could not read its part" if err is None else
-                     f"{type(err).__name__}: "
-                     + (str(err).splitlines() or [""])[0].split(" See full TensorStore")[0][:200])
-            log(f"checkpoint step {step} in {self.mngr.directory} does not restore ({first}); "
+            log(f"checkpoint step {step} in {self.mngr.directory} does not restore ({_why(err)}); "
                 f"moved to {where}, trying the one before it")
         return state, None
 
@@ -175,6 +174,27 @@ def _everywhere(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
+def _why(err: Exception | None) -> str:
+    """One line on why a read failed: ``err``'s type and first line (orbax's TensorStore errors run
+    on for pages), or, where this process read its part (``err`` None), that another could not."""
+    if err is None:
+        return "another process could not read its part"
+    return f"{type(err).__name__}: " + (str(err).splitlines() or [""])[0].split(" See full TensorStore")[0][:200]
+
+
+def _read_everywhere(read: Callable[[], Any], what: str) -> Any:
+    """``read()`` on every process, or a ConfigError naming ``what`` on every process when it raised
+    on any: a process whose read failed stops, and the others must not go on to wait for it in
+    their next collective (with one process: ``read()``, its failure as a ConfigError)."""
+    try:
+        value, err = read(), None
+    except Exception as exc:  # noqa: BLE001 - any read failure fails the read on every process
+        value, err = None, exc
+    if not _everywhere(err is None):
+        raise ConfigError(f"{what} does not restore ({_why(err)})") from err
+    return value
+
+
 def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_cfg: TrainConfig,
                     data_cfg: DataConfig, *, step: int | None = None) -> tuple[Transformer, dict]:
     """The model saved by :func:`moe_scaling.train.loop.train` in ``ckpt_dir`` (latest step, or ``step``) and the run's
@@ -187,7 +207,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig, train_c
         if step is None:
             raise ConfigError(f"ckpt_dir = {str(ckpt_dir)!r}: holds no checkpoint; train first")
         graphdef, state = init_state(model_cfg, train_cfg, train_cfg.steps(data_cfg.seq_len))
-        state, record = ckpt.restore(step, state)
+        state, record = _read_everywhere(lambda: ckpt.restore(step, state),
+                                         f"ckpt_dir = {str(ckpt_dir)!r}: checkpoint step {step}")
     finally:
         ckpt.close()
     model, _ = nnx.merge(graphdef, state)
@@ -203,6 +224,7 @@ def init_model_from(state, ckpt_dir: str | os.PathLike):
         step = ckpt.latest()
         if step is None:
             raise ConfigError(f"init_from = {str(ckpt_dir)!r}: holds no checkpoint; run the previous stage first")
-        return ckpt.restore_model(step, state)
+        return _read_everywhere(lambda: ckpt.restore_model(step, state),
+                                f"init_from = {str(ckpt_dir)!r}: checkpoint step {step}")
     finally:
         ckpt.close()
