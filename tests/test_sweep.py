@@ -287,6 +287,70 @@ def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path)
     assert runs["eval_loss"].to_dict() == ref.loc[runs.index, "eval_loss"].to_dict()
 
 
+def test_a_folder_without_its_records_keeps_its_tables_and_trains_only_what_they_lack(reference, tmp_path):
+    """A sweep folder committed to git holds its tables, manifest and grid copy, not its run records,
+    checkpoints or queue. Run again there (a fresh clone: one run never finished, so it is missing
+    from the tables), the sweep restores the other runs' records from the tables, trains only the
+    missing run, and the tables keep every row and curve as they were. (Before: the first table
+    rebuild, from records alone, replaced the committed tables by the one new run, and every
+    finished run was queued to train again.)"""
+    grid, out = copy_reference(reference, tmp_path)
+    ref_out = reference[1]
+    ref_runs = pd.read_parquet(ref_out / "runs.parquet")
+    ref_curves = pd.read_parquet(ref_out / "curves.parquet")
+    lost = ref_runs["run_id"].iloc[-1]
+    ref_runs.iloc[:-1].to_parquet(out / "runs.parquet", index=False)
+    ref_curves[ref_curves["run_id"] != lost].to_parquet(out / "curves.parquet", index=False)
+    shutil.copy(ref_out / "sweep.json", out / "sweep.json")
+    shutil.copy(ref_out / "grid.yaml", out / "grid.yaml")
+
+    proc = run_cli("run", grid, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "restored 3 run record(s) from" in proc.stderr
+    runs = pd.read_parquet(out / "runs.parquet").set_index("run_id").sort_index()
+    ref = ref_runs.set_index("run_id").sort_index()
+    kept = ref.drop(index=lost)
+    pd.testing.assert_frame_equal(runs.loc[kept.index, ref.columns], kept)      # every committed row as it was
+    assert runs.loc[lost, "attempts"] == 1 and runs.loc[lost, "eval_loss"] == ref.loc[lost, "eval_loss"]
+    curves = pd.read_parquet(out / "curves.parquet").sort_values(["run_id", "step"], ignore_index=True)
+    pd.testing.assert_frame_equal(curves, ref_curves.sort_values(["run_id", "step"], ignore_index=True))
+    assert [r.name for r in (out / "runs").iterdir() if (r / "ckpt").is_dir()] == [lost]   # one run trained
+    # each restored run's trial is COMPLETE with the run's eval curve (the dashboard's)
+    for rid, (trial,) in trials_by_run(f"sqlite:///{out / 'sweep.db'}", "tiny").items():
+        assert trial.state == TrialState.COMPLETE and trial.value == ref.loc[rid, "eval_loss"]
+        evals = curves[(curves["run_id"] == rid) & curves["eval_loss"].notna()]
+        assert trial.intermediate_values == dict(zip(evals["step"], evals["eval_loss"]))
+
+
+def test_a_runs_row_gives_back_its_record(reference):
+    """record_from_row inverts run_row on every record of a real sweep (the row it gives is the row
+    it came from), with the run's config from the grid, and without it where the row's config columns
+    are the config (here a metric, the resolved dispatch "capacity", overwrites the configured "auto"
+    in the row, so the grid's config is needed); an edited row is refused: its config would hash to
+    another run."""
+    from moe_scaling.errors import ConfigError
+    from moe_scaling.sweep.grid import RunSpec
+    from moe_scaling.sweep.results import record_from_row, run_row
+
+    def same(row: dict, config=None) -> None:
+        again = pd.DataFrame([run_row(record_from_row(row, config))])
+        pd.testing.assert_frame_equal(again, pd.DataFrame([row]))
+
+    for path in (reference[1] / "runs").glob("*/record.json"):
+        record = json.loads(path.read_text())
+        row = run_row(record)
+        assert record["config"]["train"]["dispatch"] == "auto" and row["dispatch"] == "capacity"
+        same(row, record["config"])
+        with pytest.raises(ConfigError, match="hashes to another run id"):
+            record_from_row(row)
+        config = json.loads(json.dumps(record["config"]))
+        config["train"]["dispatch"] = "capacity"
+        plain = run_row(record | {"config": config, "run_id": RunSpec.from_dict(config).run_id})
+        same(plain)
+        with pytest.raises(ConfigError, match="hashes to another run id"):
+            record_from_row(plain | {"d_model": plain["d_model"] * 2})
+
+
 def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, reference):
     (tmp_path / "bad.jsonl").write_text("this line is not JSON\n")
     grid = write_grid(tmp_path, "faults", train={"tokens": 40 * 8 * 32},

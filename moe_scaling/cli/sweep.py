@@ -153,7 +153,8 @@ def _run(args) -> int:
     summary = run_sweep(args.grid, out, workers=args.workers, storage=args.storage,
                         retry_failed=args.retry_failed, grace_s=args.grace_period,
                         report=None if args.quiet else ProgressLine(), plan=plan, batch=args.batch,
-                        devices_per_run=args.devices_per_run)
+                        devices_per_run=args.devices_per_run,
+                        log=lambda note: print(f"{PROG}: {note}", file=sys.stderr, flush=True))
     status = _summary(out, top=5)
     if args.json:
         print_json(summary | {"status": status})

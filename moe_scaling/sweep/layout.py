@@ -26,7 +26,10 @@ Layout of a sweep folder ``DIR`` (the ``--out`` of ``moe-sweep run``)::
 The record files are the source of truth; the two parquet tables are rebuilt from all of them
 (:func:`moe_scaling.sweep.results.rebuild_tables`) whenever a run ends and when the sweep ends, so
 a run in flight shows in the tables only as what its last attempt left; ``moe-sweep status``
-reads the records.
+reads the records. A folder that travels without ``runs/`` (committed to git: the tables, manifest
+and grid copy) gets its records back from the tables when a sweep runs there again
+(:func:`moe_scaling.sweep.results.restore_records`), so its rows stay and its finished runs are not
+trained again.
 """
 
 from __future__ import annotations

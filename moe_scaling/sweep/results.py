@@ -11,6 +11,7 @@ reader mid-sweep always sees a complete file.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -30,7 +31,8 @@ from moe_scaling.costs import flops_per_token, param_counts
 from moe_scaling.sweep.layout import SweepDir
 
 __all__ = ["STATUSES", "write_record",
-           "read_record", "write_curve", "read_records", "run_row", "runs_table", "curves_table",
+           "read_record", "write_curve", "read_records", "run_row", "record_from_row", "restore_records",
+           "runs_table", "curves_table",
            "rebuild_tables", "tables_lock", "read_manifest", "summarize", "code_version"]
 
 STATUSES = ("completed", "diverged", "failed", "running")
@@ -70,6 +72,17 @@ def read_records(out: str | os.PathLike) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 
 
+_RECORD_FIELDS = ("run_id", "sweep", "status", "eval_loss", "best_eval_loss", "final_train_loss", "tokens",
+                  "steps", "wall_s", "step_time_s", "tokens_per_s", "diverged_step", "last_good_loss", "error",
+                  "attempts", "corpus_hash", "worker", "started_at", "finished_at")
+"""The record's own fields a runs row copies."""
+
+_COMPUTED = ("params_total", "params_active", "params_embedding", "params_non_embedding_total",
+             "params_non_embedding_active", "flops_per_token_forward", "granularity", "expansion", "sparsity",
+             "activation_ratio", "d_active_ffn", "tokens_budget", "package_version", "code_version")
+"""Columns a runs row computes from the config (and the versions): not metrics."""
+
+
 def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
     """One ``runs.parquet`` row from a run record.
 
@@ -88,10 +101,7 @@ def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
     train = TrainConfig.from_dict(cfg["train"])
     data = DataConfig.from_dict(cfg["data"])
     counts = param_counts(model)
-    row: dict[str, Any] = {k: record.get(k) for k in (
-        "run_id", "sweep", "status", "eval_loss", "best_eval_loss", "final_train_loss", "tokens",
-        "steps", "wall_s", "step_time_s", "tokens_per_s", "diverged_step", "last_good_loss", "error",
-        "attempts", "corpus_hash", "worker", "started_at", "finished_at")}
+    row: dict[str, Any] = {k: record.get(k) for k in _RECORD_FIELDS}
     row.update(params_total=counts.total, params_active=counts.active, params_embedding=counts.embedding,
                params_non_embedding_total=counts.non_embedding_total,
                params_non_embedding_active=counts.non_embedding_active,
@@ -108,6 +118,84 @@ def run_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row["package_version"] = record.get("package_version", moe_scaling.__version__)
     row["code_version"] = record.get("code_version")
     return row
+
+
+def _plain(value: Any) -> Any:
+    """A table cell as the record held it: NaN (a missing value) as None, numpy scalars as Python's."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def record_from_row(row: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The record a ``runs.parquet`` row was made from (:func:`run_row` read backwards): the record's
+    own fields, the run's ``config`` (``{"model", "train", "data"}``; default: read from the row's
+    ModelConfig / TrainConfig / DataConfig columns, ``tokens_budget`` as TrainConfig.tokens), the
+    versions, and as metrics every other column and every config column whose value is not the
+    config's (a metric of the same name, e.g. the resolved ``dispatch``, overwrote it in the row;
+    JSON text of a list or dict read back). A ConfigError when the config does not hash to the row's
+    run id (the row's config columns were shadowed by a metric or edited: give ``config``)."""
+    from moe_scaling.sweep.grid import RunSpec
+
+    rid = _plain(row["run_id"])
+    if config is None:
+        config = {}
+        for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+            columns = {f.name: "tokens_budget" if (cls, f.name) == (TrainConfig, "tokens") else f.name
+                       for f in dataclasses.fields(cls)}
+            config[name] = cls.from_dict({k: _plain(row[c]) for k, c in columns.items() if c in row}).to_dict()
+    if RunSpec.from_dict(config).run_id != rid:
+        raise ConfigError(f"runs.parquet: the config of run {rid} hashes to another run id; its record cannot "
+                          "be restored from the table (is the run in the sweep's grid?)")
+    configured = {k: v for part in ("model", "train", "data") for k, v in config[part].items()
+                  if (part, k) != ("train", "tokens")}
+    metrics = {}
+    for key in row.keys():
+        if key in _RECORD_FIELDS or key in _COMPUTED:
+            continue
+        value = _plain(row[key])
+        if key in configured and value == configured[key]:
+            continue
+        metrics[key] = json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+    record = {k: _plain(row[k]) for k in _RECORD_FIELDS if k in row}
+    return record | {"config": dict(config), "metrics": metrics,
+                     "package_version": _plain(row.get("package_version")),
+                     "code_version": _plain(row.get("code_version"))}
+
+
+def restore_records(out: str | os.PathLike, configs: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Write the record (and curve) of every run in ``DIR/runs.parquet`` that has no record file,
+    from its row (:func:`record_from_row`, with its config from ``configs`` by run id where given:
+    the grid's) and its ``curves.parquet`` points; returns their run ids.
+
+    A sweep folder committed or copied without its ``runs/`` folder (the tables travel, the records,
+    checkpoints and queue stay where the runs trained) keeps its results this way: the records are
+    the source of truth, so without them the next table rebuild would drop every such row, and the
+    sweep would train those runs again. Each restored record says so (``restored_from``)."""
+    layout = SweepDir(out)
+    if not layout.runs_table.is_file():
+        return []
+    with tables_lock(out):
+        runs = pd.read_parquet(layout.runs_table)
+        missing = [i for i, rid in enumerate(runs["run_id"]) if not layout.run(rid).record.is_file()]
+        if not missing:
+            return []
+        curves = (pd.read_parquet(layout.curves_table) if layout.curves_table.is_file()
+                  else pd.DataFrame(columns=CURVE_COLUMNS))
+        by_run = dict(tuple(curves.groupby("run_id")))
+        restored = []
+        for i in missing:
+            row = runs.iloc[i].to_dict()
+            record = record_from_row(row, (configs or {}).get(row["run_id"])) | {
+                "restored_from": layout.runs_table.name}
+            rid = record["run_id"]
+            points = by_run.get(rid)
+            if points is not None:               # the curve first: a record is what makes the run exist
+                write_curve(out, rid, [{k: _plain(v) for k, v in p.items() if k != "run_id"}
+                                       for p in points.sort_values("step").to_dict("records")])
+            write_record(out, record)
+            restored.append(rid)
+    return restored
 
 
 def runs_table(records: list[Mapping[str, Any]]) -> pd.DataFrame:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from functools import partial
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -75,7 +75,8 @@ from moe_scaling.sweep.exclude import DERIVED_PROPERTIES
 from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, END_STATES, Heartbeat, WorkerContext, check_storage_url,
                                      claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue, open_study,
                                      recover_stale, redact, superseded, sweep_counts, trials_by_run)
-from moe_scaling.sweep.results import code_version, read_record, rebuild_tables, write_curve, write_record
+from moe_scaling.sweep.results import (code_version, read_record, rebuild_tables, restore_records, write_curve,
+                                       write_record)
 from moe_scaling.train.data import corpus_content_hash
 from moe_scaling.train.batching import batch_key, group_size
 
@@ -100,14 +101,21 @@ def plan_sweep(grid_path: str | os.PathLike, only: str | None = None) -> SweepPl
 
 
 def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = None, *,
-            retry_failed: bool = False, grace_s: int = DEFAULT_GRACE_S) -> tuple[optuna.Study, str]:
-    """Create ``out`` and its manifest, create the study, recover dead trials and enqueue every run
-    not yet waiting/running/complete. Returns (study, storage URL)."""
+            retry_failed: bool = False, grace_s: int = DEFAULT_GRACE_S,
+            log: Callable[[str], None] | None = None) -> tuple[optuna.Study, str]:
+    """Create ``out`` and its manifest, restore the records of a folder that came without them
+    (:func:`~moe_scaling.sweep.results.restore_records`: its tables keep their rows and its finished
+    runs are not trained again; one line through ``log``), create the study, recover dead trials
+    and enqueue every run not yet waiting/running/complete. Returns (study, storage URL)."""
     out, layout = Path(out), SweepDir(out)
     old = json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else None
     if old and old.get("name") != plan.spec.name:
         raise ConfigError(f"--out {out}: holds sweep {old.get('name')!r}, not {plan.spec.name!r}; "
                           "use another --out folder")
+    restored = restore_records(out, {r.run_id: r.to_dict() for r in expand_grid(plan.spec)})
+    if restored and log is not None:
+        log(f"restored {len(restored)} run record(s) from {layout.runs_table} (the folder came without its "
+            f"runs/ records): finished runs are not trained again")
     check_corpora(plan, out, retry_failed)
     url = storage_url or layout.default_storage
     if storage_url is None:
@@ -250,6 +258,7 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
         raise RuntimeError(f"trial {trial.number}: config hashes to {run.run_id}, not {rid}")
     previous = read_record(ctx.out, rid)
     if previous and previous["status"] in ("completed", "diverged"):
+        _report_curve(study, trial, SweepDir(ctx.out).run(rid).curve)
         finish_trial(study, trial, END_STATES[previous["status"]], previous, _objective(previous))
         rebuild_tables(ctx.out)
         return None
@@ -268,6 +277,17 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
         "package_version": moe_scaling.__version__, "code_version": code_version()}
     write_record(ctx.out, record)
     return _Member(trial, run, rdir, data, record)
+
+
+def _report_curve(study: optuna.Study, trial: FrozenTrial, curve: Path) -> None:
+    """Give a trial that closes a run trained before it (e.g. a record restored from the tables)
+    the run's eval losses from its ``curve`` file, unless it has some: the dashboard's curve."""
+    if trial.intermediate_values or not curve.is_file():
+        return
+    for point in json.loads(curve.read_text()):
+        loss = point.get("eval_loss")
+        if loss is not None and math.isfinite(loss):
+            study._storage.set_trial_intermediate_value(trial._trial_id, point["step"], loss)
 
 
 def _carry_curve(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -412,20 +432,22 @@ def _worker_main(ctx: WorkerContext) -> None:
 def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1,
               storage: str | None = None, retry_failed: bool = False, grace_s: int = DEFAULT_GRACE_S,
               report: Report | None = None, plan: SweepPlan | None = None,
-              batch: bool = True, devices_per_run: int | None = None) -> dict[str, Any]:
+              batch: bool = True, devices_per_run: int | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate the grid, enqueue its runs and work the queue with ``workers`` local processes
     (in this process when 1) until nothing is waiting or running; ``report`` receives progress
     snapshots (see :class:`Progress`). With ``batch`` (the default) runs that differ only in seed
     or lr train together (:func:`worker_loop`); ``batch=False`` trains them one by one.
     ``devices_per_run``: each worker process sees only its own devices
-    (:mod:`moe_scaling.sweep.devices`). Returns ``{"sweep", "out", "done", "total", "unfinished",
+    (:mod:`moe_scaling.sweep.devices`). ``log``: where the one-line notes of :func:`prepare` go.
+    Returns ``{"sweep", "out", "done", "total", "unfinished",
     "failed"}`` (``failed``: the ids of runs whose last attempt raised); rerunning the same call
     after a crash finishes the sweep."""
     plan = plan or plan_sweep(grid_path)
     envs = assign_devices(workers, devices_per_run, detect_accelerators()) if devices_per_run else None
     if storage is not None:
         check_storage_url(storage)
-    study, url = prepare(plan, out, storage, retry_failed=retry_failed, grace_s=grace_s)
+    study, url = prepare(plan, out, storage, retry_failed=retry_failed, grace_s=grace_s, log=log)
     ctx = WorkerContext(out=str(Path(out).resolve()), storage_url=url, study_name=plan.spec.name,
                         grid_dir=str(plan.spec.path.resolve().parent), total=len(plan.runs),
                         grace_s=grace_s, n_workers=workers, batch=batch,
