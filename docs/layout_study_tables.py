@@ -13,13 +13,12 @@ prose around them (grid, steps, epochs) is the grid's and changes only when the 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from moe_scaling.files import atomic_write_text
 from moe_scaling.laws.noise import STEP_REGIMES, noise_family, pooled_seed_sd
 from moe_scaling.plots.isoflop import compute_budgets, isoflop_minima
 from moe_scaling.plots.runs import completed, run_label
@@ -57,7 +56,7 @@ neighbours; only the sizes trained so far are columns, so a budget's table widen
 23.37M-token training split; windows are drawn at random): at most 0.67 at 1.5e12 (d16), 1.09 at 4.5e12 (d24),
 2.04 at 1.35e13 (d32). One seed: a difference is a
 finding only beside the noise floor, which the smallest budget's seeds 1-2 give (so far
-{configs} configurations with repeats, pooled sd {floor:.4f}; the committed isoFLOP study's floor: 0.035 under
+{configs} configurations with repeats, pooled sd {floor}; the committed isoFLOP study's floor: 0.035 under
 1,000 steps, 0.013 at 1,000-3,000, 0.007 above). A first look at which law terms these data ask for:
 `docs/layout_forms.py`.
 
@@ -112,7 +111,7 @@ def budget_tables(done: pd.DataFrame) -> str:
         rows = seed0[budgets == b]
         sizes = sorted({(int(d), int(n)) for d, n in zip(rows["d_model"], rows["n_layers"])})
         names = [f"d{d} L{n}" for d, n in sizes]
-        out.append(f"Budget C = {b:.2g} FLOPs (seed 0):\n")
+        out.append(f"Budget C = {b:.3g} FLOPs (seed 0):\n")
         out.append("| layout | " + " | ".join(names) + " | minimum |")
         out.append("|---|" + "---:|" * len(names) + "---|")
         m = minima[minima["budget"] == b].set_index("arch")
@@ -140,7 +139,7 @@ def readme(sweep: Path) -> str:
     state = "" if len(done) >= TOTAL else ", in progress"
     head = HEAD.format(state=state, done=len(done), seed0=seed0, repeats=len(done) - seed0,
                        hours=float(done["wall_s"].sum()) / 3600.0, configs=every["noise_floor_configs"],
-                       floor=every["noise_floor"])
+                       floor="-" if every["noise_floor"] is None else f"{every['noise_floor']:.4f}")
     return head + "\n" + table + "\n" + budget_tables(done)
 
 
@@ -153,10 +152,7 @@ def main() -> None:
     if not args.write:
         print(text, end="")
         return
-    fd, tmp = tempfile.mkstemp(dir=args.sweep, prefix=".README.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.sweep / "README.md")
+    atomic_write_text(args.sweep / "README.md", text)
 
 
 if __name__ == "__main__":

@@ -323,32 +323,25 @@ def test_a_folder_without_its_records_keeps_its_tables_and_trains_only_what_they
 
 
 def test_a_runs_row_gives_back_its_record(reference):
-    """record_from_row inverts run_row on every record of a real sweep (the row it gives is the row
-    it came from), with the run's config from the grid, and without it where the row's config columns
-    are the config (here a metric, the resolved dispatch "capacity", overwrites the configured "auto"
-    in the row, so the grid's config is needed); an edited row is refused: its config would hash to
-    another run."""
-    from moe_scaling.errors import ConfigError
-    from moe_scaling.sweep.grid import RunSpec
-    from moe_scaling.sweep.results import record_from_row, run_row
+    """record_from_row inverts run_row (runs_table) on every row of a real sweep's runs.parquet (the row it gives
+    is the row it came from): with the run's config from the grid its config is the record's own; from
+    the row's columns alone it holds what a metric of the same name wrote there (the resolved
+    dispatch "capacity" over the configured "auto"), and the row still comes back the same."""
+    from moe_scaling.sweep.results import record_from_row, runs_table
 
-    def same(row: dict, config=None) -> None:
-        again = pd.DataFrame([run_row(record_from_row(row, config))])
-        pd.testing.assert_frame_equal(again, pd.DataFrame([row]))
-
-    for path in (reference[1] / "runs").glob("*/record.json"):
-        record = json.loads(path.read_text())
-        row = run_row(record)
+    out = reference[1]
+    table = pd.read_parquet(out / "runs.parquet")
+    for row in table.to_dict("records"):                       # numpy scalars and NaN, as a restore reads them
+        record = json.loads((out / "runs" / row["run_id"] / "record.json").read_text())
         assert record["config"]["train"]["dispatch"] == "auto" and row["dispatch"] == "capacity"
-        same(row, record["config"])
-        with pytest.raises(ConfigError, match="hashes to another run id"):
-            record_from_row(row)
-        config = json.loads(json.dumps(record["config"]))
-        config["train"]["dispatch"] = "capacity"
-        plain = run_row(record | {"config": config, "run_id": RunSpec.from_dict(config).run_id})
-        same(plain)
-        with pytest.raises(ConfigError, match="hashes to another run id"):
-            record_from_row(plain | {"d_model": plain["d_model"] * 2})
+        for config in (record["config"], None):
+            back = record_from_row(row, config)
+            again = runs_table([back]).astype(table.dtypes.to_dict())
+            pd.testing.assert_frame_equal(again, pd.DataFrame([row]).astype(table.dtypes.to_dict()))
+            assert {k: back[k] for k in ("status", "steps", "tokens", "attempts")} == {
+                k: record[k] for k in ("status", "steps", "tokens", "attempts")}
+        assert record_from_row(row, record["config"])["config"] == record["config"]
+        assert record_from_row(row)["config"]["train"]["dispatch"] == "capacity"
 
 
 def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, reference):
@@ -383,6 +376,19 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     assert counts == {"completed": 1, "diverged": 1, "failed": 1, "running": 0, "pending": 0}
     text = run_cli("status", out)
     assert "1 completed, 1 diverged, 1 failed" in text.stdout and "ConfigError: data.corpus" in text.stdout
+
+    # the tables alone (a clone): the completed and the diverged run get their records back, the
+    # failed one (no result; nothing here could resume it) does not
+    from moe_scaling.sweep.results import restore_records
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("runs.parquet", "curves.parquet"):
+        shutil.copy(out / name, clone / name)
+    assert sorted(restore_records(clone)) == sorted([ok["run_id"], diverged["run_id"]])
+    back = json.loads((clone / "runs" / diverged["run_id"] / "record.json").read_text())
+    assert back["status"] == "diverged" and back["diverged_step"] == diverged["diverged_step"]
+    assert back["restored_from"] == "runs.parquet" and not (clone / "runs" / failed["run_id"]).exists()
+    assert restore_records(clone) == []                        # once
 
     # a rerun leaves the failed run alone; --retry-failed runs it once more
     again = run_cli("run", grid, "--out", out, "--quiet")

@@ -165,7 +165,7 @@ def pooled_seed_sd(table: pd.DataFrame) -> dict[str, Any]:
         dense = names == "dense"
         layouts = sorted({(e, s) for e, s in zip(expansion[~dense], shared[~dense])})  # by expansion, unshared first
         groups = [("dense", dense), ("moe", ~dense)] + [(name, names == name)
-                                                        for name in (noise_family(e, s) for e, s in layouts)]
+                                                        for name in dict.fromkeys(noise_family(e, s) for e, s in layouts)]
         by_family = [{"family": name, **b} for name, inside in groups if (b := pooled(inside))]
     return {"noise_floor": every["noise_floor"], "noise_floor_dof": every["dof"],
             "noise_floor_configs": every["configs"], "noise_floor_steps": steps,

@@ -29,7 +29,7 @@ a run in flight shows in the tables only as what its last attempt left; ``moe-sw
 reads the records. A folder that travels without ``runs/`` (committed to git: the tables, manifest
 and grid copy) gets its records back from the tables when a sweep runs there again
 (:func:`moe_scaling.sweep.results.restore_records`), so its rows stay and its finished runs are not
-trained again.
+trained again (to train a finished run again, delete its row from the tables as well as its folder).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from moe_scaling.files import atomic_path, exclusive_lock, json_default, write_j
 from moe_scaling.costs import flops_per_token, param_counts
 from moe_scaling.sweep.layout import SweepDir
 
-__all__ = ["STATUSES", "write_record",
+__all__ = ["STATUSES", "RESTORED", "write_record",
            "read_record", "write_curve", "read_records", "run_row", "record_from_row", "restore_records",
            "runs_table", "curves_table",
            "rebuild_tables", "tables_lock", "read_manifest", "summarize", "code_version"]
@@ -127,62 +127,75 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def record_from_row(row: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The record a ``runs.parquet`` row was made from (:func:`run_row` read backwards): the record's
-    own fields, the run's ``config`` (``{"model", "train", "data"}``; default: read from the row's
-    ModelConfig / TrainConfig / DataConfig columns, ``tokens_budget`` as TrainConfig.tokens), the
-    versions, and as metrics every other column and every config column whose value is not the
-    config's (a metric of the same name, e.g. the resolved ``dispatch``, overwrote it in the row;
-    JSON text of a list or dict read back). A ConfigError when the config does not hash to the row's
-    run id (the row's config columns were shadowed by a metric or edited: give ``config``)."""
-    from moe_scaling.sweep.grid import RunSpec
+_WHOLE = ("tokens", "steps", "attempts", "diverged_step")
+"""Record fields that are whole numbers (a table column with missing values holds them as floats)."""
 
-    rid = _plain(row["run_id"])
+RESTORED = ("completed", "diverged")
+"""The statuses :func:`restore_records` restores: runs that reached a result."""
+
+
+def record_from_row(row: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The record a ``runs.parquet`` row was made from: :func:`run_row` read backwards, so that
+    ``run_row(record_from_row(row)) == row``.
+
+    The record's own fields come from their columns. Its ``config`` (``{"model", "train", "data"}``)
+    is ``config`` where given (the grid's), else read from the row's ModelConfig, TrainConfig and
+    DataConfig columns (``tokens_budget`` as TrainConfig.tokens). A metric of the same name as a
+    config field overwrites it in the row (the resolved ``dispatch`` over the configured "auto"), so
+    only the grid's config is the run's own; from the columns the config holds the metric's value,
+    which gives back the same row. Every other column, and every config column whose value is not the
+    config's, is a metric (JSON text of a list or dict read back; missing ones left out)."""
     if config is None:
         config = {}
         for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
             columns = {f.name: "tokens_budget" if (cls, f.name) == (TrainConfig, "tokens") else f.name
                        for f in dataclasses.fields(cls)}
             config[name] = cls.from_dict({k: _plain(row[c]) for k, c in columns.items() if c in row}).to_dict()
-    if RunSpec.from_dict(config).run_id != rid:
-        raise ConfigError(f"runs.parquet: the config of run {rid} hashes to another run id; its record cannot "
-                          "be restored from the table (is the run in the sweep's grid?)")
     configured = {k: v for part in ("model", "train", "data") for k, v in config[part].items()
                   if (part, k) != ("train", "tokens")}
     metrics = {}
     for key in row.keys():
-        if key in _RECORD_FIELDS or key in _COMPUTED:
-            continue
         value = _plain(row[key])
-        if key in configured and value == configured[key]:
+        if key in _RECORD_FIELDS or key in _COMPUTED or value is None:
             continue
-        metrics[key] = json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+        if key in configured and configured[key] == value:
+            continue
+        metrics[key] = json.loads(value) if isinstance(value, str) and value.startswith(("[", "{")) else value
     record = {k: _plain(row[k]) for k in _RECORD_FIELDS if k in row}
+    for k in _WHOLE:
+        if isinstance(record.get(k), float) and record[k].is_integer():
+            record[k] = int(record[k])
     return record | {"config": dict(config), "metrics": metrics,
                      "package_version": _plain(row.get("package_version")),
                      "code_version": _plain(row.get("code_version"))}
 
 
 def restore_records(out: str | os.PathLike, configs: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
-    """Write the record (and curve) of every run in ``DIR/runs.parquet`` that has no record file,
-    from its row (:func:`record_from_row`, with its config from ``configs`` by run id where given:
-    the grid's) and its ``curves.parquet`` points; returns their run ids.
+    """Write the record (and curve) of every run of ``DIR/runs.parquet`` with a result (status in
+    :data:`RESTORED`) and no record file, from its row (:func:`record_from_row`, with its config
+    from ``configs`` by run id where given: the grid's) and its ``curves.parquet`` points; returns
+    their run ids.
 
-    A sweep folder committed or copied without its ``runs/`` folder (the tables travel, the records,
+    A sweep folder committed or copied without its ``runs/`` folder (the tables travel; records,
     checkpoints and queue stay where the runs trained) keeps its results this way: the records are
-    the source of truth, so without them the next table rebuild would drop every such row, and the
-    sweep would train those runs again. Each restored record says so (``restored_from``)."""
+    the source of truth, so without them the next table rebuild would drop every such row and the
+    sweep would train those runs again. Each restored record says so (``restored_from``). Rows of
+    unfinished runs (``running``, ``failed``) are not restored: nothing here can resume them, so
+    such a run trains again from its start when a sweep's plan holds it, and its row leaves the
+    table at the next rebuild otherwise. (So deleting ``runs/<run_id>/`` alone no longer makes a
+    finished run train again: delete its row from the tables too, or use a new ``--out``.)"""
     layout = SweepDir(out)
     if not layout.runs_table.is_file():
         return []
     with tables_lock(out):
         runs = pd.read_parquet(layout.runs_table)
-        missing = [i for i, rid in enumerate(runs["run_id"]) if not layout.run(rid).record.is_file()]
+        missing = [i for i, (rid, status) in enumerate(zip(runs["run_id"], runs["status"]))
+                   if status in RESTORED and not layout.run(rid).record.is_file()]
         if not missing:
             return []
         curves = (pd.read_parquet(layout.curves_table) if layout.curves_table.is_file()
                   else pd.DataFrame(columns=CURVE_COLUMNS))
-        by_run = dict(tuple(curves.groupby("run_id")))
+        by_run = {rid: points for rid, points in curves.groupby("run_id")}
         restored = []
         for i in missing:
             row = runs.iloc[i].to_dict()
@@ -284,14 +297,7 @@ def summarize(out: str | os.PathLike, top: int = 5) -> dict[str, Any]:
 
 
 def _clean(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in row.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and math.isnan(v):
-            v = None
-        out[k] = v
-    return out
+    return {k: _plain(v) for k, v in row.items()}
 
 
 @functools.cache

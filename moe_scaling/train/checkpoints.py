@@ -191,7 +191,7 @@ def _read_everywhere(read: Callable[[], Any], what: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - any read failure fails the read on every process
         value, err = None, exc
     if not _everywhere(err is None):
-        raise ConfigError(f"{what} does not restore ({_why(err)})") from err
+        raise ConfigError(f"{what} could not be read into this run's model ({_why(err)})") from err
     return value
 
 
