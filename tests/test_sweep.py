@@ -440,12 +440,18 @@ def test_only_trains_a_subset_first_and_the_whole_grid_then_trains_the_rest(tmp_
     assert (summary["done"], summary["total"], summary["status"]["counts"]["completed"]) == (1, 1, 1)
     (done,) = [json.loads(p.read_text()) for p in out.glob("runs/*/record.json")]
     assert done["config"]["model"]["n_experts"] == 4
+    # the manifest lists the whole grid in grid order, whichever subset a command trains
+    from moe_scaling.sweep.runner import plan_sweep
+    order = [r.run_id for r in plan_sweep(grid).runs]
+    assert json.loads((out / "sweep.json").read_text())["runs"] == order and order[1] == done["run_id"]
+    assert summary["status"]["counts"]["pending"] == 1
     rest = run_cli("run", grid, "--out", out, "--json")
     assert rest.returncode == 0, rest.stderr
     summary = json.loads(rest.stdout)
     assert (summary["done"], summary["total"], summary["status"]["counts"]["completed"]) == (2, 2, 2)
     again = json.loads((out / "runs" / done["run_id"] / "record.json").read_text())
     assert again == done                                            # untouched by the second command
+    assert json.loads((out / "sweep.json").read_text())["runs"] == order
 
 
 def test_only_leaves_the_queues_other_waiting_runs_alone(tmp_path):

@@ -112,7 +112,8 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
     if old and old.get("name") != plan.spec.name:
         raise ConfigError(f"--out {out}: holds sweep {old.get('name')!r}, not {plan.spec.name!r}; "
                           "use another --out folder")
-    restored = restore_records(out, {r.run_id: r.to_dict() for r in expand_grid(plan.spec)})
+    whole = expand_grid(plan.spec)                 # every run of the grid, also those --only leaves out
+    restored = restore_records(out, {r.run_id: r.to_dict() for r in whole})
     if restored and log is not None:
         log(f"restored {len(restored)} run record(s) from {layout.runs_table} (the folder came without its "
             f"runs/ records): finished runs are not trained again")
@@ -122,7 +123,7 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
         out.mkdir(parents=True, exist_ok=True)     # the default SQLite file lives in it
     study = open_study(url, plan.spec.name, grace_s, create=True)   # an unreachable server stops here
     out.mkdir(parents=True, exist_ok=True)
-    ids = [r.run_id for r in plan.runs]
+    ids = [r.run_id for r in whole]               # grid order, whichever subset this call trains
     known = [r for r in (old or {}).get("runs", []) if r not in set(ids)]
     # paths relative to the folder and the default queue as null, so a folder committed or copied
     # elsewhere still names its own files (its grid copy is DIR/grid.yaml)
