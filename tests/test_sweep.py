@@ -290,8 +290,9 @@ def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path)
 def test_a_folder_without_its_records_keeps_its_tables_and_trains_only_what_they_lack(reference, tmp_path):
     """A sweep folder committed to git holds its tables, manifest and grid copy, not its run records,
     checkpoints or queue. Run again there (a fresh clone: one run never finished, so it is missing
-    from the tables), the sweep restores the other runs' records from the tables, trains only the
-    missing run, and the tables keep every row and curve as they were. (Before: the first table
+    from the tables), `status` counts the finished runs from the tables, and the sweep restores
+    their records from the tables, trains only the missing run, and the tables keep every row and
+    curve as they were. (Before: the first table
     rebuild, from records alone, replaced the committed tables by the one new run, and every
     finished run was queued to train again.)"""
     grid, out = copy_reference(reference, tmp_path)
@@ -303,6 +304,11 @@ def test_a_folder_without_its_records_keeps_its_tables_and_trains_only_what_they
     ref_curves[ref_curves["run_id"] != lost].to_parquet(out / "curves.parquet", index=False)
     shutil.copy(ref_out / "sweep.json", out / "sweep.json")
     shutil.copy(ref_out / "grid.yaml", out / "grid.yaml")
+    status = run_cli("status", out, "--json")                 # reads the tables, writes nothing
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"] == {"completed": 3, "diverged": 0, "failed": 0, "running": 0,
+                                                   "pending": 1}
+    assert not (out / "runs").exists()
 
     proc = run_cli("run", grid, "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr

@@ -276,12 +276,17 @@ def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
 
 
 def summarize(out: str | os.PathLike, top: int = 5) -> dict[str, Any]:
-    """Status of a sweep folder from its record files: counts per status (``pending`` = in the
-    grid, not started here), the best ``top`` completed runs by final eval loss, and the
-    diverged/failed runs with their step or error."""
+    """Status of a sweep folder from its record files, and for runs without one (a folder that
+    came without ``runs/``, e.g. committed) from their rows in ``runs.parquet``: counts per status
+    (``pending`` = in the grid, not started here), the best ``top`` completed runs by final eval
+    loss, and the diverged/failed runs with their step or error. Reads only."""
     manifest = read_manifest(out)
-    records = read_records(out)
-    df = runs_table(records)
+    df = runs_table(read_records(out))
+    table = SweepDir(out).runs_table
+    if table.is_file():
+        rows = pd.read_parquet(table)
+        rows = rows[~rows["run_id"].isin(set(df["run_id"]))]
+        df = pd.concat([d for d in (df, rows) if len(d)], ignore_index=True) if len(rows) else df
     counts = {s: int((df["status"] == s).sum()) if len(df) else 0 for s in STATUSES}
     started = set(df["run_id"]) if len(df) else set()
     counts["pending"] = len([r for r in manifest["runs"] if r not in started])
