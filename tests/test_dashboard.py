@@ -118,7 +118,13 @@ def test_dashboard_serves_a_running_then_finished_sweep_on_postgres(tmp_path, po
         assert sweep.poll() is None                                     # the sweep was still running
 
         assert sweep.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
-        trials = get(f"{base}/api/studies/{study_id}")["trials"]
+
+        # optuna-dashboard serves its trial list from a cache refreshed every 2-10 s (by study size):
+        # the sweep's end shows within that
+        def all_finished():
+            trials = get(f"{base}/api/studies/{study_id}")["trials"]
+            return trials if all(t["state"] in ("Complete", "Pruned", "Fail") for t in trials) else None
+        trials = wait_for("every trial finished in /api/studies", all_finished, logs, timeout=60)
     finally:
         for proc in (dash, sweep):
             if proc is not None and proc.poll() is None:
