@@ -328,6 +328,34 @@ def test_a_folder_without_its_records_keeps_its_tables_and_trains_only_what_they
         assert trial.intermediate_values == dict(zip(evals["step"], evals["eval_loss"]))
 
 
+def test_a_new_queue_counts_the_runs_its_records_finished_as_done_before_any_worker_starts(reference, tmp_path):
+    """A queue filled in a folder whose runs already ended (a lost sweep.db, or records restored
+    from the tables) closes their trials when it is filled: the progress line counted them as
+    waiting, "runs 47/216 done" with 142 finished, its ETA counting their steps, until a worker
+    happened to claim each one."""
+    from moe_scaling.sweep.queue import sweep_counts
+    from moe_scaling.sweep.runner import plan_sweep, prepare
+
+    grid, out = copy_reference(reference, tmp_path)
+    ref_out = reference[1]
+    ref = pd.read_parquet(ref_out / "runs.parquet").set_index("run_id")
+    for rdir in (ref_out / "runs").iterdir():                   # records and curves, no queue
+        (out / "runs" / rdir.name).mkdir(parents=True)
+        for name in ("record.json", "curve.json"):
+            shutil.copy(rdir / name, out / "runs" / rdir.name / name)
+    study, _ = prepare(plan_sweep(grid), out)
+    counts = sweep_counts(study)
+    assert counts["done"] == 4 and counts["done_ids"] == set(ref.index) and not counts["running"]
+    curves = pd.read_parquet(ref_out / "curves.parquet")
+    for rid, (trial,) in trials_by_run(f"sqlite:///{out / 'sweep.db'}", "tiny").items():
+        assert trial.state == TrialState.COMPLETE and trial.value == ref.loc[rid, "eval_loss"]
+        evals = curves[(curves["run_id"] == rid) & curves["eval_loss"].notna()]
+        assert trial.intermediate_values == dict(zip(evals["step"], evals["eval_loss"]))
+    proc = run_cli("run", grid, "--out", out, "--json")          # nothing left to train
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["done"] == 4 and not any((out / "runs").glob("*/ckpt"))
+
+
 def test_a_runs_row_gives_back_its_record(reference):
     """record_from_row inverts run_row (runs_table) on every row of a real sweep's runs.parquet (the row it gives
     is the row it came from): with the run's config from the grid its config is the record's own; from

@@ -41,7 +41,7 @@ from moe_scaling.errors import ConfigError
 
 __all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "END_STATES", "WorkerContext", "check_storage_url",
            "open_study", "enqueue_run", "trials_by_run", "needs_enqueue", "redact", "recover_stale",
-           "claim_next", "claim_group", "superseded", "finish_trial", "sweep_counts", "Heartbeat",
+           "claim", "claim_next", "claim_group", "superseded", "finish_trial", "sweep_counts", "Heartbeat",
            "no_experimental_warning"]
 
 HEARTBEAT_S = 5          # optuna heartbeat interval of a running trial
@@ -255,7 +255,7 @@ def recover_stale(study: optuna.Study, grace_s: int = DEFAULT_GRACE_S) -> int:
     return n
 
 
-def _claim(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
+def claim(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
     """Atomically move one WAITING trial to RUNNING for this process; None when another process
     claimed it first."""
     storage = study._storage
@@ -276,7 +276,7 @@ def claim_next(study: optuna.Study, run_ids: Collection[str] | None = None) -> F
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if run_ids is not None and t.user_attrs.get("run_id") not in run_ids:
             continue
-        claimed = _claim(study, t)
+        claimed = claim(study, t)
         if claimed is not None:
             return claimed
     return None
@@ -302,7 +302,7 @@ def claim_group(study: optuna.Study, group_key: Callable[[FrozenTrial], str | No
             break
         if run_ids is not None and t.user_attrs.get("run_id") not in run_ids:
             continue
-        if group_key(t) == key and (got := _claim(study, t)) is not None:
+        if group_key(t) == key and (got := claim(study, t)) is not None:
             claimed.append(got)
     return claimed
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from functools import partial
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -73,14 +73,14 @@ from moe_scaling.sweep.layout import SweepDir
 from moe_scaling.sweep.progress import Progress, Report, read_snapshot
 from moe_scaling.sweep.exclude import DERIVED_PROPERTIES
 from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, END_STATES, Heartbeat, WorkerContext, check_storage_url,
-                                     claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue, open_study,
+                                     claim, claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue, open_study,
                                      recover_stale, redact, superseded, sweep_counts, trials_by_run)
 from moe_scaling.sweep.results import (code_version, read_record, rebuild_tables, restore_records, write_curve,
                                        write_record)
 from moe_scaling.train.data import corpus_content_hash
 from moe_scaling.train.batching import batch_key, group_size
 
-__all__ = ["SweepPlan", "plan_sweep", "prepare", "check_corpora", "run_sweep", "worker_loop"]
+__all__ = ["SweepPlan", "plan_sweep", "prepare", "close_finished", "check_corpora", "run_sweep", "worker_loop"]
 
 POLL_S = 1.0             # idle workers poll the queue this often while other runs are in flight
 
@@ -105,8 +105,9 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
             log: Callable[[str], None] | None = None) -> tuple[optuna.Study, str]:
     """Create ``out`` and its manifest, restore the records of a folder that came without them
     (:func:`~moe_scaling.sweep.results.restore_records`: its tables keep their rows and its finished
-    runs are not trained again; one line through ``log``), create the study, recover dead trials
-    and enqueue every run not yet waiting/running/complete. Returns (study, storage URL)."""
+    runs are not trained again; one line through ``log``), create the study, recover dead trials,
+    enqueue every run not yet waiting/running/complete and close the waiting trials of runs whose
+    record already says they ended (:func:`close_finished`). Returns (study, storage URL)."""
     out, layout = Path(out), SweepDir(out)
     old = json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else None
     if old and old.get("name") != plan.spec.name:
@@ -137,7 +138,30 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
         if needs_enqueue(trials.get(run.run_id, []), retry_failed):
             enqueue_run(study, {"run_id": run.run_id, "index": run.index, "label": run.label,
                                 "config": run.to_dict(), "sweep": plan.spec.name, "axes": trial_axes(run)})
+    close_finished(study, out, {r.run_id for r in plan.runs})
     return study, url
+
+
+def close_finished(study: optuna.Study, out: str | os.PathLike, run_ids: Collection[str]) -> int:
+    """Close every WAITING trial of ``run_ids`` whose run's record already says completed/diverged
+    (a queue filled after its records were restored, or one that lost its closing writes) from that
+    record, so the progress line, its ETA and the dashboard count the run as done from the start
+    instead of when a worker reaches its trial. Returns the number closed."""
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        rid = trial.user_attrs.get("run_id")
+        previous = read_record(out, rid) if rid in run_ids else None
+        if previous and previous["status"] in ("completed", "diverged") and (got := claim(study, trial)):
+            _close_from_record(study, got, out, previous)
+            closed += 1
+    return closed
+
+
+def _close_from_record(study: optuna.Study, trial: FrozenTrial, out: str | os.PathLike,
+                       record: Mapping[str, Any]) -> None:
+    """Close a claimed ``trial`` whose run ended before it (``record``), with the run's eval curve."""
+    _report_curve(study, trial, SweepDir(out).run(record["run_id"]).curve)
+    finish_trial(study, trial, END_STATES[record["status"]], record, _objective(record))
 
 
 def check_corpora(plan: SweepPlan, out: str | os.PathLike, retry_failed: bool = False) -> None:
@@ -259,8 +283,7 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
         raise RuntimeError(f"trial {trial.number}: config hashes to {run.run_id}, not {rid}")
     previous = read_record(ctx.out, rid)
     if previous and previous["status"] in ("completed", "diverged"):
-        _report_curve(study, trial, SweepDir(ctx.out).run(rid).curve)
-        finish_trial(study, trial, END_STATES[previous["status"]], previous, _objective(previous))
+        _close_from_record(study, trial, ctx.out, previous)
         rebuild_tables(ctx.out)
         return None
     if previous:                         # a resumed run: its trial's curve starts where it left off
