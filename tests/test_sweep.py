@@ -411,18 +411,27 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     text = run_cli("status", out)
     assert "1 completed, 1 diverged, 1 failed" in text.stdout and "ConfigError: data.corpus" in text.stdout
 
-    # the tables alone (a clone): the completed and the diverged run get their records back, the
-    # failed one (no result; nothing here could resume it) does not
+    # the tables alone (a clone): every run that ended gets its record back, the failed one too, so
+    # that (as here) it trains again only with --retry-failed
     from moe_scaling.sweep.results import restore_records
     clone = tmp_path / "clone"
     clone.mkdir()
+    seed_cache(reference[1], clone)
     for name in ("runs.parquet", "curves.parquet"):
         shutil.copy(out / name, clone / name)
-    assert sorted(restore_records(clone)) == sorted([ok["run_id"], diverged["run_id"]])
+    assert sorted(restore_records(clone)) == sorted(runs["run_id"])
     back = json.loads((clone / "runs" / diverged["run_id"] / "record.json").read_text())
     assert back["status"] == "diverged" and back["diverged_step"] == diverged["diverged_step"]
-    assert back["restored_from"] == "runs.parquet" and not (clone / "runs" / failed["run_id"]).exists()
+    back = json.loads((clone / "runs" / failed["run_id"] / "record.json").read_text())
+    assert back["status"] == "failed" and back["error"] == failed["error"]
+    assert back["restored_from"] == "runs.parquet"
     assert restore_records(clone) == []                        # once
+    cloned = run_cli("run", grid, "--out", clone, "--quiet")  # a fresh queue: nothing trains
+    assert cloned.returncode == 1 and f"1 run(s) failed ({failed['run_id']})" in cloned.stderr
+    assert not any((clone / "runs").glob("*/ckpt"))
+    pd.testing.assert_frame_equal(pd.read_parquet(clone / "runs.parquet").set_index("run_id").sort_index(),
+                                  pd.read_parquet(out / "runs.parquet").set_index("run_id").sort_index(),
+                                  check_like=True)
 
     # a rerun leaves the failed run alone; --retry-failed runs it once more
     again = run_cli("run", grid, "--out", out, "--quiet")

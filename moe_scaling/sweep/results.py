@@ -130,8 +130,8 @@ def _plain(value: Any) -> Any:
 _WHOLE = ("tokens", "steps", "attempts", "diverged_step")
 """Record fields that are whole numbers (a table column with missing values holds them as floats)."""
 
-RESTORED = ("completed", "diverged")
-"""The statuses :func:`restore_records` restores: runs that reached a result."""
+RESTORED = ("completed", "diverged", "failed")
+"""The statuses :func:`restore_records` restores: runs that ended (a failed one retries only when asked)."""
 
 
 def record_from_row(row: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -179,11 +179,13 @@ def restore_records(out: str | os.PathLike, configs: Mapping[str, Mapping[str, A
     A sweep folder committed or copied without its ``runs/`` folder (the tables travel; records,
     checkpoints and queue stay where the runs trained) keeps its results this way: the records are
     the source of truth, so without them the next table rebuild would drop every such row and the
-    sweep would train those runs again. Each restored record says so (``restored_from``). Rows of
-    unfinished runs (``running``, ``failed``) are not restored: nothing here can resume them, so
-    such a run trains again from its start when a sweep's plan holds it, and its row leaves the
-    table at the next rebuild otherwise. (So deleting ``runs/<run_id>/`` alone no longer makes a
-    finished run train again: delete its row from the tables too, or use a new ``--out``.)"""
+    sweep would train those runs again. Each restored record says so (``restored_from``). A
+    ``failed`` run's record comes back too, so it trains again only with ``--retry-failed`` (from
+    its start: its checkpoints stayed behind), as in the folder it came from. Rows of ``running``
+    runs are not restored: nothing here can resume them, so such a run trains again from its start
+    when a sweep's plan holds it, and its row leaves the table at the next rebuild otherwise. (So
+    deleting ``runs/<run_id>/`` alone no longer makes a finished run train again: delete its row
+    from the tables too, or use a new ``--out``.)"""
     layout = SweepDir(out)
     if not layout.runs_table.is_file():
         return []

@@ -138,20 +138,23 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
         if needs_enqueue(trials.get(run.run_id, []), retry_failed):
             enqueue_run(study, {"run_id": run.run_id, "index": run.index, "label": run.label,
                                 "config": run.to_dict(), "sweep": plan.spec.name, "axes": trial_axes(run)})
-    close_finished(study, out, {r.run_id for r in plan.runs})
+    close_finished(study, out, {r.run_id for r in plan.runs}, retry_failed)
     return study, url
 
 
-def close_finished(study: optuna.Study, out: str | os.PathLike, run_ids: Collection[str]) -> int:
+def close_finished(study: optuna.Study, out: str | os.PathLike, run_ids: Collection[str],
+                   retry_failed: bool = False) -> int:
     """Close every WAITING trial of ``run_ids`` whose run's record already says completed/diverged
-    (a queue filled after its records were restored, or one that lost its closing writes) from that
-    record, so the progress line, its ETA and the dashboard count the run as done from the start
-    instead of when a worker reaches its trial. Returns the number closed."""
+    (or failed, unless ``retry_failed``) from that record: a queue filled after its records were
+    restored, or one that lost its closing writes. The progress line, its ETA and the dashboard
+    count such a run as done from the start instead of when a worker reaches its trial, and a
+    failed run trains again only when asked, as in the queue it ran in. Returns the number closed."""
+    ended = ("completed", "diverged") if retry_failed else ("completed", "diverged", "failed")
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         rid = trial.user_attrs.get("run_id")
         previous = read_record(out, rid) if rid in run_ids else None
-        if previous and previous["status"] in ("completed", "diverged") and (got := claim(study, trial)):
+        if previous and previous["status"] in ended and (got := claim(study, trial)):
             _close_from_record(study, got, out, previous)
             closed += 1
     return closed
