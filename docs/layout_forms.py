@@ -27,6 +27,14 @@ RMSE ondevice 0.0178 (eta at its bound 4: G acts as a step), +width 0.0158, +sha
 5.3 / 5.4, 5.0 / 5.7, 4.8 / 5.6, 4.5 / 5.1, every layout gap interval 3.5-6.2 floors wide, and
 ondevice's eta on its bound. No form meets item 2 yet; the verdict waits for the three budgets and
 the repeats (docs/design.md, section 5, records the chosen form).
+
+On 286 runs (2026-12-06: repeats complete, floor 0.0145 over 144 dof; 1.35e13 at 12 of 72 runs;
+``--bootstrap 16``, a first look at the intervals) in-sample / held-out in floors: ondevice 1.3 / 1.4,
++width 1.3 / 1.5, +shared_d 1.2 / 1.3, both 1.1 / 1.8; every layout gap interval 0.5-1.0 floors wide
+(target under 2); eta's interval on its then bound 4 in every form. With the bound at 12, the
++width and both forms place eta (intervals 1.3-5.5 and 2.4-4.3), while ondevice's eta runs to 8.6
+(G^-8.6 at G = 2 is 0.3%: a step at G = 2, no exponent): the bound is now 8, where a fit at it
+says exactly that.
 """
 
 from __future__ import annotations
