@@ -351,6 +351,14 @@ def test_a_new_queue_counts_the_runs_its_records_finished_as_done_before_any_wor
         assert trial.state == TrialState.COMPLETE and trial.value == ref.loc[rid, "eval_loss"]
         evals = curves[(curves["run_id"] == rid) & curves["eval_loss"].notna()]
         assert trial.intermediate_values == dict(zip(evals["step"], evals["eval_loss"]))
+    # a second trial of a finished run (two sweeps filling one queue at once) closes as a duplicate
+    from moe_scaling.sweep.queue import enqueue_run
+    from moe_scaling.sweep.runner import close_finished
+    rid = ref.index[0]
+    enqueue_run(study, {"run_id": rid, "config": {}, "sweep": "tiny"})
+    assert close_finished(study, out, {rid}) == 1
+    ends = sorted((t.state, t.user_attrs["status"]) for t in trials_by_run(f"sqlite:///{out / 'sweep.db'}", "tiny")[rid])
+    assert ends == [(TrialState.COMPLETE, "completed"), (TrialState.PRUNED, "duplicate")]
     proc = run_cli("run", grid, "--out", out, "--json")          # nothing left to train
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["done"] == 4 and not any((out / "runs").glob("*/ckpt"))
@@ -432,6 +440,17 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     pd.testing.assert_frame_equal(pd.read_parquet(clone / "runs.parquet").set_index("run_id").sort_index(),
                                   pd.read_parquet(out / "runs.parquet").set_index("run_id").sort_index(),
                                   check_like=True)
+    # a --retry-failed interrupted after filling the queue (no worker yet) still retries on a plain
+    # rerun; its restored record has no checkpoint to resume, so a changed corpus does not stop it
+    from moe_scaling.sweep.runner import plan_sweep, prepare
+    original = (tmp_path / "bad.jsonl").read_text()
+    (tmp_path / "bad.jsonl").write_text("still not JSON\n")
+    prepare(plan_sweep(grid), clone, retry_failed=True)
+    (tmp_path / "bad.jsonl").write_text(original)
+    retried = run_cli("run", grid, "--out", clone, "--quiet")
+    assert retried.returncode == 1, retried.stderr
+    again_clone = pd.read_parquet(clone / "runs.parquet").set_index("run_id")
+    assert again_clone.loc[failed["run_id"], "attempts"] == 2 and again_clone.loc[ok["run_id"], "attempts"] == 1
 
     # a rerun leaves the failed run alone; --retry-failed runs it once more
     again = run_cli("run", grid, "--out", out, "--quiet")

@@ -138,8 +138,9 @@ def open_study(url: str, name: str, grace_s: int = DEFAULT_GRACE_S, create: bool
 
 
 def enqueue_run(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
-    """Enqueue one run (its id, index, label, config, sweep name and ``retry_of``)."""
-    keep = RUN_ATTRS + ("retry_of",)
+    """Enqueue one run (its id, index, label, config, sweep name, ``retry_of`` and ``retry_failed``:
+    true when queued by ``--retry-failed``, so that a run whose record says failed trains)."""
+    keep = RUN_ATTRS + ("retry_of", "retry_failed")
     user = {k: attrs[k] for k in keep if k in attrs}
     user.update(attrs.get("axes") or {})          # flat: one dashboard column per field
     study.enqueue_trial(params={}, user_attrs=user)

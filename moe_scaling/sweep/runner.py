@@ -17,7 +17,8 @@ Guarantees and how they are kept:
   host and process id on the trial. A RUNNING trial whose process is gone (same host: checked at once
   through ``/proc``) or whose heartbeat is older than the grace period (any host) is set to FAIL and
   re-enqueued; the new trial resumes from the orbax checkpoint in the run's ``ckpt/``. A run
-  whose record already says completed/diverged is closed from its record, never trained again.
+  whose record already says completed/diverged is closed from its record, never trained again; one
+  whose record says failed trains only from a trial queued by ``--retry-failed``.
 * **Same data.** A run's record holds its corpus content hash from the start; a sweep whose
   unfinished runs would resume on a corpus that changed since is a :class:`ConfigError` before
   anything is written (and :func:`moe_scaling.train.loop.train` refuses such a checkpoint too).
@@ -60,6 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 import moe_scaling
@@ -117,7 +119,7 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
     restored = restore_records(out, {r.run_id: r.to_dict() for r in whole})
     if restored and log is not None:
         log(f"restored {len(restored)} run record(s) from {layout.runs_table} (the folder came without its "
-            f"runs/ records): finished runs are not trained again")
+            f"runs/ records): runs that ended are not trained again")
     check_corpora(plan, out, retry_failed)
     url = storage_url or layout.default_storage
     if storage_url is None:
@@ -137,32 +139,50 @@ def prepare(plan: SweepPlan, out: str | os.PathLike, storage_url: str | None = N
     for run in plan.runs:
         if needs_enqueue(trials.get(run.run_id, []), retry_failed):
             enqueue_run(study, {"run_id": run.run_id, "index": run.index, "label": run.label,
-                                "config": run.to_dict(), "sweep": plan.spec.name, "axes": trial_axes(run)})
+                                "config": run.to_dict(), "sweep": plan.spec.name, "axes": trial_axes(run),
+                                "retry_failed": retry_failed})
     close_finished(study, out, {r.run_id for r in plan.runs}, retry_failed)
     return study, url
 
 
 def close_finished(study: optuna.Study, out: str | os.PathLike, run_ids: Collection[str],
                    retry_failed: bool = False) -> int:
-    """Close every WAITING trial of ``run_ids`` whose run's record already says completed/diverged
-    (or failed, unless ``retry_failed``) from that record: a queue filled after its records were
-    restored, or one that lost its closing writes. The progress line, its ETA and the dashboard
-    count such a run as done from the start instead of when a worker reaches its trial, and a
-    failed run trains again only when asked, as in the queue it ran in. Returns the number closed."""
-    ended = ("completed", "diverged") if retry_failed else ("completed", "diverged", "failed")
+    """Close every WAITING trial of ``run_ids`` whose run's record already says it ended, from that
+    record: a queue filled after its records were restored, or one that lost its closing writes.
+    The progress line, its ETA and the dashboard count such a run as done from the start instead
+    of when a worker reaches its trial. A failed run's trial is closed unless it is to train again
+    (:func:`_retries`); with ``retry_failed`` its waiting trials are marked to. A second trial of a
+    run is closed as a duplicate, as a worker would (:func:`superseded`). Returns the number closed."""
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         rid = trial.user_attrs.get("run_id")
         previous = read_record(out, rid) if rid in run_ids else None
-        if previous and previous["status"] in ended and (got := claim(study, trial)):
-            _close_from_record(study, got, out, previous)
-            closed += 1
+        if not previous or previous["status"] not in ("completed", "diverged", "failed"):
+            continue
+        if previous["status"] == "failed" and retry_failed:
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, "retry_failed", True)
+            except UpdateFinishedTrialError:       # a worker took and ended it meanwhile
+                pass
+        elif previous["status"] != "failed" or not _retries(trial):
+            if (got := claim(study, trial)) is not None:
+                _close_from_record(study, got, out, previous)
+                closed += 1
     return closed
+
+
+def _retries(trial: FrozenTrial) -> bool:
+    """True when ``trial`` was queued to train its run again after it failed (``--retry-failed``)."""
+    return bool(trial.user_attrs.get("retry_failed"))
 
 
 def _close_from_record(study: optuna.Study, trial: FrozenTrial, out: str | os.PathLike,
                        record: Mapping[str, Any]) -> None:
-    """Close a claimed ``trial`` whose run ended before it (``record``), with the run's eval curve."""
+    """Close a claimed ``trial`` whose run ended before it (``record``), with the run's eval curve;
+    a duplicate when another trial of the run is complete or running (:func:`superseded`)."""
+    if superseded(study, trial):
+        finish_trial(study, trial, END_STATES["duplicate"], {"status": "duplicate"})
+        return
     _report_curve(study, trial, SweepDir(out).run(record["run_id"]).curve)
     finish_trial(study, trial, END_STATES[record["status"]], record, _objective(record))
 
@@ -170,14 +190,15 @@ def _close_from_record(study: optuna.Study, trial: FrozenTrial, out: str | os.Pa
 def check_corpora(plan: SweepPlan, out: str | os.PathLike, retry_failed: bool = False) -> None:
     """A :class:`ConfigError` when a run that this sweep would resume (record ``running``, or
     ``failed`` with ``retry_failed``) was started on a corpus whose content hash has changed since:
-    it would continue from its checkpoint on other data. Runs without a recorded hash are skipped."""
+    it would continue from its checkpoint on other data. Runs without a recorded hash, and records
+    restored from the tables (their checkpoints stayed where they trained: they start afresh), are skipped."""
     resumable = ("running", "failed") if retry_failed else ("running",)
     grid_dir = plan.spec.path.resolve().parent
     hashes: dict[str, str | None] = {}
     for run in plan.runs:
         record = read_record(out, run.run_id) or {}
         old = record.get("corpus_hash")
-        if not old or record.get("status") not in resumable:
+        if not old or record.get("status") not in resumable or record.get("restored_from"):
             continue
         corpus = resolve_corpus(run.data.corpus, grid_dir)
         if corpus not in hashes:
@@ -285,11 +306,12 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
     if run.run_id != rid:
         raise RuntimeError(f"trial {trial.number}: config hashes to {run.run_id}, not {rid}")
     previous = read_record(ctx.out, rid)
-    if previous and previous["status"] in ("completed", "diverged"):
+    if previous and (previous["status"] in ("completed", "diverged")
+                     or previous["status"] == "failed" and not _retries(trial)):
         _close_from_record(study, trial, ctx.out, previous)
         rebuild_tables(ctx.out)
         return None
-    if previous:                         # a resumed run: its trial's curve starts where it left off
+    if previous and not previous.get("restored_from"):   # resumed: its trial's curve goes on from there
         _carry_curve(study, trial)
     rdir = SweepDir(ctx.out).run(rid)
     save_config(rdir.config, run.model, run.train, run.data)
