@@ -61,3 +61,38 @@ def test_concurrent_claims_on_postgres_hand_out_each_trial_once(postgres_url):
         assert sorted(claim_race(postgres_url, name)) == list(range(150))
     finally:
         optuna.delete_study(study_name=name, storage=postgres_url)
+
+
+OPENER = """
+import sys, time
+from moe_scaling.sweep.queue import open_study
+time.sleep(max(float(sys.argv[2]) - time.time(), 0))      # all at once
+open_study(sys.argv[1], "first", create=True)
+"""
+
+
+def test_processes_that_open_an_empty_database_at_once_all_get_the_queue(postgres_url):
+    """Workers of several machines starting together on a new database all create optuna's tables
+    at once; PostgreSQL refuses all but one (before: 6 of 8 such processes died with an
+    IntegrityError or ProgrammingError, as a CI run of this suite once did)."""
+    import subprocess
+    import sys
+    import time
+
+    import psycopg
+
+    server, db = postgres_url.rsplit("/", 1)[0], f"empty_{uuid.uuid4().hex[:8]}"
+    admin = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {db}")
+    try:
+        start = time.time() + 8                              # after every interpreter has imported
+        procs = [subprocess.Popen([sys.executable, "-c", OPENER, f"{server}/{db}", str(start)],
+                                  stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        last = [next((line for line in e.splitlines()[::-1] if "Error" in line), e[-200:]) for e in errors]
+        assert [p.returncode for p in procs] == [0] * 8, last
+        assert optuna.load_study(study_name="first", storage=f"{server}/{db}").trials == []
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")

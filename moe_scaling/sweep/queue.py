@@ -46,6 +46,7 @@ __all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "END_STATES", "Work
 
 HEARTBEAT_S = 5          # optuna heartbeat interval of a running trial
 DEFAULT_GRACE_S = 60     # a heartbeat older than this marks a trial of another host as dead
+SCHEMA_TRIES = 5         # tries to open a storage whose tables another process is creating
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 RUN_ATTRS = ("run_id", "index", "label", "config", "sweep", "axes")
 END_STATUSES = ("completed", "diverged", "failed")
@@ -92,14 +93,23 @@ def _storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
     sqlite = url.startswith("sqlite")
     kwargs: dict[str, Any] = ({"connect_args": {"timeout": 300, "isolation_level": None}} if sqlite
                               else {"pool_pre_ping": True})
-    try:
-        with no_experimental_warning():
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                 grace_period=grace_s,
-                                                 heartbeat_stale_trial_callback=_requeue)
-    except ImportError:
-        raise ConfigError(f"--storage = {redact(url)!r}: the database driver is not installed; "
-                          "pip install 'moe-scaling[postgres]' (psycopg) for postgresql://") from None
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            with no_experimental_warning():
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                     grace_period=grace_s,
+                                                     heartbeat_stale_trial_callback=_requeue)
+            break
+        except ImportError:
+            raise ConfigError(f"--storage = {redact(url)!r}: the database driver is not installed; "
+                              "pip install 'moe-scaling[postgres]' (psycopg) for postgresql://") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # several processes creating optuna's tables in an empty database at once: PostgreSQL
+            # refuses all but one (pg_type's unique index, "relation already exists"; 6 of 8
+            # processes started together failed); the next try finds the tables made
+            if attempt == SCHEMA_TRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
     return storage

@@ -75,8 +75,8 @@ from moe_scaling.sweep.layout import SweepDir
 from moe_scaling.sweep.progress import Progress, Report, read_snapshot
 from moe_scaling.sweep.exclude import DERIVED_PROPERTIES
 from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, END_STATES, Heartbeat, WorkerContext, check_storage_url,
-                                     claim, claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue, open_study,
-                                     recover_stale, redact, superseded, sweep_counts, trials_by_run)
+                                     claim, claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue,
+                                     open_study, recover_stale, redact, superseded, sweep_counts, trials_by_run)
 from moe_scaling.sweep.results import (code_version, read_record, rebuild_tables, restore_records, write_curve,
                                        write_record)
 from moe_scaling.train.data import corpus_content_hash
