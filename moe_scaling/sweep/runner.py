@@ -151,29 +151,29 @@ def close_finished(study: optuna.Study, out: str | os.PathLike, run_ids: Collect
     record: a queue filled after its records were restored, or one that lost its closing writes.
     The progress line, its ETA and the dashboard count such a run as done from the start instead
     of when a worker reaches its trial. A failed run's trial is closed unless it is to train again
-    (:func:`_retries`); with ``retry_failed`` its waiting trials are marked to. A second trial of a
+    (:func:`_ended_before`); with ``retry_failed`` its waiting trials are marked to. A second trial of a
     run is closed as a duplicate, as a worker would (:func:`superseded`). Returns the number closed."""
     closed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         rid = trial.user_attrs.get("run_id")
         previous = read_record(out, rid) if rid in run_ids else None
-        if not previous or previous["status"] not in ("completed", "diverged", "failed"):
-            continue
-        if previous["status"] == "failed" and retry_failed:
+        if previous and previous["status"] == "failed" and retry_failed:
             try:
                 study._storage.set_trial_user_attr(trial._trial_id, "retry_failed", True)
             except UpdateFinishedTrialError:       # a worker took and ended it meanwhile
                 pass
-        elif previous["status"] != "failed" or not _retries(trial):
-            if (got := claim(study, trial)) is not None:
-                _close_from_record(study, got, out, previous)
-                closed += 1
+        elif _ended_before(previous, trial) and (got := claim(study, trial)) is not None:
+            _close_from_record(study, got, out, previous)
+            closed += 1
     return closed
 
 
-def _retries(trial: FrozenTrial) -> bool:
-    """True when ``trial`` was queued to train its run again after it failed (``--retry-failed``)."""
-    return bool(trial.user_attrs.get("retry_failed"))
+def _ended_before(record: Mapping[str, Any] | None, trial: FrozenTrial) -> bool:
+    """True when the run of ``trial`` ended before it (its ``record``): completed or diverged, or
+    failed and ``trial`` not queued by ``--retry-failed`` to train it again. Such a trial is closed
+    from the record, never trained."""
+    status = (record or {}).get("status")
+    return status in ("completed", "diverged") or status == "failed" and not trial.user_attrs.get("retry_failed")
 
 
 def _close_from_record(study: optuna.Study, trial: FrozenTrial, out: str | os.PathLike,
@@ -306,8 +306,7 @@ def _open(ctx: WorkerContext, study: optuna.Study, trial: FrozenTrial) -> _Membe
     if run.run_id != rid:
         raise RuntimeError(f"trial {trial.number}: config hashes to {run.run_id}, not {rid}")
     previous = read_record(ctx.out, rid)
-    if previous and (previous["status"] in ("completed", "diverged")
-                     or previous["status"] == "failed" and not _retries(trial)):
+    if _ended_before(previous, trial):
         _close_from_record(study, trial, ctx.out, previous)
         rebuild_tables(ctx.out)
         return None
