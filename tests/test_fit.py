@@ -593,6 +593,34 @@ def test_layout_effects_recover_the_drawn_granularity_and_shared_gaps():
     lines = format_fit(summary(f)).splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith("layout effects at the middle size"))
     assert lines[i + 1].startswith("  E 2: L(G=1) - L(G=4) +") and "L(no shared) - L(shared) +" in lines[i + 1]
+    # drawn without repeated seeds: no noise floor to judge the gaps' widths against, and it says so
+    assert not eff["identified"] and eff["unmet"] == [
+        "no noise floor (the runs repeat no configuration over seeds): gap widths cannot be judged"]
+    assert lines[i + 5] == "  layout not identified: " + eff["unmet"][0]
+
+
+def test_identification_names_every_unmet_target_of_issue_23_item_2():
+    """A fit identifies the layout when no free layout coefficient's interval reaches a bound and
+    every gap interval is under 2 noise floors; each failing target is named, a held or non-layout
+    coefficient at a bound is not."""
+    from moe_scaling.laws.effects import identification
+
+    eff = {"noise_floor": 0.01, "by_expansion": [
+        {"expansion": 4.0, "granularity": {"width": 0.015}, "shared": {"width": 0.025}},
+        {"expansion": 16.0, "granularity": {"width": 0.0199}, "shared": {"width": 0.001}}]}
+    free = ["a", "E_max", "g", "eta", "sigma"]
+    assert identification(eff, [], free) == {
+        "identified": False, "unmet": ["E 4: the shared gap's interval is 2.50 noise floors wide (at most 2)"]}
+    eff["by_expansion"][0]["shared"]["width"] = 0.02                 # exactly 2 floors: not narrower
+    assert not identification(eff, [], free)["identified"]
+    eff["by_expansion"][0]["shared"]["width"] = 0.019
+    assert identification(eff, [], free) == {"identified": True, "unmet": []}
+    assert identification(eff, ["E_max", "w"], free)["identified"]   # not a layout term; w is held
+    assert identification(eff, ["E_max", "eta"], free)["unmet"] == ["eta's interval reaches its bound"]
+    assert identification(eff, None, free)["unmet"] == ["no bootstrap: no intervals to judge (fit with bootstrap > 0)"]
+    assert identification({**eff, "noise_floor": None}, [], free)["unmet"] == [
+        "no noise floor (the runs repeat no configuration over seeds): gap widths cannot be judged"]
+    assert identification(None, [], free)["unmet"] == ["the law reads neither granularity nor the shared expert"]
 
 
 def test_layout_effects_give_each_granularity_its_expert_width():
@@ -664,3 +692,4 @@ def test_the_layout_study_design_identifies_granularity_and_the_shared_expert():
             truth_gap = law.predict(truth, a)[0] - law.predict(truth, {**one, **other})[0]
             lo, hi = entry[key]["interval"]
             assert lo <= truth_gap <= hi and hi - lo < 2 * floor, (entry["expansion"], key, truth_gap, entry[key])
+    assert eff["identified"] and eff["unmet"] == []

@@ -33,6 +33,7 @@ from moe_scaling.cli.budget import budget_from_args, law_scope_lines, option
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
 from moe_scaling.design.search import search_by_compute
 from moe_scaling.design.space import ArchSpace
+from moe_scaling.laws.effects import MAX_GAP_WIDTH
 from moe_scaling.laws.fit import Fit, fit_law, layout_law, load_fit, select_law
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, get_law
 from moe_scaling.laws.tables import load_runs
@@ -309,6 +310,10 @@ def _effect_lines(effects: dict[str, Any] | None) -> list[str]:
         if "shared" in e:
             parts.append(gap("L(no shared) - L(shared)", e["shared"]))
         lines.append(f"  E {e['expansion']:g}: " + "; ".join(parts))
+    if "identified" in effects:
+        lines.append("  layout identified (no layout coefficient's interval at a bound, every gap interval under "
+                     f"{MAX_GAP_WIDTH:g} noise floors)" if effects["identified"] else
+                     "  layout not identified: " + "; ".join(effects["unmet"]))
     return lines
 
 

@@ -11,6 +11,11 @@ the shared layout. Each gap's interval is the percentile interval of the same di
 fit's bootstrap draws (G* held at the point fit's choice), at the fit's interval level; its width
 beside the pooled seed noise floor says whether the study told the layouts apart (issue 23: a
 width under 2 noise floors).
+
+:func:`identification` is that test in full (issue 23, item 2): a bootstrapped fit identified the
+layout when no free layout coefficient (:data:`LAYOUT_TERMS`) has an interval that reaches a bound
+(a bound, not the data, would then cut it) and every gap's interval is narrower than
+:data:`MAX_GAP_WIDTH` noise floors.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ import numpy as np
 
 from moe_scaling.laws.registry import Law
 
-__all__ = ["middle_point", "layout_effects"]
+__all__ = ["LAYOUT_TERMS", "MAX_GAP_WIDTH", "middle_point", "layout_effects", "identification"]
+
+LAYOUT_TERMS = ("g", "eta", "sigma", "w", "rho", "sigma_d")
+"""The coefficients of the registered laws' layout factors (``ondevice``'s and ``layout``'s)."""
+
+MAX_GAP_WIDTH = 2.0
+"""A layout gap's interval must be narrower than this many pooled noise floors (issue 23, item 2)."""
 
 
 def middle_point(cols: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -98,3 +109,29 @@ def layout_effects(law: Law, params: Mapping[str, float], samples: np.ndarray | 
         per_e.append(entry)
     return {"at": point, "level": level, "noise_floor": noise_floor, "granularities": grans,
             "by_expansion": per_e}
+
+
+def identification(effects: Mapping[str, Any] | None, at_bounds: list[str] | None,
+                   free: list[str], max_width: float = MAX_GAP_WIDTH) -> dict[str, Any]:
+    """``{"identified": bool, "unmet": [reasons]}``: whether a bootstrapped fit identified the
+    layout knobs (module docstring). ``effects``: :func:`layout_effects` of the fit (None: the law
+    reads no layout knob); ``at_bounds``: the free coefficients whose intervals reach a bound
+    (:func:`moe_scaling.laws.fit.intervals_at_bounds`; None: no bootstrap); ``free``: the names of
+    the fit's free coefficients (a held layout coefficient is the user's choice, not the data's)."""
+    if effects is None:
+        return {"identified": False, "unmet": ["the law reads neither granularity nor the shared expert"]}
+    unmet = []
+    if at_bounds is None:
+        unmet.append("no bootstrap: no intervals to judge (fit with bootstrap > 0)")
+    else:
+        unmet += [f"{p}'s interval reaches its bound" for p in at_bounds if p in LAYOUT_TERMS and p in free]
+    floor = effects.get("noise_floor")
+    if not floor:
+        unmet.append("no noise floor (the runs repeat no configuration over seeds): gap widths cannot be judged")
+    for entry in effects["by_expansion"]:
+        for key in ("granularity", "shared"):
+            width = (entry.get(key) or {}).get("width")
+            if key in entry and floor and width is not None and not width < max_width * floor:
+                unmet.append(f"E {entry['expansion']:g}: the {key} gap's interval is {width / floor:.2f} noise "
+                             f"floors wide (at most {max_width:g})")
+    return {"identified": not unmet, "unmet": unmet}

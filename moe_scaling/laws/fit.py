@@ -53,7 +53,7 @@ from moe_scaling.laws.errors import FitError, NoSamplesError
 from moe_scaling.laws.noise import MIN_FAMILY_DOF, max_train_compute, mixture_quantile, noise_family, pooled_seed_sd
 from moe_scaling.laws.problem import Problem, fit_starts, make_problem
 from moe_scaling.laws.registry import LAWS, Law, get_law
-from moe_scaling.laws.effects import layout_effects
+from moe_scaling.laws.effects import identification, layout_effects
 from moe_scaling.laws.tables import FitData, holdout_mask
 
 __all__ = ["Fit", "fit_law", "select_law", "load_fit", "published_fit", "bootstrap_refits", "fit_starts_and_cold",
@@ -433,6 +433,7 @@ def fit_law(law: str | Law, data: pd.DataFrame | Mapping[str, Any], *, huber_del
         metrics["intervals_at_bounds"] = intervals_at_bounds(law, intervals, free)
     effects = layout_effects(law, params, samples, d.cols, level, metrics.get("noise_floor"))
     if effects is not None:
+        effects |= identification(effects, metrics.get("intervals_at_bounds"), [law.params[i] for i in free])
         metrics["layout_effects"] = effects
     notes += _bound_notes(law, bx[0], params, free)
     settings = {"huber_delta": problem.delta, "bootstrap": int(bootstrap), "seed": int(seed),
