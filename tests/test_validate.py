@@ -8,7 +8,7 @@ import pytest
 
 from moe_scaling.cli import fit as cli
 from moe_scaling.design.space import Budget
-from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, space_bounds, summarize, validate,
+from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, space_bounds, summarize, validate, verdict,
                                          validation_candidates)
 from conftest import REPO
 from moe_scaling.laws.fit import published_fit
@@ -141,6 +141,7 @@ def test_validate_trains_the_candidates_and_writes_validation_json(tmp_path):
     assert doc["optimum_gap"] == 0.0 and doc["concordance"] is None and doc["extrapolation"] is None
     assert doc["binding"] and set(doc["binding"]) <= {"memory", "flops_per_token", "latency_ms", "space"}
     assert 0 < doc["memory_use"] <= 1 and "d_model_max" in doc["space_bounds"]
+    assert doc["verdict"] == verdict(doc) and not doc["verdict"]["passed"]      # one seed: nothing to judge by
 
 
 def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
@@ -166,6 +167,7 @@ def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
                      "--context", "128", "--validate", str(tmp_path / "cli"), "--plan"]) == 0
     out = capsys.readouterr().out
     assert "planned, not trained:" in out and "optimum" in out and not (tmp_path / "cli" / "sweep").exists()
+    assert r["verdict"] == verdict(r) and "targets (issue 23, item 5): " in out
 
 
 def test_summary_numbers_follow_from_the_measurements():
@@ -181,6 +183,28 @@ def test_summary_numbers_follow_from_the_measurements():
     assert s["optimum_gap"] == pytest.approx(2.12 - 2.06)                # the optimum's mean minus the best
     # floor 0.031: pairs beyond 0.062 are (opt, c) and (b, c), both ordered as the law orders them
     assert s["concordance"] == 1.0
+
+
+def test_verdict_names_every_unmet_item_5_target():
+    """optimum_gap <= 1 noise floor, concordance >= 0.9, within_interval >= 0.8, memory or latency
+    binding with >= 90% of the memory used (unless latency binds), no search-space bound; a target
+    that cannot be judged is unmet; a plan is judged on the binding alone."""
+    good = {"noise_floor": 0.01, "optimum_gap": 0.01, "concordance": 0.9, "within_interval": 0.8,
+            "binding": ["memory"], "memory_use": 0.9, "space_bounds": []}
+    assert verdict(good) == {"passed": True, "unmet": []}
+    bad = {**good, "optimum_gap": 0.015, "concordance": 0.85, "within_interval": 0.75, "memory_use": 0.5,
+           "space_bounds": ["d_model_min"]}
+    assert verdict(bad)["unmet"] == ["optimum_gap 0.0150 = 1.50 noise floors (at most 1)", "concordance 0.85 (at least 0.9)",
+                                     "within_interval 0.75 (at least 0.8)", "memory_use 50% (at least 90% where memory binds)",
+                                     "the optimum sits on search-space bounds: d_model_min"]
+    assert verdict({**good, "binding": ["latency_ms"], "memory_use": 0.5})["passed"]      # latency binds instead
+    assert verdict({**good, "binding": ["space"]})["unmet"] == [
+        "neither memory nor latency binds the optimum (binding: space)"]
+    assert verdict({**good, "noise_floor": None, "concordance": None, "within_interval": None})["unmet"] == [
+        "optimum_gap: not judged (needs the optimum measured and 2 or more seeds)",
+        "concordance: not judged (no candidate pair differs by more than 2 noise floors)",
+        "within_interval: not judged (the law gives no intervals: fit it with a bootstrap)"]
+    assert verdict({"planned": True, "binding": ["memory"], "memory_use": 0.95, "space_bounds": []})["passed"]
 
 
 @pytest.mark.parametrize("argv, message", [

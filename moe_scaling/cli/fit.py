@@ -427,8 +427,12 @@ def _main(argv: Sequence[str] | None) -> int:
                       f"{', '.join(v['space_bounds']) or 'none'}; wrote {v['grid']}")
             else:
                 print(f"noise floor {v['noise_floor']}, spearman {v['spearman']}, predicted best is measured best: "
-                      f"{v['predicted_best_is_measured_best']}, within interval: {v['within_interval']}")
+                      f"{v['predicted_best_is_measured_best']}, within interval: {v['within_interval']}, "
+                      f"optimum gap {v['optimum_gap']}, concordance {v['concordance']}, extrapolation "
+                      f"{v['extrapolation']}, binding {', '.join(v['binding'])}, memory use {v['memory_use']:.0%}")
                 print(f"wrote {args.validate}/validation.json")
+            print("targets (issue 23, item 5): " + ("all met" if v["verdict"]["passed"]
+                                                   else "unmet: " + "; ".join(v["verdict"]["unmet"])))
         for name, paths in result.get("plots", {}).items():
             print(f"figure {name}: {', '.join(paths)}")
     return 0

@@ -36,8 +36,14 @@ fitted on, both under the budget's compute rule (the fit's ``max_train_compute``
 (``memory``, ``flops_per_token``, ``latency_ms``; ``space`` when none does), ``memory_use`` its
 share of the memory budget, ``depth_rule`` the (d_model, n_layers) pairs depth followed (``--like``: the
 study's; None when depth was searched), ``space_bounds`` the search-space bounds it sits on (``d_model_min``,
-``n_layers_max``, ``expansion_max``, ...). The verdict is the reader's: a law whose best is not the
-measured best beyond the noise floor failed.
+``n_layers_max``, ``expansion_max``, ...), and ``verdict`` (:func:`verdict`): ``{"passed", "unmet"}``
+against issue 23's item-5 targets, each unmet target named with its value.
+
+The targets (:func:`verdict`): ``optimum_gap`` at most one noise floor (the law's optimum is as good as
+the best candidate, within the seed noise), ``concordance`` at least 0.9, ``within_interval`` at least
+0.8, and a budget, not the search space, binding the optimum: memory or decode latency in ``binding``,
+at least 90% of the memory budget used unless latency binds, no ``space_bounds``. A planned loop
+(``--plan``) is judged on the last three alone: the way to choose budgets before training.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, sp
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
 
-__all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "StudySettings", "study_settings", "Named", "validation_candidates", "summarize", "concordance",
+__all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "StudySettings", "study_settings", "Named", "validation_candidates", "summarize", "concordance", "verdict",
            "space_bounds", "where_it_binds", "validate"]
 
 STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model_step=16, n_layers_min=2,
@@ -297,6 +303,38 @@ def summarize(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
             "concordance": concordance(pred, meas, floor)}
 
 
+def verdict(result: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"passed": bool, "unmet": [reasons]}``: the targets of the module docstring that
+    ``result`` (validation.json's keys) misses; a planned ``result`` is judged on where the budget
+    binds alone. A target that cannot be judged (no noise floor, no intervals, no pair told apart)
+    is unmet, with the reason."""
+    unmet = []
+    if not result.get("planned"):
+        floor, gap = result.get("noise_floor"), result.get("optimum_gap")
+        if floor is None or gap is None:
+            unmet.append("optimum_gap: not judged (needs the optimum measured and 2 or more seeds)")
+        elif gap > floor:
+            unmet.append(f"optimum_gap {gap:.4f} = {gap / floor:.2f} noise floors (at most 1)")
+        c = result.get("concordance")
+        if c is None:
+            unmet.append("concordance: not judged (no candidate pair differs by more than 2 noise floors)")
+        elif c < 0.9:
+            unmet.append(f"concordance {c:.2f} (at least 0.9)")
+        w = result.get("within_interval")
+        if w is None:
+            unmet.append("within_interval: not judged (the law gives no intervals: fit it with a bootstrap)")
+        elif w < 0.8:
+            unmet.append(f"within_interval {w:.2f} (at least 0.8)")
+    binding = list(result.get("binding") or [])
+    if not {"memory", "latency_ms"} & set(binding):
+        unmet.append(f"neither memory nor latency binds the optimum (binding: {', '.join(binding) or 'none'})")
+    elif "latency_ms" not in binding and result.get("memory_use", 0.0) < 0.9:
+        unmet.append(f"memory_use {result.get('memory_use', 0.0):.0%} (at least 90% where memory binds)")
+    if result.get("space_bounds"):
+        unmet.append(f"the optimum sits on search-space bounds: {', '.join(result['space_bounds'])}")
+    return {"passed": not unmet, "unmet": unmet}
+
+
 def _interval_of_mean(model: LossModel, cfg: ModelConfig, tokens: float, level: float,
                       seeds: int) -> tuple[float, float] | None:
     """The law's interval for the mean of ``seeds`` runs of ``cfg`` (None when it gives none)."""
@@ -384,8 +422,9 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
         step = int(train["batch_size"]) * int(data["seq_len"])
         rows = [_row(n, tokens, settings, [], None, train_tokens) | {"steps": tokens // step}
                 for n, tokens in zip(named, doc["zip"]["tokens"])]
-        return {"budget": budget.to_dict(), "planned": True, "candidates": rows, "seeds": seeds,
-                "steps": seeds * sum(r["steps"] for r in rows), **binds, "grid": str(grid)}
+        planned = {"budget": budget.to_dict(), "planned": True, "candidates": rows, "seeds": seeds,
+                   "steps": seeds * sum(r["steps"] for r in rows), **binds, "grid": str(grid)}
+        return planned | {"verdict": verdict(planned)}
     sweep_dir = out / "sweep"
     run_sweep(grid, sweep_dir, workers=workers)
     runs = pd.read_parquet(SweepDir(sweep_dir).runs_table)
@@ -403,5 +442,6 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
         rows.append(_row(n, tokens, settings, measured, iv, train_tokens))
     result = {"budget": budget.to_dict(), "candidates": rows, **summarize(rows), **binds, "grid": str(grid),
               "sweep": str(sweep_dir)}
+    result["verdict"] = verdict(result)
     atomic_write_text(out / "validation.json", json.dumps(result, indent=1, default=json_default) + "\n")
     return result
