@@ -123,17 +123,8 @@ def prepare(workdir: Path) -> dict:
 
 
 def measure(lm, tokens: np.ndarray) -> dict:
-    out = {}
-    for s in PROMPTS:
-        lm.prefill(tokens[:s])                                           # warm-up
-        out[s] = 1e3 * _best(lambda s=s: lm.prefill(tokens[:s]), 3)
-    _, cache = lm.prefill(tokens[:DECODE_AFTER])
-    steps = []
-    for t in tokens[DECODE_AFTER:DECODE_AFTER + DECODE_TOKENS]:
-        t0 = time.perf_counter()
-        _, cache = lm.decode(int(t), cache)
-        steps.append(time.perf_counter() - t0)
-    out["decode"] = 1e3 * float(np.median(steps))
+    out = {s: lm.prefill_ms(tokens[:s]) for s in PROMPTS}
+    out["decode"] = lm.decode_ms(tokens[:DECODE_AFTER + DECODE_TOKENS], DECODE_AFTER)
     return out
 
 

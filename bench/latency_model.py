@@ -88,22 +88,8 @@ def export_all(workdir: Path) -> dict[str, Path]:
 
 def measure(lm, tokens: np.ndarray) -> dict:
     """Prefill ms per prompt length (best of 3 after a warm-up) and decode ms (median)."""
-    out = {}
-    for s in PROMPTS:
-        lm.prefill(tokens[:s])
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            lm.prefill(tokens[:s])
-            times.append(time.perf_counter() - t)
-        out[f"prefill_{s}"] = 1e3 * min(times)
-    _, cache = lm.prefill(tokens[:DECODE_AFTER])
-    steps = []
-    for t in tokens[DECODE_AFTER:DECODE_AFTER + DECODE_TOKENS]:
-        t0 = time.perf_counter()
-        _, cache = lm.decode(int(t), cache)
-        steps.append(time.perf_counter() - t0)
-    out["decode"] = 1e3 * float(np.median(steps))
+    out = {f"prefill_{s}": lm.prefill_ms(tokens[:s]) for s in PROMPTS}
+    out["decode"] = lm.decode_ms(tokens[:DECODE_AFTER + DECODE_TOKENS], DECODE_AFTER)
     return out
 
 

@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +62,7 @@ def main() -> None:
                     max_positions=CONTEXT + DECODE_TOKENS)
         lm = OnnxLM(work / kind.replace(" ", "_"), threads=args.threads)
         with timing_lock():
-            reps = []
-            for _ in range(3):
-                _, cache = lm.prefill(tokens[:CONTEXT])
-                steps = []
-                for t in tokens[CONTEXT:]:
-                    t0 = time.perf_counter()
-                    _, cache = lm.decode(int(t), cache)
-                    steps.append(time.perf_counter() - t0)
-                reps.append(1e3 * float(np.median(steps)))
-        measured = float(np.median(reps))
+            measured = float(np.median([lm.decode_ms(tokens, CONTEXT) for _ in range(3)]))
         # as exported: fp32 embeddings, the median token after CONTEXT + DECODE_TOKENS / 2 positions
         as_run = roofline(cfg, dev, weights="int4", kv="fp32", embeddings="fp32",
                           context=CONTEXT + DECODE_TOKENS // 2)["decode_ms_per_token"]

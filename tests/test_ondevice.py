@@ -83,6 +83,19 @@ def test_runtime_computes_our_int4_logits_and_decodes_with_its_cache(tmp_path, n
     assert cache["past_key_0"].shape == (1, cfg.n_kv_heads, len(TOKENS), cfg.head_dim)
 
 
+def test_timing_helpers_decode_each_token_after_the_prefill_with_the_growing_cache(tmp_path):
+    """``decode_ms(tokens, after)`` (the benchmarks' decode timing) prefills ``tokens[:after]`` and
+    decodes every later token once, in order, each on the cache one position longer."""
+    cfg = CASES[sorted(CASES)[0]]
+    export_onnx(cfg, perturbed_model(cfg), tmp_path / "m")
+    lm = OnnxLM(tmp_path / "m")
+    calls, decode = [], lm.decode
+    lm.decode = lambda t, cache: (calls.append((t, cache["past_key_0"].shape[2])), decode(t, cache))[1]
+    assert lm.decode_ms(TOKENS, 10) > 0
+    assert calls == [(int(t), 10 + i) for i, t in enumerate(TOKENS[10:])]
+    assert lm.prefill_ms(TOKENS[:10], reps=2) > 0 and len(calls) == len(TOKENS) - 10
+
+
 DATA = EXPORT_DATA
 cli = export_cli
 

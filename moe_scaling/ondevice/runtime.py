@@ -8,7 +8,8 @@
 
 :class:`OnnxLM` loads such a folder into an ``onnxruntime.InferenceSession`` with a given number
 of threads and runs it with a float32 KV cache: :meth:`OnnxLM.prefill` a prompt, then
-:meth:`OnnxLM.decode` one token at a time.
+:meth:`OnnxLM.decode` one token at a time (:meth:`OnnxLM.prefill_ms` and :meth:`OnnxLM.decode_ms` time
+them, as the benchmarks under bench/ measure them).
 
 Why ONNX Runtime and not ExecuTorch (the MobileMoE team's runtime), decided by trying both
 (docs/design.md, section 9): ExecuTorch 1.5.1's XNNPACK delegate needs static shapes, so a top-k
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -153,6 +155,27 @@ class OnnxLM:
         """The next position's logits ``[vocab]`` and the cache one token longer."""
         logits, cache = self.forward([token], cache)
         return logits[0], cache
+
+    def prefill_ms(self, tokens, reps: int = 3) -> float:
+        """Milliseconds to prefill ``tokens``: the best of ``reps`` after one warm-up."""
+        self.prefill(tokens)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            self.prefill(tokens)
+            times.append(time.perf_counter() - t)
+        return 1e3 * min(times)
+
+    def decode_ms(self, tokens, after: int) -> float:
+        """Milliseconds per decoded token: ``tokens[:after]`` prefilled, then each of
+        ``tokens[after:]`` decoded in turn; the median over those steps."""
+        _, cache = self.prefill(tokens[:after])
+        steps = []
+        for t in tokens[after:]:
+            t0 = time.perf_counter()
+            _, cache = self.decode(int(t), cache)
+            steps.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(steps))
 
     def generate(self, prompt, n: int) -> list[int]:
         """``n`` greedily decoded token ids after ``prompt``."""
