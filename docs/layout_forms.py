@@ -1,13 +1,15 @@
 """Forms of the layout law tried on the layout study (issue 23, item 2): ``ondevice`` and the ``layout`` law's terms.
 
-    python docs/layout_forms.py results/layout_isoflop [--points-per-param 3] [--bootstrap 200]
+    python docs/layout_forms.py results/layout_isoflop [--points-per-param 3] [--bootstrap 200] [--save fits/layout_forms]
 
 Fits each form to the study's completed runs and prints its in-sample RMSE, its held-out RMSE (the
 largest-compute fifth of the runs held out: the largest budget once the study is complete), both
 also in pooled noise floors, its layout coefficients and the seed-0 residuals by layout and d_model.
 With ``--bootstrap N`` (64 cold starts per refit) it also prints issue 23's item-2 verdict per form:
 the layout coefficients whose 95% intervals end at a bound, and the width of each layout gap's 95%
-interval at the middle size in noise floors (target: under 2). The forms are the registry's ``ondevice`` law (joint_moe with the N term times
+interval at the middle size in noise floors (target: under 2). With ``--save DIR`` each form's fit is
+written to ``DIR/<form>.json`` and the verdict's last line to ``DIR/chosen.txt`` (docs/layout_loops.sh
+reads it: the chosen fit is the closed loops' law, not refitted). The forms are the registry's ``ondevice`` law (joint_moe with the N term times
 ``(1 + g (G^-eta - 1)) (1 + n_shared)^-sigma``) and the ``layout`` law, which adds two terms, each
 also tried alone by holding the other at its null value:
 
@@ -50,10 +52,13 @@ the forms tried and why).
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 
+from moe_scaling.files import atomic_write_text
 from moe_scaling.laws.effects import LAYOUT_TERMS
 from moe_scaling.laws.fit import fit_law
 from moe_scaling.laws.registry import LAWS
@@ -64,6 +69,11 @@ FORMS = {"ondevice": ("ondevice", {}),
          "ondevice+shared_d": ("layout", {"w": 1e-3, "rho": 4.0}),     # (1e-3 / d_expert)^4 < 1e-15: no width term
          "layout (both)": ("layout", {})}
 """Each form: the registered law fitted and the parameters held at their null values."""
+
+
+def slug(form: str) -> str:
+    """A form's file name: ``"layout (both)"`` -> ``"layout_both"``, ``"ondevice+width"`` -> ``"ondevice_width"``."""
+    return re.sub(r"[^a-z0-9]+", "_", form.lower()).strip("_")
 
 
 def unmet_targets(metrics: dict) -> list[str]:
@@ -100,6 +110,7 @@ def main() -> None:
     ap.add_argument("results", help="the layout study's sweep folder")
     ap.add_argument("--points-per-param", type=float, default=5.0)
     ap.add_argument("--bootstrap", type=int, default=0, help="bootstrap refits per form (0: none)")
+    ap.add_argument("--save", metavar="DIR", help="write each form's fit to DIR/<form>.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     runs, _ = load_runs(args.results)
@@ -107,6 +118,8 @@ def main() -> None:
     for name, (law, fix) in FORMS.items():
         f = fit_law(law, runs, fix=fix, bootstrap=args.bootstrap, bootstrap_starts=64, heldout_frac=0.2, kfold=0,
                     points_per_param=args.points_per_param)
+        if args.save:
+            f.save(Path(args.save) / f"{slug(name)}.json")
         res = runs.assign(res=runs["loss"] - np.asarray(f.predict(runs)))
         res["layout"] = [f"E{int(e)} G{int(g)}{' +sh' if s else ''}"
                          for e, g, s in zip(res.expansion, res.granularity, res.n_shared)]
@@ -133,8 +146,12 @@ def main() -> None:
     if verdicts:
         name, why = choose(verdicts)
         law, fix = FORMS[name]
-        print(f"\nchosen: {name} ({why}): moe-fit {args.results} --law {law}"
-              + "".join(f" --fix {k}={v:g}" for k, v in fix.items()))
+        line = (f"chosen: {name} ({why}): moe-fit {args.results} --law {law}"
+                + "".join(f" --fix {k}={v:g}" for k, v in fix.items())
+                + (f" (saved: {Path(args.save) / (slug(name) + '.json')})" if args.save else ""))
+        print(f"\n{line}")
+        if args.save:
+            atomic_write_text(Path(args.save) / "chosen.txt", line + "\n")
 
 
 if __name__ == "__main__":
