@@ -1,12 +1,12 @@
-"""docs/layout_forms.py: the pre-registered rule that chooses the layout law (issue 23, item 2)."""
+"""docs/layout_forms.py and docs/layout_loops.py: the pre-registered rules that choose the layout law
+(issue 23, item 2) and its closed loops' memory budgets (item 5)."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "layout_forms", Path(__file__).resolve().parents[1] / "docs" / "layout_forms.py")
-layout_forms = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(layout_forms)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
+import layout_forms  # noqa: E402
+import layout_loops  # noqa: E402
 
 
 def _metrics(inside, held, *, identified=True, n_free=15, heldout_rmse=None):
@@ -49,3 +49,33 @@ def test_choose_without_a_passing_form_prefers_identified_forms_by_heldout_rmse(
 def test_each_form_has_its_own_file_name():
     names = [layout_forms.slug(f) for f in layout_forms.FORMS]
     assert names == ["ondevice", "ondevice_width", "ondevice_shared_d", "layout_both"]
+
+
+def test_choose_prefers_a_form_whose_loops_can_meet_item_5_then_item_2_alone():
+    forms = {"monotone in G": _metrics(1.1, 1.2, n_free=15), "width": _metrics(1.2, 1.1, n_free=16),
+             "both": _metrics(1.1, 1.4, n_free=17)}
+    forms["monotone in G"]["unmet_loops"] = ["item 5 at C = 4.5e12: no plan passes"]
+    forms["width"]["unmet_loops"] = forms["both"]["unmet_loops"] = []
+    name, why = layout_forms.choose(forms)
+    assert name == "width" and "item 5's binding targets" in why
+    forms["width"]["unmet_loops"] = forms["both"]["unmet_loops"] = ["item 5 at C = 2.8e13: no plan passes"]
+    name, why = layout_forms.choose(forms)
+    assert name == "monotone in G" and "no form that does has plans passing" in why
+
+
+def _plan(passed, steps, binding=("memory",), use=0.95, unmet=()):
+    return {"verdict": {"passed": passed, "unmet": list(unmet)}, "steps": steps, "binding": list(binding),
+            "memory_use": use}
+
+
+def test_choose_budget_takes_the_cheapest_passing_plan_else_the_cheapest_where_memory_binds():
+    bound = "the optimum sits on search-space bounds: granularity_max"
+    plans = {"60KB": _plan(True, 300), "150KB": _plan(True, 200), "300KB": _plan(True, 200),
+             "600KB": _plan(False, 100, binding=("space",), use=0.8, unmet=["neither memory nor latency binds"])}
+    memory, why = layout_loops.choose_budget(plans)
+    assert memory == "150KB" and why.startswith("the passing plan with the fewest steps (200)")
+    plans = {"60KB": _plan(False, 300, unmet=[bound]), "150KB": _plan(False, 200, use=0.89, unmet=[bound]),
+             "300KB": _plan(False, 250, unmet=[bound]), "600KB": _plan(False, 100, binding=("space",), unmet=["x"])}
+    memory, why = layout_loops.choose_budget(plans)
+    assert memory == "300KB" and why.startswith("no plan passes") and why.endswith(bound)
+    assert layout_loops.choose_budget({"1MB": _plan(False, 9, binding=("space",))})[0] is None
