@@ -48,7 +48,7 @@ is the identified form with the lowest held-out RMSE, or, when none is identifie
 with the lowest held-out RMSE; the verdict then says which targets each form missed (item 2: report
 the forms tried and why).
 
-Amended on 2026-12-07 (03:50 UTC), before the study's last 21 runs and the verdict's 200-sample fits
+Amended on 2026-12-07 (03:45 UTC), before the study's last 19 runs and the verdict's 200-sample fits
 (the looks above used 2-16 samples): the chosen law must also be testable by item 5, whose loops need
 an optimum that memory binds and no search-space bound does. A smoke run of the rule above (336 runs, 2 bootstrap
 samples) chose ondevice+shared_d, whose granularity factor falls monotonically in G (as this docstring
