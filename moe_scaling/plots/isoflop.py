@@ -114,7 +114,7 @@ def isoflop_figure(runs: pd.DataFrame, loss: str = "eval_loss") -> Figure | None
         ax.set_xscale("log")
         ax.set_xticks(sizes["d_model"].tolist(), [f"d{d} L{n}" for d, n in sizes.itertuples(index=False)])
         ax.minorticks_off()
-        ax.set_title(f"C = {b:.2g} FLOPs", fontsize="medium")
+        ax.set_title(f"C = {b:.3g} FLOPs", fontsize="medium")
         ax.set_xlabel("model size (tokens = C / (3 x FLOPs per token))")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(LOSS_LABEL)
@@ -177,7 +177,7 @@ def layout_minima_figure(runs: pd.DataFrame, loss: str = "eval_loss",
         inner = [bool(rows.loc[a, "interior"]) for a in archs if a in rows.index]
         c = colors[float(b)]
         ax.scatter(x, gap, s=36, marker="o", facecolors=[c if k else "none" for k in inner], edgecolors=[c] * len(x),
-                   label=f"C = {b:.2g} FLOPs" + ("" if dense_inside[b] else " (dense's minimum at an end)"), zorder=3)
+                   label=f"C = {b:.3g} FLOPs" + ("" if dense_inside[b] else " (dense's minimum at an end)"), zorder=3)
     ax.set_xticks(range(len(archs)), archs, rotation=45, ha="right", fontsize="small")
     ax.set_ylabel("isoFLOP minimum - dense's (nats)")
     ax.grid(axis="y", alpha=0.3)
