@@ -2,9 +2,10 @@
 
     python docs/layout_study_tables.py results/layout_isoflop [--write]
 
-Prints (or with ``--write`` writes atomically) the README: how the study was run, its state (runs
-completed, summed wall time), the seed-to-seed noise floor by layout family and optimizer-step
-regime (:func:`moe_scaling.laws.noise.pooled_seed_sd` on each family's runs) and, per budget, the
+Prints (or with ``--write`` writes atomically, with its two figures in ``figures/``) the README: how
+the study was run, its state (runs completed, summed wall time), the seed-to-seed noise floor by layout
+family and optimizer-step regime (:func:`moe_scaling.laws.noise.pooled_seed_sd` on each family's runs)
+and, per budget, the
 seed-0 final eval loss of every layout at every size trained so far with its isoFLOP minimum
 (:func:`moe_scaling.plots.isoflop.isoflop_minima`). Every number comes from ``runs.parquet``; the
 prose around them (grid, steps, epochs) is the grid's and changes only when the grid does.
@@ -59,6 +60,11 @@ finding only beside the noise floor, which the smallest budget's seeds 1-2 give 
 {configs} configurations with repeats, pooled sd {floor}; the committed isoFLOP study's floor: 0.035 under
 1,000 steps, 0.013 at 1,000-3,000, 0.007 above). A first look at which law terms these data ask for:
 `docs/layout_forms.py`.
+
+Figures (written with this file from the same table): `figures/isoflop.png`, eval loss against size per
+budget and layout (mean and sd over the seeds a point has), and `figures/layout_minima.png`, each
+layout's isoFLOP minimum minus dense's per budget beside +-2 sqrt(2) pooled noise floors (two minima of
+one run each).
 
 Seed-to-seed noise so far (`moe_scaling.laws.noise.pooled_seed_sd`: the pooled sd over configurations
 with repeats, each contributing its n - 1 degrees of freedom; by layout family and by optimizer-step
@@ -152,7 +158,19 @@ def main() -> None:
     if not args.write:
         print(text, end="")
         return
+    write_figures(args.sweep)
     atomic_write_text(args.sweep / "README.md", text)
+
+
+def write_figures(sweep: Path) -> None:
+    """``sweep/figures/isoflop.png`` and ``layout_minima.png`` (as ``moe-sweep plot`` draws them)."""
+    from moe_scaling.plots.isoflop import isoflop_figure, layout_minima_figure
+    from moe_scaling.plots.style import save_figure
+
+    runs = pd.read_parquet(sweep / "runs.parquet")
+    for name, fig in (("isoflop", isoflop_figure(runs)), ("layout_minima", layout_minima_figure(runs))):
+        if fig is not None:
+            save_figure(fig, sweep / "figures" / name, formats=("png",))
 
 
 if __name__ == "__main__":
