@@ -17,7 +17,8 @@ Each loop then trains 3 seeds per candidate as the study trained its runs (``--l
 sweeps/layout_isoflop.yaml``: its data, batch, schedule, router and learning rate by size) into
 ``OUT/c<C>/`` with two workers and writes ``OUT/c<C>/validation.json``; the plans stay in
 ``OUT/c<C>/plans/`` and the chosen budget in ``OUT/c<C>/budget.txt``. Rerunning resumes where a loop
-stopped (a chosen budget is kept; the sweep skips finished runs).
+stopped (a chosen budget is kept; the sweep skips finished runs). After each loop, and with
+``--report`` alone, ``OUT/README.md`` tabulates the loops so far (:func:`report`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,59 @@ def budgets(fit: Any, compute: str, out: Path | None = None) -> tuple[str | None
     return memory, why, plans
 
 
+def shape(m: dict[str, Any]) -> str:
+    """A candidate's model in a few words: ``d32 x 2, 38 x 64 top-1 + 1 shared x 64`` or ``d48 x 2, dense``."""
+    head = f"d{m['d_model']} x {m['n_layers']}, "
+    if m["n_experts"] <= 1:
+        return head + "dense"
+    shared = f" + {m['n_shared']} shared x {m['d_shared']}" if m.get("n_shared") else ""
+    return head + f"{m['n_experts']} x {m['d_expert']} top-{m['top_k']}{shared}"
+
+
+def _num(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def report(root: str | Path) -> str:
+    """The loops' README: per training compute, its memory budget and each candidate's prediction
+    (90% interval for the mean of its seeds) beside its measured mean and sd, then the verdict
+    numbers and the targets the loop misses; a loop not trained yet shows its plan."""
+    root = Path(root)
+    out = ["# results/layout_validation: the layout study's closed loops (issue 23, item 5)", "",
+           "Written by `python docs/layout_loops.py --report` from each loop's `validation.json` (or, before",
+           "it trains, its chosen plan); how the loops and their budgets were chosen: the docstring of",
+           "`docs/layout_loops.py`. Loss: final eval loss, nats per byte; sd over the seeds (ddof 1).", "",
+           "| C | memory | candidate | model | tokens | predicted [90% interval] | measured |",
+           "|---|---|---|---|---:|---|---|"]
+    notes = []
+    for compute in COMPUTE:
+        d = root / f"c{compute}"
+        if not (d / "budget.txt").exists():
+            continue
+        memory = (d / "budget.txt").read_text().strip()
+        done = d / "validation.json"
+        v = json.loads((done if done.exists() else d / "plans" / f"{memory}.json").read_text())
+        for c in v["candidates"]:
+            iv = c.get("interval")
+            pred = f"{c['predicted_loss']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
+            meas = ("not trained yet" if not c.get("measured") else
+                    f"{c['measured_mean']:.4f} +- {_num(c['measured_std'], '.4f')} ({len(c['measured'])} seeds)")
+            out.append(f"| {compute} | {memory} | {c['name']} | {shape(c['model'])} | {c['tokens'] / 1e6:.1f}M | "
+                       f"{pred} | {meas} |")
+        unmet = "; ".join(v["verdict"]["unmet"]) or "none"
+        if done.exists():
+            notes.append(f"- C = {compute} under {memory}: noise floor {_num(v['noise_floor'], '.4f')} (pooled over "
+                         f"the candidates' seeds), optimum_gap {_num(v['optimum_gap'], '.4f')}, concordance "
+                         f"{_num(v['concordance'], '.2f')}, within_interval {_num(v['within_interval'], '.2f')}, "
+                         f"Spearman {_num(v['spearman'], '.2f')}, extrapolation {_num(v['extrapolation'], '.2f')}, "
+                         f"binding {', '.join(v['binding'])}, memory use {v['memory_use']:.0%}; unmet targets: {unmet}.")
+        else:
+            notes.append(f"- C = {compute} under {memory}: planned, not trained ({v['steps']:,} optimizer steps over "
+                         f"{v['seeds']} seeds); extrapolation {_num(v['extrapolation'], '.2f')}, binding "
+                         f"{', '.join(v['binding'])}, memory use {v['memory_use']:.0%}; unmet binding targets: {unmet}.")
+    return "\n".join(out + [""] + notes) + "\n"
+
+
 def main() -> None:
     from moe_scaling.cli.fit import main as moe_fit
     from moe_scaling.laws.fit import load_fit
@@ -84,7 +138,11 @@ def main() -> None:
     ap.add_argument("--fit", help="the law's fit JSON (default: the one fits/layout_forms/chosen.txt names)")
     ap.add_argument("--out", default="results/layout_validation", help="the loops' folder")
     ap.add_argument("--plan-only", action="store_true", help="choose the budgets, train nothing")
+    ap.add_argument("--report", action="store_true", help="only (re)write OUT/README.md from the loops so far")
     args = ap.parse_args()
+    if args.report:
+        atomic_write_text(Path(args.out) / "README.md", report(args.out))
+        return
     fit_path = args.fit
     if fit_path is None:
         chosen = ROOT / "fits" / "layout_forms" / "chosen.txt"
@@ -114,6 +172,7 @@ def main() -> None:
                  "--seeds", "3", "--workers", "2"])
         if code:
             raise SystemExit(code)
+        atomic_write_text(Path(args.out) / "README.md", report(args.out))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """docs/layout_forms.py and docs/layout_loops.py: the pre-registered rules that choose the layout law
 (issue 23, item 2) and its closed loops' memory budgets (item 5)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -79,3 +80,34 @@ def test_choose_budget_takes_the_cheapest_passing_plan_else_the_cheapest_where_m
     memory, why = layout_loops.choose_budget(plans)
     assert memory == "300KB" and why.startswith("no plan passes") and why.endswith(bound)
     assert layout_loops.choose_budget({"1MB": _plan(False, 9, binding=("space",))})[0] is None
+
+
+def test_report_tabulates_trained_loops_and_plans_of_untrained_ones(tmp_path):
+    moe = {"d_model": 32, "n_layers": 2, "n_experts": 38, "d_expert": 64, "top_k": 1, "n_shared": 1, "d_shared": 64}
+    dense = {"d_model": 48, "n_layers": 2, "n_experts": 1, "d_expert": 192, "top_k": 1, "n_shared": 0}
+    assert layout_loops.shape(moe) == "d32 x 2, 38 x 64 top-1 + 1 shared x 64"
+    assert layout_loops.shape(dense) == "d48 x 2, dense"
+    row = {"name": "optimum", "model": moe, "predicted_loss": 1.8015, "interval": [1.79, 1.82], "tokens": 5.0e6}
+    trained = tmp_path / f"c{layout_loops.COMPUTE[0]}"
+    trained.mkdir()
+    (trained / "budget.txt").write_text("300KB\n")
+    (trained / "validation.json").write_text(json.dumps({
+        "candidates": [{**row, "measured": [1.80, 1.81, 1.82], "measured_mean": 1.81, "measured_std": 0.01}],
+        "noise_floor": 0.01, "optimum_gap": 0.0, "concordance": 1.0, "within_interval": 1.0, "spearman": None,
+        "extrapolation": 0.11, "binding": ["memory"], "memory_use": 0.977,
+        "verdict": {"passed": False, "unmet": ["concordance: not judged"]}}))
+    planned = tmp_path / f"c{layout_loops.COMPUTE[1]}"
+    (planned / "plans").mkdir(parents=True)
+    (planned / "budget.txt").write_text("400KB\n")
+    (planned / "plans" / "400KB.json").write_text(json.dumps({
+        "candidates": [{**row, "name": "best_dense", "model": dense, "interval": None, "measured": []}],
+        "steps": 330960, "seeds": 3, "extrapolation": 0.32, "binding": ["memory"], "memory_use": 0.996,
+        "verdict": {"passed": True, "unmet": []}}))
+    text = layout_loops.report(tmp_path)
+    assert (f"| {layout_loops.COMPUTE[0]} | 300KB | optimum | d32 x 2, 38 x 64 top-1 + 1 shared x 64 | 5.0M | "
+            "1.8015 [1.7900, 1.8200] | 1.8100 +- 0.0100 (3 seeds) |") in text
+    assert f"| {layout_loops.COMPUTE[1]} | 400KB | best_dense | d48 x 2, dense | 5.0M | 1.8015 | not trained yet |" in text
+    assert "optimum_gap 0.0000, concordance 1.00, within_interval 1.00, Spearman -" in text
+    assert "unmet targets: concordance: not judged." in text
+    assert "planned, not trained (330,960 optimizer steps over 3 seeds)" in text
+    assert f"c{layout_loops.COMPUTE[2]}" not in text and layout_loops.COMPUTE[2] + " |" not in text
