@@ -2,11 +2,11 @@
 
     python docs/layout_loops.py [--fit FIT.json] [--out results/layout_validation] [--plan-only]
 
-Run from the repository root. ``--fit`` defaults to the form ``docs/layout_forms.py --save fits/layout_forms`` chose (its
-``chosen.txt``). For each training compute of ``COMPUTE`` (two inside the study's range, one 2.1x the
-largest the law was fitted on: 1.41e13 FLOPs by the 3x-forward rule, the nominal 1.35e13 budget's largest
-run) the loop is planned (``moe-fit --validate DIR --plan``, nothing trained) under each
-memory budget of ``MEMORY``, and :func:`choose_budget` keeps, among the plans that pass the binding
+Run from the repository root. ``--fit`` defaults to the form that ``docs/layout_forms.py --save
+fits/layout_forms`` chose (its ``chosen.txt``). For each training compute of ``COMPUTE`` (two inside the
+study's range, one 2.1x the largest the law was fitted on: 1.41e13 FLOPs by the 3x-forward rule, the
+nominal 1.35e13 budget's largest run) the loop is planned (``moe-fit --validate DIR --plan``, nothing
+trained) under each memory budget of ``MEMORY``, and :func:`choose_budget` keeps, among the plans that pass the binding
 targets (``moe_scaling.design.validate.verdict`` on a plan: memory or latency binds the optimum, it uses
 at least 90% of the memory, no search-space bound), the one with the fewest optimizer steps over its
 candidates and seeds: the cheapest loop to train (ties: the smaller budget). When no plan passes, the
@@ -168,8 +168,8 @@ def main() -> None:
         if args.plan_only:
             continue
         print(f"c{compute}: training the loop under {memory}", flush=True)
-        code = moe_fit([fit_path, "--budget-mem", memory, "--train-compute", compute, *FLAGS, "--validate", str(out),
-                 "--seeds", "3", "--workers", "2"])
+        code = moe_fit([fit_path, "--budget-mem", memory, "--train-compute", compute, *FLAGS,
+                        "--validate", str(out), "--seeds", "3", "--workers", "2"])
         if code:
             raise SystemExit(code)
         atomic_write_text(Path(args.out) / "README.md", report(args.out))
