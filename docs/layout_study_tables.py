@@ -5,9 +5,8 @@
 Prints (or with ``--write`` writes atomically, with its two figures in ``figures/``) the README: how
 the study was run, its state (runs completed, summed wall time), the seed-to-seed noise floor by layout
 family and optimizer-step regime (:func:`moe_scaling.laws.noise.pooled_seed_sd` on each family's runs)
-and, per budget, the
-seed-0 final eval loss of every layout at every size trained so far with its isoFLOP minimum
-(:func:`moe_scaling.plots.isoflop.isoflop_minima`). Every number comes from ``runs.parquet``; the
+and, per budget, the seed-0 final eval loss of every layout at every size trained so far with its
+isoFLOP minimum (:func:`moe_scaling.plots.isoflop.isoflop_minima`). Every number comes from ``runs.parquet``; the
 prose around them (grid, steps, epochs) is the grid's and changes only when the grid does.
 """
 
