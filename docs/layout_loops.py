@@ -114,7 +114,8 @@ def report(root: str | Path) -> str:
             pred = f"{c['predicted_loss']:.4f}" + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
             meas = ("not trained yet" if not c.get("measured") else
                     f"{c['measured_mean']:.4f} +- {_num(c['measured_std'], '.4f')} ({len(c['measured'])} seeds)")
-            out.append(f"| {compute} | {memory} | {c['name']} | {shape(c['model'])} | {c['tokens'] / 1e6:.1f}M | "
+            name = c["name"] + (f" (= {', '.join(c['also'])})" if c.get("also") else "")
+            out.append(f"| {compute} | {memory} | {name} | {shape(c['model'])} | {c['tokens'] / 1e6:.1f}M | "
                        f"{pred} | {meas} |")
         unmet = "; ".join(v["verdict"]["unmet"]) or "none"
         if done.exists():

@@ -87,7 +87,7 @@ def test_report_tabulates_trained_loops_and_plans_of_untrained_ones(tmp_path):
     dense = {"d_model": 48, "n_layers": 2, "n_experts": 1, "d_expert": 192, "top_k": 1, "n_shared": 0}
     assert layout_loops.shape(moe) == "d32 x 2, 38 x 64 top-1 + 1 shared x 64"
     assert layout_loops.shape(dense) == "d48 x 2, dense"
-    row = {"name": "optimum", "model": moe, "predicted_loss": 1.8015, "interval": [1.79, 1.82], "tokens": 5.0e6}
+    row = {"name": "optimum", "also": ["g2"], "model": moe, "predicted_loss": 1.8015, "interval": [1.79, 1.82], "tokens": 5.0e6}
     trained = tmp_path / f"c{layout_loops.COMPUTE[0]}"
     trained.mkdir()
     (trained / "budget.txt").write_text("300KB\n")
@@ -100,11 +100,12 @@ def test_report_tabulates_trained_loops_and_plans_of_untrained_ones(tmp_path):
     (planned / "plans").mkdir(parents=True)
     (planned / "budget.txt").write_text("400KB\n")
     (planned / "plans" / "400KB.json").write_text(json.dumps({
-        "candidates": [{**row, "name": "best_dense", "model": dense, "interval": None, "measured": []}],
+        "candidates": [{**row, "name": "best_dense", "also": [], "model": dense, "interval": None,
+                        "measured": []}],
         "steps": 330960, "seeds": 3, "extrapolation": 0.32, "binding": ["memory"], "memory_use": 0.996,
         "verdict": {"passed": True, "unmet": []}}))
     text = layout_loops.report(tmp_path)
-    assert (f"| {layout_loops.COMPUTE[0]} | 300KB | optimum | d32 x 2, 38 x 64 top-1 + 1 shared x 64 | 5.0M | "
+    assert (f"| {layout_loops.COMPUTE[0]} | 300KB | optimum (= g2) | d32 x 2, 38 x 64 top-1 + 1 shared x 64 | 5.0M | "
             "1.8015 [1.7900, 1.8200] | 1.8100 +- 0.0100 (3 seeds) |") in text
     assert f"| {layout_loops.COMPUTE[1]} | 400KB | best_dense | d48 x 2, dense | 5.0M | 1.8015 | not trained yet |" in text
     assert "optimum_gap 0.0000, concordance 1.00, within_interval 1.00, Spearman -" in text

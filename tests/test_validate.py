@@ -31,7 +31,11 @@ def test_candidates_are_the_optimum_runners_up_and_named_alternatives():
     assert not by["best_dense"].config.is_moe
     assert by["coarse_g1"].config.granularity == 1 and by["no_shared"].config.n_shared == 0
     assert by["g2"].config.granularity == 2
-    assert "with_shared" not in by               # the best with a shared expert is the optimum: not repeated
+    assert "with_shared" not in by               # the best with a shared expert is the optimum: not repeated,
+    assert "with_shared" in named[0].also        # but named beside it
+    listed = {n.name for n in named} | {a for n in named for a in n.also}
+    assert listed >= {"optimum", "runner_up_1", "runner_up_2", "best_dense", "coarse_g1", "g2", "finest_g",
+                      "with_shared", "no_shared"}
     assert len({n.candidate.config for n in named}) == len(named)
     assert all(n.candidate.costs["total_bytes"] <= 2_000_000 for n in named)
 
@@ -60,9 +64,10 @@ def test_when_the_law_reads_the_layout_the_optimum_is_its_argmin_over_every_layo
             "finest_g": lambda c: c.granularity == max(STUDY_SPACE.granularities),
             "with_shared": lambda c: c.n_shared > 0, "no_shared": lambda c: c.n_shared == 0}
     configs = [n.candidate.config for n in named]
+    also = {a: n.candidate for n in named for a in n.also}
     for name, pred in want.items():            # named, or the same model already listed under another name
         best = next(cfg for _, cfg, _ in every if cfg.is_moe and pred(cfg))
-        assert (name in by and by[name].config == best) or best in configs, name
+        assert (by.get(name) or also[name]).config == best, name
     assert len(set(configs)) == len(configs)
 
 
@@ -155,6 +160,7 @@ def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
     assert all(c["measured"] == [] and c["measured_mean"] is None and c["steps"] == c["tokens"] // (16 * 128)
                for c in r["candidates"])
     assert r["steps"] == 2 * sum(c["steps"] for c in r["candidates"])
+    assert [c["also"] for c in r["candidates"]] == [list(n.also) for n in named]
     from moe_scaling.config import DataConfig
     from moe_scaling.train.data import load_tokens
     train_tokens = len(load_tokens(DataConfig(corpus=str(REPO.parent / "shared" / "data" / "text" / "gutenberg"),
@@ -167,6 +173,10 @@ def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
                      "--context", "128", "--validate", str(tmp_path / "cli"), "--plan"]) == 0
     out = capsys.readouterr().out
     assert "planned, not trained:" in out and "optimum" in out and not (tmp_path / "cli" / "sweep").exists()
+    assert cli.main(["fits/joint_moe_published.json", "--budget-mem", "2MB", "--train-compute", "5e12",
+                     "--context", "128", "--validate", str(tmp_path / "cli"), "--plan", "--json"]) == 0
+    doubles = [c for c in json.loads(capsys.readouterr().out)["validation"]["candidates"] if c["also"]]
+    assert doubles and all(f"{c['name']} (= {', '.join(c['also'])})" in out for c in doubles)
     assert r["verdict"] == verdict(r) and "targets (issue 23, item 5): " in out
 
 

@@ -416,7 +416,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 m = c["model"]
                 shape = (f"d{m['d_model']} L{m['n_layers']}" + (f" E{m['n_experts']} k{m['top_k']} w{m['d_expert']}"
                          if m["n_experts"] > 1 else " dense") + (f" +{m['n_shared']}sh" if m["n_shared"] else ""))
-                print(f"  {c['name']:<12} {shape:<26} predicted {c['predicted_loss']:.4f}"
+                name = c["name"] + (f" (= {', '.join(c['also'])})" if c.get("also") else "")
+                print(f"  {name:<12} {shape:<26} predicted {c['predicted_loss']:.4f}"
                       + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
                       + (f"  measured {c['measured_mean']:.4f}" if c["measured_mean"] is not None else "  not measured")
                       + (f" +- {c['measured_std']:.4f}" if c["measured_std"] is not None else "")

@@ -9,14 +9,15 @@ the named alternatives, each the best point of its kind: ``best_dense``; ``coars
 ``over_sparse`` (more than the optimum's expansion and at least 4x it, or the space's maximum).
 When the law cannot read a knob, the optimum and runners-up keep it at the space's preferred layout,
 as :func:`~moe_scaling.design.search.search` does, and the alternatives, which may use any layout,
-test exactly what the law ignores. An alternative whose model is already listed is not repeated.
+test exactly what the law ignores. An alternative whose model is already listed is not repeated: the
+listed candidate's ``also`` names it (so every role of the list is accounted for).
 
 :func:`validate` writes them as a grid file (one ``zip`` row per candidate, every ModelConfig field
 explicit, tokens from the budget's training compute rounded to whole steps, ``seeds``), trains it
 with the sweep runner (:func:`moe_scaling.sweep.runner.run_sweep`, so crashes resume) and writes
 ``DIR/validation.json``::
 
-    {"budget", "candidates": [{"name", "role", "model", "predicted_loss", "interval", "tokens", "epochs",
+    {"budget", "candidates": [{"name", "role", "also", "model", "predicted_loss", "interval", "tokens", "epochs",
      "measured", "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
      "predicted_best_is_measured_best", "within_interval", "optimum_gap", "concordance",
      "extrapolation", "binding", "memory_use", "space_bounds", "depth_rule", "grid", "sweep"}
@@ -174,6 +175,8 @@ class Named:
     name: str
     role: str
     candidate: Candidate
+    also: tuple[str, ...] = ()
+    """The names of the alternatives that are this same model (listed once, under its first name)."""
 
 
 def _best_per_line(model: LossModel, budget: Budget,
@@ -228,11 +231,14 @@ def validation_candidates(model: LossModel, budget: Budget, space: ArchSpace = S
                               and c.expansion > opt.expansion)),
     ]
     picks += [(name, "alternative", cfg) for name, cfg in alternatives if cfg is not None]
-    out, seen = [], set()
+    out: list[Named] = []
+    index: dict[ModelConfig, int] = {}
     for name, role, cfg in picks:
-        if cfg in seen:
+        if cfg in index:
+            first_named = out[index[cfg]]
+            out[index[cfg]] = dataclasses.replace(first_named, also=first_named.also + (name,))
             continue
-        seen.add(cfg)
+        index[cfg] = len(out)
         out.append(Named(name, role, describe(model, cfg, budget, level=level)))
     return out
 
@@ -357,8 +363,8 @@ def _row(n: Named, tokens: int, settings: Mapping[str, Any], measured: list[floa
          iv: tuple[float, float] | None, train_tokens: int) -> dict[str, Any]:
     """One ``candidates`` entry of validation.json (module docstring)."""
     mean = float(np.mean(measured)) if measured else None
-    return {"name": n.name, "role": n.role, "model": {**n.candidate.config.to_dict(), **settings},
-            "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
+    return {"name": n.name, "role": n.role, "also": list(n.also),
+            "model": {**n.candidate.config.to_dict(), **settings}, "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
             "tokens": tokens, "epochs": tokens / train_tokens, "measured": measured, "measured_mean": mean,
             "measured_std": float(np.std(measured, ddof=1)) if len(measured) > 1 else None,
             "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])}
