@@ -17,8 +17,8 @@ explicit, tokens from the budget's training compute rounded to whole steps, ``se
 with the sweep runner (:func:`moe_scaling.sweep.runner.run_sweep`, so crashes resume) and writes
 ``DIR/validation.json``::
 
-    {"budget", "candidates": [{"name", "role", "also", "model", "predicted_loss", "interval", "tokens", "epochs",
-     "measured", "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
+    {"budget", "candidates": [{"name", "role", "also", "model", "predicted_loss", "interval", "tokens",
+     "epochs", "measured", "measured_mean", "measured_std", "in_interval"}], "noise_floor", "spearman",
      "predicted_best_is_measured_best", "within_interval", "optimum_gap", "concordance",
      "extrapolation", "binding", "memory_use", "space_bounds", "depth_rule", "grid", "sweep"}
 
@@ -364,8 +364,8 @@ def _row(n: Named, tokens: int, settings: Mapping[str, Any], measured: list[floa
     """One ``candidates`` entry of validation.json (module docstring)."""
     mean = float(np.mean(measured)) if measured else None
     return {"name": n.name, "role": n.role, "also": list(n.also),
-            "model": {**n.candidate.config.to_dict(), **settings}, "predicted_loss": n.candidate.predicted_loss, "interval": list(iv) if iv else None,
-            "tokens": tokens, "epochs": tokens / train_tokens, "measured": measured, "measured_mean": mean,
+            "model": {**n.candidate.config.to_dict(), **settings}, "predicted_loss": n.candidate.predicted_loss,
+            "interval": list(iv) if iv else None, "tokens": tokens, "epochs": tokens / train_tokens, "measured": measured, "measured_mean": mean,
             "measured_std": float(np.std(measured, ddof=1)) if len(measured) > 1 else None,
             "in_interval": None if (iv is None or mean is None) else bool(iv[0] <= mean <= iv[1])}
 
