@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from moe_scaling.design.validate import model_shape
 from moe_scaling.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,15 +78,6 @@ def budgets(fit: Any, compute: str, out: Path | None = None) -> tuple[str | None
     return memory, why, plans
 
 
-def shape(m: dict[str, Any]) -> str:
-    """A candidate's model in a few words: ``d32 x 2, 38 x 64 top-1 + 1 shared x 64`` or ``d48 x 2, dense``."""
-    head = f"d{m['d_model']} x {m['n_layers']}, "
-    if m["n_experts"] <= 1:
-        return head + "dense"
-    shared = f" + {m['n_shared']} shared x {m['d_shared']}" if m.get("n_shared") else ""
-    return head + f"{m['n_experts']} x {m['d_expert']} top-{m['top_k']}{shared}"
-
-
 def _num(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -115,7 +107,7 @@ def report(root: str | Path) -> str:
             meas = ("not trained yet" if not c.get("measured") else
                     f"{c['measured_mean']:.4f} +- {_num(c['measured_std'], '.4f')} ({len(c['measured'])} seeds)")
             name = c["name"] + (f" (= {', '.join(c['also'])})" if c.get("also") else "")
-            out.append(f"| {compute} | {memory} | {name} | {shape(c['model'])} | {c['tokens'] / 1e6:.1f}M | "
+            out.append(f"| {compute} | {memory} | {name} | {model_shape(c['model'])} | {c['tokens'] / 1e6:.1f}M | "
                        f"{pred} | {meas} |")
         unmet = "; ".join(v["verdict"]["unmet"]) or "none"
         if done.exists():

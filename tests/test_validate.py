@@ -8,8 +8,8 @@ import pytest
 
 from moe_scaling.cli import fit as cli
 from moe_scaling.design.space import Budget
-from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, space_bounds, summarize, validate, verdict,
-                                         validation_candidates)
+from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, model_shape, space_bounds, summarize,
+                                         validate, verdict, validation_candidates)
 from conftest import REPO
 from moe_scaling.laws.fit import published_fit
 from moe_scaling.laws.registry import LAWS
@@ -175,8 +175,10 @@ def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
     assert "planned, not trained:" in out and "optimum" in out and not (tmp_path / "cli" / "sweep").exists()
     assert cli.main(["fits/joint_moe_published.json", "--budget-mem", "2MB", "--train-compute", "5e12",
                      "--context", "128", "--validate", str(tmp_path / "cli"), "--plan", "--json"]) == 0
-    doubles = [c for c in json.loads(capsys.readouterr().out)["validation"]["candidates"] if c["also"]]
+    listed = json.loads(capsys.readouterr().out)["validation"]["candidates"]
+    doubles = [c for c in listed if c["also"]]
     assert doubles and all(f"{c['name']} (= {', '.join(c['also'])})" in out for c in doubles)
+    assert all(model_shape(c["model"]) in out for c in listed)
     assert r["verdict"] == verdict(r) and "targets (issue 23, item 5): " in out
 
 
@@ -287,3 +289,12 @@ def test_like_a_study_trains_the_candidates_as_its_runs_with_its_learning_rate_b
     assert doc["model"] == like.model and doc["train"]["batch_size"] == 8
     assert doc["zip"]["lr"] == [float(f"{like.lr(n.candidate.config):.3g}") for n in named]
     assert len(set(doc["zip"]["lr"])) > 1
+
+
+def test_model_shape_names_every_width():
+    """One spelling of a candidate's model for every table (moe-fit --validate, the loops' README)."""
+    moe = {"d_model": 32, "n_layers": 2, "n_experts": 38, "d_expert": 64, "top_k": 1, "n_shared": 1, "d_shared": 64}
+    assert model_shape(moe) == "d32 x 2, 38 x 64 top-1 + 1 shared x 64"
+    assert model_shape({**moe, "n_shared": 0, "top_k": 2}) == "d32 x 2, 38 x 64 top-2"
+    assert model_shape({"d_model": 48, "n_layers": 2, "n_experts": 1, "d_expert": 192, "top_k": 1, "n_shared": 0}) \
+        == "d48 x 2, dense"

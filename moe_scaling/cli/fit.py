@@ -33,6 +33,7 @@ from moe_scaling.cli.budget import budget_from_args, law_scope_lines, option
 from moe_scaling.cli.plot import add_fit_plot_argument, fit_plot
 from moe_scaling.design.search import search_by_compute
 from moe_scaling.design.space import ArchSpace
+from moe_scaling.design.validate import model_shape
 from moe_scaling.laws.effects import MAX_GAP_WIDTH
 from moe_scaling.laws.fit import Fit, fit_law, layout_law, load_fit, select_law
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, get_law
@@ -414,10 +415,9 @@ def _main(argv: Sequence[str] | None) -> int:
             for c in v["candidates"]:
                 iv = c["interval"]
                 m = c["model"]
-                shape = (f"d{m['d_model']} L{m['n_layers']}" + (f" E{m['n_experts']} k{m['top_k']} w{m['d_expert']}"
-                         if m["n_experts"] > 1 else " dense") + (f" +{m['n_shared']}sh" if m["n_shared"] else ""))
+                shape = model_shape(m)
                 name = c["name"] + (f" (= {', '.join(c['also'])})" if c.get("also") else "")
-                print(f"  {name:<12} {shape:<26} predicted {c['predicted_loss']:.4f}"
+                print(f"  {name:<12} {shape:<38} predicted {c['predicted_loss']:.4f}"
                       + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
                       + (f"  measured {c['measured_mean']:.4f}" if c["measured_mean"] is not None else "  not measured")
                       + (f" +- {c['measured_std']:.4f}" if c["measured_std"] is not None else "")

@@ -66,7 +66,7 @@ from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
 
 __all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "StudySettings", "study_settings", "Named", "validation_candidates", "summarize", "concordance", "verdict",
-           "space_bounds", "where_it_binds", "validate"]
+           "space_bounds", "where_it_binds", "validate", "model_shape"]
 
 STUDY_SPACE = ArchSpace(vocab_size=256, d_model_min=32, d_model_max=128, d_model_step=16, n_layers_min=2,
                         n_layers_max=4, aspect_min=8.0, aspect_max=64.0, head_dims=(16,), kv_heads=(2,),
@@ -177,6 +177,17 @@ class Named:
     candidate: Candidate
     also: tuple[str, ...] = ()
     """The names of the alternatives that are this same model (listed once, under its first name)."""
+
+
+def model_shape(m: Mapping[str, Any]) -> str:
+    """A candidate's model (its ``model`` mapping) in a few words, as every table of candidates prints it:
+    ``d32 x 2, 38 x 64 top-1 + 1 shared x 64`` (width x layers, experts x expert width, top-k, shared
+    experts x their width) or ``d48 x 2, dense``."""
+    head = f"d{m['d_model']} x {m['n_layers']}, "
+    if m["n_experts"] <= 1:
+        return head + "dense"
+    shared = f" + {m['n_shared']} shared x {m['d_shared']}" if m.get("n_shared") else ""
+    return head + f"{m['n_experts']} x {m['d_expert']} top-{m['top_k']}{shared}"
 
 
 def _best_per_line(model: LossModel, budget: Budget,
