@@ -55,7 +55,7 @@ samples) chose ondevice+shared_d, whose granularity factor falls monotonically i
 says of every such factor), and its plan at 4.5e12 put the optimum on the space's largest G under every
 memory budget from 60 KB to 2 MB: its loop could not meet item 5 whatever it measured. So a form now
 passes when it meets item 2 and, at each of the loops' training computes
-(``layout_loops.COMPUTE``), some memory budget's plan passes item 5's binding targets
+(``layout_loops.computes(fit)``), some memory budget's plan passes item 5's binding targets
 (``layout_loops.budgets``; judged from the law's own plans, before any loop trains). The order of
 choice: such forms by fewest free coefficients (ties: lower held-out RMSE); else the forms meeting item
 2 alone, the same way; else as above. The verdict prints what the unamended rule would have chosen.
@@ -102,11 +102,11 @@ def unmet_targets(metrics: dict) -> list[str]:
 
 def loop_targets(fit) -> list[str]:
     """Item 5's binding targets the loops' plans of ``fit`` miss: one entry per training compute of
-    ``layout_loops.COMPUTE`` under which no memory budget's plan passes them (empty: all can be met)."""
-    from layout_loops import COMPUTE, budgets      # docs/layout_loops.py, beside this script
+    ``layout_loops.computes(fit)`` under which no memory budget's plan passes them (empty: all can be met)."""
+    from layout_loops import budgets, computes      # docs/layout_loops.py, beside this script
 
     unmet = []
-    for compute in COMPUTE:
+    for compute in computes(fit):
         memory, why, plans = budgets(fit, compute)
         if memory is None or not plans[memory]["verdict"]["passed"]:
             unmet.append(f"item 5 at C = {compute}: {why}")

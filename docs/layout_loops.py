@@ -3,12 +3,13 @@
     python docs/layout_loops.py [--fit FIT.json] [--out results/layout_validation] [--plan-only]
 
 Run from the repository root. ``--fit`` defaults to the form that ``docs/layout_forms.py --save
-fits/layout_forms`` chose (its ``chosen.txt``). For each training compute of ``COMPUTE`` (two inside the
-study's range, one 2.1x the largest the law was fitted on: 1.41e13 FLOPs by the 3x-forward rule, the
-nominal 1.35e13 budget's largest run) the loop is planned (``moe-fit --validate DIR --plan``, nothing
-trained) under each memory budget of ``MEMORY``, and :func:`choose_budget` keeps, among the plans that pass the binding
-targets (``moe_scaling.design.validate.verdict`` on a plan: memory or latency binds the optimum, it uses
-at least 90% of the memory, no search-space bound), the one with the fewest optimizer steps over its
+fits/layout_forms`` chose (its ``chosen.txt``). For each training compute of :func:`computes` (two inside the
+study's range, one at twice the largest the law was fitted on, rounded up: on the 360 runs 1.58e13 FLOPs
+by the 3x-forward rule, the nominal 1.35e13 budget's largest run, so 3.2e13) the loop is planned
+(``moe-fit --validate DIR --plan``, nothing trained) under each memory budget of ``MEMORY``, and
+:func:`choose_budget` keeps, among the plans that pass the binding targets
+(``moe_scaling.design.validate.verdict`` on a plan: memory or latency binds the optimum, it uses at
+least 90% of the memory, no search-space bound), the one with the fewest optimizer steps over its
 candidates and seeds: the cheapest loop to train (ties: the smaller budget). When no plan passes, the
 same choice among the plans where memory binds at >= 90%, and the loop's verdict names the bound. The
 rule was fixed before the law's final fit: no budget is chosen by what a loop measures.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -34,11 +36,31 @@ from moe_scaling.design.validate import model_shape
 from moe_scaling.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPUTE = ("1.5e12", "4.5e12", "3e13")
+INSIDE = ("1.5e12", "4.5e12")
+"""The two loops inside the study's range of training compute: its smallest and middle budgets."""
+RULE = "3x-forward"
+"""The loops' compute rule (training FLOPs = 3 x forward FLOPs x tokens), as the study's budgets."""
 MEMORY = ("60KB", "80KB", "100KB", "125KB", "150KB", "200KB", "250KB", "300KB", "400KB", "500KB", "600KB",
           "800KB", "1MB", "1.5MB", "2MB")
-FLAGS = ("--compute-rule", "3x-forward", "--context", "128", "--like", "sweeps/layout_isoflop.yaml")
+FLAGS = ("--compute-rule", RULE, "--context", "128", "--like", "sweeps/layout_isoflop.yaml")
 """The loops' options besides budget and compute (paths from the repository root, where this runs)."""
+
+
+def beyond(largest: float) -> str:
+    """The third loop's training compute: twice ``largest`` (the largest training compute the law was
+    fitted on, by :data:`RULE`) rounded up to two significant digits, so that its extrapolation is at
+    least 2 (issue 23, item 5): ``beyond(1.5848e13) == "3.2e13"``, ``beyond(1.5e13) == "3e13"``."""
+    target = 2.0 * largest
+    e = math.floor(math.log10(target)) - 1
+    q = math.ceil(round(target / 10.0 ** e, 9))                 # round: 3e13 / 1e12 is 30.000000000000004
+    if q >= 100:
+        q, e = q // 10, e + 1
+    return f"{q / 10:g}e{e + 1}"
+
+
+def computes(fit: Any) -> tuple[str, ...]:
+    """The loops' training computes: :data:`INSIDE` and :func:`beyond` the fit's largest."""
+    return (*INSIDE, beyond(fit.metrics["max_train_compute"][RULE]))
 
 
 def plan(fit: Any, compute: str, memory: str, out: str | Path) -> dict[str, Any]:
@@ -94,10 +116,9 @@ def report(root: str | Path) -> str:
            "| C | memory | candidate | model | tokens | predicted [90% interval] | measured |",
            "|---|---|---|---|---:|---|---|"]
     notes = []
-    for compute in COMPUTE:
-        d = root / f"c{compute}"
-        if not (d / "budget.txt").exists():
-            continue
+    for d in sorted(root.glob("c*/budget.txt"), key=lambda p: float(p.parent.name[1:])):
+        d = d.parent
+        compute = d.name[1:]
         memory = (d / "budget.txt").read_text().strip()
         done = d / "validation.json"
         v = json.loads((done if done.exists() else d / "plans" / f"{memory}.json").read_text())
@@ -145,7 +166,7 @@ def main() -> None:
                              "results/layout_isoflop --bootstrap 200 --save fits/layout_forms first)")
         fit_path = found.group(1)
     fit = load_fit(fit_path)
-    for compute in COMPUTE:
+    for compute in computes(fit):
         out = Path(args.out) / f"c{compute}"
         chosen_budget = out / "budget.txt"
         if not chosen_budget.exists():

@@ -3,7 +3,10 @@
 
 import json
 import sys
+import types
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
 import layout_forms  # noqa: E402
@@ -86,15 +89,16 @@ def test_report_tabulates_trained_loops_and_plans_of_untrained_ones(tmp_path):
     moe = {"d_model": 32, "n_layers": 2, "n_experts": 38, "d_expert": 64, "top_k": 1, "n_shared": 1, "d_shared": 64}
     dense = {"d_model": 48, "n_layers": 2, "n_experts": 1, "d_expert": 192, "top_k": 1, "n_shared": 0}
     row = {"name": "optimum", "also": ["g2"], "model": moe, "predicted_loss": 1.8015, "interval": [1.79, 1.82], "tokens": 5.0e6}
-    trained = tmp_path / f"c{layout_loops.COMPUTE[0]}"
+    trained = tmp_path / "c4.5e12"
     trained.mkdir()
+    (tmp_path / "c1.5e12" / "plans").mkdir(parents=True)
     (trained / "budget.txt").write_text("300KB\n")
     (trained / "validation.json").write_text(json.dumps({
         "candidates": [{**row, "measured": [1.80, 1.81, 1.82], "measured_mean": 1.81, "measured_std": 0.01}],
         "noise_floor": 0.01, "optimum_gap": 0.0, "concordance": 1.0, "within_interval": 1.0, "spearman": None,
         "extrapolation": 0.11, "binding": ["memory"], "memory_use": 0.977,
         "verdict": {"passed": False, "unmet": ["concordance: not judged"]}}))
-    planned = tmp_path / f"c{layout_loops.COMPUTE[1]}"
+    planned = tmp_path / "c3.2e13"
     (planned / "plans").mkdir(parents=True)
     (planned / "budget.txt").write_text("400KB\n")
     (planned / "plans" / "400KB.json").write_text(json.dumps({
@@ -103,10 +107,25 @@ def test_report_tabulates_trained_loops_and_plans_of_untrained_ones(tmp_path):
         "steps": 330960, "seeds": 3, "extrapolation": 0.32, "binding": ["memory"], "memory_use": 0.996,
         "verdict": {"passed": True, "unmet": []}}))
     text = layout_loops.report(tmp_path)
-    assert (f"| {layout_loops.COMPUTE[0]} | 300KB | optimum (= g2) | d32 x 2, 38 x 64 top-1 + 1 shared x 64 | 5.0M | "
-            "1.8015 [1.7900, 1.8200] | 1.8100 +- 0.0100 (3 seeds) |") in text
-    assert f"| {layout_loops.COMPUTE[1]} | 400KB | best_dense | d48 x 2, dense | 5.0M | 1.8015 | not trained yet |" in text
+    trained_row = ("| 4.5e12 | 300KB | optimum (= g2) | d32 x 2, 38 x 64 top-1 + 1 shared x 64 | 5.0M | "
+                   "1.8015 [1.7900, 1.8200] | 1.8100 +- 0.0100 (3 seeds) |")
+    planned_row = "| 3.2e13 | 400KB | best_dense | d48 x 2, dense | 5.0M | 1.8015 | not trained yet |"
+    assert trained_row in text and planned_row in text
+    assert text.index(trained_row) < text.index(planned_row)            # by compute, not by folder name
     assert "optimum_gap 0.0000, concordance 1.00, within_interval 1.00, Spearman -" in text
     assert "unmet targets: concordance: not judged." in text
     assert "planned, not trained (330,960 optimizer steps over 3 seeds)" in text
-    assert f"c{layout_loops.COMPUTE[2]}" not in text and layout_loops.COMPUTE[2] + " |" not in text
+    assert "1.5e12" not in text                                       # no budget chosen there yet
+
+
+def test_the_third_loop_is_at_least_twice_the_fitted_compute():
+    """Twice the law's largest training compute, rounded up to two significant digits: its
+    extrapolation is at least 2 and less than 10% above it; the loops' computes read it from the fit."""
+    assert layout_loops.beyond(1.5848e13) == "3.2e13"         # the 360 runs' largest, 3x-forward
+    assert layout_loops.beyond(1.41e13) == "2.9e13"
+    assert layout_loops.beyond(1.5e13) == "3e13"              # exact: not rounded up past it
+    assert layout_loops.beyond(4.99e13) == "1e14"
+    for largest in np.geomspace(1e11, 1e16, 97):
+        assert 2 * largest <= float(layout_loops.beyond(largest)) < 2 * largest * 1.1
+    fit = types.SimpleNamespace(metrics={"max_train_compute": {"6N": 1.3e13, "3x-forward": 1.5848e13}})
+    assert layout_loops.computes(fit) == ("1.5e12", "4.5e12", "3.2e13")
