@@ -52,10 +52,10 @@ Final eval loss (nats per byte, Gutenberg held-out split), seed 0, by layout and
 (`moe_scaling.plots.isoflop.isoflop_minima`; bold: the lowest; "interior" when that layout's own sizes
 bracket it, with the vertex of the parabola in ln(active parameters) through the lowest mean and its
 neighbours; only the sizes trained{sofar} are columns). Steps per run: 1.5e12: d16 15,382, d24 8,257,
-d32 5,183, d48 2,606, d64 1,569, d96 513; 4.5e12: 3x those of the same size (d128 677); 1.35e13: 9x (d160 1,325). Epochs (training tokens over the
-23.37M-token training split; windows are drawn at random): at most 0.67 at 1.5e12 (d16), 1.09 at 4.5e12 (d24),
-2.04 at 1.35e13 (d32). One seed: a difference is a
-finding only beside the noise floor, which the smallest budget's seeds 1-2 give ({configs}
+d32 5,183, d48 2,606, d64 1,569, d96 513; 4.5e12: 3x those of the same size (d128 677); 1.35e13: 9x
+(d160 1,325). Epochs (training tokens over the 23.37M-token training split; windows are drawn at
+random): at most 0.67 at 1.5e12 (d16), 1.09 at 4.5e12 (d24), 2.04 at 1.35e13 (d32). One seed: a
+difference is a finding only beside the noise floor, which the smallest budget's seeds 1-2 give ({configs}
 configurations with repeats, pooled sd {floor}; the committed isoFLOP study's floor: 0.035 under
 1,000 steps, 0.013 at 1,000-3,000, 0.007 above). The law these data chose, by the rule fixed before
 the last runs: `fits/layout_forms/verdict.txt` (`docs/layout_forms.py`); its closed loops:
@@ -143,8 +143,8 @@ def readme(sweep: Path) -> str:
     seed0 = int((done["seed"] == 0).sum())
     table, every = noise_table(done)
     state = "" if len(done) >= TOTAL else ", in progress"
-    head = HEAD.format(state=state, sofar="" if not state else " so far", done=len(done), seed0=seed0, repeats=len(done) - seed0,
-                       hours=float(done["wall_s"].sum()) / 3600.0, configs=every["noise_floor_configs"],
+    head = HEAD.format(state=state, sofar=" so far" if state else "", done=len(done), seed0=seed0,
+                       repeats=len(done) - seed0, hours=float(done["wall_s"].sum()) / 3600.0, configs=every["noise_floor_configs"],
                        floor="-" if every["noise_floor"] is None else f"{every['noise_floor']:.4f}")
     return head + "\n" + table + "\n" + budget_tables(done)
 
