@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,12 @@ def test_plan_writes_the_grid_and_trains_nothing(tmp_path, capsys):
     assert r["binding"] and 0 < r["memory_use"] <= 1 and isinstance(r["space_bounds"], list)
     assert (tmp_path / "grid.yaml").is_file()
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "validation.json").exists()
+    # the corpus relative to the grid's folder (a run id hashes it as written), naming the same files
+    import yaml
+    from moe_scaling.sweep.grid import resolve_corpus
+    corpus = yaml.safe_load((tmp_path / "grid.yaml").read_text())["data"]["corpus"]
+    assert not Path(corpus).is_absolute()
+    assert resolve_corpus(corpus, tmp_path) == str(REPO.parent / "shared" / "data" / "text" / "gutenberg")
     assert cli.main(["fits/joint_moe_published.json", "--budget-mem", "2MB", "--train-compute", "5e12",
                      "--context", "128", "--validate", str(tmp_path / "cli"), "--plan"]) == 0
     out = capsys.readouterr().out

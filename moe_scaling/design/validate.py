@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,6 +65,7 @@ from moe_scaling.design.search import NothingFits, _Evaluator, law_reads, search
 from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, space_bounds, trunks
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
+from moe_scaling.train.datasets_corpus import HF_PREFIX
 
 __all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "StudySettings", "study_settings", "Named", "validation_candidates", "summarize", "concordance", "verdict",
            "space_bounds", "where_it_binds", "validate", "model_shape"]
@@ -254,6 +256,17 @@ def validation_candidates(model: LossModel, budget: Budget, space: ArchSpace = S
     return out
 
 
+def _portable(data: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with a local corpus path written relative to ``folder`` (where the grid file goes; the
+    sweep resolves it from there): a run id hashes the corpus as written, so an absolute path would
+    tie the loop's runs to this machine's folders, and a fresh clone beside ``../shared`` could not
+    resume them. ``stdlib`` and Hub datasets stay as they are."""
+    corpus = str(data["corpus"])
+    if corpus == "stdlib" or corpus.startswith(HF_PREFIX) or not os.path.isabs(corpus):
+        return dict(data)
+    return {**data, "corpus": os.path.relpath(corpus, folder.resolve())}
+
+
 def _grid_doc(named: list[Named], *, name: str, data: Mapping[str, Any], train: Mapping[str, Any],
               seeds: int, model: Mapping[str, Any] | None = None,
               like: StudySettings | None = None) -> dict[str, Any]:
@@ -430,7 +443,8 @@ def validate(model: LossModel, budget: Budget, out: str | Path, *, seeds: int = 
     if like is not None:
         data, train, settings = dict(like.data), {**like.train, "lr": 0.003}, dict(like.model)
     named = validation_candidates(model, budget, space, level=level)
-    doc = _grid_doc(named, name=name, data=data, train=train, seeds=seeds, model=settings, like=like)
+    doc = _grid_doc(named, name=name, data=_portable(data, out), train=train, seeds=seeds, model=settings,
+                    like=like)
     grid = out / "grid.yaml"
     atomic_write_text(grid, yaml.safe_dump(doc, sort_keys=False))
     binds = where_it_binds(model, budget, space, named[0].candidate)
