@@ -10,7 +10,8 @@ from conftest import REPO
 from moe_scaling.cli import fit as cli
 from moe_scaling.design.search import BY_COMPUTE_DEFAULT, law_reads, search, search_by_compute
 from moe_scaling.design.space import ArchSpace, Budget
-from moe_scaling.laws.fit import load_fit, published_fit
+from moe_scaling.laws.fit import load_fit
+from moe_scaling.laws.published import published_fit
 from moe_scaling.laws.registry import LAWS
 
 LAW = load_fit(REPO / "fits" / "joint_moe_published.json")     # Ludziejewski et al. 2025, published
@@ -130,7 +131,7 @@ def test_at_phone_scale_a_law_chooses_the_layout_and_the_space_bound_it_stops_at
     laws are left alone. Under the factor the search's G is its argmin over the space's G values, and
     since the factor falls monotonically in G that is the space's largest: the result says so
     (``space_bounds``: granularity_max)."""
-    from moe_scaling.laws.fit import layout_law
+    from moe_scaling.laws.published import layout_law
 
     own = published_fit("ondevice", {**LAWS["joint_moe"].reference, "g": 0.3, "eta": 1.0, "sigma": 0.1}, "test")
     chinchilla = load_fit(REPO / "fits" / "chinchilla_epoch.json")

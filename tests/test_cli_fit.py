@@ -202,7 +202,7 @@ def test_saved_fit_refusal_names_every_fitting_flag_given(env):
 @pytest.mark.parametrize("law, target", [("chinchilla", "fit_law"), ("auto", "select_law")])
 def test_fitting_without_the_flags_uses_the_defaults(monkeypatch, tmp_path, capsys, law, target):
     from moe_scaling.cli import fit as cli
-    from moe_scaling.laws.fit import published_fit
+    from moe_scaling.laws.published import published_fit
 
     seen = {}
     fake = published_fit("chinchilla", LAWS["chinchilla"].reference, "test")

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 from moe_scaling.laws.errors import FitError, NoSamplesError
-from moe_scaling.laws.fit import Fit, fit_law, load_fit, published_fit, select_law
+from moe_scaling.laws.fit import Fit, fit_law, load_fit, select_law
+from moe_scaling.laws.published import published_fit
 from moe_scaling.laws.noise import MIN_FAMILY_DOF, percentile_mc_se, pooled_seed_sd
 from moe_scaling.laws.tables import canonical_table, holdout_mask
 from moe_scaling.laws.registry import LAWS
@@ -501,7 +502,7 @@ def test_published_granularity_factor_is_krajewskis_on_the_joint_laws_parameter_
     """The joint law's N term times (g G^-gamma + a) / (g + a) with Krajewski et al.'s published a, g,
     gamma, computed here from the two published forms directly: the N term is the joint prediction
     minus the same law with a -> 0 (its D term and floor). float64 NumPy on both sides (conftest.F64_TOL)."""
-    from moe_scaling.laws.fit import with_published_granularity
+    from moe_scaling.laws.published import with_published_granularity
 
     joint = load_fit(REPO / "fits" / "joint_moe_published.json")
     both = with_published_granularity(joint)
@@ -522,7 +523,7 @@ def test_published_granularity_factor_is_krajewskis_on_the_joint_laws_parameter_
 def test_max_train_compute_under_each_rule_and_the_granularity_factor_keeps_bootstrap_samples():
     """max_train_compute by hand (6 N_non-embedding D and 3 F D); a joint fit's bootstrap samples
     travel into the composed ondevice fit column by column, with the factor's fixed values."""
-    from moe_scaling.laws.fit import with_published_granularity
+    from moe_scaling.laws.published import with_published_granularity
     from moe_scaling.laws.noise import max_train_compute
 
     t = pd.DataFrame({"params_active": [1e6, 4e6], "params_embedding": [1e5, 2e5], "tokens": [1e9, 2e8],

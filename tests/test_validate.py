@@ -12,7 +12,7 @@ from moe_scaling.design.space import Budget
 from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, model_shape, space_bounds, summarize,
                                          validate, verdict, validation_candidates)
 from conftest import REPO
-from moe_scaling.laws.fit import published_fit
+from moe_scaling.laws.published import published_fit
 from moe_scaling.laws.registry import LAWS
 
 LAW = published_fit("saturating", dict(c=1.2, A=30.0, alpha=0.3, delta=0.15, B=200.0, beta=0.35, E_start=2.0,

@@ -25,7 +25,8 @@ from moe_scaling.units import format_count, parse_bytes, parse_count, parse_flop
 from moe_scaling.design.candidate import LossModel
 from moe_scaling.design.search import NothingFits, search
 from moe_scaling.design.space import ArchSpace, Budget
-from moe_scaling.laws.fit import Fit, layout_law
+from moe_scaling.laws.fit import Fit
+from moe_scaling.laws.published import layout_law
 
 __all__ = ["DEFAULTS", "SEARCH_ONLY", "add_budget_arguments", "option", "given_options", "budget_from_args",
            "run_budget", "format_budget", "nothing_fits"]

@@ -100,7 +100,8 @@ def _vocab(args) -> int | None:
 
 
 def _from_fit(args) -> dict:
-    from moe_scaling.laws.fit import layout_law, load_fit
+    from moe_scaling.laws.fit import load_fit
+    from moe_scaling.laws.published import layout_law
 
     if args.budget_mem is None:
         raise InputError("--fit: needs a budget; add --budget-mem, e.g. --budget-mem 2GB")

@@ -35,7 +35,8 @@ from moe_scaling.design.search import search_by_compute
 from moe_scaling.design.space import ArchSpace
 from moe_scaling.design.validate import model_shape
 from moe_scaling.laws.effects import MAX_GAP_WIDTH
-from moe_scaling.laws.fit import Fit, fit_law, layout_law, load_fit, select_law
+from moe_scaling.laws.fit import Fit, fit_law, load_fit, select_law
+from moe_scaling.laws.published import layout_law
 from moe_scaling.laws.registry import CANONICAL_COLUMNS, LAWS, get_law
 from moe_scaling.laws.tables import load_runs
 from moe_scaling.runtime import default_cache_dir, enable_compilation_cache

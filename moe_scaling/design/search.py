@@ -44,7 +44,8 @@ from moe_scaling.design.candidate import Candidate, FrontierPoint, LossModel, de
 from moe_scaling.design.space import (ArchSpace, Budget, ExpertLine, Layout, Trunk, expert_line, layouts, space_bounds,
                                      trunks)
 from moe_scaling.errors import ConfigError
-from moe_scaling.laws.fit import Fit, fitted_scale
+from moe_scaling.laws.fit import Fit
+from moe_scaling.laws.published import fitted_scale
 from moe_scaling.laws.registry import LAW_INPUTS
 
 __all__ = ["law_reads", "search", "SearchResult", "NothingFits", "search_by_compute", "ByCompute", "ComputeRow",
