@@ -86,7 +86,8 @@ def test_choose_budget_takes_the_cheapest_passing_plan_else_the_cheapest_where_m
 
 
 def test_report_tabulates_trained_loops_and_plans_of_untrained_ones(tmp_path):
-    moe = {"d_model": 32, "n_layers": 2, "n_experts": 38, "d_expert": 64, "top_k": 1, "n_shared": 1, "d_shared": 64}
+    moe = {"d_model": 32, "n_layers": 2, "d_ff": 128, "n_experts": 38, "d_expert": 64, "top_k": 1, "n_shared": 1,
+           "d_shared": 64}
     dense = {"d_model": 48, "n_layers": 2, "n_experts": 1, "d_expert": 192, "top_k": 1, "n_shared": 0}
     row = {"name": "optimum", "also": ["g2"], "model": moe, "predicted_loss": 1.8015, "interval": [1.79, 1.82], "tokens": 5.0e6}
     trained = tmp_path / "c4.5e12"
@@ -107,7 +108,7 @@ def test_report_tabulates_trained_loops_and_plans_of_untrained_ones(tmp_path):
         "steps": 330960, "seeds": 3, "extrapolation": 0.32, "binding": ["memory"], "memory_use": 0.996,
         "verdict": {"passed": True, "unmet": []}}))
     text = layout_loops.report(tmp_path)
-    trained_row = ("| 4.5e12 | 300KB | optimum (= g2) | d32 x 2, 38 x 64 top-1 + 1 shared x 64 | 5.0M | "
+    trained_row = ("| 4.5e12 | 300KB | optimum (= g2) | d32 x 2, 38 x 64 top-1 + 1 shared x 64 (G2, E19) | 5.0M | "
                    "1.8015 [1.7900, 1.8200] | 1.8100 +- 0.0100 (3 seeds) |")
     planned_row = "| 3.2e13 | 400KB | best_dense | d48 x 2, dense | 5.0M | 1.8015 | not trained yet |"
     assert trained_row in text and planned_row in text

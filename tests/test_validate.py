@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moe_scaling.cli import fit as cli
+from moe_scaling.config import ModelConfig
 from moe_scaling.design.space import Budget
 from moe_scaling.design.validate import (STUDY_SPACE, _best_per_line, concordance, model_shape, space_bounds, summarize,
                                          validate, verdict, validation_candidates)
@@ -300,8 +301,14 @@ def test_like_a_study_trains_the_candidates_as_its_runs_with_its_learning_rate_b
 
 def test_model_shape_names_every_width():
     """One spelling of a candidate's model for every table (moe-fit --validate, the loops' README)."""
-    moe = {"d_model": 32, "n_layers": 2, "n_experts": 38, "d_expert": 64, "top_k": 1, "n_shared": 1, "d_shared": 64}
-    assert model_shape(moe) == "d32 x 2, 38 x 64 top-1 + 1 shared x 64"
-    assert model_shape({**moe, "n_shared": 0, "top_k": 2}) == "d32 x 2, 38 x 64 top-2"
+    moe = {"d_model": 32, "n_layers": 2, "d_ff": 128, "n_experts": 38, "d_expert": 64, "top_k": 1, "n_shared": 1,
+           "d_shared": 64}
+    assert model_shape(moe) == "d32 x 2, 38 x 64 top-1 + 1 shared x 64 (G2, E19)"
+    assert model_shape({**moe, "n_shared": 0, "top_k": 2}) == "d32 x 2, 38 x 64 top-2 (G2, E19)"
+    # the layout as ModelConfig counts it, fractional expansions to three digits
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_ff=128, n_experts=201, d_expert=16, top_k=4)
+    assert model_shape({**moe, "n_experts": 201, "d_expert": 16, "top_k": 4}) \
+        == f"d32 x 2, 201 x 16 top-4 + 1 shared x 64 (G{cfg.granularity:g}, E{cfg.expansion:.3g})" \
+        == "d32 x 2, 201 x 16 top-4 + 1 shared x 64 (G8, E25.1)"
     assert model_shape({"d_model": 48, "n_layers": 2, "n_experts": 1, "d_expert": 192, "top_k": 1, "n_shared": 0}) \
         == "d48 x 2, dense"

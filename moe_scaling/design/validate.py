@@ -183,13 +183,17 @@ class Named:
 
 def model_shape(m: Mapping[str, Any]) -> str:
     """A candidate's model (its ``model`` mapping) in a few words, as every table of candidates prints it:
-    ``d32 x 2, 38 x 64 top-1 + 1 shared x 64`` (width x layers, experts x expert width, top-k, shared
-    experts x their width) or ``d48 x 2, dense``."""
+    ``d32 x 2, 38 x 64 top-1 + 1 shared x 64 (G2, E19)`` (width x layers, experts x expert width, top-k,
+    shared experts x their width, then the layout: granularity G = d_ff / d_expert and expansion
+    E = n_experts / G, as :class:`~moe_scaling.config.ModelConfig` defines them) or ``d48 x 2, dense``.
+    The layout is printed because a law is fitted over a range of G and E: a candidate outside it is
+    an extrapolation in layout, whatever its compute."""
     head = f"d{m['d_model']} x {m['n_layers']}, "
     if m["n_experts"] <= 1:
         return head + "dense"
     shared = f" + {m['n_shared']} shared x {m['d_shared']}" if m.get("n_shared") else ""
-    return head + f"{m['n_experts']} x {m['d_expert']} top-{m['top_k']}{shared}"
+    g = m["d_ff"] / m["d_expert"]
+    return head + f"{m['n_experts']} x {m['d_expert']} top-{m['top_k']}{shared} (G{g:.3g}, E{m['n_experts'] / g:.3g})"
 
 
 def _best_per_line(model: LossModel, budget: Budget,
