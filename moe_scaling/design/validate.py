@@ -65,7 +65,6 @@ from moe_scaling.design.search import NothingFits, _Evaluator, law_reads, search
 from moe_scaling.design.space import ArchSpace, Budget, expert_line, layouts, space_bounds, trunks
 from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_write_text, json_default
-from moe_scaling.train.datasets_corpus import HF_PREFIX
 
 __all__ = ["STUDY_SPACE", "STUDY_MODEL", "STUDY_TRAIN", "StudySettings", "study_settings", "Named", "validation_candidates", "summarize", "concordance", "verdict",
            "space_bounds", "where_it_binds", "validate", "model_shape"]
@@ -265,8 +264,10 @@ def _portable(data: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     sweep resolves it from there): a run id hashes the corpus as written, so an absolute path would
     tie the loop's runs to this machine's folders, and a fresh clone beside ``../shared`` could not
     resume them. ``stdlib`` and Hub datasets stay as they are."""
+    from moe_scaling.sweep.grid import on_disk
+
     corpus = str(data["corpus"])
-    if corpus == "stdlib" or corpus.startswith(HF_PREFIX) or not os.path.isabs(corpus):
+    if not on_disk(corpus) or not os.path.isabs(corpus):
         return dict(data)
     return {**data, "corpus": os.path.relpath(corpus, folder.resolve())}
 

@@ -361,17 +361,23 @@ def _build(sections: Mapping[str, dict], index: int, axes: Mapping[str, Any], la
 
 def _check_corpus(run: RunSpec, base: Path, label: str) -> None:
     corpus = run.data.corpus
-    if corpus == "stdlib" or corpus.startswith(HF_PREFIX):     # a Hub dataset is checked when it loads
+    if not on_disk(corpus):                                    # a Hub dataset is checked when it loads
         return
     if not glob.glob(str(resolve_corpus(corpus, base))):
         raise ConfigError(f"{label}: data.corpus = {corpus!r}: matches no file (relative paths are "
                           f"read from {base}); fix the path")
 
 
+def on_disk(corpus: str) -> bool:
+    """True when ``corpus`` names files on disk: not the embedded ``stdlib`` text, not an ``hf:``
+    dataset."""
+    return corpus != "stdlib" and not corpus.startswith(HF_PREFIX)
+
+
 def resolve_corpus(corpus: str, base: str | os.PathLike) -> str:
     """A corpus path as the trainer should read it: relative paths are taken from ``base``
     (the grid file's folder); ``stdlib``, ``hf:`` datasets and absolute paths are returned unchanged."""
-    if corpus == "stdlib" or corpus.startswith(HF_PREFIX) or os.path.isabs(corpus):
+    if not on_disk(corpus) or os.path.isabs(corpus):
         return corpus
     return os.path.normpath(os.path.join(os.path.abspath(base), corpus))
 
