@@ -15,9 +15,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import optuna
@@ -28,6 +30,7 @@ from optuna.trial import TrialState
 
 from conftest import damage_checkpoint
 from moe_scaling.errors import InputError
+from moe_scaling.sweep.liveness import record_worker_gone
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY = 300, 10
@@ -263,6 +266,12 @@ def test_kill_every_worker_then_rerun_finishes_exactly_once(reference, tmp_path)
     interrupted = kill_midway(grid, out, workers=2)
     finished_before = {r["run_id"]: r for r in map(json.loads, (p.read_text() for p in (
         out / "runs").glob("*/record.json"))) if r["status"] == "completed"}
+    # every worker is dead: status counts their runs as interrupted, though their records say running
+    status = run_cli("status", out, "--json")
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)["counts"]
+    assert counts["running"] == 0 and counts["interrupted"] >= 1
+    assert counts["completed"] == len(finished_before)
 
     rerun = run_cli("run", grid, "--out", out, "--workers", 2, "--quiet")
     assert rerun.returncode == 0, rerun.stderr
@@ -307,7 +316,7 @@ def test_a_folder_without_its_records_keeps_its_tables_and_trains_only_what_they
     status = run_cli("status", out, "--json")                 # reads the tables, writes nothing
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"] == {"completed": 3, "diverged": 0, "failed": 0, "running": 0,
-                                                   "pending": 1}
+                                                   "interrupted": 0, "pending": 1}
     assert not (out / "runs").exists()
 
     proc = run_cli("run", grid, "--out", out, "--quiet")
@@ -415,7 +424,7 @@ def test_divergence_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path, refe
     status = run_cli("status", out, "--json")
     assert status.returncode == 0, status.stderr
     counts = json.loads(status.stdout)["counts"]
-    assert counts == {"completed": 1, "diverged": 1, "failed": 1, "running": 0, "pending": 0}
+    assert counts == {"completed": 1, "diverged": 1, "failed": 1, "running": 0, "interrupted": 0, "pending": 0}
     text = run_cli("status", out)
     assert "1 completed, 1 diverged, 1 failed" in text.stdout and "ConfigError: data.corpus" in text.stdout
 
@@ -612,3 +621,20 @@ def test_resuming_a_run_on_a_changed_corpus_exits_2_and_writes_nothing(tmp_path)
     assert f"hash {started[:8]} then, {now[:8]} now" in lines[0] and run.run_id in lines[0]
     assert "restore the original corpus files, or start a new --out folder" in lines[0]
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_record_worker_is_gone_when_no_process_or_a_later_one_has_its_id():
+    """A record names its worker only as host:pid; an id is reused, so a process that started after
+    the run did is not its worker. Checked against real processes."""
+    host, now = socket.gethostname(), datetime.now(timezone.utc)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not record_worker_gone(f"{host}:{child.pid}", now.isoformat())           # alive, began before
+        # the same id, but the run began an hour before this process: a reused id
+        assert record_worker_gone(f"{host}:{child.pid}", (now - timedelta(hours=1)).isoformat())
+        assert not record_worker_gone(f"another-host:{child.pid}", now.isoformat())     # not this machine's to judge
+    finally:
+        child.kill()
+        child.wait()
+    assert record_worker_gone(f"{host}:{child.pid}", now.isoformat())                   # gone
+    assert not record_worker_gone(None, now.isoformat()) and not record_worker_gone(f"{host}:x", now.isoformat())

@@ -38,6 +38,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from moe_scaling.errors import ConfigError
+from moe_scaling.sweep.liveness import proc_start
 
 __all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "END_STATES", "WorkerContext", "check_storage_url",
            "open_study", "enqueue_run", "trials_by_run", "needs_enqueue", "redact", "recover_stale",
@@ -216,18 +217,8 @@ def _host_id() -> str:
     return _HOST_ID
 
 
-def _proc_start(pid: int) -> str | None:
-    """Start time of process ``pid`` (clock ticks since boot) or None when it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat.rsplit(")", 1)[1].split()
-    return None if rest[0] in ("Z", "X") else rest[19]
-
-
 def _identity() -> dict[str, Any]:
-    return {"host": _host_id(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
+    return {"host": _host_id(), "pid": os.getpid(), "start": proc_start(os.getpid())}
 
 
 def _dead(trial: FrozenTrial, grace_s: int) -> bool:
@@ -239,7 +230,7 @@ def _dead(trial: FrozenTrial, grace_s: int) -> bool:
         return start is not None and datetime.now() - start > timedelta(seconds=grace_s)
     if who.get("host") != _host_id() or not Path("/proc").is_dir():
         return False
-    return _proc_start(who["pid"]) != who.get("start")
+    return proc_start(who["pid"]) != who.get("start")
 
 
 def recover_stale(study: optuna.Study, grace_s: int = DEFAULT_GRACE_S) -> int:

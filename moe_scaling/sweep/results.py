@@ -29,13 +29,17 @@ from moe_scaling.errors import ConfigError
 from moe_scaling.files import atomic_path, exclusive_lock, json_default, write_json
 from moe_scaling.costs import flops_per_token, param_counts
 from moe_scaling.sweep.layout import SweepDir
+from moe_scaling.sweep.liveness import record_worker_gone
 
 __all__ = ["STATUSES", "RESTORED", "write_record",
            "read_record", "write_curve", "read_records", "run_row", "record_from_row", "restore_records",
            "runs_table", "curves_table",
            "rebuild_tables", "tables_lock", "read_manifest", "summarize", "code_version"]
 
-STATUSES = ("completed", "diverged", "failed", "running")
+STATUSES = ("completed", "diverged", "failed", "running", "interrupted")
+"""A run's status as ``moe-sweep status`` counts it: a record's own status, except ``interrupted``: a
+record that says ``running`` whose worker on this machine has gone (:mod:`moe_scaling.sweep.liveness`);
+the next ``moe-sweep run`` resumes it from its newest checkpoint."""
 CURVE_COLUMNS = ["run_id", "step", "tokens", "train_loss", "eval_loss"]
 # Result columns first, in this order; every config field and derived count follows.
 LEAD_COLUMNS = ["run_id", "sweep", "status", "eval_loss", "best_eval_loss", "final_train_loss",
@@ -280,10 +284,12 @@ def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
 def summarize(out: str | os.PathLike, top: int = 5) -> dict[str, Any]:
     """Status of a sweep folder from its record files, and for runs without one (a folder that
     came without ``runs/``, e.g. committed) from their rows in ``runs.parquet``: counts per status
-    (``pending`` = in the grid, not started here), the best ``top`` completed runs by final eval
+    (``pending`` = in the grid, not started here; ``interrupted``: see :data:`STATUSES`), the best ``top`` completed runs by final eval
     loss, and the diverged/failed runs with their step or error. Reads only."""
     manifest = read_manifest(out)
-    df = runs_table(read_records(out))
+    records = [{**r, "status": "interrupted"} if r.get("status") == "running"
+               and record_worker_gone(r.get("worker"), r.get("started_at")) else r for r in read_records(out)]
+    df = runs_table(records)
     table = SweepDir(out).runs_table
     if table.is_file():
         rows = pd.read_parquet(table)
