@@ -27,10 +27,10 @@ EXAMPLES = """\
   moe-sweep plot results/quickstart                # figures into results/quickstart/plots/
 
 After a crash or kill, rerun the same `run` command: finished runs are skipped and interrupted ones
-resume from their last checkpoint (`status` counts them as interrupted until then). Exit codes: 0 every run completed or diverged, 2 bad grid or
-arguments (one line naming the run, field and value; nothing written), 1 internal failure, runs
-left unfinished, or runs that failed (`moe-sweep status` shows their errors; fix the cause and rerun
-with --retry-failed)."""
+resume from their last checkpoint (`status` counts them as interrupted until then). Exit codes: 0
+every run completed or diverged, 2 bad grid or arguments (one line naming the run, field and value;
+nothing written), 1 internal failure, runs left unfinished, or runs that failed (`moe-sweep status`
+shows their errors; fix the cause and rerun with --retry-failed)."""
 
 
 def _parser():

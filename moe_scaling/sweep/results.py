@@ -284,8 +284,9 @@ def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
 def summarize(out: str | os.PathLike, top: int = 5) -> dict[str, Any]:
     """Status of a sweep folder from its record files, and for runs without one (a folder that
     came without ``runs/``, e.g. committed) from their rows in ``runs.parquet``: counts per status
-    (``pending`` = in the grid, not started here; ``interrupted``: see :data:`STATUSES`), the best ``top`` completed runs by final eval
-    loss, and the diverged/failed runs with their step or error. Reads only."""
+    (``pending`` = in the grid, not started here; ``interrupted``: see :data:`STATUSES`), the best
+    ``top`` completed runs by final eval loss, and the diverged/failed runs with their step or error.
+    Reads only."""
     manifest = read_manifest(out)
     records = [{**r, "status": "interrupted"} if r.get("status") == "running"
                and record_worker_gone(r.get("worker"), r.get("started_at")) else r for r in read_records(out)]
