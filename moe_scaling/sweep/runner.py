@@ -40,6 +40,11 @@ Guarantees and how they are kept:
   ``DIR/jax_cache/programs/`` (:func:`moe_scaling.train.loop.compiled`).
 
 Results go to per-run record files and the tables of :mod:`moe_scaling.sweep.results`.
+
+One module (~540 lines) on purpose: the sweep's set-up and each worker's claim / train / close
+cycle carry the guarantees above together (a seam between them would split one guarantee across
+files); the storage (:mod:`~moe_scaling.sweep.queue`), records and tables
+(:mod:`~moe_scaling.sweep.results`), progress and worker liveness already live in their own modules.
 """
 
 from __future__ import annotations
