@@ -638,3 +638,39 @@ def test_a_record_worker_is_gone_when_no_process_or_a_later_one_has_its_id():
         child.wait()
     assert record_worker_gone(f"{host}:{child.pid}", now.isoformat())                   # gone
     assert not record_worker_gone(None, now.isoformat()) and not record_worker_gone(f"{host}:x", now.isoformat())
+
+
+def test_progress_files_are_per_worker_process_and_a_gone_workers_file_is_dropped(tmp_path):
+    """Two ``moe-sweep run`` commands on one folder each had a worker 0 writing ``progress/0.json``,
+    and each command's start deleted every progress file. Now a file names its worker process: a
+    start clears only the files of workers on this machine that have gone (and files of the old
+    form), and the progress line reads the live workers of every command. Real processes."""
+    from moe_scaling.sweep.layout import SweepDir
+    from moe_scaling.sweep.progress import Progress, clear_gone, read_snapshot
+    from moe_scaling.sweep.queue import WorkerContext
+
+    ctx = WorkerContext(out=str(tmp_path), storage_url="sqlite://", study_name="s", grid_dir=".", total=3,
+                        n_workers=1)
+    progress = SweepDir(tmp_path).progress
+    progress.mkdir()
+    mine = Progress(ctx, None)
+    mine.start_run("here", "run 1")
+    child = (f"from moe_scaling.sweep.progress import Progress; from moe_scaling.sweep.queue import WorkerContext; "
+             f"p = Progress(WorkerContext(out={str(tmp_path)!r}, storage_url='sqlite://', study_name='s', "
+             f"grid_dir='.', total=3), None); p.start_run('gone', 'run 2')")
+    subprocess.run([sys.executable, "-c", child], check=True, cwd=REPO)        # wrote its file, then exited
+    remote = {"host": "another-machine/boot", "pid": 1, "start": "7"}
+    (progress / "another-machine-1-7.json").write_text(json.dumps({"worker": remote, "run_id": "remote"}))
+    (progress / "0.json").write_text(json.dumps({"run_id": "old"}))             # an older release's file
+    assert len(list(progress.glob("*.json"))) == 4 and mine.path.name != "0.json"
+
+    study = optuna.create_study()
+    assert {s["run_id"] for s in read_snapshot(ctx, study)["states"]} == {"here", "remote"}
+    clear_gone(tmp_path)
+    assert sorted(p.name for p in progress.glob("*.json")) == sorted([mine.path.name, "another-machine-1-7.json"])
+    snap = read_snapshot(ctx, study)
+    assert {s["run_id"] for s in snap["states"]} == {"here", "remote"} and snap["n_workers"] == 2
+    assert all("worker" not in s for s in snap["states"])
+    mine.idle()                                                                  # idle: the file stays, no run
+    assert json.loads(mine.path.read_text()) == {"worker": mine.who}
+    assert {s["run_id"] for s in read_snapshot(ctx, study)["states"]} == {"remote"}

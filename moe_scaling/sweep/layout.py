@@ -13,7 +13,9 @@ Layout of a sweep folder ``DIR`` (the ``--out`` of ``moe-sweep run``)::
     DIR/.claim.lock                the fcntl lock local workers take to claim runs (whole seed groups)
     DIR/jax_cache/                 JAX's persistent compilation cache, shared by the workers
     DIR/jax_cache/programs/        compiled train/eval programs, serialized (moe_scaling.train.loop)
-    DIR/progress/<worker>.json     what each local worker is doing now (run, step, loss, tokens/s)
+    DIR/progress/<host>-<pid>-<start>.json
+                                   what each worker is doing now (run, step, loss, tokens/s), one
+                                   file per worker process, so several ``run`` commands share DIR
     DIR/plots/                     the figures of ``moe-sweep plot`` (default folder)
     DIR/runs/<run_id>/             one run's folder (moe_scaling.train.rundir.RunDir):
         config.yaml                the resolved model/train/data config of the run
@@ -37,6 +39,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from moe_scaling.train.rundir import RunDir
 
@@ -93,8 +96,11 @@ class SweepDir:
     def progress(self) -> Path:
         return self.path / "progress"
 
-    def progress_file(self, worker: int) -> Path:
-        return self.progress / f"{worker}.json"
+    def progress_file(self, who: Mapping[str, Any]) -> Path:
+        """Worker ``who``'s progress file (``who``: :func:`moe_scaling.sweep.liveness.identity`),
+        named by its machine and process: a number per command (``0.json``) was written by the
+        workers of every command on the folder at once, and each command's start deleted the others'."""
+        return self.progress / f"{who['host'].split('/')[0]}-{who['pid']}-{who['start']}.json"
 
     @property
     def plots(self) -> Path:

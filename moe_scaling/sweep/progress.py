@@ -1,5 +1,8 @@
-"""Live progress of a sweep: each worker's state in ``DIR/progress/<worker>.json``
-(:class:`Progress`) and the progress line's numbers (:func:`snapshot`, :func:`read_snapshot`)."""
+"""Live progress of a sweep: each worker's state in its own file under ``DIR/progress/``
+(:class:`Progress`, named by :meth:`SweepDir.progress_file`) and the progress line's numbers
+(:func:`snapshot`, :func:`read_snapshot`). A file names its worker (host, pid, start), so a reader
+drops the files of workers on this machine that have gone (:func:`clear_gone`, :func:`read_snapshot`)
+and keeps those of live workers, of this ``moe-sweep run`` or another on the same folder."""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ import optuna
 
 from moe_scaling.files import write_json
 from moe_scaling.sweep.layout import SweepDir
+from moe_scaling.sweep.liveness import identity, process_gone
 from moe_scaling.sweep.queue import WorkerContext, sweep_counts
 
-__all__ = ["Report", "Progress", "snapshot", "read_snapshot"]
+__all__ = ["Report", "Progress", "snapshot", "read_snapshot", "clear_gone"]
 
 
 Report = Callable[[dict], None]
@@ -24,14 +28,15 @@ WRITE_EVERY_S = 1.0    # a worker's progress file is rewritten at most this ofte
 
 class Progress:
     """Live progress of one worker: its state (run, step, loss, tokens/s) goes to
-    ``DIR/progress/<worker>.json`` when a run starts or ends and at most every
+    its own file (``{"worker": identity(), **state}``) when a run starts or ends and at most every
     :data:`WRITE_EVERY_S` seconds on logs (an atomic write per log line was 1.3 ms, 0.26 s of a
     200-step run), and, in a single-worker sweep, to ``report`` as a :func:`snapshot`
     on every log (with ``"event"``: ``"start"`` when a run starts, the run's record when it ends)."""
 
     def __init__(self, ctx: WorkerContext, study: optuna.Study, report: Report | None = None) -> None:
         self.ctx, self.study, self.report = ctx, study, report
-        self.path = SweepDir(ctx.out).progress_file(ctx.worker)
+        self.who = identity()
+        self.path = SweepDir(ctx.out).progress_file(self.who)
         self.state: dict[str, Any] = {}
         self._counts: dict[str, Any] | None = None
         self._written = float("-inf")
@@ -39,7 +44,7 @@ class Progress:
     def _write(self, event: Any = None, throttle: bool = False) -> None:
         now = time.monotonic()
         if not throttle or now - self._written >= WRITE_EVERY_S:
-            write_json(self.path, self.state)
+            write_json(self.path, {"worker": self.who, **self.state})
             self._written = now
         if self.report is not None:
             if self._counts is None:
@@ -69,7 +74,7 @@ class Progress:
 
     def idle(self) -> None:
         self.state = {}
-        write_json(self.path, self.state)
+        write_json(self.path, {"worker": self.who})
 
 
 def snapshot(ctx: WorkerContext, counts: Mapping[str, Any], states: list[Mapping[str, Any]]) -> dict:
@@ -81,6 +86,7 @@ def snapshot(ctx: WorkerContext, counts: Mapping[str, Any], states: list[Mapping
     in-flight runs' pace, times the runs left."""
     now = time.time()
     live = [s for s in states if s.get("run_id")]
+    workers = max(ctx.n_workers, len(live), 1)
     fractions = [(min((s.get("step") or 0) / s["steps"], 1.0), now - s.get("started", now))
                  for s in live if s.get("steps")]
     walls = counts["walls"]
@@ -91,24 +97,43 @@ def snapshot(ctx: WorkerContext, counts: Mapping[str, Any], states: list[Mapping
         done = counts["done_ids"]
         left = sum(n for rid, n in steps.items() if rid not in done) \
             - sum(min(s.get("step") or 0, s["steps"]) for s in live if s.get("steps"))
-        eta = max(left, 0) * per_step / max(ctx.n_workers, 1)
+        eta = max(left, 0) * per_step / workers
     else:
         per_run = sum(walls.values()) / len(walls) if walls else None
         if per_run is None:
             rates = [elapsed / f for f, elapsed in fractions if f > 0.05]
             per_run = sum(rates) / len(rates) if rates else None
         remaining = max(ctx.total - counts["done"] - sum(f for f, _ in fractions), 0.0)
-        eta = None if per_run is None else remaining * per_run / max(ctx.n_workers, 1)
-    return {"total": ctx.total, "done": counts["done"], "states": live, "n_workers": ctx.n_workers,
+        eta = None if per_run is None else remaining * per_run / workers
+    return {"total": ctx.total, "done": counts["done"], "states": live, "n_workers": workers,
             "eta_s": eta}
 
 
+def _read(path) -> dict | None:
+    """A progress file's content; None when it cannot be read or names no worker (a file of an
+    older release, one per worker number)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("worker"), dict) else None
+
+
+def clear_gone(out) -> None:
+    """Delete the progress files under sweep folder ``out`` whose worker ran on this machine and has
+    gone, or that name no worker; a live worker's file stays (another command may be working the
+    folder), as does one from another machine, which only that machine can judge."""
+    for path in SweepDir(out).progress.glob("*.json"):
+        state = _read(path)
+        if state is None or process_gone(state["worker"]):
+            path.unlink(missing_ok=True)
+
+
 def read_snapshot(ctx: WorkerContext, study: optuna.Study) -> dict:
-    """A :func:`snapshot` from every worker's progress file and the storage."""
+    """A :func:`snapshot` from the progress files of the folder's live workers and the storage."""
     states = []
     for path in sorted(SweepDir(ctx.out).progress.glob("*.json")):
-        try:
-            states.append(json.loads(path.read_text()))
-        except (OSError, ValueError):  # a file being replaced; the next poll reads it
-            continue
+        state = _read(path)          # None also for a file deleted between glob and read
+        if state is not None and not process_gone(state.pop("worker")):
+            states.append(state)
     return snapshot(ctx, sweep_counts(study, ctx.run_ids), states) | {"event": None}

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import socket
 import threading
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import optuna
@@ -38,7 +35,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from moe_scaling.errors import ConfigError
-from moe_scaling.sweep.liveness import proc_start
+from moe_scaling.sweep.liveness import identity, process_gone
 
 __all__ = ["HEARTBEAT_S", "DEFAULT_GRACE_S", "END_STATUSES", "END_STATES", "WorkerContext", "check_storage_url",
            "open_study", "enqueue_run", "trials_by_run", "needs_enqueue", "redact", "recover_stale",
@@ -202,25 +199,6 @@ def redact(url: str) -> str:
     return f"{scheme}://{cred.split(':', 1)[0]}@{host}"
 
 
-_HOST_ID: str | None = None
-
-
-def _host_id() -> str:
-    """This machine: hostname plus the kernel boot id (distinguishes containers and reboots)."""
-    global _HOST_ID
-    if _HOST_ID is None:
-        try:
-            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            boot = ""
-        _HOST_ID = f"{socket.gethostname()}/{boot}"
-    return _HOST_ID
-
-
-def _identity() -> dict[str, Any]:
-    return {"host": _host_id(), "pid": os.getpid(), "start": proc_start(os.getpid())}
-
-
 def _dead(trial: FrozenTrial, grace_s: int) -> bool:
     """True when a RUNNING trial's worker is known dead: same host and its process is gone, or it
     never recorded who runs it and started longer than the grace period ago."""
@@ -228,9 +206,7 @@ def _dead(trial: FrozenTrial, grace_s: int) -> bool:
     if who is None:
         start = trial.datetime_start
         return start is not None and datetime.now() - start > timedelta(seconds=grace_s)
-    if who.get("host") != _host_id() or not Path("/proc").is_dir():
-        return False
-    return proc_start(who["pid"]) != who.get("start")
+    return process_gone(who)
 
 
 def recover_stale(study: optuna.Study, grace_s: int = DEFAULT_GRACE_S) -> int:
@@ -264,7 +240,7 @@ def claim(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
     try:
         if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
             storage.record_heartbeat(trial._trial_id)
-            storage.set_trial_user_attr(trial._trial_id, "worker", _identity())
+            storage.set_trial_user_attr(trial._trial_id, "worker", identity())
             return storage.get_trial(trial._trial_id)
     except UpdateFinishedTrialError:
         pass

@@ -77,7 +77,7 @@ from moe_scaling.runtime import enable_compilation_cache, exit_now
 from moe_scaling.sweep.devices import assign_devices, detect_accelerators, pin_to_share, worker_env
 from moe_scaling.sweep.grid import GridSpec, RunSpec, expand_grid, load_grid, resolve_corpus
 from moe_scaling.sweep.layout import SweepDir
-from moe_scaling.sweep.progress import Progress, Report, read_snapshot
+from moe_scaling.sweep.progress import Progress, Report, clear_gone, read_snapshot
 from moe_scaling.sweep.exclude import DERIVED_PROPERTIES
 from moe_scaling.sweep.queue import (DEFAULT_GRACE_S, END_STATES, Heartbeat, WorkerContext, check_storage_url,
                                      claim, claim_group, claim_next, enqueue_run, finish_trial, needs_enqueue,
@@ -507,8 +507,7 @@ def run_sweep(grid_path: str | os.PathLike, out: str | os.PathLike, *, workers: 
                         run_ids=frozenset(r.run_id for r in plan.runs),
                         run_steps={r.run_id: r.train.steps(r.data.seq_len) for r in plan.runs})
     SweepDir(out).progress.mkdir(exist_ok=True)
-    for stale in SweepDir(out).progress.glob("*.json"):
-        stale.unlink()
+    clear_gone(out)
     if workers == 1 and envs is None:
         worker_loop(ctx, report, study)
     else:
