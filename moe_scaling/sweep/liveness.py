@@ -7,9 +7,10 @@ after a crash it does not count dead runs as running; the progress line
 (:mod:`moe_scaling.sweep.progress`) drops the progress files of workers that have gone.
 
 A process id alone does not name a process: ids are reused, on a rebooted machine or a fresh one with
-the same host name. So a process is compared with what is known of the worker: the queue stores its
-start time in clock ticks (:func:`identity`, judged by :func:`process_gone`); a run record stores only ``host:pid`` and the run's
-start, and a process that started after the run did cannot be its worker (:func:`record_worker_gone`).
+the same host name. So a process is compared with what is known of the worker: the queue and the
+progress files store its start time in clock ticks (:func:`identity`, judged by :func:`process_gone`);
+a run record stores only ``host:pid`` and the run's start, and a process that started after the run
+did cannot be its worker (:func:`record_worker_gone`).
 """
 
 from __future__ import annotations
